@@ -1,0 +1,39 @@
+"""transferkit: fine-tune pretrained models on your own images, offline-first.
+
+    run = transferkit.train(data="path/to/images", strategy="finetune")
+    clf = transferkit.load(run.best)
+    clf.predict(["a.jpg"])
+
+Heavy modules (torch, timm) load on first use, so `import transferkit` and the CLI's
+`--help` stay fast.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["TrainConfig", "UserError", "evaluate", "load", "train", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "train":
+        from transferkit.train import train
+
+        return train
+    if name == "evaluate":
+        from transferkit.evaluate import evaluate
+
+        return evaluate
+    if name == "load":
+        from transferkit.predictor import load
+
+        return load
+    if name == "TrainConfig":
+        from transferkit.config import TrainConfig
+
+        return TrainConfig
+    if name == "UserError":
+        from transferkit.errors import UserError
+
+        return UserError
+    raise AttributeError(f"module 'transferkit' has no attribute {name!r}")

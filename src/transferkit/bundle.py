@@ -1,0 +1,61 @@
+"""The shippable model: `model.safetensors` + `model.json`. No pickle anywhere.
+
+`model.json` carries everything needed to rebuild and use the network: architecture record,
+classes, preprocessing, the strategy that trained it, and its metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transferkit.errors import UserError
+from transferkit.model import Classifier, rebuild_classifier
+
+FORMAT_VERSION = 1
+
+
+def save_bundle(directory: Path, model: Classifier, meta: dict) -> None:
+    """Write weights and metadata; the metadata is written last so a complete json means a complete bundle."""
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(directory / "model.safetensors"))
+    (directory / "model.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1))
+
+
+def bundle_dir(path: str | Path) -> Path:
+    """Accept a bundle folder or a run folder (whose `best/` is the bundle)."""
+    path = Path(path)
+    for candidate in (path, path / "best"):
+        if (candidate / "model.json").is_file() and (candidate / "model.safetensors").is_file():
+            return candidate
+    raise UserError(
+        f"'{path}' is not a transferkit model: expected model.json and model.safetensors there or "
+        "in its best/ folder (a run directory from `transferkit train`)."
+    )
+
+
+def read_meta(path: str | Path) -> dict:
+    directory = bundle_dir(path)
+    try:
+        meta = json.loads((directory / "model.json").read_text())
+        meta["architecture"], meta["classes"], meta["preprocessing"]  # noqa: B018 - presence check
+    except (ValueError, KeyError) as err:
+        raise UserError(f"'{directory / 'model.json'}' is damaged or not a transferkit model.json ({err}).") from None
+    return meta
+
+
+def load_bundle(path: str | Path) -> tuple[Classifier, dict]:
+    """Rebuild the classifier from `model.json` and load its safetensors weights (eval mode, CPU)."""
+    from safetensors.torch import load_model
+
+    directory = bundle_dir(path)
+    meta = read_meta(directory)
+    model = rebuild_classifier(meta["architecture"])
+    try:
+        load_model(model, str(directory / "model.safetensors"))
+    except Exception as err:  # safetensors raises several types for damaged or mismatched files
+        raise UserError(f"Cannot load '{directory / 'model.safetensors'}': {err}") from None
+    return model.eval(), meta

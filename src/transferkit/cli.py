@@ -1,0 +1,196 @@
+"""The `transferkit` command: a thin shell where each command calls one library function."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune pretrained image models on your own data, offline-first.")
+
+
+@app.command()
+def train(
+    data: Optional[str] = typer.Argument(None, help="Image folder, CSV (path,label[,split]), builtin:NAME or cifar10:DIR."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (e.g. a run's config.yaml); flags override it."),
+    model: Optional[str] = typer.Option(None, help="timm model name (default efficientnet_lite0)."),
+    weights: Optional[str] = typer.Option(None, help="auto | imagenet | none | PATH (default auto)."),
+    strategy: Optional[str] = typer.Option(None, help="linear-probe | finetune | full | scratch (default finetune)."),
+    unfreeze_groups: Optional[int] = typer.Option(None, help="finetune: layer groups trained, from the top (default 3)."),
+    backbone_lr_mult: Optional[float] = typer.Option(None, help="Backbone LR = lr x this (default 0.1)."),
+    head: Optional[str] = typer.Option(None, help="linear | mlp (default linear)."),
+    head_hidden: Optional[int] = typer.Option(None, help="Hidden width of the mlp head (default 512)."),
+    head_dropout: Optional[float] = typer.Option(None, help="Dropout before the last head layer (default 0)."),
+    in_chans: Optional[int] = typer.Option(None, help="3 = RGB; 1 = grayscale with an adapted stem (default 3)."),
+    img_size: Optional[int] = typer.Option(None, help="Resolution in pixels (default: the dataset's or the backbone's)."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs (default 10)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
+    optimizer: Optional[str] = typer.Option(None, help="adamw | sgd (default adamw)."),
+    lr: Optional[float] = typer.Option(None, help="Peak head learning rate (default 1e-3)."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay, not on norms/biases (default 0.01)."),
+    warmup_epochs: Optional[float] = typer.Option(None, help="Warmup epochs before cosine decay (default 1)."),
+    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing (default 0.1)."),
+    augment: Optional[str] = typer.Option(None, help="none | basic | strong (default basic)."),
+    patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs, 0 = off (default 0)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (default 0)."),
+    shots: Optional[int] = typer.Option(None, help="Keep K training images per class (few-shot)."),
+    val_fraction: Optional[float] = typer.Option(None, help="Val share carved from train when missing (default 0.1)."),
+    test_fraction: Optional[float] = typer.Option(None, help="Test share carved from train when missing (default 0.1)."),
+    split_file: Optional[str] = typer.Option(None, help="Reuse an earlier run's split.json."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default auto)."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (default auto)."),
+    runs_dir: Optional[str] = typer.Option(None, help="Where run directories go (default runs)."),
+    name: Optional[str] = typer.Option(None, help="Run directory name (default DATA-STRATEGY)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory of that name."),
+    quiet: bool = typer.Option(False, "--quiet", help="Log lines instead of progress bars."),
+) -> None:
+    """Fine-tune a pretrained backbone; writes runs/NAME with the best model in runs/NAME/best."""
+    from transferkit.config import TrainConfig
+    from transferkit.errors import UserError
+    from transferkit.train import train as run_training
+
+    flags = {k: v for k, v in locals().items() if k not in ("config", "TrainConfig", "UserError", "run_training")}
+    flags = {k: v for k, v in flags.items() if v is not None and v is not False}
+    base = TrainConfig.load(config) if config else TrainConfig()
+    cfg = base.replace(**flags)
+    if not cfg.data:
+        raise UserError("No data given: `transferkit train DATA` (a folder, a .csv, builtin:faces, ...).")
+    run = run_training(cfg)
+    test = run.metrics["test"]
+    typer.echo(json.dumps({"run": str(run.dir), "test_accuracy": test["accuracy"] if test else None,
+                           "test_macro_f1": test["macro_f1"] if test else None}))
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="A run directory written by `transferkit train`."),
+    split: str = typer.Option("test", help="train | val | test."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    format: str = typer.Option("table", "--format", help="table | json."),
+) -> None:
+    """Re-run the best model of RUN on a saved split and print its metrics."""
+    from transferkit.evaluate import evaluate as run_evaluate
+
+    metrics = run_evaluate(run, split=split, device=device)
+    if format == "json":
+        typer.echo(json.dumps(metrics, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{run} [{split}] accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+                        f"n={metrics['n']}")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for cls, m in metrics["per_class"].items():
+        table.add_row(cls, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    Console().print(table)
+    typer.echo(f"confusion matrix (rows true, cols predicted): {metrics['confusion_matrix']}")
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="A run directory or a bundle folder (model.json + model.safetensors)."),
+    inputs: Optional[list[str]] = typer.Argument(None, help="Image files and/or folders."),
+    split: Optional[str] = typer.Option(None, help="Predict the run's own saved split (train|val|test) instead."),
+    limit: Optional[int] = typer.Option(None, help="At most this many inputs."),
+    top_k: int = typer.Option(5, help="Classes to show per image."),
+    format: str = typer.Option("table", "--format", help="table | json | csv."),
+    device: str = typer.Option("cpu", help="cpu | cuda."),
+) -> None:
+    """Top-k class predictions for images, with class names."""
+    from transferkit.errors import UserError
+    from transferkit.predictor import load
+
+    if format not in ("table", "json", "csv"):
+        raise UserError(f"--format must be table, json or csv; got '{format}'.")
+    clf = load(model, device=device)
+    truth: list[str | None] = []
+    if split:
+        items, truth = _split_inputs(model, split, clf.preprocessing.in_chans)
+    elif inputs:
+        from transferkit.predictor import expand_inputs
+
+        items = expand_inputs(inputs)
+    else:
+        raise UserError("Nothing to predict: give image files or folders, or --split test.")
+    items = items[:limit] if limit else items
+    names = [it[0] for it in items] if split else items
+    results = clf.predict([it[1] for it in items] if split else items, top_k=top_k)
+    for r, name, true in zip(results, names, truth or [None] * len(results)):
+        r["input"] = name
+        if true is not None:
+            r["true"] = true
+    _print_predictions(results, format)
+
+
+def _split_inputs(run: Path, split: str, in_chans: int):
+    from transferkit.config import TrainConfig
+    from transferkit.data import load_data
+
+    config = TrainConfig.load(run / "config.yaml")
+    data = load_data(config.data, split_file=str(run / "split.json"))
+    samples = data.splits.get(split) or []
+    return [(ref, data.read(ref, in_chans)) for ref, _ in samples], [label for _, label in samples]
+
+
+def _print_predictions(results: list[dict], format: str) -> None:
+    if format == "json":
+        typer.echo(json.dumps(results, indent=1))
+    elif format == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["input", "label", "score", *(["true"] if "true" in results[0] else []), "top_k"])
+        for r in results:
+            writer.writerow([r["input"], r["label"], f"{r['score']:.6f}", *([r["true"]] if "true" in r else []),
+                             ";".join(f"{t['label']}:{t['score']:.4f}" for t in r["top_k"])])
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table()
+        for col in ("input", "prediction", "score", *(["true"] if results and "true" in results[0] else []), "top-k"):
+            table.add_column(col)
+        for r in results:
+            table.add_row(r["input"], r["label"], f"{r['score']:.3f}", *([r["true"]] if "true" in r else []),
+                          ", ".join(f"{t['label']} {t['score']:.2f}" for t in r["top_k"][1:]))
+        Console(width=160).print(table)
+
+
+@app.command()
+def models(
+    pattern: Optional[str] = typer.Argument(None, help="Substring or glob of timm names (e.g. resnet, 'vit_*')."),
+) -> None:
+    """Which backbones exist, and which have weights on this machine (bundled or cached)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from transferkit.weights import available_models
+
+    rows = available_models(pattern)
+    table = Table(title="models usable offline here" if not pattern else f"timm models matching '{pattern}'")
+    for col in ("model", "timm architecture", "weights here", "pretrained online"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["arch"], r["offline"] or "-", "yes" if r["pretrained"] else "no")
+    Console(width=120).print(table)
+    if not pattern:
+        typer.echo("Any timm model trains with --weights none; `transferkit models PATTERN` searches all of them.")
+
+
+def main() -> None:
+    """Console entry point: user errors print one message and exit 2, never a traceback."""
+    from transferkit.errors import UserError
+
+    try:
+        app()
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,220 @@
+"""The training configuration: one typed dataclass, validated on construction.
+
+YAML is only its serialised form: every run saves the fully resolved config as
+`config.yaml`, and `--config` reads it back. Unknown keys fail with a close-match
+suggestion; out-of-range values fail with the valid range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from transferkit.errors import UserError, did_you_mean
+
+STRATEGIES = ("linear-probe", "finetune", "full", "scratch")
+OPTIMIZERS = ("adamw", "sgd")
+HEADS = ("linear", "mlp")
+AUGMENTS = ("none", "basic", "strong")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as `config.yaml` in the run directory."""
+
+    data: str = ""
+    """Data spec: an image folder, a CSV file (path,label[,split]), builtin:NAME or cifar10:DIR."""
+    model: str = "efficientnet_lite0"
+    """Any timm model name; efficientnet_lite0/1/2 have ImageNet weights that work offline."""
+    weights: str = "auto"
+    """auto (bundled or cached, never downloads) | imagenet (may download) | none | a file path."""
+    strategy: str = "finetune"
+    """linear-probe | finetune (top groups) | full | scratch (random init baseline)."""
+    unfreeze_groups: int = 3
+    """finetune: how many layer groups, counted from the top, train."""
+    backbone_lr_mult: float = 0.1
+    """Backbone LR = lr x this (discriminative LRs); the head trains at lr."""
+    head: str = "linear"
+    """linear | mlp (one hidden layer with ReLU and dropout)."""
+    head_hidden: int = 512
+    """Hidden width of the mlp head."""
+    head_dropout: float = 0.0
+    """Dropout before the head's last linear layer; try 0.2-0.5 on small data."""
+    in_chans: int = 3
+    """Input channels: 3 converts every image to RGB; 1 keeps grayscale and adapts the stem."""
+    img_size: int | None = None
+    """Training/eval resolution in pixels; default from the dataset (builtins) or the backbone."""
+    epochs: int = 10
+    """Training epochs."""
+    batch_size: int = 32
+    """Images per optimizer step; 32 was fastest per image on a 2-core CPU."""
+    optimizer: str = "adamw"
+    """adamw | sgd (with momentum)."""
+    lr: float = 1e-3
+    """Peak learning rate of the head; 1e-3 suits AdamW, try 1e-2 for SGD."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay; never applied to norms and biases."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    warmup_epochs: float = 1.0
+    """Linear warmup length before the cosine decay, in epochs (fractions allowed)."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing; 0 turns it off."""
+    augment: str = "basic"
+    """none | basic (random resized crop + flip) | strong (basic + TrivialAugment)."""
+    patience: int = 0
+    """Stop after this many epochs without a better validation score; 0 never stops early."""
+    seed: int = 0
+    """Seeds the split, the few-shot choice, initialisation and data order."""
+    val_fraction: float = 0.1
+    """Share of each class held out for validation when the data has no val split."""
+    test_fraction: float = 0.1
+    """Share of each class held out for testing when the data has no test split."""
+    shots: int | None = None
+    """Keep only this many training images per class (few-shot); None keeps all."""
+    split_file: str | None = None
+    """Reuse the split.json of an earlier run instead of making a new split."""
+    workers: int | None = None
+    """DataLoader worker processes; None picks by core count and data source."""
+    device: str = "auto"
+    """auto (CUDA when present) | cpu | cuda."""
+    runs_dir: str = "runs"
+    """Folder that holds run directories."""
+    name: str | None = None
+    """Run directory name under runs_dir; default derived from data and strategy."""
+    overwrite: bool = False
+    """Allow reusing an existing run directory name."""
+    quiet: bool = False
+    """Plain log lines instead of progress bars."""
+
+    def __post_init__(self) -> None:
+        _coerce_types(self)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("head", self.head, HEADS)
+        _choice("augment", self.augment, AUGMENTS)
+        _choice("device", self.device, DEVICES)
+        _range("epochs", self.epochs, 1)
+        _range("batch_size", self.batch_size, 1)
+        _range("unfreeze_groups", self.unfreeze_groups, 1)
+        _range("head_hidden", self.head_hidden, 1)
+        _range("lr", self.lr, 0.0, lo_open=True)
+        _range("backbone_lr_mult", self.backbone_lr_mult, 0.0)
+        _range("weight_decay", self.weight_decay, 0.0)
+        _range("momentum", self.momentum, 0.0, 1.0)
+        _range("warmup_epochs", self.warmup_epochs, 0.0)
+        _range("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
+        _range("head_dropout", self.head_dropout, 0.0, 1.0, hi_open=True)
+        _range("patience", self.patience, 0)
+        _range("val_fraction", self.val_fraction, 0.0, 0.9)
+        _range("test_fraction", self.test_fraction, 0.0, 0.9)
+        if self.val_fraction + self.test_fraction >= 0.95:
+            raise UserError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves "
+                "almost nothing to train on; keep their sum below 0.95."
+            )
+        if self.in_chans not in (1, 3):
+            raise UserError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {self.in_chans}.")
+        if self.img_size is not None:
+            _range("img_size", self.img_size, 16, 2048)
+        if self.shots is not None:
+            _range("shots", self.shots, 1)
+        if self.workers is not None:
+            _range("workers", self.workers, 0, 64)
+        if self.strategy == "scratch" and self.weights not in ("auto", "none"):
+            raise UserError(
+                f"strategy 'scratch' trains from random initialisation, but weights='{self.weights}' "
+                "was given. Drop --weights, or pick another strategy."
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, typing.Any], source: str = "config") -> TrainConfig:
+        """Build a config from a mapping, refusing unknown keys with a suggestion."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise UserError(
+                    f"Unknown key '{key}' in {source}.{did_you_mean(key, known)} "
+                    f"Valid keys: {', '.join(sorted(known))}."
+                )
+        return cls(**values)
+
+    def replace(self, **changes: typing.Any) -> TrainConfig:
+        """Return a copy with some fields changed (validated again)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, typing.Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        """Read a YAML config file (the `config.yaml` of a run, or one written by hand)."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"Config file '{path}' does not exist.")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"Config file '{path}' is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"Config file '{path}' must hold a mapping of keys to values.")
+        return cls.from_dict(values, source=f"'{path}'")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(
+            f"{key} must be one of {', '.join(choices)}; got '{value}'.{did_you_mean(str(value), choices)}"
+        )
+
+
+def _range(
+    key: str, value: float, lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
+) -> None:
+    ok = (value > lo if lo_open else value >= lo) and (
+        hi is None or (value < hi if hi_open else value <= hi)
+    )
+    if not ok:
+        bound = f"{'>' if lo_open else '>='} {lo:g}"
+        if hi is not None:
+            bound += f" and {'<' if hi_open else '<='} {hi:g}"
+        raise UserError(f"{key} must be {bound}; got {value}.")
+
+
+def _coerce_types(config: TrainConfig) -> None:
+    """Convert YAML/CLI scalars to the declared field types ('1e-3' -> 0.001), or fail clearly."""
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        allowed = typing.get_args(hints[field.name]) or (hints[field.name],)
+        if value is None and type(None) in allowed:
+            continue
+        target = next(t for t in allowed if t is not type(None))
+        if isinstance(value, target) and not (target is int and isinstance(value, bool)):
+            continue
+        try:
+            if target is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+                converted = value.lower() == "true"
+            elif target is int and isinstance(value, (int, float, str)) and float(value) == int(float(value)):
+                converted = int(float(value))
+            elif target is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                converted = float(value)
+            elif target is str and isinstance(value, (int, float)):
+                converted = str(value)
+            else:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise UserError(
+                f"{field.name} must be {target.__name__}; got {value!r} ({type(value).__name__})."
+            ) from None
+        setattr(config, field.name, converted)

@@ -1,0 +1,39 @@
+"""Re-run a finished run's best model on one of its saved splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from transferkit.bundle import load_bundle
+from transferkit.config import TrainConfig
+from transferkit.data import load_data
+from transferkit.errors import UserError
+from transferkit.model import Preprocessing
+from transferkit.train import evaluate_loader, make_loader, pick_device
+from transferkit.transforms import eval_transform
+
+
+def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_size: int | None = None) -> dict:
+    """Metrics of `run`'s best bundle on `split` of the split.json saved with the run."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file() or not (run / "split.json").is_file():
+        raise UserError(f"'{run}' is not a run directory: it needs config.yaml and split.json "
+                        "(as written by `transferkit train`).")
+    config = TrainConfig.load(run / "config.yaml")
+    if batch_size:
+        config = config.replace(batch_size=batch_size)
+    data = load_data(config.data, split_file=str(run / "split.json"))
+    if split not in data.splits or not data.splits[split]:
+        raise UserError(f"Run '{run}' has no images in split '{split}'.")
+    model, meta = load_bundle(run)
+    if data.classes != meta["classes"]:
+        raise UserError(f"The classes in '{run}/split.json' differ from those of the model in '{run}/best'.")
+    dev = pick_device(device)
+    loader = make_loader(data, split, eval_transform(Preprocessing.from_dict(meta["preprocessing"])), config)
+    metrics = evaluate_loader(model.to(dev), loader, nn.CrossEntropyLoss(), dev, data.classes)
+    metrics["split"] = split
+    (run / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1))
+    return metrics

@@ -1,0 +1,84 @@
+"""Inference from a bundle: `transferkit.load(path).predict([...])`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from transferkit.bundle import load_bundle
+from transferkit.errors import UserError
+from transferkit.images import from_array, is_image_file, open_image, to_mode
+from transferkit.model import Preprocessing
+from transferkit.transforms import eval_transform
+
+
+def expand_inputs(inputs) -> list:
+    """Files stay, folders become their image files (sorted, recursive); PIL images and arrays pass."""
+    out = []
+    for item in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+        if isinstance(item, (str, Path)):
+            path = Path(item)
+            if path.is_dir():
+                found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+                if not found:
+                    raise UserError(f"Folder '{path}' holds no image files.")
+                out += [str(p) for p in found]
+            elif path.is_file():
+                out.append(str(path))
+            else:
+                raise UserError(f"Input '{path}' does not exist.")
+        else:
+            out.append(item)
+    return out
+
+
+class Predictor:
+    """A loaded classifier with its classes and preprocessing."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict, device: str = "cpu"):
+        self.model = model.to(device).eval()
+        self.meta = meta
+        self.device = device
+        self.classes: list[str] = meta["classes"]
+        self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        self.transform = eval_transform(self.preprocessing)
+
+    def _image(self, item) -> Image.Image:
+        chans = self.preprocessing.in_chans
+        if isinstance(item, Image.Image):
+            return to_mode(item, chans)
+        if isinstance(item, np.ndarray):
+            return from_array(item, chans)
+        return open_image(item, chans)
+
+    @torch.inference_mode()
+    def predict_proba(self, inputs, batch_size: int = 32) -> np.ndarray:
+        """Class probabilities, shape (n_inputs, n_classes)."""
+        items = expand_inputs(inputs)
+        out = []
+        for start in range(0, len(items), batch_size):
+            batch = torch.stack([self.transform(self._image(x)) for x in items[start : start + batch_size]])
+            out.append(self.model(batch.to(self.device)).float().softmax(-1).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict(self, inputs, top_k: int = 5, batch_size: int = 32) -> list[dict]:
+        """Top-k predictions per input: {'input', 'label', 'score', 'top_k': [{'label', 'score'}]}."""
+        items = expand_inputs(inputs)
+        probs = self.predict_proba(items, batch_size)
+        k = min(top_k, len(self.classes))
+        results = []
+        for item, p in zip(items, probs):
+            order = np.argsort(-p)[:k]
+            top = [{"label": self.classes[i], "score": float(p[i])} for i in order]
+            name = item if isinstance(item, str) else f"<{type(item).__name__}>"
+            results.append({"input": name, "label": top[0]["label"], "score": top[0]["score"], "top_k": top})
+        return results
+
+
+def load(path: str | Path, device: str = "cpu") -> Predictor:
+    """Load a bundle (or a run directory's best/) for prediction."""
+    model, meta = load_bundle(path)
+    return Predictor(model, meta, device)
