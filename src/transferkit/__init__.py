@@ -17,11 +17,11 @@ __all__ = ["TrainConfig", "UserError", "evaluate", "load", "train", "__version__
 
 def __getattr__(name: str):
     if name == "train":
-        from transferkit.train import train
+        from transferkit.loop import train
 
         return train
     if name == "evaluate":
-        from transferkit.evaluate import evaluate
+        from transferkit.evaluation import evaluate
 
         return evaluate
     if name == "load":

@@ -4,7 +4,7 @@ Each has a fixed, documented split (it never depends on the run's seed), so resu
 comparable across runs and machines:
 
 - `digits`: scikit-learn's 1,797 handwritten digits, 8x8 grayscale, 10 classes. Stratified
-  split with seed 0: 70% train, 10% val, 20% test (360 test images). Raw pixels already
+  split with seed 0: 70% train, 10% val, 20% test (359 test images). Raw pixels already
   do well here: a sanity check, not a showcase for transfer.
 - `faces`: scikit-image's LFW subset, 25x25 grayscale, 100 faces and 100 non-faces.
   Stratified split with seed 0: 45 train, 15 val, 40 test per class (80 test images).

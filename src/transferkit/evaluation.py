@@ -12,7 +12,7 @@ from transferkit.config import TrainConfig
 from transferkit.data import load_data
 from transferkit.errors import UserError
 from transferkit.model import Preprocessing
-from transferkit.train import evaluate_loader, make_loader, pick_device
+from transferkit.loop import evaluate_loader, make_loader, pick_device
 from transferkit.transforms import eval_transform
 
 

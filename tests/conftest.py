@@ -1,0 +1,48 @@
+"""Shared fixtures: small PIL-drawn image folders, so tests never need downloads."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square")
+
+
+def draw_shape(shape: str, size: int, rng: random.Random) -> Image.Image:
+    """A light shape of random size, position and colour on a dark noisy background."""
+    img = Image.new("RGB", (size, size), tuple(rng.randint(0, 60) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    r = rng.randint(size // 5, size // 3)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    color = tuple(rng.randint(150, 255) for _ in range(3))
+    box = (cx - r, cy - r, cx + r, cy + r)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=color)
+    return img
+
+
+def make_folder(root: Path, per_class: int, size: int = 40, seed: int = 0, splits: tuple[str, ...] = ()) -> Path:
+    """root/[split/]class/N.png for every shape class."""
+    rng = random.Random(seed)
+    for split in splits or ("",):
+        for shape in SHAPES:
+            out = root / split / shape
+            out.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                draw_shape(shape, size, rng).save(out / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def shapes_dir(tmp_path: Path) -> Path:
+    """Flat class folders: 10 circles and 10 squares, 40x40 px."""
+    return make_folder(tmp_path / "shapes", per_class=10)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> dict:
+    """Config overrides for fast CPU runs: 32 px, lite0, 1 epoch, runs under tmp_path."""
+    return {"img_size": 32, "epochs": 1, "batch_size": 8, "runs_dir": str(tmp_path / "runs"), "quiet": True,
+            "workers": 0}

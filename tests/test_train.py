@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import transferkit
+from transferkit.bundle import save_bundle
+from transferkit.config import TrainConfig
+from transferkit.errors import UserError
+from transferkit.model import build_classifier
+
+
+def test_run_directory_holds_everything(shapes_dir, tiny):
+    run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", **{**tiny, "epochs": 2})
+    for name in ("config.yaml", "split.json", "classes.json", "plan.json", "metrics.jsonl", "metrics.json",
+                 "last.ckpt", "best/model.safetensors", "best/model.json"):
+        assert (run.dir / name).is_file(), name
+    rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    config = TrainConfig.load(run.dir / "config.yaml")
+    assert config.img_size == 32 and config.name == run.dir.name and config.strategy == "linear-probe"
+    meta = json.loads((run.dir / "best" / "model.json").read_text())
+    assert meta["classes"] == ["circle", "square"] == json.loads((run.dir / "classes.json").read_text())
+    assert meta["strategy"]["plan"][0]["bn"] == "frozen"
+    assert meta["preprocessing"]["img_size"] == 32 and meta["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    assert meta["metrics"]["test"]["accuracy"] == run.metrics["test"]["accuracy"]
+    test = run.metrics["test"]
+    assert sum(map(sum, test["confusion_matrix"])) == test["n"] == 2
+    ckpt = torch.load(run.dir / "last.ckpt", weights_only=True)  # plain tensors and values only
+    assert ckpt["epoch"] == 2 and ckpt["config"]["data"] == str(shapes_dir)
+
+    again = transferkit.evaluate(run.dir)
+    assert again["accuracy"] == test["accuracy"] and again["confusion_matrix"] == test["confusion_matrix"]
+
+
+def test_bundle_round_trip_gives_identical_logits(tmp_path):
+    model, record, prep = build_classifier("efficientnet_lite0", "auto", 3, img_size=32, head="mlp",
+                                           head_hidden=16, head_dropout=0.2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    x = torch.randn(4, 3, 32, 32)
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
+    opt.step()  # also moves BN running stats away from the pretrained ones
+    meta = {"architecture": record, "classes": ["a", "b", "c"], "preprocessing": prep.to_dict()}
+    save_bundle(tmp_path / "bundle", model, meta)
+    clf = transferkit.load(tmp_path / "bundle")
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), clf.model(x))
+
+
+def test_predict_files_folders_and_arrays(shapes_dir, tiny):
+    run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", **tiny)
+    clf = transferkit.load(run.best)
+    files = sorted(str(p) for p in (shapes_dir / "circle").glob("*.png"))[:3]
+    out = clf.predict(files, top_k=2)
+    assert [r["input"] for r in out] == files
+    for r in out:
+        assert r["label"] in ("circle", "square") and len(r["top_k"]) == 2
+        assert r["top_k"][0]["score"] >= r["top_k"][1]["score"]
+        assert abs(sum(t["score"] for t in r["top_k"]) - 1) < 1e-5
+    assert len(clf.predict(str(shapes_dir))) == 20
+    arr = np.asarray(Image.open(files[0]))
+    np.testing.assert_allclose(clf.predict_proba([arr]), clf.predict_proba([files[0]]), atol=1e-6)
+
+
+def test_grayscale_stem_trains_and_reloads(shapes_dir, tiny):
+    run = transferkit.train(data=str(shapes_dir), strategy="finetune", in_chans=1, head="mlp", **tiny)
+    clf = transferkit.load(run.dir)
+    assert clf.preprocessing.in_chans == 1 and len(clf.preprocessing.mean) == 1
+    assert clf.model.backbone.conv_stem.weight.shape[1] == 1
+    assert len(clf.predict(str(shapes_dir / "square"))) == 10
+
+
+def test_run_names_never_clobber(shapes_dir, tiny):
+    first = transferkit.train(data=str(shapes_dir), strategy="linear-probe", **tiny)
+    second = transferkit.train(data=str(shapes_dir), strategy="linear-probe", **tiny)
+    assert first.dir.name == "shapes-linear-probe" and second.dir.name == "shapes-linear-probe-2"
+    with pytest.raises(UserError, match="already exists"):
+        transferkit.train(data=str(shapes_dir), name="shapes-linear-probe", **tiny)
+
+
+def test_textures_five_shot_transfer_beats_scratch(tmp_path):
+    """Issue 2: 5-shot linear probe on real textures >= 0.95; scratch clearly lower."""
+    common = {"data": "builtin:textures", "shots": 5, "runs_dir": str(tmp_path), "quiet": True}
+    probe = transferkit.train(strategy="linear-probe", **common).metrics["test"]["accuracy"]
+    scratch = transferkit.train(strategy="scratch", weights="none", **common).metrics["test"]["accuracy"]
+    assert probe >= 0.95
+    assert scratch < probe - 0.2
+
+
+def test_demo_job_faces_defaults(tmp_path):
+    """The `make demo` job: builtin:faces with every default, test accuracy >= 0.95 on 80 images."""
+    run = transferkit.train(data="builtin:faces", runs_dir=str(tmp_path), quiet=True)
+    assert run.metrics["test"]["n"] == 80
+    assert run.metrics["test"]["accuracy"] >= 0.95
