@@ -129,10 +129,14 @@ def predict(
     _print_predictions(results, format)
 
 
-def _split_inputs(run: Path, split: str, in_chans: int):
+def _split_inputs(model: Path, split: str, in_chans: int):
     from transferkit.config import TrainConfig
     from transferkit.data import load_data
+    from transferkit.errors import UserError
 
+    run = next((p for p in (model, model.parent) if (p / "config.yaml").is_file()), None)
+    if run is None:
+        raise UserError(f"--split needs a run directory (with config.yaml and split.json); '{model}' is not one.")
     config = TrainConfig.load(run / "config.yaml")
     data = load_data(config.data, split_file=str(run / "split.json"))
     samples = data.splits.get(split) or []

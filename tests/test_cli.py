@@ -1,0 +1,75 @@
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from transferkit.cli import app
+
+runner = CliRunner()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True)
+
+
+def test_train_evaluate_predict_from_the_command_line(shapes_dir, tmp_path):
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["train", str(shapes_dir), "--strategy", "linear-probe", "--img-size", "32",
+                                 "--epochs", "1", "--runs-dir", str(runs), "--name", "cli", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["run"].endswith("cli") and 0.0 <= summary["test_accuracy"] <= 1.0
+
+    result = runner.invoke(app, ["evaluate", str(runs / "cli"), "--format", "json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["accuracy"] == summary["test_accuracy"]
+
+    result = runner.invoke(app, ["predict", str(runs / "cli"), str(shapes_dir / "circle"), "--format", "json",
+                                 "--top-k", "1"])
+    preds = json.loads(result.stdout)
+    assert len(preds) == 10 and all(p["label"] in ("circle", "square") for p in preds)
+
+    result = runner.invoke(app, ["predict", str(runs / "cli" / "best"), "--split", "test", "--format", "csv"])
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 2 and {r["true"] for r in rows} == {"circle", "square"}
+
+    # the saved config is reusable as --config, flags override it
+    result = runner.invoke(app, ["train", "--config", str(runs / "cli" / "config.yaml"), "--name", "again",
+                                 "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert (runs / "again" / "best" / "model.json").is_file()
+
+
+def test_models_lists_the_bundled_backbones():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0
+    for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        assert name in result.stdout
+    assert "bundled" in result.stdout
+    result = runner.invoke(app, ["models", "resnet5"])
+    assert "resnet50" in result.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "no/such/dir"], "Data 'no/such/dir' not found"),
+    (["train", "builtin:faces", "--model", "resnet5O"], "Did you mean 'resnet50'"),
+    (["train", "builtin:faces", "--model", "resnet50"], "No pretrained weights for 'resnet50'"),
+    (["predict", "no_run", "x.jpg"], "is not a transferkit model"),
+])
+def test_user_errors_are_one_message_and_exit_2(args, message):
+    out = _cli(*args)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_bad_config_key_and_empty_folder(tmp_path):
+    (tmp_path / "c.yaml").write_text("data: builtin:faces\nlearning_rat: 0.1\n")
+    out = _cli("train", "--config", str(tmp_path / "c.yaml"))
+    assert out.returncode == 2 and "Unknown key 'learning_rat'" in out.stderr and "Traceback" not in out.stderr
+    (tmp_path / "empty").mkdir()
+    out = _cli("train", str(tmp_path / "empty"))
+    assert out.returncode == 2 and "No images found" in out.stderr
