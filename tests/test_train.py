@@ -96,3 +96,10 @@ def test_demo_job_faces_defaults(tmp_path):
     run = transferkit.train(data="builtin:faces", runs_dir=str(tmp_path), quiet=True)
     assert run.metrics["test"]["n"] == 80
     assert run.metrics["test"]["accuracy"] >= 0.95
+
+
+def test_early_stopping_ends_the_run_after_patience_epochs(shapes_dir, tiny):
+    # an LR far below float resolution leaves the head unchanged: no epoch after the first improves
+    run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", lr=1e-20, augment="none",
+                            patience=2, **{**tiny, "epochs": 6})
+    assert run.metrics["epochs_run"] == 3 and run.metrics["best"]["epoch"] == 1

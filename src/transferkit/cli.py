@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -139,7 +140,11 @@ def _split_inputs(model: Path, split: str, in_chans: int):
         raise UserError(f"--split needs a run directory (with config.yaml and split.json); '{model}' is not one.")
     config = TrainConfig.load(run / "config.yaml")
     data = load_data(config.data, split_file=str(run / "split.json"))
-    samples = data.splits.get(split) or []
+    by_class: dict[str, list] = {}
+    for sample in data.splits.get(split) or []:
+        by_class.setdefault(sample[1], []).append(sample)
+    # interleave the classes so that --limit shows a few of each
+    samples = [s for group in itertools.zip_longest(*by_class.values()) for s in group if s is not None]
     return [(ref, data.read(ref, in_chans)) for ref, _ in samples], [label for _, label in samples]
 
 

@@ -96,44 +96,52 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
     best = {"epoch": None, "val_accuracy": -1.0, "val_loss": math.inf}
     epoch, since_best, stop = 0, 0, False
     (run_dir / "metrics.jsonl").write_text("")
-    for phase_index, phase in enumerate(plan):
-        apply_phase(model, groups, phase)
-        optimizer = make_optimizer(model, phase, config)
-        steps = phase.epochs * len(loaders["train"])
-        scheduler = warmup_cosine(optimizer, round(config.warmup_epochs * len(loaders["train"])), steps)
-        report.info(f"[transferkit] phase '{phase.name}': groups {phase.groups or 'none'} of "
-                    f"{len(groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters")
-        for _ in range(phase.epochs):
-            epoch += 1
-            tick = time.perf_counter()
-            train_loss, train_acc, seen = train_one_epoch(model, loaders["train"], optimizer, scheduler, loss_fn,
-                                                          phase, device, report, f"epoch {epoch}/{config.epochs}")
-            seconds = time.perf_counter() - tick
-            val = evaluate_loader(model, loaders["val"], eval_loss, device) if len(data.splits["val"]) else None
-            row = {"epoch": epoch, "phase": phase.name, "train_loss": train_loss, "train_accuracy": train_acc,
-                   "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
-                   "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds, "epoch_s": seconds}
-            with (run_dir / "metrics.jsonl").open("a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            improved = val is None or (val["accuracy"], -val["loss"]) > (best["val_accuracy"], -best["val_loss"])
-            if improved:
-                best = {"epoch": epoch, "val_accuracy": val["accuracy"] if val else None,
-                        "val_loss": val["loss"] if val else None}
-                save_bundle(run_dir / "best", model, {**meta, "metrics": {"best": best}})
-                since_best = 0
-            else:
-                since_best += 1
-            save_checkpoint(run_dir / "last.ckpt", model, optimizer, scheduler, config, plan, phase_index, epoch)
-            report.end_epoch(
-                f"epoch {epoch:>3} {phase.name}: train loss {train_loss:.4f} acc {train_acc:.3f}"
-                + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}" if val else " | no val split")
-                + f" | {seen / seconds:.1f} img/s{' *' if improved else ''}")
-            if config.patience and since_best >= config.patience:
-                report.info(f"[transferkit] early stop: no better val score for {config.patience} epochs")
-                stop = True
+    report.start(sum(p.epochs for p in plan))
+    try:
+        for phase_index, phase in enumerate(plan):
+            apply_phase(model, groups, phase)
+            optimizer = make_optimizer(model, phase, config)
+            steps = phase.epochs * len(loaders["train"])
+            scheduler = warmup_cosine(optimizer, round(config.warmup_epochs * len(loaders["train"])), steps)
+            report.info(f"[transferkit] phase '{phase.name}': groups {phase.groups or 'none'} of "
+                        f"{len(groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters")
+            for _ in range(phase.epochs):
+                epoch += 1
+                tick = time.perf_counter()
+                train_loss, train_acc, seen = train_one_epoch(
+                    model, loaders["train"], optimizer, scheduler, loss_fn, phase, device, report,
+                    f"epoch {epoch}/{config.epochs}")
+                seconds = time.perf_counter() - tick
+                val = evaluate_loader(model, loaders["val"], eval_loss, device) if len(data.splits["val"]) else None
+                row = {"epoch": epoch, "phase": phase.name, "train_loss": train_loss, "train_accuracy": train_acc,
+                       "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
+                       "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds, "epoch_s": seconds}
+                with (run_dir / "metrics.jsonl").open("a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                # best by val accuracy, ties broken by lower val loss; without a val split, the latest
+                improved = val is None or (val["accuracy"], -val["loss"]) > (best["val_accuracy"],
+                                                                              -best["val_loss"])
+                if improved:
+                    best = {"epoch": epoch, "val_accuracy": val["accuracy"] if val else None,
+                            "val_loss": val["loss"] if val else None}
+                    save_bundle(run_dir / "best", model, {**meta, "metrics": {"best": best}})
+                    since_best = 0
+                else:
+                    since_best += 1
+                save_checkpoint(run_dir / "last.ckpt", model, optimizer, scheduler, config, plan, phase_index,
+                                epoch)
+                report.end_epoch(
+                    f"epoch {epoch:>3} {phase.name}: train loss {train_loss:.4f} acc {train_acc:.3f}"
+                    + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}" if val else " | no val split")
+                    + f" | {seen / seconds:.1f} img/s{' *' if improved else ''}")
+                if config.patience and since_best >= config.patience:
+                    report.info(f"[transferkit] early stop: no better val score for {config.patience} epochs")
+                    stop = True
+                    break
+            if stop:
                 break
-        if stop:
-            break
+    finally:
+        report.close()
 
     # --- test the best checkpoint, exactly as shipped ---------------------------------------
     shipped, _ = load_bundle(run_dir / "best")

@@ -1,4 +1,4 @@
-"""Progress display: rich bars on a terminal, one plain line per epoch with --quiet or in logs."""
+"""Progress display: rich bars (epochs and batches) on a terminal; plain lines with --quiet or in logs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import sys
 
 
 class Reporter:
-    """Epoch and batch progress with loss, accuracy and images/s."""
+    """One progress display per run: an epoch bar, a batch bar with loss/accuracy/img/s, and a
+    summary line per epoch that stays on screen."""
 
     def __init__(self, quiet: bool = False):
         from rich.console import Console
@@ -14,7 +15,7 @@ class Reporter:
         self.console = Console(stderr=True)
         self.quiet = quiet or not self.console.is_terminal
         self._progress = None
-        self._task = None
+        self._epochs = self._batches = None
 
     def info(self, message: str) -> None:
         if self.quiet:
@@ -22,24 +23,35 @@ class Reporter:
         else:
             self.console.print(message, highlight=False)
 
-    def start_epoch(self, description: str, n_batches: int) -> None:
+    def start(self, total_epochs: int) -> None:
         if self.quiet:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self._progress = Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
                                   TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
                                   console=self.console, transient=True)
         self._progress.start()
-        self._task = self._progress.add_task(description, total=n_batches, stats="")
+        self._epochs = self._progress.add_task("epochs", total=total_epochs, stats="")
+
+    def start_epoch(self, description: str, n_batches: int) -> None:
+        if self._progress is None:
+            return
+        if self._batches is not None:
+            self._progress.remove_task(self._batches)
+        self._batches = self._progress.add_task(description, total=n_batches, stats="")
 
     def batch(self, loss: float, accuracy: float, images_per_s: float) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, advance=1,
+            self._progress.update(self._batches, advance=1,
                                   stats=f"loss {loss:.3f} acc {accuracy:.3f} {images_per_s:.0f} img/s")
 
     def end_epoch(self, summary: str) -> None:
         if self._progress is not None:
+            self._progress.advance(self._epochs)
+        self.info(summary)
+
+    def close(self) -> None:
+        if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        self.info(summary)

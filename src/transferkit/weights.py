@@ -208,15 +208,23 @@ def _download(arch: str) -> Path | None:
     if not hub_id:
         raise UserError(f"Model '{arch}' has no pretrained weights on the Hugging Face hub; "
                         "pass --weights PATH or --weights none.")
-    errors = []
+    try:
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+    except ImportError:  # huggingface_hub before 1.0 had no separate "remote" class
+        from huggingface_hub.utils import EntryNotFoundError as RemoteEntryNotFoundError
+
     for filename in HUB_FILES:
         try:
             return Path(hf_hub_download(hub_id, filename))
-        except Exception as err:  # network errors, missing file, auth: all mean "not from here"
-            errors.append(f"{filename}: {type(err).__name__}")
+        except RemoteEntryNotFoundError:
+            continue  # this repo stores its weights under the other file name
+        except Exception as err:  # no network, auth, server errors: trying the next file won't help
+            raise UserError(
+                f"Could not download weights for '{arch}' from the Hugging Face hub ({hub_id}/{filename}: "
+                f"{type(err).__name__}). Check the network, or pass --weights PATH to a local file."
+            ) from None
     raise UserError(
-        f"Could not download weights for '{arch}' from the Hugging Face hub ({hub_id}: "
-        f"{'; '.join(errors)}). Check the network, or pass --weights PATH to a local file."
+        f"The Hugging Face repo {hub_id} has none of {', '.join(HUB_FILES)}; pass --weights PATH."
     )
 
 
