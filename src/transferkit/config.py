@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transferkit.errors import UserError, did_you_mean
 
-STRATEGIES = ("linear-probe", "finetune", "full", "scratch")
+STRATEGIES = ("linear-probe", "finetune", "gradual", "lp-ft", "full", "scratch")
 OPTIMIZERS = ("adamw", "sgd")
 HEADS = ("linear", "mlp")
 AUGMENTS = ("none", "basic", "strong")
@@ -32,11 +32,23 @@ class TrainConfig:
     weights: str = "auto"
     """auto (bundled or cached, never downloads) | imagenet (may download) | none | a file path."""
     strategy: str = "finetune"
-    """linear-probe | finetune (top groups) | full | scratch (random init baseline)."""
+    """linear-probe | finetune (top groups) | gradual | lp-ft | full | scratch (random init baseline)."""
     unfreeze_groups: int = 3
     """finetune: how many layer groups, counted from the top, train."""
     backbone_lr_mult: float = 0.1
     """Backbone LR = lr x this (discriminative LRs); the head trains at lr."""
+    layer_decay: float | None = None
+    """Layer-wise LR decay (timm/BEiT): group i of n trains at lr x decay^(n-i); try 0.75. Overrides backbone_lr_mult."""
+    lr_min: float | None = None
+    """fastai's slice(lr_min, lr): LRs spaced geometrically from lr_min (stem) to lr (head)."""
+    gradual_every: int = 1
+    """gradual: epochs between unfreezing the next layer group from the top (head alone first)."""
+    lp_epochs: int | None = None
+    """lp-ft: epochs of the linear-probe phase; default half of epochs."""
+    ft_lr_scale: float = 0.1
+    """lp-ft: the fine-tune phase trains everything at lr x this (Kumar et al. 2022: small LR)."""
+    plan: list | None = None
+    """An explicit plan instead of a named strategy: a list of phases (see transferkit.strategy.Phase)."""
     head: str = "linear"
     """linear | mlp (one hidden layer with ReLU and dropout)."""
     head_hidden: int = 512
@@ -109,6 +121,16 @@ class TrainConfig:
         _range("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
         _range("head_dropout", self.head_dropout, 0.0, 1.0, hi_open=True)
         _range("patience", self.patience, 0)
+        _range("gradual_every", self.gradual_every, 1)
+        _range("ft_lr_scale", self.ft_lr_scale, 0.0, lo_open=True)
+        if self.layer_decay is not None:
+            _range("layer_decay", self.layer_decay, 0.0, 1.0, lo_open=True)
+        if self.lr_min is not None:
+            _range("lr_min", self.lr_min, 0.0, self.lr, lo_open=True)
+        if self.strategy == "lp-ft":
+            _range("epochs (lp-ft needs a probe and a fine-tune phase)", self.epochs, 2)
+            if self.lp_epochs is not None:
+                _range("lp_epochs", self.lp_epochs, 1, self.epochs - 1)
         _range("val_fraction", self.val_fraction, 0.0, 0.9)
         _range("test_fraction", self.test_fraction, 0.0, 0.9)
         if self.val_fraction + self.test_fraction >= 0.95:

@@ -28,7 +28,8 @@ from transferkit.errors import UserError
 from transferkit.metrics import classification_metrics
 from transferkit.model import build_classifier, layer_groups
 from transferkit.progress import Reporter
-from transferkit.strategy import Phase, apply_phase, count_trainable, make_plan, param_groups, set_train_mode
+from transferkit.strategy import (Phase, apply_phase, count_trainable, make_plan, param_groups, set_train_mode,
+                                  trainable_groups)
 from transferkit.transforms import eval_transform, train_transform
 
 
@@ -70,7 +71,7 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
                            auto=config.name is None, overwrite=config.overwrite)
     config = config.replace(img_size=prep.img_size, workers=workers, name=run_dir.name)
     groups = layer_groups(model.backbone)
-    plan = make_plan(config.strategy, len(groups), config.epochs, config.unfreeze_groups, config.backbone_lr_mult)
+    plan = make_plan(config, len(groups))
     config.save(run_dir / "config.yaml")
     data.save_split(run_dir / "split.json")
     (run_dir / "classes.json").write_text(json.dumps(data.classes))
@@ -96,13 +97,15 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
     best = {"epoch": None, "val_accuracy": -1.0, "val_loss": math.inf}
     epoch, since_best, stop = 0, 0, False
     (run_dir / "metrics.jsonl").write_text("")
-    report.start(sum(p.epochs for p in plan))
+    total_epochs = sum(p.epochs for p in plan)
+    report.start(total_epochs)
     try:
         for phase_index, phase in enumerate(plan):
             apply_phase(model, groups, phase)
-            optimizer = make_optimizer(model, phase, config)
-            steps = phase.epochs * len(loaders["train"])
-            scheduler = warmup_cosine(optimizer, round(config.warmup_epochs * len(loaders["train"])), steps)
+            optimizer = make_optimizer(model, groups, phase, config)
+            # each phase warms up (at most half its length) and decays on its own
+            warmup = round(min(config.warmup_epochs, phase.epochs / 2) * len(loaders["train"]))
+            scheduler = warmup_cosine(optimizer, warmup, phase.epochs * len(loaders["train"]))
             report.info(f"[transferkit] phase '{phase.name}': groups {phase.groups or 'none'} of "
                         f"{len(groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters")
             for _ in range(phase.epochs):
@@ -110,10 +113,11 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
                 tick = time.perf_counter()
                 train_loss, train_acc, seen = train_one_epoch(
                     model, loaders["train"], optimizer, scheduler, loss_fn, phase, device, report,
-                    f"epoch {epoch}/{config.epochs}")
+                    f"epoch {epoch}/{total_epochs}")
                 seconds = time.perf_counter() - tick
                 val = evaluate_loader(model, loaders["val"], eval_loss, device) if len(data.splits["val"]) else None
-                row = {"epoch": epoch, "phase": phase.name, "train_loss": train_loss, "train_accuracy": train_acc,
+                row = {"epoch": epoch, "phase": phase.name, "groups": trainable_groups(model, groups),
+                       "train_loss": train_loss, "train_accuracy": train_acc,
                        "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
                        "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds, "epoch_s": seconds}
                 with (run_dir / "metrics.jsonl").open("a") as fh:
@@ -207,11 +211,12 @@ def evaluate_loader(model, loader, loss_fn, device, classes: list[str] | None = 
     return out
 
 
-def make_optimizer(model, phase: Phase, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, phase, config.lr, config.weight_decay)
+def make_optimizer(model, groups: list[list[str]], phase: Phase, config: TrainConfig) -> torch.optim.Optimizer:
+    """A fresh optimizer over exactly the parameters this phase trains."""
+    pg = param_groups(model, groups, phase, config.lr, config.weight_decay)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=True)
-    return torch.optim.AdamW(groups, lr=config.lr)
+        return torch.optim.SGD(pg, lr=config.lr, momentum=config.momentum, nesterov=True)
+    return torch.optim.AdamW(pg, lr=config.lr)
 
 
 def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
