@@ -43,6 +43,8 @@ def train(
     warmup_epochs: Optional[float] = typer.Option(None, help="Warmup epochs before cosine decay (default 1)."),
     label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing (default 0.1)."),
     augment: Optional[str] = typer.Option(None, help="none | basic | strong (default basic)."),
+    class_weights: Optional[str] = typer.Option(None, help="none | auto: inverse-frequency loss weights (default none)."),
+    sampler: Optional[str] = typer.Option(None, help="shuffle | balanced (default shuffle)."),
     patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs, 0 = off (default 0)."),
     seed: Optional[int] = typer.Option(None, help="Random seed (default 0)."),
     shots: Optional[int] = typer.Option(None, help="Keep K training images per class (few-shot)."),

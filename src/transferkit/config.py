@@ -18,6 +18,8 @@ STRATEGIES = ("linear-probe", "finetune", "gradual", "lp-ft", "full", "scratch")
 OPTIMIZERS = ("adamw", "sgd")
 HEADS = ("linear", "mlp")
 AUGMENTS = ("none", "basic", "strong")
+CLASS_WEIGHTS = ("none", "auto")
+SAMPLERS = ("shuffle", "balanced")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -77,6 +79,10 @@ class TrainConfig:
     """Cross-entropy label smoothing; 0 turns it off."""
     augment: str = "basic"
     """none | basic (random resized crop + flip) | strong (basic + TrivialAugment)."""
+    class_weights: str = "none"
+    """none | auto: weight the loss by inverse class frequency in the training split."""
+    sampler: str = "shuffle"
+    """shuffle | balanced: draw training images with probability 1/class size (with replacement)."""
     patience: int = 0
     """Stop after this many epochs without a better validation score; 0 never stops early."""
     seed: int = 0
@@ -109,6 +115,8 @@ class TrainConfig:
         _choice("head", self.head, HEADS)
         _choice("augment", self.augment, AUGMENTS)
         _choice("device", self.device, DEVICES)
+        _choice("class_weights", self.class_weights, CLASS_WEIGHTS)
+        _choice("sampler", self.sampler, SAMPLERS)
         _range("epochs", self.epochs, 1)
         _range("batch_size", self.batch_size, 1)
         _range("unfreeze_groups", self.unfreeze_groups, 1)

@@ -82,12 +82,21 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
         f"{'/'.join(str(len(data.splits[s])) for s in ('train', 'val', 'test'))} ({data.how}), "
         f"{prep.img_size}px, {len(groups)} layer groups, device {device}")
 
+    counts = data.counts("train")
+    if max(counts.values()) >= 10 * min(counts.values()) and config.class_weights == "none" \
+            and config.sampler == "shuffle":
+        report.info(f"[transferkit] warning: classes are imbalanced (largest {max(counts.values())}, smallest "
+                    f"{min(counts.values())} training images); consider --class-weights auto or --sampler balanced")
     loaders = {
         "train": make_loader(data, "train", train_transform(prep, config.augment), config, shuffle=True),
         "val": make_loader(data, "val", eval_transform(prep), config),
         "test": make_loader(data, "test", eval_transform(prep), config),
     }
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    weight = None
+    if config.class_weights == "auto":  # inverse frequency, mean weight 1 over the training images
+        n = torch.tensor([counts[c] for c in data.classes], dtype=torch.float32)
+        weight = (n.sum() / (len(n) * n)).to(device)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()  # val/test loss without smoothing, comparable across configs
     meta = {"transferkit_version": __version__, "architecture": record, "classes": data.classes,
             "preprocessing": prep.to_dict(), "strategy": {"name": config.strategy, "plan": [p.to_dict() for p in plan]},
@@ -158,7 +167,8 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     save_bundle(run_dir / "best", shipped, {**meta, "metrics": {"best": best, "test": _headline(test)}})
     report.info(f"[transferkit] best epoch {best['epoch']}; test "
-                + (f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} images"
+                + (f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} images; "
+                   "recall " + ", ".join(f"{c} {m['recall']:.2f}" for c, m in list(test["per_class"].items())[:20])
                    if test else "skipped (no test split)") + f"; saved {run_dir / 'best'}")
     return Run(dir=run_dir, config=config, metrics=metrics)
 
@@ -237,8 +247,15 @@ def make_loader(data: Data, split: str, transform, config: TrainConfig, shuffle:
     generator = torch.Generator().manual_seed(config.seed)
     # a last training batch of one image makes BatchNorm statistics meaningless: drop it
     drop_last = shuffle and len(dataset) > config.batch_size and len(dataset) % config.batch_size == 1
+    sampler = None
+    if shuffle and config.sampler == "balanced":
+        counts = data.counts(split)
+        weights = [1.0 / counts[label] for _, label in dataset.samples]
+        sampler = torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True,
+                                                         generator=generator)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=shuffle, num_workers=config.workers,
+        dataset, batch_size=config.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=config.workers,
         generator=generator, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
         persistent_workers=config.workers > 0, worker_init_fn=_seed_worker)
 
