@@ -77,6 +77,14 @@ class TrainConfig:
     """Linear warmup length before the cosine decay, in epochs (fractions allowed)."""
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing; 0 turns it off."""
+    l2sp: float = 0.0
+    """L2-SP coefficient: pull backbone weights toward the pretrained ones (not zero); try 0.01-0.1."""
+    drop_path: float = 0.0
+    """Stochastic depth rate for models that support timm's drop_path_rate; try 0.1 for full fine-tuning."""
+    mixup: float = 0.0
+    """Mixup alpha (timm Mixup); 0 turns it off, 0.2-0.8 is typical."""
+    cutmix: float = 0.0
+    """CutMix alpha (timm Mixup); 0 turns it off, 1.0 is typical."""
     augment: str = "basic"
     """none | basic (random resized crop + flip) | strong (basic + TrivialAugment)."""
     class_weights: str = "none"
@@ -130,6 +138,13 @@ class TrainConfig:
         _range("head_dropout", self.head_dropout, 0.0, 1.0, hi_open=True)
         _range("patience", self.patience, 0)
         _range("gradual_every", self.gradual_every, 1)
+        _range("l2sp", self.l2sp, 0.0)
+        _range("drop_path", self.drop_path, 0.0, 1.0, hi_open=True)
+        _range("mixup", self.mixup, 0.0)
+        _range("cutmix", self.cutmix, 0.0)
+        if (self.mixup or self.cutmix) and self.class_weights != "none":
+            raise UserError("class_weights cannot be combined with mixup/cutmix (soft targets); use "
+                            "--sampler balanced for imbalance instead.")
         _range("ft_lr_scale", self.ft_lr_scale, 0.0, lo_open=True)
         if self.layer_decay is not None:
             _range("layer_decay", self.layer_decay, 0.0, 1.0, lo_open=True)

@@ -28,6 +28,7 @@ from transferkit.errors import UserError
 from transferkit.metrics import classification_metrics
 from transferkit.model import build_classifier, layer_groups
 from transferkit.progress import Reporter
+from transferkit.regularize import L2SP
 from transferkit.strategy import (Phase, apply_phase, count_trainable, make_plan, param_groups, set_train_mode,
                                   trainable_groups)
 from transferkit.transforms import eval_transform, train_transform
@@ -64,7 +65,8 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
     model, record, prep = build_classifier(
         config.model, "none" if config.strategy == "scratch" else config.weights, len(data.classes),
         in_chans=config.in_chans, img_size=config.img_size or data.default_img_size,
-        head=config.head, head_hidden=config.head_hidden, head_dropout=config.head_dropout)
+        head=config.head, head_hidden=config.head_hidden, head_dropout=config.head_dropout,
+        drop_path=config.drop_path)
     model.to(device)
     workers = config.workers if config.workers is not None else default_workers(data)
     run_dir = make_run_dir(Path(config.runs_dir), config.name or default_name(config),
@@ -97,6 +99,14 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
         n = torch.tensor([counts[c] for c in data.classes], dtype=torch.float32)
         weight = (n.sum() / (len(n) * n)).to(device)
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    mixer = None
+    if config.mixup or config.cutmix:  # soft targets; timm's Mixup applies the label smoothing itself
+        from timm.data import Mixup
+
+        mixer = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix,
+                      label_smoothing=config.label_smoothing, num_classes=len(data.classes))
+        loss_fn = _soft_target_cross_entropy
+    l2sp = L2SP(model.backbone, config.l2sp) if config.l2sp else None
     eval_loss = nn.CrossEntropyLoss()  # val/test loss without smoothing, comparable across configs
     meta = {"transferkit_version": __version__, "architecture": record, "classes": data.classes,
             "preprocessing": prep.to_dict(), "strategy": {"name": config.strategy, "plan": [p.to_dict() for p in plan]},
@@ -122,7 +132,7 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
                 tick = time.perf_counter()
                 train_loss, train_acc, seen = train_one_epoch(
                     model, loaders["train"], optimizer, scheduler, loss_fn, phase, device, report,
-                    f"epoch {epoch}/{total_epochs}")
+                    f"epoch {epoch}/{total_epochs}", mixer, l2sp)
                 seconds = time.perf_counter() - tick
                 val = evaluate_loader(model, loaders["val"], eval_loss, device) if len(data.splits["val"]) else None
                 row = {"epoch": epoch, "phase": phase.name, "groups": trainable_groups(model, groups),
@@ -174,8 +184,8 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, phase: Phase, device, report: Reporter,
-                    description: str) -> tuple[float, float, int]:
-    """One pass over the training data; returns (mean loss, accuracy, images seen)."""
+                    description: str, mixer=None, l2sp: L2SP | None = None) -> tuple[float, float, int]:
+    """One pass over the training data; returns (mean loss, accuracy on the unmixed labels, images seen)."""
     set_train_mode(model, phase)
     backbone_frozen = not phase.groups
     total_loss, correct, seen = 0.0, 0, 0
@@ -183,6 +193,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, phase: Phase, 
     report.start_epoch(description, len(loader))
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        targets = labels
+        if mixer is not None and len(labels) % 2 == 0:  # timm's Mixup pairs images: needs an even batch
+            images, targets = mixer(images, labels)
+        elif mixer is not None:
+            targets = torch.nn.functional.one_hot(labels, mixer.num_classes).float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if backbone_frozen:  # nothing below the head trains: skip building the backward graph
                 with torch.no_grad():
@@ -190,7 +205,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, phase: Phase, 
                 logits = model.head(features)
             else:
                 logits = model(images)
-            loss = loss_fn(logits.float(), labels)
+            loss = loss_fn(logits.float(), targets)
+            if l2sp is not None:
+                loss = loss + l2sp.penalty(model.backbone)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -224,6 +241,11 @@ def evaluate_loader(model, loader, loss_fn, device, classes: list[str] | None = 
 def make_optimizer(model, groups: list[list[str]], phase: Phase, config: TrainConfig) -> torch.optim.Optimizer:
     """A fresh optimizer over exactly the parameters this phase trains."""
     pg = param_groups(model, groups, phase, config.lr, config.weight_decay)
+    if config.l2sp:  # L2-SP replaces decay toward zero on the backbone (the head keeps its decay)
+        head = {id(p) for p in model.head.parameters()}
+        for group in pg:
+            if not any(id(p) in head for p in group["params"]):
+                group["weight_decay"] = 0.0
     if config.optimizer == "sgd":
         return torch.optim.SGD(pg, lr=config.lr, momentum=config.momentum, nesterov=True)
     return torch.optim.AdamW(pg, lr=config.lr)
@@ -258,6 +280,10 @@ def make_loader(data: Data, split: str, transform, config: TrainConfig, shuffle:
         num_workers=config.workers,
         generator=generator, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
         persistent_workers=config.workers > 0, worker_init_fn=_seed_worker)
+
+
+def _soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-targets * torch.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig, plan, phase_index: int,

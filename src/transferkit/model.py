@@ -55,7 +55,8 @@ def make_head(features: int, num_classes: int, kind: str, hidden: int, dropout: 
                          nn.Linear(hidden, num_classes))
 
 
-def create_backbone(model: str, weights: str, in_chans: int, img_size: int | None) -> tuple[nn.Module, str, str]:
+def create_backbone(model: str, weights: str, in_chans: int, img_size: int | None,
+                    drop_path: float = 0.0) -> tuple[nn.Module, str, str]:
     """Build timm model `model` with its pretrained (1000-class) head and load `weights`.
 
     Returns (module, timm architecture, where the weights came from). The head is still
@@ -70,6 +71,8 @@ def create_backbone(model: str, weights: str, in_chans: int, img_size: int | Non
         kwargs["img_size"] = img_size
     if cfg is not None and cfg.num_classes:
         kwargs["num_classes"] = cfg.num_classes
+    if drop_path:
+        kwargs["drop_path_rate"] = drop_path
     try:
         backbone = timm.create_model(arch, pretrained=False, **kwargs)
     except (TypeError, ValueError, RuntimeError) as err:
@@ -103,12 +106,12 @@ def feature_dim(backbone: nn.Module, in_chans: int, img_size: int) -> int:
 
 def build_classifier(model: str, weights: str, num_classes: int, *, in_chans: int = 3,
                      img_size: int | None = None, head: str = "linear", head_hidden: int = 512,
-                     head_dropout: float = 0.0) -> tuple[Classifier, dict, Preprocessing]:
+                     head_dropout: float = 0.0, drop_path: float = 0.0) -> tuple[Classifier, dict, Preprocessing]:
     """Pretrained backbone + new head for `num_classes`.
 
     Returns (classifier, architecture record for model.json, preprocessing).
     """
-    backbone, arch, source = create_backbone(model, weights, in_chans, img_size)
+    backbone, arch, source = create_backbone(model, weights, in_chans, img_size, drop_path)
     backbone.reset_classifier(0)
     prep = preprocessing_for(backbone, in_chans, img_size)
     features = feature_dim(backbone, in_chans, prep.img_size)
