@@ -38,7 +38,7 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="Training epochs (default 10)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
     optimizer: Optional[str] = typer.Option(None, help="adamw | sgd (default adamw)."),
-    lr: Optional[float] = typer.Option(None, help="Peak head learning rate (default 1e-3)."),
+    lr: Optional[str] = typer.Option(None, help="Peak head learning rate, or 'auto' for the LR finder (default 1e-3)."),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay, not on norms/biases (default 0.01)."),
     warmup_epochs: Optional[float] = typer.Option(None, help="Warmup epochs before cosine decay (default 1)."),
     label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing (default 0.1)."),
@@ -77,6 +77,34 @@ def train(
     test = run.metrics["test"]
     typer.echo(json.dumps({"run": str(run.dir), "test_accuracy": test["accuracy"] if test else None,
                            "test_macro_f1": test["macro_f1"] if test else None}))
+
+
+@app.command("lr-find")
+def lr_find_command(
+    data: str = typer.Argument(..., help="Same data specs as `train`."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config; flags override it."),
+    model: Optional[str] = typer.Option(None, help="timm model name (default efficientnet_lite0)."),
+    weights: Optional[str] = typer.Option(None, help="auto | imagenet | none | PATH."),
+    strategy: Optional[str] = typer.Option(None, help="The sweep trains what this strategy's first phase trains."),
+    img_size: Optional[int] = typer.Option(None, help="Resolution in pixels."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
+    shots: Optional[int] = typer.Option(None, help="Keep K training images per class."),
+    steps: int = typer.Option(100, help="Sweep length in batches."),
+    start: float = typer.Option(1e-7, help="First LR of the sweep."),
+    end: float = typer.Option(1.0, help="Last LR of the sweep."),
+    plot: Path = typer.Option(Path("lr_find.png"), help="Where to write the loss-vs-LR plot."),
+) -> None:
+    """LR range test: sweep the LR exponentially, plot the smoothed loss, suggest an LR."""
+    from transferkit.config import TrainConfig
+    from transferkit.lrfind import RULE, find_lr
+
+    flags = {k: v for k, v in dict(data=data, model=model, weights=weights, strategy=strategy, img_size=img_size,
+                                   batch_size=batch_size, shots=shots).items() if v is not None}
+    cfg = (TrainConfig.load(config) if config else TrainConfig()).replace(**flags)
+    result = find_lr(cfg, steps=steps, start=start, end=end)
+    result.plot(plot)
+    typer.echo(json.dumps({"suggested_lr": result.suggestion, "rule": RULE, "steps": len(result.lrs),
+                           "plot": str(plot)}))
 
 
 @app.command()

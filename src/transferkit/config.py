@@ -67,8 +67,8 @@ class TrainConfig:
     """Images per optimizer step; 32 was fastest per image on a 2-core CPU."""
     optimizer: str = "adamw"
     """adamw | sgd (with momentum)."""
-    lr: float = 1e-3
-    """Peak learning rate of the head; 1e-3 suits AdamW, try 1e-2 for SGD."""
+    lr: float | str = 1e-3
+    """Peak learning rate of the head; 1e-3 suits AdamW, try 1e-2 for SGD; 'auto' runs the LR finder."""
     weight_decay: float = 0.01
     """Decoupled weight decay; never applied to norms and biases."""
     momentum: float = 0.9
@@ -129,7 +129,10 @@ class TrainConfig:
         _range("batch_size", self.batch_size, 1)
         _range("unfreeze_groups", self.unfreeze_groups, 1)
         _range("head_hidden", self.head_hidden, 1)
-        _range("lr", self.lr, 0.0, lo_open=True)
+        if self.lr != "auto":
+            if isinstance(self.lr, str):
+                raise UserError(f"lr must be a positive number or 'auto'; got '{self.lr}'.")
+            _range("lr", self.lr, 0.0, lo_open=True)
         _range("backbone_lr_mult", self.backbone_lr_mult, 0.0)
         _range("weight_decay", self.weight_decay, 0.0)
         _range("momentum", self.momentum, 0.0, 1.0)
@@ -149,7 +152,7 @@ class TrainConfig:
         if self.layer_decay is not None:
             _range("layer_decay", self.layer_decay, 0.0, 1.0, lo_open=True)
         if self.lr_min is not None:
-            _range("lr_min", self.lr_min, 0.0, self.lr, lo_open=True)
+            _range("lr_min", self.lr_min, 0.0, self.lr if self.lr != "auto" else None, lo_open=True)
         if self.strategy == "lp-ft":
             _range("epochs (lp-ft needs a probe and a fine-tune phase)", self.epochs, 2)
             if self.lp_epochs is not None:
@@ -244,9 +247,16 @@ def _coerce_types(config: TrainConfig) -> None:
         allowed = typing.get_args(hints[field.name]) or (hints[field.name],)
         if value is None and type(None) in allowed:
             continue
-        target = next(t for t in allowed if t is not type(None))
-        if isinstance(value, target) and not (target is int and isinstance(value, bool)):
+        targets = [t for t in allowed if t is not type(None)]
+        if any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in targets[:1]):
             continue
+        if str in targets[1:] and isinstance(value, str):  # e.g. lr: float | str ('auto')
+            try:
+                setattr(config, field.name, float(value))
+            except ValueError:
+                pass
+            continue
+        target = targets[0]
         try:
             if target is bool and isinstance(value, str) and value.lower() in ("true", "false"):
                 converted = value.lower() == "true"

@@ -27,10 +27,12 @@ from transferkit.data import Data, ImageDataset, load_data
 from transferkit.errors import UserError
 from transferkit.metrics import classification_metrics
 from transferkit.model import build_classifier, layer_groups
+from transferkit.lrfind import RULE as LR_RULE
+from transferkit.lrfind import lr_find
+from transferkit.optim import make_optimizer, warmup_cosine
 from transferkit.progress import Reporter
 from transferkit.regularize import L2SP
-from transferkit.strategy import (Phase, apply_phase, count_trainable, make_plan, param_groups, set_train_mode,
-                                  trainable_groups)
+from transferkit.strategy import Phase, apply_phase, count_trainable, make_plan, set_train_mode, trainable_groups
 from transferkit.transforms import eval_transform, train_transform
 
 
@@ -107,6 +109,16 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
                       label_smoothing=config.label_smoothing, num_classes=len(data.classes))
         loss_fn = _soft_target_cross_entropy
     l2sp = L2SP(model.backbone, config.l2sp) if config.l2sp else None
+    if config.lr == "auto":
+        probe = make_plan(config.replace(lr=1e-3, lr_min=None), len(groups))[0]
+        found = lr_find(model, groups, probe, loaders["train"], loss_fn, config.replace(lr=1e-3), device)
+        found.plot(run_dir / "lr_find.png")
+        config = config.replace(lr=found.suggestion)
+        plan = make_plan(config, len(groups))
+        config.save(run_dir / "config.yaml")
+        (run_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in plan], indent=1))
+        report.info(f"[transferkit] lr auto: {found.suggestion:.2e} ({LR_RULE}; {len(found.lrs)} steps, "
+                    f"plot {run_dir / 'lr_find.png'})")
     eval_loss = nn.CrossEntropyLoss()  # val/test loss without smoothing, comparable across configs
     meta = {"transferkit_version": __version__, "architecture": record, "classes": data.classes,
             "preprocessing": prep.to_dict(), "strategy": {"name": config.strategy, "plan": [p.to_dict() for p in plan]},
@@ -236,32 +248,6 @@ def evaluate_loader(model, loader, loss_fn, device, classes: list[str] | None = 
     if classes is not None:
         out.update(classification_metrics(y_true, y_pred, classes))
     return out
-
-
-def make_optimizer(model, groups: list[list[str]], phase: Phase, config: TrainConfig) -> torch.optim.Optimizer:
-    """A fresh optimizer over exactly the parameters this phase trains."""
-    pg = param_groups(model, groups, phase, config.lr, config.weight_decay)
-    if config.l2sp:  # L2-SP replaces decay toward zero on the backbone (the head keeps its decay)
-        head = {id(p) for p in model.head.parameters()}
-        for group in pg:
-            if not any(id(p) in head for p in group["params"]):
-                group["weight_decay"] = 0.0
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(pg, lr=config.lr, momentum=config.momentum, nesterov=True)
-    return torch.optim.AdamW(pg, lr=config.lr)
-
-
-def warmup_cosine(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from ~0 to each group's LR, then cosine decay to 0 at `total_steps`."""
-    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def make_loader(data: Data, split: str, transform, config: TrainConfig, shuffle: bool = False):
