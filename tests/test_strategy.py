@@ -90,7 +90,7 @@ def test_gradual_plan_unfreezes_one_group_from_the_top_every_n_epochs():
 def test_lp_ft_probes_then_fine_tunes_everything_at_a_lower_lr():
     lp, ft = make_plan(TrainConfig(strategy="lp-ft", epochs=5, lp_epochs=2, ft_lr_scale=0.05), n_groups=4)
     assert (lp.groups, lp.epochs, lp.bn) == ([], 2, "frozen")
-    assert (ft.groups, ft.epochs, ft.lr_scale) == ([0, 1, 2, 3], 3, 0.05)
+    assert (ft.groups, ft.epochs, ft.lr_scale, ft.bn) == ([0, 1, 2, 3], 3, 0.05, "eval")
     with pytest.raises(UserError, match="lp_epochs must be >= 1 and <= 4"):
         TrainConfig(strategy="lp-ft", epochs=5, lp_epochs=5)
 

@@ -19,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def train(
     data: Optional[str] = typer.Argument(None, help="Image folder, CSV (path,label[,split]), builtin:NAME or cifar10:DIR."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (e.g. a run's config.yaml); flags override it."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue runs/NAME from its last.ckpt."),
     model: Optional[str] = typer.Option(None, help="timm model name (default efficientnet_lite0)."),
     weights: Optional[str] = typer.Option(None, help="auto | imagenet | none | PATH (default auto)."),
     strategy: Optional[str] = typer.Option(
@@ -67,13 +68,16 @@ def train(
     from transferkit.errors import UserError
     from transferkit.loop import train as run_training
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "TrainConfig", "UserError", "run_training")}
+    flags = {k: v for k, v in locals().items()
+             if k not in ("config", "resume", "TrainConfig", "UserError", "run_training")}
     flags = {k: v for k, v in flags.items() if v is not None and v is not False}
-    base = TrainConfig.load(config) if config else TrainConfig()
-    cfg = base.replace(**flags)
-    if not cfg.data:
-        raise UserError("No data given: `transferkit train DATA` (a folder, a .csv, builtin:faces, ...).")
-    run = run_training(cfg)
+    if resume is not None:
+        run = run_training(resume=resume, **flags)
+    else:
+        cfg = (TrainConfig.load(config) if config else TrainConfig()).replace(**flags)
+        if not cfg.data:
+            raise UserError("No data given: `transferkit train DATA` (a folder, a .csv, builtin:faces, ...).")
+        run = run_training(cfg)
     test = run.metrics["test"]
     typer.echo(json.dumps({"run": str(run.dir), "test_accuracy": test["accuracy"] if test else None,
                            "test_macro_f1": test["macro_f1"] if test else None}))
@@ -105,6 +109,48 @@ def lr_find_command(
     result.plot(plot)
     typer.echo(json.dumps({"suggested_lr": result.suggestion, "rule": RULE, "steps": len(result.lrs),
                            "plot": str(plot)}))
+
+
+@app.command()
+def compare(
+    data: str = typer.Argument(..., help="Same data specs as `train`."),
+    strategies: str = typer.Option("linear-probe,finetune,lp-ft,scratch", help="Comma-separated strategies."),
+    shots: Optional[str] = typer.Option(None, help="Comma-separated shots per class, e.g. 1,5,20 (default: all)."),
+    seeds: int = typer.Option(1, help="Seeds per arm; each seed gives every strategy the same split."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config shared by every arm."),
+    model: Optional[str] = typer.Option(None, help="timm model name (default efficientnet_lite0)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per arm (default 10)."),
+    img_size: Optional[int] = typer.Option(None, help="Resolution in pixels."),
+    runs_dir: str = typer.Option("runs", help="Where the study folder goes."),
+    name: Optional[str] = typer.Option(None, help="Study folder name (default compare-DATA)."),
+    quiet: bool = typer.Option(False, "--quiet", help="Plain log lines."),
+) -> None:
+    """Train several strategies on the same split and seeds; table, compare.json/.csv and a PNG."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from transferkit.compare import compare as run_compare
+    from transferkit.config import TrainConfig
+    from transferkit.errors import UserError
+
+    try:
+        shot_list = [int(s) for s in shots.split(",")] if shots else None
+    except ValueError:
+        raise UserError(f"--shots must be comma-separated integers, e.g. 1,5,20; got '{shots}'.") from None
+    base = TrainConfig.load(config).to_dict() if config else {}
+    base.update({k: v for k, v in dict(model=model, epochs=epochs, img_size=img_size).items() if v is not None})
+    for key in ("data", "strategy", "shots", "seed", "runs_dir", "name", "overwrite", "quiet"):
+        base.pop(key, None)
+    result = run_compare(data, [s.strip() for s in strategies.split(",") if s.strip()], shot_list, seeds,
+                         runs_dir=runs_dir, name=name, quiet=quiet, **base)
+    table = Table(title=f"compare {data} ({seeds} seed{'s' if seeds > 1 else ''}, {result['wall_s']:.0f} s)")
+    for col in ("strategy", "shots", "test accuracy", "best epoch", "trainable params", "wall time / arm"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for r in result["summary"]:
+        table.add_row(r["strategy"], str(r["shots"]), f"{r['test_accuracy_mean']:.3f} ± {r['test_accuracy_std']:.3f}",
+                      f"{r['best_epoch_mean']:.1f}", f"{r['trainable_params']:,}", f"{r['wall_s_mean']:.1f} s")
+    Console(width=110).print(table)
+    typer.echo(f"wrote {result['dir']}/compare.json, compare.csv, compare.png")
 
 
 @app.command()

@@ -50,20 +50,30 @@ class Run:
         return self.dir / "best"
 
 
-def train(config: TrainConfig | None = None, **overrides) -> Run:
+def train(config: TrainConfig | None = None, *, report: Reporter | None = None, resume: str | Path | None = None,
+          **overrides) -> Run:
     """Fine-tune a pretrained backbone on `data`; see TrainConfig for every option.
 
     Example: `transferkit.train(data="builtin:faces", strategy="linear-probe", epochs=5)`.
+    `report` replaces the default progress display (compare passes a silent one).
+    `resume="runs/NAME"` continues that run from its last.ckpt with its own config, split and plan.
     """
-    config = config.replace(**overrides) if config is not None else TrainConfig.from_dict(overrides)
+    state = None
+    if resume is not None:
+        config, state = _resume_state(Path(resume), overrides)
+    else:
+        config = config.replace(**overrides) if config is not None else TrainConfig.from_dict(overrides)
     started = time.perf_counter()
-    report = Reporter(config.quiet)
+    report = report or Reporter(config.quiet)
 
     # --- setup: data, model, plan, run directory -------------------------------------------
     seed_everything(config.seed)
     device = pick_device(config.device)
-    data = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction,
-                     test_fraction=config.test_fraction, shots=config.shots, split_file=config.split_file)
+    if state is not None:  # the run's own split, exactly (few-shot selection included)
+        data = load_data(config.data, split_file=str(Path(resume) / "split.json"))
+    else:
+        data = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction,
+                         test_fraction=config.test_fraction, shots=config.shots, split_file=config.split_file)
     model, record, prep = build_classifier(
         config.model, "none" if config.strategy == "scratch" else config.weights, len(data.classes),
         in_chans=config.in_chans, img_size=config.img_size or data.default_img_size,
@@ -71,15 +81,19 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
         drop_path=config.drop_path)
     model.to(device)
     workers = config.workers if config.workers is not None else default_workers(data)
-    run_dir = make_run_dir(Path(config.runs_dir), config.name or default_name(config),
-                           auto=config.name is None, overwrite=config.overwrite)
-    config = config.replace(img_size=prep.img_size, workers=workers, name=run_dir.name)
     groups = layer_groups(model.backbone)
-    plan = make_plan(config, len(groups))
-    config.save(run_dir / "config.yaml")
-    data.save_split(run_dir / "split.json")
-    (run_dir / "classes.json").write_text(json.dumps(data.classes))
-    (run_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in plan], indent=1))
+    if state is not None:
+        run_dir = Path(resume)
+        plan = [Phase.from_dict(p) for p in state["plan"]]
+    else:
+        run_dir = make_run_dir(Path(config.runs_dir), config.name or default_name(config),
+                               auto=config.name is None, overwrite=config.overwrite)
+        config = config.replace(img_size=prep.img_size, workers=workers, name=run_dir.name)
+        plan = make_plan(config, len(groups))
+        config.save(run_dir / "config.yaml")
+        data.save_split(run_dir / "split.json")
+        (run_dir / "classes.json").write_text(json.dumps(data.classes))
+        (run_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in plan], indent=1))
     report.info(
         f"[transferkit] {run_dir}: {config.model} ({record['weights']}), {config.strategy}, "
         f"{len(data.classes)} classes, train/val/test = "
@@ -109,7 +123,7 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
                       label_smoothing=config.label_smoothing, num_classes=len(data.classes))
         loss_fn = _soft_target_cross_entropy
     l2sp = L2SP(model.backbone, config.l2sp) if config.l2sp else None
-    if config.lr == "auto":
+    if config.lr == "auto" and state is None:
         probe = make_plan(config.replace(lr=1e-3, lr_min=None), len(groups))[0]
         found = lr_find(model, groups, probe, loaders["train"], loss_fn, config.replace(lr=1e-3), device)
         found.plot(run_dir / "lr_find.png")
@@ -127,19 +141,33 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
     # --- epochs ----------------------------------------------------------------------------
     best = {"epoch": None, "val_accuracy": -1.0, "val_loss": math.inf}
     epoch, since_best, stop = 0, 0, False
-    (run_dir / "metrics.jsonl").write_text("")
+    if state is None:
+        (run_dir / "metrics.jsonl").write_text("")
+    else:  # rows written after the checkpoint belong to the lost part of the run
+        model.load_state_dict(state["model"])  # after L2SP took its pretrained reference
+        epoch, best, since_best = state["epoch"], state["best"], state["since_best"]
+        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+        (run_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows[:epoch]))
+        set_rng_state(state["rng"], loaders["train"].generator)
+        report.info(f"[transferkit] resuming {run_dir} after epoch {epoch}")
     total_epochs = sum(p.epochs for p in plan)
     report.start(total_epochs)
     try:
         for phase_index, phase in enumerate(plan):
+            before = sum(p.epochs for p in plan[:phase_index])  # epochs of the earlier phases
+            if epoch >= before + phase.epochs:
+                continue  # finished before the checkpoint
             apply_phase(model, groups, phase)
             optimizer = make_optimizer(model, groups, phase, config)
             # each phase warms up (at most half its length) and decays on its own
             warmup = round(min(config.warmup_epochs, phase.epochs / 2) * len(loaders["train"]))
             scheduler = warmup_cosine(optimizer, warmup, phase.epochs * len(loaders["train"]))
+            if epoch > before:  # resuming inside this phase: its optimizer and schedule continue
+                optimizer.load_state_dict(state["optimizer"])
+                scheduler.load_state_dict(state["scheduler"])
             report.info(f"[transferkit] phase '{phase.name}': groups {phase.groups or 'none'} of "
                         f"{len(groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters")
-            for _ in range(phase.epochs):
+            for _ in range(epoch - before, phase.epochs):
                 epoch += 1
                 tick = time.perf_counter()
                 train_loss, train_acc, seen = train_one_epoch(
@@ -164,7 +192,7 @@ def train(config: TrainConfig | None = None, **overrides) -> Run:
                 else:
                     since_best += 1
                 save_checkpoint(run_dir / "last.ckpt", model, optimizer, scheduler, config, plan, phase_index,
-                                epoch)
+                                epoch, best, since_best, loaders["train"].generator)
                 report.end_epoch(
                     f"epoch {epoch:>3} {phase.name}: train loss {train_loss:.4f} acc {train_acc:.3f}"
                     + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}" if val else " | no val split")
@@ -273,13 +301,51 @@ def _soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> t
 
 
 def save_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig, plan, phase_index: int,
-                    epoch: int) -> None:
-    """Write the state to continue from atomically (temp file + rename): tensors and plain values only."""
+                    epoch: int, best: dict, since_best: int, generator: torch.Generator) -> None:
+    """Write the state to continue from atomically (temp file + rename): tensors and plain values only,
+    so it loads with `torch.load(weights_only=True)`."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "config": config.to_dict(), "plan": [p.to_dict() for p in plan], "phase": phase_index, "epoch": epoch}
+             "config": config.to_dict(), "plan": [p.to_dict() for p in plan], "phase": phase_index, "epoch": epoch,
+             "best": best, "since_best": since_best, "rng": get_rng_state(generator)}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def get_rng_state(generator: torch.Generator) -> dict:
+    """Every random stream the loop draws from (numpy's as a tensor: weights_only loads no arrays)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   gauss],
+            "torch": torch.get_rng_state(), "loader": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(rng: dict, generator: torch.Generator) -> None:
+    random.setstate(rng["python"])
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(rng["torch"])
+    generator.set_state(rng["loader"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _resume_state(run_dir: Path, overrides: dict) -> tuple[TrainConfig, dict]:
+    """The saved config and last.ckpt of a run; only display settings may change on resume."""
+    ckpt = run_dir / "last.ckpt"
+    if not ckpt.is_file() or not (run_dir / "config.yaml").is_file():
+        raise UserError(f"Cannot resume '{run_dir}': it needs config.yaml and last.ckpt from an earlier "
+                        "`transferkit train`.")
+    changed = sorted(set(overrides) - {"quiet", "device", "workers"})
+    if changed:
+        raise UserError(f"Resuming keeps the run's own config; cannot change {', '.join(changed)}. Start a new "
+                        "run (--config RUN/config.yaml) to train with other settings.")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign files raise several types
+        raise UserError(f"Cannot read checkpoint '{ckpt}': {str(err).splitlines()[0]}") from None
+    return TrainConfig.load(run_dir / "config.yaml").replace(**overrides), state
 
 
 def seed_everything(seed: int) -> None:

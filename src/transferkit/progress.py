@@ -9,15 +9,18 @@ class Reporter:
     """One progress display per run: an epoch bar, a batch bar with loss/accuracy/img/s, and a
     summary line per epoch that stays on screen."""
 
-    def __init__(self, quiet: bool = False):
+    def __init__(self, quiet: bool = False, silent: bool = False):
         from rich.console import Console
 
         self.console = Console(stderr=True)
-        self.quiet = quiet or not self.console.is_terminal
+        self.quiet = quiet or silent or not self.console.is_terminal
+        self.silent = silent
         self._progress = None
         self._epochs = self._batches = None
 
     def info(self, message: str) -> None:
+        if self.silent:
+            return
         if self.quiet:
             print(message, file=sys.stderr, flush=True)
         else:

@@ -1,0 +1,38 @@
+import csv
+import json
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from transferkit.cli import app
+
+
+def test_compare_runs_every_arm_on_the_same_split_and_writes_its_files(shapes_dir, tmp_path):
+    out = CliRunner().invoke(app, ["compare", str(shapes_dir), "--strategies", "linear-probe,scratch",
+                                   "--shots", "2,4", "--seeds", "2", "--epochs", "1", "--img-size", "32",
+                                   "--runs-dir", str(tmp_path), "--name", "study", "--quiet"])
+    assert out.exit_code == 0, out.output
+    study = tmp_path / "study"
+    result = json.loads((study / "compare.json").read_text())
+    assert len(result["arms"]) == 2 * 2 * 2
+    for k in (2, 4):
+        for seed in (0, 1):
+            splits = [json.loads((study / f"{s}-{k}shot-seed{seed}" / "split.json").read_text())["splits"]
+                      for s in ("linear-probe", "scratch")]
+            assert splits[0] == splits[1]  # every strategy sees the same images
+            assert len(splits[0]["train"]) == 2 * k
+    rows = list(csv.DictReader((study / "compare.csv").open()))
+    assert {(r["strategy"], r["shots"]) for r in rows} == {(s, k) for s in ("linear-probe", "scratch")
+                                                           for k in ("2", "4")}
+    for r in rows:
+        accs = [a["test_accuracy"] for a in result["arms"] if a["strategy"] == r["strategy"]
+                and str(a["shots"]) == r["shots"]]
+        assert abs(float(r["test_accuracy_mean"]) - sum(accs) / len(accs)) < 1e-9
+    assert Image.open(study / "compare.png").size[0] > 100
+    assert "linear-probe" in out.stdout and "±" in out.stdout
+
+
+def test_compare_rejects_unknown_strategy(shapes_dir, tmp_path):
+    out = CliRunner().invoke(app, ["compare", str(shapes_dir), "--strategies", "linear-probe,lpft",
+                                   "--runs-dir", str(tmp_path)])
+    assert out.exit_code != 0 and "Did you mean 'lp-ft'" in str(out.exception)
