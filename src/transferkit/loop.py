@@ -114,7 +114,7 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     if config.class_weights == "auto":  # inverse frequency, mean weight 1 over the training images
         n = torch.tensor([counts[c] for c in data.classes], dtype=torch.float32)
         weight = (n.sum() / (len(n) * n)).to(device)
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+    loss_fn = hard_loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
     mixer = None
     if config.mixup or config.cutmix:  # soft targets; timm's Mixup applies the label smoothing itself
         from timm.data import Mixup
@@ -125,7 +125,7 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     l2sp = L2SP(model.backbone, config.l2sp) if config.l2sp else None
     if config.lr == "auto" and state is None:
         probe = make_plan(config.replace(lr=1e-3, lr_min=None), len(groups))[0]
-        found = lr_find(model, groups, probe, loaders["train"], loss_fn, config.replace(lr=1e-3), device)
+        found = lr_find(model, groups, probe, loaders["train"], hard_loss, config.replace(lr=1e-3), device)
         found.plot(run_dir / "lr_find.png")
         config = config.replace(lr=found.suggestion)
         plan = make_plan(config, len(groups))
