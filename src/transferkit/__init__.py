@@ -12,7 +12,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainConfig", "UserError", "evaluate", "load", "train", "__version__"]
+__all__ = ["Preempted", "TrainConfig", "UserError", "evaluate", "load", "train", "__version__"]
 
 
 def __getattr__(name: str):
@@ -36,4 +36,8 @@ def __getattr__(name: str):
         from transferkit.errors import UserError
 
         return UserError
+    if name == "Preempted":
+        from transferkit.preempt import Preempted
+
+        return Preempted
     raise AttributeError(f"module 'transferkit' has no attribute {name!r}")

@@ -62,8 +62,19 @@ def train(
     name: Optional[str] = typer.Option(None, help="Run directory name (default DATA-STRATEGY)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory of that name."),
     quiet: bool = typer.Option(False, "--quiet", help="Log lines instead of progress bars."),
+    save_every_steps: Optional[int] = typer.Option(None, help="Also checkpoint every N steps (mid-epoch resume)."),
+    keep_top_k: Optional[int] = typer.Option(None, help="Keep the K best epochs as bundles in top/ (default 0)."),
+    nan_policy: Optional[str] = typer.Option(None, help="stop | skip: on a NaN/Inf loss or gradient (default stop)."),
+    nan_skip_limit: Optional[int] = typer.Option(None, help="nan-policy skip: most steps skipped (default 10)."),
+    grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm to this (default off)."),
+    bad_files: Optional[str] = typer.Option(None, help="skip | error: unreadable or leaked files (default skip)."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="torch.use_deterministic_algorithms."),
+    trust_checkpoint: bool = typer.Option(
+        False, "--trust-checkpoint", help="Allow pickled --weights/--resume files (they can run code)."),
 ) -> None:
-    """Fine-tune a pretrained backbone; writes runs/NAME with the best model in runs/NAME/best."""
+    """Fine-tune a pretrained backbone; writes runs/NAME with the best model in runs/NAME/best.
+
+    SIGTERM or Ctrl-C saves last.ckpt and exits (143 / 130); `--resume runs/NAME` continues."""
     from transferkit.config import TrainConfig
     from transferkit.errors import UserError
     from transferkit.loop import train as run_training
@@ -81,6 +92,34 @@ def train(
     test = run.metrics["test"]
     typer.echo(json.dumps({"run": str(run.dir), "test_accuracy": test["accuracy"] if test else None,
                            "test_macro_f1": test["macro_f1"] if test else None}))
+
+
+@app.command()
+def check(
+    data: str = typer.Argument(..., help="Same data specs as `train`."),
+    seed: int = typer.Option(0, help="Seed of the split carved when the data has no val/test folders."),
+) -> None:
+    """Scan a dataset as `train` would: unreadable, truncated, bomb, hidden, unsupported and leaked files.
+
+    Exits 0 when every file is usable (hidden files aside), 1 otherwise."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from transferkit.check import HIDDEN
+    from transferkit.data import load_data
+
+    found = load_data(data, seed=seed, bad_files="skip")
+    table = Table(title=f"{data}: {len(found.skipped)} file(s) left out")
+    table.add_column("path")
+    table.add_column("reason")
+    for path, reason in found.skipped:
+        table.add_row(path, reason)
+    if found.skipped:
+        Console(width=160).print(table)
+    sizes = ", ".join(f"{s} {len(found.splits[s])}" for s in ("train", "val", "test"))
+    typer.echo(f"usable: {sizes} images in {len(found.classes)} classes ({found.how})")
+    if any(reason != HIDDEN for _, reason in found.skipped):
+        raise typer.Exit(1)
 
 
 @app.command("lr-find")
@@ -280,12 +319,16 @@ def models(
 def main() -> None:
     """Console entry point: user errors print one message and exit 2, never a traceback."""
     from transferkit.errors import UserError
+    from transferkit.preempt import Preempted
 
     try:
         app()
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except Preempted as stop:
+        typer.echo(f"stopped: {stop}", err=True)
+        sys.exit(stop.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

@@ -21,6 +21,8 @@ AUGMENTS = ("none", "basic", "strong")
 CLASS_WEIGHTS = ("none", "auto")
 SAMPLERS = ("shuffle", "balanced")
 DEVICES = ("auto", "cpu", "cuda")
+NAN_POLICIES = ("stop", "skip")
+BAD_FILES = ("skip", "error")
 
 
 @dataclass
@@ -115,6 +117,22 @@ class TrainConfig:
     """Allow reusing an existing run directory name."""
     quiet: bool = False
     """Plain log lines instead of progress bars."""
+    save_every_steps: int = 0
+    """Also write last.ckpt every N optimizer steps (mid-epoch resume); 0 = at epoch ends only."""
+    keep_top_k: int = 0
+    """Keep the K best epochs as bundles in top/ besides best/; 0 keeps only best/."""
+    nan_policy: str = "stop"
+    """stop: a NaN/Inf loss or gradient ends the run, naming the step and the batch's files; skip: skip the step."""
+    nan_skip_limit: int = 10
+    """nan_policy skip: stop after this many skipped steps in a run."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value; None does not clip."""
+    bad_files: str = "skip"
+    """skip: leave out unreadable/leaked files and list them in skipped.txt; error: refuse to train."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True): identical results on the same hardware, maybe slower."""
+    trust_checkpoint: bool = False
+    """Allow --weights/--resume files that need full unpickling (can run code: only files you trust)."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -125,6 +143,13 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("class_weights", self.class_weights, CLASS_WEIGHTS)
         _choice("sampler", self.sampler, SAMPLERS)
+        _choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        _choice("bad_files", self.bad_files, BAD_FILES)
+        _range("save_every_steps", self.save_every_steps, 0)
+        _range("keep_top_k", self.keep_top_k, 0)
+        _range("nan_skip_limit", self.nan_skip_limit, 0)
+        if self.grad_clip is not None:
+            _range("grad_clip", self.grad_clip, 0.0, lo_open=True)
         _range("epochs", self.epochs, 1)
         _range("batch_size", self.batch_size, 1)
         _range("unfreeze_groups", self.unfreeze_groups, 1)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from transferkit import builtin
+from transferkit import builtin, check
 from transferkit.errors import UserError
-from transferkit.images import from_array, is_image_file, open_image
+from transferkit.images import EXTENSIONS, from_array, is_image_file, open_image
+from transferkit.sampling import seeded
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -41,6 +42,8 @@ class Data:
     arrays: dict[str, np.ndarray] | None = field(default=None, repr=False)
     """In-memory images by ref (builtin, cifar10); None when refs are file paths."""
     default_img_size: int | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(path, reason) for every file left out: unreadable, hidden, unsupported, leaked, empty folders."""
 
     def read(self, ref: str, in_chans: int = 3):
         """Return the sample `ref` as a PIL image in the model's mode."""
@@ -61,15 +64,20 @@ class Data:
 
 
 def load_data(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1,
-              shots: int | None = None, split_file: str | None = None) -> Data:
-    """Resolve `spec`, complete its splits, apply few-shot selection and fix the classes."""
+              shots: int | None = None, split_file: str | None = None, bad_files: str = "skip") -> Data:
+    """Resolve `spec`, drop unusable files, complete its splits, apply few-shot selection and fix
+    the classes. Files are scanned (see `transferkit.check`) unless the split comes from a
+    split file, which lists files an earlier scan accepted; `bad_files="error"` refuses any."""
     if not spec:
         raise UserError("No data given. Pass a folder of class folders, a .csv file, "
                         "builtin:faces|textures|digits, or cifar10:DIR.")
-    splits, arrays, default_size, how = _resolve(spec)
+    skipped: list[tuple[str, str]] = []
+    splits, arrays, default_size, how = _resolve(spec, skipped)
     if split_file:
         splits, how = _read_split_file(split_file, spec), f"reused from {split_file}"
     else:
+        if arrays is None:
+            splits = check.drop_unreadable(splits, skipped)
         missing = [s for s in ("val", "test") if not splits.get(s)]
         if missing:
             fractions = {"val": val_fraction if "val" in missing else 0.0,
@@ -78,8 +86,12 @@ def load_data(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fract
             splits = {**splits, **{s: carved[s] for s in missing}, "train": carved["train"]}
             how += f"; {' and '.join(missing)} carved from train (seed {seed}, " + \
                 ", ".join(f"{s} {fractions[s]:g}" for s in missing) + ")"
+        if arrays is None:
+            splits = check.drop_leaks(splits, skipped)
+            check.enforce(skipped, bad_files, spec)
     if not splits["train"]:
-        raise UserError(f"Data '{spec}' has no training images.")
+        raise UserError(f"Data '{spec}' has no usable training images." + (
+            f" All {len(skipped)} files were skipped, e.g. {skipped[0][0]}: {skipped[0][1]}." if skipped else ""))
     classes = sorted({label for _, label in splits["train"]})
     for split in ("val", "test"):
         unknown = sorted({label for _, label in splits.get(split, [])} - set(classes))
@@ -93,7 +105,7 @@ def load_data(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fract
         how += f"; {shots}-shot train (seed {seed})"
     splits = {s: splits.get(s, []) for s in SPLITS}
     return Data(spec=spec, splits=splits, classes=classes, how=how, arrays=arrays,
-                default_img_size=default_size)
+                default_img_size=default_size, skipped=skipped)
 
 
 def stratified_split(samples: list[Sample], val_fraction: float, test_fraction: float, seed: int) -> Splits:
@@ -136,7 +148,7 @@ def few_shot(train: list[Sample], shots: int, seed: int, spec: str) -> list[Samp
     return kept
 
 
-def _resolve(spec: str) -> tuple[Splits, dict | None, int | None, str]:
+def _resolve(spec: str, skipped: list) -> tuple[Splits, dict | None, int | None, str]:
     if spec.startswith("builtin:"):
         arrays, splits = builtin.load(spec.split(":", 1)[1])
         return splits, arrays, builtin.DEFAULT_IMG_SIZE, "fixed builtin split"
@@ -149,7 +161,7 @@ def _resolve(spec: str) -> tuple[Splits, dict | None, int | None, str]:
             raise UserError(f"CSV file '{path}' does not exist.")
         return _csv(path), None, None, f"CSV {path}"
     if path.is_dir():
-        return _folder(path)
+        return _folder(path, skipped)
     raise UserError(
         f"Data '{spec}' not found. Give a folder of class folders (DIR/cat/*.jpg, optionally under "
         "train/ val/ test/), a .csv file with path,label[,split] rows, builtin:faces|textures|digits, "
@@ -157,23 +169,36 @@ def _resolve(spec: str) -> tuple[Splits, dict | None, int | None, str]:
     )
 
 
-def _images_by_class(root: Path) -> list[Sample]:
+def _images_by_class(root: Path, skipped: list) -> list[Sample]:
+    """Image files under root/CLASS/; hidden files, other formats and empty class folders go to `skipped`."""
     samples = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = 0
         for file in sorted(class_dir.rglob("*")):
-            if file.is_file() and is_image_file(file):
+            if not file.is_file():
+                continue
+            hidden = any(part.startswith(".") for part in file.relative_to(class_dir).parts)
+            if hidden:
+                skipped.append((str(file.resolve()), check.HIDDEN))
+            elif not is_image_file(file):
+                skipped.append((str(file.resolve()), f"unsupported format '{file.suffix or file.name}' "
+                                                     f"(images: {' '.join(EXTENSIONS)})"))
+            else:
                 samples.append((str(file.resolve()), class_dir.name))
+                found += 1
+        if not found:
+            skipped.append((str(class_dir.resolve()), "empty class folder (no images); class left out"))
     return samples
 
 
-def _folder(root: Path) -> tuple[Splits, None, None, str]:
+def _folder(root: Path, skipped: list) -> tuple[Splits, None, None, str]:
     subdirs = {SPLIT_ALIASES[p.name.lower()]: p for p in root.iterdir()
                if p.is_dir() and p.name.lower() in SPLIT_ALIASES}
     if "train" in subdirs:
-        splits = {name: _images_by_class(path) for name, path in subdirs.items()}
+        splits = {name: _images_by_class(path, skipped) for name, path in subdirs.items()}
         how = f"folders {', '.join(sorted(subdirs))}"
     else:
-        splits = {"train": _images_by_class(root)}
+        splits = {"train": _images_by_class(root, skipped)}
         how = "class folders"
     if not splits["train"]:
         where = subdirs.get("train", root)
@@ -261,7 +286,11 @@ def _read_split_file(path: str, spec: str) -> Splits:
 
 
 class ImageDataset:
-    """A torch-style dataset over one split: (transformed image tensor, class index)."""
+    """A torch-style dataset over one split: (image tensor, class index, sample index).
+
+    A key is an index, or an (index, seed) pair from `EpochSampler`: the transform then runs
+    under that seed, so an image's augmentation depends on the run, not on the worker process.
+    """
 
     def __init__(self, data: Data, split: str, transform, in_chans: int = 3):
         self.data, self.samples, self.transform, self.in_chans = data, data.splits[split], transform, in_chans
@@ -270,6 +299,11 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        i, seed = key if isinstance(key, tuple) else (key, None)
         ref, label = self.samples[i]
-        return self.transform(self.data.read(ref, self.in_chans)), self.class_to_idx[label]
+        image = self.data.read(ref, self.in_chans)
+        if seed is None:
+            return self.transform(image), self.class_to_idx[label], i
+        with seeded(seed):
+            return self.transform(image), self.class_to_idx[label], i

@@ -1,8 +1,9 @@
 """The training loop: setup -> phases of epochs (train, validate, keep the best) -> test -> save.
 
 No callbacks and no trainer class: the loop below is the whole story. The run directory
-holds config.yaml, split.json, classes.json, metrics.jsonl (one row per epoch),
-metrics.json (final), last.ckpt (state to continue from) and best/ (the bundle).
+holds config.yaml, split.json, classes.json, plan.json, metrics.jsonl (one row per epoch),
+metrics.json (final), last.ckpt (state to continue from, see `checkpoint`), best/ (the
+bundle), top/ (with keep_top_k) and skipped.txt (files left out, see `check`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,8 @@ from torch import nn
 
 from transferkit import __version__
 from transferkit.bundle import load_bundle, save_bundle
+from transferkit.check import write_skipped
+from transferkit.checkpoint import get_rng_state, load_resume, resumed_plan, save_checkpoint, set_rng_state
 from transferkit.config import TrainConfig
 from transferkit.data import Data, ImageDataset, load_data
 from transferkit.errors import UserError
@@ -30,8 +34,10 @@ from transferkit.model import build_classifier, layer_groups
 from transferkit.lrfind import RULE as LR_RULE
 from transferkit.lrfind import lr_find
 from transferkit.optim import make_optimizer, warmup_cosine
+from transferkit.preempt import Preempted, StopSignals
 from transferkit.progress import Reporter
 from transferkit.regularize import L2SP
+from transferkit.sampling import EpochSampler
 from transferkit.strategy import Phase, apply_phase, count_trainable, make_plan, set_train_mode, trainable_groups
 from transferkit.transforms import eval_transform, train_transform
 
@@ -56,11 +62,13 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
 
     Example: `transferkit.train(data="builtin:faces", strategy="linear-probe", epochs=5)`.
     `report` replaces the default progress display (compare passes a silent one).
-    `resume="runs/NAME"` continues that run from its last.ckpt with its own config, split and plan.
+    `resume="runs/NAME"` continues that run from its last.ckpt with its own config, split and plan;
+    `overrides` may then change only what `checkpoint.RESUMABLE_CHANGES` allows (e.g. epochs).
+    Raises `Preempted` after saving last.ckpt when SIGTERM or SIGINT arrives.
     """
-    state = None
+    state, changes = None, {}
     if resume is not None:
-        config, state = _resume_state(Path(resume), overrides)
+        config, state, changes = load_resume(Path(resume), overrides)
     else:
         config = config.replace(**overrides) if config is not None else TrainConfig.from_dict(overrides)
     started = time.perf_counter()
@@ -68,23 +76,28 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
 
     # --- setup: data, model, plan, run directory -------------------------------------------
     seed_everything(config.seed)
+    set_deterministic(config.deterministic)
     device = pick_device(config.device)
     if state is not None:  # the run's own split, exactly (few-shot selection included)
         data = load_data(config.data, split_file=str(Path(resume) / "split.json"))
     else:
         data = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction,
-                         test_fraction=config.test_fraction, shots=config.shots, split_file=config.split_file)
+                         test_fraction=config.test_fraction, shots=config.shots, split_file=config.split_file,
+                         bad_files=config.bad_files)
     model, record, prep = build_classifier(
         config.model, "none" if config.strategy == "scratch" else config.weights, len(data.classes),
         in_chans=config.in_chans, img_size=config.img_size or data.default_img_size,
         head=config.head, head_hidden=config.head_hidden, head_dropout=config.head_dropout,
-        drop_path=config.drop_path)
+        drop_path=config.drop_path, trust=config.trust_checkpoint)
     model.to(device)
     workers = config.workers if config.workers is not None else default_workers(data)
     groups = layer_groups(model.backbone)
     if state is not None:
         run_dir = Path(resume)
-        plan = [Phase.from_dict(p) for p in state["plan"]]
+        plan = resumed_plan(state, config, len(groups))
+        if changes:
+            config.save(run_dir / "config.yaml")
+            (run_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in plan], indent=1))
     else:
         run_dir = make_run_dir(Path(config.runs_dir), config.name or default_name(config),
                                auto=config.name is None, overwrite=config.overwrite)
@@ -94,11 +107,16 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
         data.save_split(run_dir / "split.json")
         (run_dir / "classes.json").write_text(json.dumps(data.classes))
         (run_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in plan], indent=1))
+        if data.skipped:
+            write_skipped(run_dir / "skipped.txt", data.skipped)
     report.info(
         f"[transferkit] {run_dir}: {config.model} ({record['weights']}), {config.strategy}, "
         f"{len(data.classes)} classes, train/val/test = "
         f"{'/'.join(str(len(data.splits[s])) for s in ('train', 'val', 'test'))} ({data.how}), "
         f"{prep.img_size}px, {len(groups)} layer groups, device {device}")
+    if data.skipped:
+        report.info(f"[transferkit] warning: skipped {len(data.skipped)} file(s), e.g. {data.skipped[0][0]}: "
+                    f"{data.skipped[0][1]}; the full list is in {run_dir / 'skipped.txt'}")
 
     counts = data.counts("train")
     if max(counts.values()) >= 10 * min(counts.values()) and config.class_weights == "none" \
@@ -139,72 +157,114 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
             "data": {"spec": config.data, "how": data.how}}
 
     # --- epochs ----------------------------------------------------------------------------
+    # position: `epoch` epochs done, plus `sums.step` batches of the next one (a mid-epoch checkpoint)
     best = {"epoch": None, "val_accuracy": -1.0, "val_loss": math.inf}
-    epoch, since_best, stop = 0, 0, False
+    epoch, since_best, stop, top, nan_skipped, sums = 0, 0, False, [], 0, EpochSums()
     if state is None:
         (run_dir / "metrics.jsonl").write_text("")
     else:  # rows written after the checkpoint belong to the lost part of the run
-        model.load_state_dict(state["model"])  # after L2SP took its pretrained reference
-        epoch, best, since_best = state["epoch"], state["best"], state["since_best"]
+        try:
+            model.load_state_dict(state["model"])  # after L2SP took its pretrained reference
+        except RuntimeError as err:
+            raise UserError(f"'{run_dir / 'last.ckpt'}' does not fit this run's model: "
+                            f"{str(err).splitlines()[0]}") from None
+        epoch, best, since_best, top = state["epoch"], state["best"], state["since_best"], state["top"]
+        nan_skipped, sums = state["nan_skipped"], EpochSums(**state["sums"])
         rows = (run_dir / "metrics.jsonl").read_text().splitlines()
         (run_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows[:epoch]))
-        set_rng_state(state["rng"], loaders["train"].generator)
-        report.info(f"[transferkit] resuming {run_dir} after epoch {epoch}")
+        prune_top(run_dir, top)
+        set_rng_state(state["rng"])
+        report.info(f"[transferkit] resuming {run_dir} after epoch {epoch}"
+                    + (f", step {sums.step}" if sums.step else "")
+                    + "".join(f"; {k} changed to {v!r}" for k, v in changes.items()))
     total_epochs = sum(p.epochs for p in plan)
+    steps_per_epoch = len(loaders["train"])
     report.start(total_epochs)
-    try:
-        for phase_index, phase in enumerate(plan):
-            before = sum(p.epochs for p in plan[:phase_index])  # epochs of the earlier phases
-            if epoch >= before + phase.epochs:
-                continue  # finished before the checkpoint
-            apply_phase(model, groups, phase)
-            optimizer = make_optimizer(model, groups, phase, config)
-            # each phase warms up (at most half its length) and decays on its own
-            warmup = round(min(config.warmup_epochs, phase.epochs / 2) * len(loaders["train"]))
-            scheduler = warmup_cosine(optimizer, warmup, phase.epochs * len(loaders["train"]))
-            if epoch > before:  # resuming inside this phase: its optimizer and schedule continue
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-            report.info(f"[transferkit] phase '{phase.name}': groups {phase.groups or 'none'} of "
-                        f"{len(groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters")
-            for _ in range(epoch - before, phase.epochs):
-                epoch += 1
-                tick = time.perf_counter()
-                train_loss, train_acc, seen = train_one_epoch(
-                    model, loaders["train"], optimizer, scheduler, loss_fn, phase, device, report,
-                    f"epoch {epoch}/{total_epochs}", mixer, l2sp)
-                seconds = time.perf_counter() - tick
-                val = evaluate_loader(model, loaders["val"], eval_loss, device) if len(data.splits["val"]) else None
-                row = {"epoch": epoch, "phase": phase.name, "groups": trainable_groups(model, groups),
-                       "train_loss": train_loss, "train_accuracy": train_acc,
-                       "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
-                       "lr": optimizer.param_groups[0]["lr"], "images_per_s": seen / seconds, "epoch_s": seconds}
-                with (run_dir / "metrics.jsonl").open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                # best by val accuracy, ties broken by lower val loss; without a val split, the latest
-                improved = val is None or (val["accuracy"], -val["loss"]) > (best["val_accuracy"],
-                                                                              -best["val_loss"])
-                if improved:
-                    best = {"epoch": epoch, "val_accuracy": val["accuracy"] if val else None,
-                            "val_loss": val["loss"] if val else None}
-                    save_bundle(run_dir / "best", model, {**meta, "metrics": {"best": best}})
-                    since_best = 0
-                else:
-                    since_best += 1
-                save_checkpoint(run_dir / "last.ckpt", model, optimizer, scheduler, config, plan, phase_index,
-                                epoch, best, since_best, loaders["train"].generator)
-                report.end_epoch(
-                    f"epoch {epoch:>3} {phase.name}: train loss {train_loss:.4f} acc {train_acc:.3f}"
-                    + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}" if val else " | no val split")
-                    + f" | {seen / seconds:.1f} img/s{' *' if improved else ''}")
-                if config.patience and since_best >= config.patience:
-                    report.info(f"[transferkit] early stop: no better val score for {config.patience} epochs")
-                    stop = True
+    with StopSignals() as signals:
+        try:
+            for phase_index, phase in enumerate(plan):
+                before = sum(p.epochs for p in plan[:phase_index])  # epochs of the earlier phases
+                if epoch >= before + phase.epochs:
+                    continue  # finished before the checkpoint
+                apply_phase(model, groups, phase)
+                optimizer = make_optimizer(model, groups, phase, config)
+                # each phase warms up (at most half its length) and decays on its own
+                warmup = round(min(config.warmup_epochs, phase.epochs / 2) * steps_per_epoch)
+                scheduler = warmup_cosine(optimizer, warmup, phase.epochs * steps_per_epoch)
+                if state is not None and phase_index == state["phase"] and (epoch, sums.step) != (before, 0):
+                    optimizer.load_state_dict(state["optimizer"])  # resuming inside this phase
+                    scheduler.load_state_dict(state["scheduler"])
+                report.info(f"[transferkit] phase '{phase.name}': groups {phase.groups or 'none'} of "
+                            f"{len(groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters")
+
+                def save_last(where: EpochSums) -> None:
+                    """last.ckpt at the current position; `where` holds the batches done in this epoch."""
+                    save_checkpoint(run_dir / "last.ckpt", {
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "config": config.to_dict(),
+                        "plan": [p.to_dict() for p in plan], "phase": phase_index, "epoch": epoch,
+                        "step": where.step, "sums": asdict(where), "best": best, "since_best": since_best,
+                        "top": top, "nan_skipped": nan_skipped, "rng": get_rng_state()})
+
+                def after_step(where: EpochSums) -> None:
+                    """Inside an epoch: stop on a signal, or write a step checkpoint when one is due."""
+                    if signals.signum is not None:
+                        save_last(where)
+                        raise Preempted(signals.signum, run_dir, f"epoch {epoch + 1}, step {where.step}")
+                    due = (epoch * steps_per_epoch + where.step) % max(config.save_every_steps, 1) == 0
+                    if config.save_every_steps and due:
+                        save_last(where)
+
+                for _ in range(epoch - before, phase.epochs):
+                    loaders["train"].sampler.set_epoch(epoch, skip=sums.step * config.batch_size)
+                    tick = time.perf_counter() - sums.seconds
+                    sums, nan_skipped = train_one_epoch(
+                        model, loaders["train"], optimizer, scheduler, loss_fn, phase, device, report,
+                        f"epoch {epoch + 1}/{total_epochs}", sums, Guard(config, data, epoch, nan_skipped),
+                        mixer, l2sp, after_step)
+                    epoch += 1
+                    seconds = time.perf_counter() - tick
+                    train_loss, train_acc = sums.loss_sum / max(sums.seen, 1), sums.correct / max(sums.seen, 1)
+                    val = evaluate_loader(model, loaders["val"], eval_loss, device) if len(data.splits["val"]) else None
+                    row = {"epoch": epoch, "phase": phase.name, "groups": trainable_groups(model, groups),
+                           "train_loss": train_loss, "train_accuracy": train_acc,
+                           "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
+                           "lr": optimizer.param_groups[0]["lr"], "images_per_s": sums.seen / seconds,
+                           "epoch_s": seconds}
+                    with (run_dir / "metrics.jsonl").open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    # best by val accuracy, ties broken by lower val loss; without a val split, the latest.
+                    # A model with non-finite weights or val loss is never kept.
+                    score = {"epoch": epoch, "val_accuracy": val["accuracy"] if val else None,
+                             "val_loss": val["loss"] if val else None}
+                    finite = all_finite(model) and (val is None or math.isfinite(val["loss"]))
+                    improved = finite and (val is None or _key(score) > _key(best))
+                    if improved:
+                        best = score
+                        save_bundle(run_dir / "best", model, {**meta, "metrics": {"best": best}})
+                        since_best = 0
+                    else:
+                        since_best += 1
+                    if config.keep_top_k and val is not None and finite:
+                        top = keep_top(run_dir, top, score, config.keep_top_k, model, meta)
+                    sums = EpochSums()
+                    save_last(sums)
+                    report.end_epoch(
+                        f"epoch {epoch:>3} {phase.name}: train loss {train_loss:.4f} acc {train_acc:.3f}"
+                        + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}" if val else " | no val split")
+                        + f" | {row['images_per_s']:.1f} img/s{' *' if improved else ''}")
+                    if signals.signum is not None:
+                        raise Preempted(signals.signum, run_dir, f"after epoch {epoch}")
+                    if config.patience and since_best >= config.patience:
+                        report.info(f"[transferkit] early stop: no better val score for {config.patience} epochs")
+                        stop = True
+                        break
+                if stop:
                     break
-            if stop:
-                break
-    finally:
-        report.close()
+        finally:
+            report.close()
+    if best["epoch"] is None:
+        raise UserError(f"No epoch of '{run_dir}' produced a finite model to keep; lower the LR or set --grad-clip.")
 
     # --- test the best checkpoint, exactly as shipped ---------------------------------------
     shipped, _ = load_bundle(run_dir / "best")
@@ -213,6 +273,7 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     if len(data.splits["test"]):
         test = evaluate_loader(shipped, loaders["test"], eval_loss, device, data.classes)
     metrics = {"test": test, "best": best, "epochs_run": epoch, "trainable_params": count_trainable(model),
+               "nan_skipped_steps": nan_skipped, "skipped_files": len(data.skipped),
                "wall_time_s": time.perf_counter() - started}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     save_bundle(run_dir / "best", shipped, {**meta, "metrics": {"best": best, "test": _headline(test)}})
@@ -223,15 +284,52 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     return Run(dir=run_dir, config=config, metrics=metrics)
 
 
+@dataclass
+class EpochSums:
+    """Running totals of the epoch in progress; saved in mid-epoch checkpoints."""
+
+    step: int = 0
+    """Batches done."""
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+
+class Guard:
+    """The NaN/Inf policy for one epoch: stop with the batch's files named, or skip up to a limit."""
+
+    def __init__(self, config: TrainConfig, data: Data, epoch: int, skipped: int):
+        self.config, self.data, self.epoch, self.skipped = config, data, epoch, skipped
+
+    def check(self, what: str, value: float, step: int, indices: torch.Tensor) -> bool:
+        """True when `value` is finite; False to skip the step; raises UserError to stop."""
+        if math.isfinite(value):
+            return True
+        files = [self.data.splits["train"][i][0] for i in indices.tolist()]
+        where = (f"{what} is {value} at epoch {self.epoch + 1}, step {step} (batch of {len(files)}: "
+                 f"{', '.join(files[:8])}{', ...' if len(files) > 8 else ''})")
+        if self.config.nan_policy == "skip" and self.skipped < self.config.nan_skip_limit:
+            self.skipped += 1
+            return False
+        limit = (f" after skipping {self.skipped} such steps (nan_skip_limit {self.config.nan_skip_limit})"
+                 if self.config.nan_policy == "skip" else "")
+        raise UserError(f"Training stopped{limit}: {where}. Lower --lr, set --grad-clip 1.0, check those images, "
+                        "or pass --nan-policy skip.")
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, phase: Phase, device, report: Reporter,
-                    description: str, mixer=None, l2sp: L2SP | None = None) -> tuple[float, float, int]:
-    """One pass over the training data; returns (mean loss, accuracy on the unmixed labels, images seen)."""
+                    description: str, sums: EpochSums, guard: Guard, mixer=None, l2sp: L2SP | None = None,
+                    after_step=None) -> tuple[EpochSums, int]:
+    """One pass over the training data (from batch `sums.step` on); returns the epoch's totals and the
+    run's count of skipped non-finite steps. `after_step(sums)` runs after every step but the last."""
     set_train_mode(model, phase)
     backbone_frozen = not phase.groups
-    total_loss, correct, seen = 0.0, 0, 0
-    tick = time.perf_counter()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    tick = time.perf_counter() - sums.seconds
     report.start_epoch(description, len(loader))
-    for images, labels in loader:
+    report.advance(sums.step)
+    for images, labels, indices in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         targets = labels
         if mixer is not None and len(labels) % 2 == 0:  # timm's Mixup pairs images: needs an even batch
@@ -249,14 +347,22 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, phase: Phase, 
             if l2sp is not None:
                 loss = loss + l2sp.penalty(model.backbone)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        value = loss.item()
+        step = sums.step + 1
+        if guard.check("loss", value, step, indices):
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, guard.config.grad_clip or math.inf)
+            if guard.check("gradient norm", norm.item(), step, indices):
+                optimizer.step()
         scheduler.step()
-        total_loss += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-        report.batch(total_loss / seen, correct / seen, seen / (time.perf_counter() - tick))
-    return total_loss / max(seen, 1), correct / max(seen, 1), seen
+        finite = math.isfinite(value)
+        sums = EpochSums(step, sums.loss_sum + (value * len(labels) if finite else 0.0),
+                         sums.correct + (logits.argmax(1) == labels).sum().item(), sums.seen + len(labels),
+                         time.perf_counter() - tick)
+        report.batch(sums.loss_sum / sums.seen, sums.correct / sums.seen, sums.seen / sums.seconds)
+        if step < len(loader) and after_step is not None:
+            after_step(sums)
+    return sums, guard.skipped
 
 
 @torch.inference_mode()
@@ -264,7 +370,7 @@ def evaluate_loader(model, loader, loss_fn, device, classes: list[str] | None = 
     """Loss and accuracy on a loader; with `classes`, the full metrics (F1, per class, confusion)."""
     model.eval()
     losses, preds, targets = [], [], []
-    for images, labels in loader:
+    for images, labels, _ in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(images).float()
@@ -279,73 +385,52 @@ def evaluate_loader(model, loader, loss_fn, device, classes: list[str] | None = 
 
 
 def make_loader(data: Data, split: str, transform, config: TrainConfig, shuffle: bool = False):
+    """Training (`shuffle`) loaders draw order and augmentation from an EpochSampler: call
+    `loader.sampler.set_epoch(e)` before each epoch. Eval loaders read the split in order."""
     dataset = ImageDataset(data, split, transform, config.in_chans)
-    generator = torch.Generator().manual_seed(config.seed)
     # a last training batch of one image makes BatchNorm statistics meaningless: drop it
     drop_last = shuffle and len(dataset) > config.batch_size and len(dataset) % config.batch_size == 1
     sampler = None
-    if shuffle and config.sampler == "balanced":
-        counts = data.counts(split)
-        weights = [1.0 / counts[label] for _, label in dataset.samples]
-        sampler = torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True,
-                                                         generator=generator)
+    if shuffle:
+        weights = None
+        if config.sampler == "balanced":
+            counts = data.counts(split)
+            weights = [1.0 / counts[label] for _, label in dataset.samples]
+        sampler = EpochSampler(len(dataset), config.seed, shuffle=True, weights=weights)
     return torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        num_workers=config.workers,
-        generator=generator, drop_last=drop_last, pin_memory=torch.cuda.is_available(),
-        persistent_workers=config.workers > 0, worker_init_fn=_seed_worker)
+        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
+        generator=torch.Generator().manual_seed(config.seed), drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(), persistent_workers=config.workers > 0, worker_init_fn=_init_worker)
 
 
 def _soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.sum(-targets * torch.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, config: TrainConfig, plan, phase_index: int,
-                    epoch: int, best: dict, since_best: int, generator: torch.Generator) -> None:
-    """Write the state to continue from atomically (temp file + rename): tensors and plain values only,
-    so it loads with `torch.load(weights_only=True)`."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "config": config.to_dict(), "plan": [p.to_dict() for p in plan], "phase": phase_index, "epoch": epoch,
-             "best": best, "since_best": since_best, "rng": get_rng_state(generator)}
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def _key(score: dict) -> tuple:
+    """Ordering of validation scores: higher accuracy, then lower loss."""
+    return score["val_accuracy"], -score["val_loss"]
 
 
-def get_rng_state(generator: torch.Generator) -> dict:
-    """Every random stream the loop draws from (numpy's as a tensor: weights_only loads no arrays)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                   gauss],
-            "torch": torch.get_rng_state(), "loader": generator.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def all_finite(model: nn.Module) -> bool:
+    return all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
 
 
-def set_rng_state(rng: dict, generator: torch.Generator) -> None:
-    random.setstate(rng["python"])
-    kind, keys, pos, has_gauss, gauss = rng["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(rng["torch"])
-    generator.set_state(rng["loader"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+def keep_top(run_dir: Path, top: list[dict], score: dict, k: int, model, meta: dict) -> list[dict]:
+    """Keep the k best epochs as bundles top/epoch-NNN; returns the new ranking (best first)."""
+    ranked = sorted([*top, score], key=_key, reverse=True)
+    if score in ranked[:k]:
+        save_bundle(run_dir / "top" / f"epoch-{score['epoch']:03d}", model, {**meta, "metrics": {"best": score}})
+    prune_top(run_dir, ranked[:k])
+    return ranked[:k]
 
 
-def _resume_state(run_dir: Path, overrides: dict) -> tuple[TrainConfig, dict]:
-    """The saved config and last.ckpt of a run; only display settings may change on resume."""
-    ckpt = run_dir / "last.ckpt"
-    if not ckpt.is_file() or not (run_dir / "config.yaml").is_file():
-        raise UserError(f"Cannot resume '{run_dir}': it needs config.yaml and last.ckpt from an earlier "
-                        "`transferkit train`.")
-    changed = sorted(set(overrides) - {"quiet", "device", "workers"})
-    if changed:
-        raise UserError(f"Resuming keeps the run's own config; cannot change {', '.join(changed)}. Start a new "
-                        "run (--config RUN/config.yaml) to train with other settings.")
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated or foreign files raise several types
-        raise UserError(f"Cannot read checkpoint '{ckpt}': {str(err).splitlines()[0]}") from None
-    return TrainConfig.load(run_dir / "config.yaml").replace(**overrides), state
+def prune_top(run_dir: Path, top: list[dict]) -> None:
+    """Delete top/ bundles not in the ranking (pushed out, or written after the checkpoint resumed from)."""
+    keep = {f"epoch-{s['epoch']:03d}" for s in top}
+    for path in sorted((run_dir / "top").glob("epoch-*")):
+        if path.name not in keep:
+            shutil.rmtree(path)
 
 
 def seed_everything(seed: int) -> None:
@@ -354,10 +439,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+def set_deterministic(on: bool) -> None:
+    """torch.use_deterministic_algorithms, and the cuBLAS workspace setting it needs on CUDA."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(on)
+
+
+def _init_worker(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process, which stops cleanly (see preempt)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def pick_device(name: str) -> torch.device:

@@ -13,8 +13,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from transferkit.optim import make_optimizer
 from transferkit.strategy import Phase, apply_phase, set_train_mode
 
@@ -61,7 +59,7 @@ def lr_find(model, groups: list[list[str]], phase: Phase, loader, loss_fn, confi
     lrs, losses, smoothed = [], [], []
     average = 0.0
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    for step, (images, labels) in zip(range(steps), batches):
+    for step, (images, labels, _) in zip(range(steps), batches):
         lr = start * gamma**step
         for group, rel in zip(optimizer.param_groups, relative):
             group["lr"] = lr * rel

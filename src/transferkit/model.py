@@ -56,7 +56,7 @@ def make_head(features: int, num_classes: int, kind: str, hidden: int, dropout: 
 
 
 def create_backbone(model: str, weights: str, in_chans: int, img_size: int | None,
-                    drop_path: float = 0.0) -> tuple[nn.Module, str, str]:
+                    drop_path: float = 0.0, trust: bool = False) -> tuple[nn.Module, str, str]:
     """Build timm model `model` with its pretrained (1000-class) head and load `weights`.
 
     Returns (module, timm architecture, where the weights came from). The head is still
@@ -77,7 +77,7 @@ def create_backbone(model: str, weights: str, in_chans: int, img_size: int | Non
         backbone = timm.create_model(arch, pretrained=False, **kwargs)
     except (TypeError, ValueError, RuntimeError) as err:
         raise UserError(f"timm cannot build model '{model}' with {kwargs}: {err}") from None
-    source = load_pretrained(backbone, arch, weights, in_chans)
+    source = load_pretrained(backbone, arch, weights, in_chans, trust)
     return backbone, arch, source
 
 
@@ -106,12 +106,13 @@ def feature_dim(backbone: nn.Module, in_chans: int, img_size: int) -> int:
 
 def build_classifier(model: str, weights: str, num_classes: int, *, in_chans: int = 3,
                      img_size: int | None = None, head: str = "linear", head_hidden: int = 512,
-                     head_dropout: float = 0.0, drop_path: float = 0.0) -> tuple[Classifier, dict, Preprocessing]:
+                     head_dropout: float = 0.0, drop_path: float = 0.0,
+                     trust: bool = False) -> tuple[Classifier, dict, Preprocessing]:
     """Pretrained backbone + new head for `num_classes`.
 
     Returns (classifier, architecture record for model.json, preprocessing).
     """
-    backbone, arch, source = create_backbone(model, weights, in_chans, img_size, drop_path)
+    backbone, arch, source = create_backbone(model, weights, in_chans, img_size, drop_path, trust)
     backbone.reset_classifier(0)
     prep = preprocessing_for(backbone, in_chans, img_size)
     features = feature_dim(backbone, in_chans, prep.img_size)

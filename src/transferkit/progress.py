@@ -44,6 +44,11 @@ class Reporter:
             self._progress.remove_task(self._batches)
         self._batches = self._progress.add_task(description, total=n_batches, stats="")
 
+    def advance(self, batches: int) -> None:
+        """Count batches done before this process started (a mid-epoch resume)."""
+        if self._progress is not None and batches:
+            self._progress.update(self._batches, advance=batches)
+
     def batch(self, loss: float, accuracy: float, images_per_s: float) -> None:
         if self._progress is not None:
             self._progress.update(self._batches, advance=1,

@@ -1,11 +1,13 @@
 """Pretrained weights: bundled offline files, the local timm/HF cache, downloads, user files.
 
-Nothing here unpickles arbitrary objects: safetensors, or `torch.load(weights_only=True)`.
+Nothing here unpickles arbitrary objects: safetensors, or `torch.load(weights_only=True)`
+(full unpickling only for a user's own file with --trust-checkpoint).
 """
 
 from __future__ import annotations
 
 import importlib
+import pickle
 from pathlib import Path
 
 import torch
@@ -65,24 +67,48 @@ def cached_file(arch: str) -> Path | None:
     return None
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read tensors from .safetensors or a weights-only torch file; unwrap common containers."""
+def torch_load(path: Path, what: str, trust: bool = False):
+    """`torch.load` with weights_only=True; a file that needs full unpickling is refused unless `trust`.
+
+    Full unpickling can run any code the file's author chose, so it is the user's explicit call.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" not in str(err) and "Unsupported global" not in str(err):
+            raise UserError(f"Cannot read {what} '{path}': {str(err).splitlines()[0]}. The file is "
+                            "truncated or not a torch checkpoint.") from None
+        if not trust:
+            raise UserError(
+                f"{what.capitalize()} '{path}' holds pickled Python objects, not just tensors; loading it "
+                "could run code from the file. Re-save it as safetensors or a plain state_dict, or pass "
+                "--trust-checkpoint if you trust where it came from.") from None
+    except Exception as err:  # truncated or foreign files raise EOFError, RuntimeError, ...
+        raise UserError(f"Cannot read {what} '{path}': {type(err).__name__}: {str(err).splitlines()[0]}. "
+                        "The file is truncated or not a torch checkpoint.") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserError(f"Cannot read {what} '{path}': {str(err).splitlines()[0]}.") from None
+
+
+def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """Read tensors from .safetensors or a weights-only torch file; unwrap common containers.
+
+    A torch file that pickles other objects is refused unless `trust` (--trust-checkpoint).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Weights file '{path}' does not exist.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        raise UserError(
-            f"Cannot load weights from '{path}': {str(err).splitlines()[0]}. transferkit reads only "
-            ".safetensors or tensor-only torch files (torch.load weights_only=True); re-save the "
-            "state_dict with safetensors if this file pickles other objects."
-        ) from None
+        except Exception as err:  # safetensors raises its own error types
+            raise UserError(f"Cannot load weights from '{path}': {str(err).splitlines()[0]}.") from None
+    else:
+        state = torch_load(path, "weights file", trust)
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -92,12 +118,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_pretrained(model: torch.nn.Module, arch: str, weights: str, in_chans: int) -> str:
+def load_pretrained(model: torch.nn.Module, arch: str, weights: str, in_chans: int, trust: bool = False) -> str:
     """Load `weights` into a timm model built with its pretrained head; return where they came from.
 
     `auto`: bundled, else local cache, else a UserError saying how to get them (never downloads).
     `imagenet`: bundled, else cache, else download from the Hugging Face hub.
-    `none`: keep the random initialisation. Anything else is a file path.
+    `none`: keep the random initialisation. Anything else is a file path (`trust`: see read_state_dict).
     """
     if weights == "none":
         return "none (random init)"
@@ -120,7 +146,7 @@ def load_pretrained(model: torch.nn.Module, arch: str, weights: str, in_chans: i
             )
         _load_into(model, read_state_dict(cached), arch, in_chans, str(cached))
         return f"cache {cached}"
-    _load_into(model, read_state_dict(weights), arch, in_chans, weights)
+    _load_into(model, read_state_dict(weights, trust), arch, in_chans, weights)
     return f"file {weights}"
 
 
