@@ -16,6 +16,10 @@ def test_unknown_key_suggests_close_match():
     ("strategy", "fine-tune", "Did you mean 'finetune'"),
     ("shots", 0, "shots must be >= 1"),
     ("in_chans", 2, "in_chans must be 1"),
+    ("nan_policy", "ignore", "nan_policy must be one of stop, skip"),
+    ("bad_files", "skipp", "Did you mean 'skip'"),
+    ("save_every_steps", -5, "save_every_steps must be >= 0"),
+    ("grad_clip", 0.0, "grad_clip must be > 0"),
 ])
 def test_out_of_range_values_are_refused_with_the_valid_range(key, value, message):
     with pytest.raises(UserError, match=message):

@@ -16,13 +16,16 @@ FORMAT_VERSION = 1
 
 
 def save_bundle(directory: Path, model: Classifier, meta: dict) -> None:
-    """Write weights and metadata; the metadata is written last so a complete json means a complete bundle."""
+    """Write weights, then metadata, each atomically (temp file, fsync, rename): a crash leaves whole files."""
     from safetensors.torch import save_model
+
+    from transferkit.checkpoint import atomic_write
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(directory / "model.safetensors"))
-    (directory / "model.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1))
+    atomic_write(directory / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
+    text = json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1)
+    atomic_write(directory / "model.json", lambda tmp: tmp.write_text(text))
 
 
 def bundle_dir(path: str | Path) -> Path:
