@@ -35,6 +35,14 @@ def make_folder(root: Path, per_class: int, size: int = 40, seed: int = 0, split
     return root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def feature_cache_in_tmp(tmp_path_factory):
+    """Cached features go to a folder of this test session, never to ~/.cache."""
+    import os
+
+    os.environ["TRANSFERKIT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture
 def shapes_dir(tmp_path: Path) -> Path:
     """Flat class folders: 10 circles and 10 squares, 40x40 px."""

@@ -71,6 +71,10 @@ def train(
     deterministic: bool = typer.Option(False, "--deterministic", help="torch.use_deterministic_algorithms."),
     trust_checkpoint: bool = typer.Option(
         False, "--trust-checkpoint", help="Allow pickled --weights/--resume files (they can run code)."),
+    feature_cache: Optional[bool] = typer.Option(
+        None, "--feature-cache/--no-feature-cache", help="Head-only phases train on cached features (default on)."),
+    feature_views: Optional[int] = typer.Option(None, help="Augmented views cached per image (default 0 = none)."),
+    cache_dir: Optional[str] = typer.Option(None, help="Feature cache folder (default ~/.cache/transferkit)."),
 ) -> None:
     """Fine-tune a pretrained backbone; writes runs/NAME with the best model in runs/NAME/best.
 
@@ -81,7 +85,8 @@ def train(
 
     flags = {k: v for k, v in locals().items()
              if k not in ("config", "resume", "TrainConfig", "UserError", "run_training")}
-    flags = {k: v for k, v in flags.items() if v is not None and v is not False}
+    # False from a plain switch means "not given"; --no-feature-cache is a real choice
+    flags = {k: v for k, v in flags.items() if v is not None and (v is not False or k == "feature_cache")}
     if resume is not None:
         run = run_training(resume=resume, **flags)
     else:

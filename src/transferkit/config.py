@@ -133,6 +133,12 @@ class TrainConfig:
     """torch.use_deterministic_algorithms(True): identical results on the same hardware, maybe slower."""
     trust_checkpoint: bool = False
     """Allow --weights/--resume files that need full unpickling (can run code: only files you trust)."""
+    feature_cache: bool = True
+    """Phases that train only the head on a frozen backbone train on cached features (computed once)."""
+    feature_views: int = 0
+    """Feature cache: 0 caches the un-augmented image; K > 0 caches K augmented views per image."""
+    cache_dir: str | None = None
+    """Where cached features go; default $TRANSFERKIT_CACHE or ~/.cache/transferkit."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -148,6 +154,7 @@ class TrainConfig:
         _range("save_every_steps", self.save_every_steps, 0)
         _range("keep_top_k", self.keep_top_k, 0)
         _range("nan_skip_limit", self.nan_skip_limit, 0)
+        _range("feature_views", self.feature_views, 0, 64)
         if self.grad_clip is not None:
             _range("grad_clip", self.grad_clip, 0.0, lo_open=True)
         _range("epochs", self.epochs, 1)

@@ -29,6 +29,7 @@ from transferkit.checkpoint import get_rng_state, load_resume, resumed_plan, sav
 from transferkit.config import TrainConfig
 from transferkit.data import Data, ImageDataset, load_data
 from transferkit.errors import UserError
+from transferkit.features import FeatureLoader, cache_root, cached_features
 from transferkit.metrics import classification_metrics
 from transferkit.model import build_classifier, layer_groups
 from transferkit.lrfind import RULE as LR_RULE
@@ -194,8 +195,18 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                 if state is not None and phase_index == state["phase"] and (epoch, sums.step) != (before, 0):
                     optimizer.load_state_dict(state["optimizer"])  # resuming inside this phase
                     scheduler.load_state_dict(state["scheduler"])
+                # a head-only phase on a fixed backbone trains on cached features (see `features`)
+                head_only = config.feature_cache and not phase.groups and not config.drop_path and mixer is None
+                train_loader, val_loader = loaders["train"], loaders["val"]
+                if head_only:
+                    tick = time.perf_counter()
+                    train_loader, val_loader = feature_loaders(model, data, prep, config, device, report,
+                                                               loaders["train"])
+                    report.info(f"[transferkit] backbone features ready in {time.perf_counter() - tick:.1f} s "
+                                f"(cache {cache_root(config) / 'features'})")
                 report.info(f"[transferkit] phase '{phase.name}': groups {phase.groups or 'none'} of "
-                            f"{len(groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters")
+                            f"{len(groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters"
+                            + (", on cached features" if head_only else ""))
 
                 def save_last(where: EpochSums) -> None:
                     """last.ckpt at the current position; `where` holds the batches done in this epoch."""
@@ -216,16 +227,17 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                         save_last(where)
 
                 for _ in range(epoch - before, phase.epochs):
-                    loaders["train"].sampler.set_epoch(epoch, skip=sums.step * config.batch_size)
+                    train_loader.sampler.set_epoch(epoch, skip=sums.step * config.batch_size)
                     tick = time.perf_counter() - sums.seconds
                     sums, nan_skipped = train_one_epoch(
-                        model, loaders["train"], optimizer, scheduler, loss_fn, phase, device, report,
+                        model, train_loader, optimizer, scheduler, loss_fn, phase, device, report,
                         f"epoch {epoch + 1}/{total_epochs}", sums, Guard(config, data, epoch, nan_skipped),
-                        mixer, l2sp, after_step)
+                        mixer, l2sp, after_step, head_only)
                     epoch += 1
                     seconds = time.perf_counter() - tick
                     train_loss, train_acc = sums.loss_sum / max(sums.seen, 1), sums.correct / max(sums.seen, 1)
-                    val = evaluate_loader(model, loaders["val"], eval_loss, device) if len(data.splits["val"]) else None
+                    val = (evaluate_loader(model.head if head_only else model, val_loader, eval_loss, device)
+                           if len(data.splits["val"]) else None)
                     row = {"epoch": epoch, "phase": phase.name, "groups": trainable_groups(model, groups),
                            "train_loss": train_loss, "train_accuracy": train_acc,
                            "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
@@ -320,9 +332,10 @@ class Guard:
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, phase: Phase, device, report: Reporter,
                     description: str, sums: EpochSums, guard: Guard, mixer=None, l2sp: L2SP | None = None,
-                    after_step=None) -> tuple[EpochSums, int]:
+                    after_step=None, head_only: bool = False) -> tuple[EpochSums, int]:
     """One pass over the training data (from batch `sums.step` on); returns the epoch's totals and the
-    run's count of skipped non-finite steps. `after_step(sums)` runs after every step but the last."""
+    run's count of skipped non-finite steps. `after_step(sums)` runs after every step but the last.
+    `head_only`: the loader yields backbone features (a FeatureLoader), not images."""
     set_train_mode(model, phase)
     backbone_frozen = not phase.groups
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -337,7 +350,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, phase: Phase, 
         elif mixer is not None:
             targets = torch.nn.functional.one_hot(labels, mixer.num_classes).float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            if backbone_frozen:  # nothing below the head trains: skip building the backward graph
+            if head_only:
+                logits = model.head(images)
+            elif backbone_frozen:  # nothing below the head trains: skip building the backward graph
                 with torch.no_grad():
                     features = model.backbone(images)
                 logits = model.head(features)
@@ -405,6 +420,25 @@ def make_loader(data: Data, split: str, transform, config: TrainConfig, shuffle:
 
 def _soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.sum(-targets * torch.log_softmax(logits, dim=-1), dim=-1).mean()
+
+
+def feature_loaders(model, data: Data, prep, config: TrainConfig, device, report, image_loader):
+    """(train, val) loaders over cached backbone features, in the image loader's batch order."""
+    labels = {s: [data.classes.index(label) for _, label in data.splits[s]] for s in ("train", "val")}
+    plain = {"eval": prep.to_dict()}
+    if config.feature_views:
+        transform, transform_id = train_transform(prep, config.augment), {"train": prep.to_dict(),
+                                                                          "augment": config.augment}
+    else:
+        transform, transform_id = eval_transform(prep), plain
+    train = FeatureLoader(cached_features(model.backbone, data, "train", transform, transform_id, config, device,
+                                          report, config.feature_views),
+                          labels["train"], config.batch_size, image_loader.sampler, image_loader.drop_last)
+    val = None
+    if labels["val"]:
+        val = FeatureLoader(cached_features(model.backbone, data, "val", eval_transform(prep), plain, config,
+                                            device, report), labels["val"], config.batch_size)
+    return train, val
 
 
 def _key(score: dict) -> tuple:

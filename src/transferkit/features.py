@@ -1,0 +1,130 @@
+"""Feature cache: a frozen backbone's features are computed once, not once per epoch.
+
+When a phase trains only the head on a backbone in eval mode (linear-probe, the probe phase
+of lp-ft, the first phase of gradual), the backbone is a fixed function: its features for an
+image never change. They are extracted once (eval mode, no grad, batched), stored as a .npy
+under the cache folder and memory-mapped, so runs, strategies and `compare` arms reuse them.
+
+The cache key covers everything the features depend on: the backbone's weights (a digest of
+its state_dict), the preprocessing and transform, the channel mode, and the data (each file's
+path, size and mtime, or the bytes of in-memory images). Change any of them and the key changes.
+With `feature_views` K > 0, K augmented views per image are cached (the training transform
+under seeds of (seed, view, image)) and each step draws one of them per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferkit.checkpoint import atomic_write
+from transferkit.data import Data, ImageDataset
+from transferkit.sampling import EpochSampler
+
+
+def cache_root(config) -> Path:
+    """--cache-dir, else $TRANSFERKIT_CACHE, else ~/.cache/transferkit."""
+    root = config.cache_dir or os.environ.get("TRANSFERKIT_CACHE") or Path.home() / ".cache" / "transferkit"
+    return Path(root).expanduser()
+
+
+def backbone_digest(backbone: torch.nn.Module) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in backbone.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def data_digest(data: Data, split: str) -> str:
+    """What the images of a split are: file identity (path, size, mtime) or in-memory bytes."""
+    h = hashlib.blake2b(digest_size=16)
+    for ref, _ in data.splits[split]:
+        h.update(ref.encode())
+        if data.arrays is not None:
+            h.update(np.ascontiguousarray(data.arrays[ref]).tobytes())
+        else:
+            st = os.stat(ref)
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def cached_features(backbone: torch.nn.Module, data: Data, split: str, transform, transform_id: dict, config,
+                    device: torch.device, report, views: int = 0) -> np.ndarray:
+    """Features of `split` as an array (N, D), or (views, N, D) with augmented views; computed on a miss."""
+    key_fields = {"backbone": backbone_digest(backbone), "data": data_digest(data, split), "split": split,
+                  "transform": transform_id, "in_chans": config.in_chans, "views": views,
+                  "seed": config.seed if views else None}
+    key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=16).hexdigest()
+    path = cache_root(config) / "features" / f"{key}.npy"
+    if path.is_file():
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError):
+            pass  # unreadable: compute again and replace it
+    per_view = [extract(backbone, data, split, transform, config, device, report, view)
+                for view in (range(views) if views else [None])]
+    array = np.stack(per_view) if views else per_view[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+
+    atomic_write(path, write)
+    (path.with_suffix(".json")).write_text(json.dumps(key_fields, indent=1))
+    return np.load(path, mmap_mode="r")
+
+
+@torch.inference_mode()
+def extract(backbone: torch.nn.Module, data: Data, split: str, transform, config, device: torch.device,
+            report, view: int | None = None) -> np.ndarray:
+    """One pass of the backbone over a split in eval mode; `view` seeds the augmentation of each image."""
+    dataset = ImageDataset(data, split, transform, config.in_chans)
+    sampler = None
+    if view is not None:  # in order, each image under its own seed for this view
+        sampler = EpochSampler(len(dataset), config.seed + 7919, shuffle=False)
+        sampler.set_epoch(view)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
+                                         num_workers=config.workers, persistent_workers=False)
+    was_training = backbone.training
+    backbone.eval()
+    out = []
+    report.start_epoch(f"features {split}" + (f" view {view + 1}" if view is not None else ""), len(loader))
+    for images, _, _ in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(backbone(images.to(device, non_blocking=True)).float().cpu())
+        report.batch(0.0, 0.0, 0.0)
+    backbone.train(was_training)
+    return torch.cat(out).numpy()
+
+
+class FeatureLoader:
+    """Batches of (features, labels, indices) in the order of an EpochSampler, like the image loader."""
+
+    def __init__(self, features: np.ndarray, labels: list[int], batch_size: int, sampler: EpochSampler | None = None,
+                 drop_last: bool = False):
+        self.features, self.labels = features, torch.as_tensor(labels)
+        self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        keys = list(self.sampler) if self.sampler is not None else [(i, 0) for i in range(len(self.labels))]
+        for start in range(0, len(keys), self.batch_size):
+            batch = keys[start : start + self.batch_size]
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            index = np.array([i for i, _ in batch])
+            if self.features.ndim == 3:  # augmented views: each image's seed picks one
+                rows = self.features[np.array([s % self.features.shape[0] for _, s in batch]), index]
+            else:
+                rows = self.features[index]
+            yield torch.from_numpy(np.array(rows, dtype=np.float32)), self.labels[index], torch.from_numpy(index)

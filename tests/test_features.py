@@ -1,0 +1,64 @@
+"""Feature cache: same head as training through the backbone, reuse, invalidation, augmented views."""
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+import transferkit
+
+
+def _head(run):
+    state = torch.load(run.dir / "last.ckpt", weights_only=True)["model"]
+    return {k: v for k, v in state.items() if k.startswith("head.")}
+
+
+def _cached(cache_dir):
+    return sorted(p.name for p in (cache_dir / "features").glob("*.npy"))
+
+
+def test_cached_features_train_the_same_head_as_the_backbone_on_the_same_batches(shapes_dir, tiny, tmp_path):
+    common = {**tiny, "data": str(shapes_dir), "strategy": "linear-probe", "epochs": 3, "batch_size": 4,
+              "augment": "none", "cache_dir": str(tmp_path / "cache")}
+    direct = transferkit.train(name="direct", feature_cache=False, **common)
+    cached = transferkit.train(name="cached", feature_cache=True, **common)
+    a, b = _head(direct), _head(cached)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert cached.metrics["test"]["accuracy"] == direct.metrics["test"]["accuracy"]
+    assert len((cached.dir / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_cache_is_reused_and_a_changed_file_invalidates_it(shapes_dir, tiny, tmp_path):
+    cache = tmp_path / "cache"
+    common = {**tiny, "data": str(shapes_dir), "strategy": "linear-probe", "cache_dir": str(cache)}
+    first = transferkit.train(name="a", **common)
+    files = _cached(cache)
+    assert len(files) == 2  # train and val
+    before = {name: np.load(cache / "features" / name) for name in files}
+
+    again = transferkit.train(name="b", **common)  # hit: nothing new, same features, same result
+    assert _cached(cache) == files
+    assert again.metrics["test"]["accuracy"] == first.metrics["test"]["accuracy"]
+
+    train_file = sorted((shapes_dir / "circle").glob("*.png"))[0]
+    Image.new("RGB", (40, 40), (255, 0, 0)).save(train_file)
+    os.utime(train_file, ns=(1, 1))  # even an unchanged size is caught by mtime
+    transferkit.train(name="c", **common)
+    after = _cached(cache)
+    assert len(after) == 3  # a new entry for the split holding the changed file; the other one reused
+    new = (set(after) - set(files)).pop()
+    changed = np.load(cache / "features" / new)
+    old = next(v for v in before.values() if v.shape == changed.shape)
+    assert not np.array_equal(changed, old)
+
+
+def test_feature_views_cache_distinct_augmented_views(shapes_dir, tiny, tmp_path):
+    cache = tmp_path / "cache"
+    transferkit.train(data=str(shapes_dir), strategy="linear-probe", feature_views=3, cache_dir=str(cache), **tiny)
+    arrays = [np.load(cache / "features" / name) for name in _cached(cache)]
+    views = next(a for a in arrays if a.ndim == 3)
+    assert views.shape[0] == 3 and views.shape[1] == 16
+    assert not np.allclose(views[0], views[1])  # different augmentations
