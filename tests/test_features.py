@@ -62,3 +62,41 @@ def test_feature_views_cache_distinct_augmented_views(shapes_dir, tiny, tmp_path
     views = next(a for a in arrays if a.ndim == 3)
     assert views.shape[0] == 3 and views.shape[1] == 16
     assert not np.allclose(views[0], views[1])  # different augmentations
+
+
+def test_image_cache_gives_the_pixels_of_direct_decoding(tmp_path):
+    from transferkit.config import TrainConfig
+    from transferkit.data import ImageDataset, load_data
+    from transferkit.imagecache import cache_size, cached_images
+    from transferkit.model import Preprocessing
+    from transferkit.progress import Reporter
+    from transferkit.transforms import eval_transform
+
+    root = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(5):  # odd sizes and aspect ratios, JPEG and PNG
+            pixels = rng.integers(0, 255, (rng.integers(50, 140), rng.integers(50, 140), 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.{'jpg' if i % 2 else 'png'}")
+    data = load_data(str(root), val_fraction=0.0, test_fraction=0.0)
+    prep = Preprocessing(img_size=48, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", crop_pct=0.875,
+                         in_chans=3)
+    config = TrainConfig(cache_dir=str(tmp_path / "cache"), workers=0)
+    images = cached_images(data, "train", prep, config, Reporter(silent=True))
+    assert images.shape == (10, cache_size(prep), cache_size(prep), 3) and images.dtype == np.uint8
+    direct = ImageDataset(data, "train", eval_transform(prep))
+    cached = ImageDataset(data, "train", eval_transform(prep, resized=True), images=images)
+    for i in range(len(direct)):
+        assert torch.equal(direct[i][0], cached[i][0])
+
+
+def test_cache_hit_and_miss_train_identically(shapes_dir, tiny, tmp_path):
+    """Building a cache must not move the run's random streams: a miss and a hit end the same."""
+    common = {**tiny, "data": str(shapes_dir), "strategy": "lp-ft", "epochs": 2, "head_dropout": 0.3,
+              "cache_dir": str(tmp_path / "cache")}
+    miss = transferkit.train(name="miss", **common)
+    hit = transferkit.train(name="hit", **common)
+    a = torch.load(miss.dir / "last.ckpt", weights_only=True)["model"]
+    b = torch.load(hit.dir / "last.ckpt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -74,7 +74,9 @@ def train(
     feature_cache: Optional[bool] = typer.Option(
         None, "--feature-cache/--no-feature-cache", help="Head-only phases train on cached features (default on)."),
     feature_views: Optional[int] = typer.Option(None, help="Augmented views cached per image (default 0 = none)."),
-    cache_dir: Optional[str] = typer.Option(None, help="Feature cache folder (default ~/.cache/transferkit)."),
+    image_cache: Optional[bool] = typer.Option(
+        None, "--image-cache/--no-image-cache", help="Decode each image once into a memory map (default on)."),
+    cache_dir: Optional[str] = typer.Option(None, help="Cache folder (default ~/.cache/transferkit)."),
 ) -> None:
     """Fine-tune a pretrained backbone; writes runs/NAME with the best model in runs/NAME/best.
 
@@ -86,7 +88,7 @@ def train(
     flags = {k: v for k, v in locals().items()
              if k not in ("config", "resume", "TrainConfig", "UserError", "run_training")}
     # False from a plain switch means "not given"; --no-feature-cache is a real choice
-    flags = {k: v for k, v in flags.items() if v is not None and (v is not False or k == "feature_cache")}
+    flags = {k: v for k, v in flags.items() if v is not None and (v is not False or k in ("feature_cache", "image_cache"))}
     if resume is not None:
         run = run_training(resume=resume, **flags)
     else:

@@ -137,8 +137,10 @@ class TrainConfig:
     """Phases that train only the head on a frozen backbone train on cached features (computed once)."""
     feature_views: int = 0
     """Feature cache: 0 caches the un-augmented image; K > 0 caches K augmented views per image."""
+    image_cache: bool = True
+    """Phases that run the backbone read images decoded once into a memory map, not the files each epoch."""
     cache_dir: str | None = None
-    """Where cached features go; default $TRANSFERKIT_CACHE or ~/.cache/transferkit."""
+    """Where cached features and decoded images go; default $TRANSFERKIT_CACHE or ~/.cache/transferkit."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)

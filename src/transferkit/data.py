@@ -290,11 +290,13 @@ class ImageDataset:
 
     A key is an index, or an (index, seed) pair from `EpochSampler`: the transform then runs
     under that seed, so an image's augmentation depends on the run, not on the worker process.
+    `images` (from `imagecache`) replaces decoding the files with reading a uint8 array.
     """
 
-    def __init__(self, data: Data, split: str, transform, in_chans: int = 3):
+    def __init__(self, data: Data, split: str, transform, in_chans: int = 3, images: np.ndarray | None = None):
         self.data, self.samples, self.transform, self.in_chans = data, data.splits[split], transform, in_chans
         self.class_to_idx = {c: i for i, c in enumerate(data.classes)}
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -302,7 +304,11 @@ class ImageDataset:
     def __getitem__(self, key: int | tuple[int, int]):
         i, seed = key if isinstance(key, tuple) else (key, None)
         ref, label = self.samples[i]
-        image = self.data.read(ref, self.in_chans)
+        if self.images is not None:
+            pixels = np.asarray(self.images[i])
+            image = from_array(pixels[..., 0] if self.in_chans == 1 else pixels, self.in_chans)
+        else:
+            image = self.data.read(ref, self.in_chans)
         if seed is None:
             return self.transform(image), self.class_to_idx[label], i
         with seeded(seed):

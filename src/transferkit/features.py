@@ -91,7 +91,8 @@ def extract(backbone: torch.nn.Module, data: Data, split: str, transform, config
         sampler = EpochSampler(len(dataset), config.seed + 7919, shuffle=False)
         sampler.set_epoch(view)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
-                                         num_workers=config.workers, persistent_workers=False)
+                                         num_workers=config.workers, generator=torch.Generator())
+    # (its own generator: a cache miss must not draw from the run's random stream)
     was_training = backbone.training
     backbone.eval()
     out = []

@@ -30,6 +30,7 @@ from transferkit.config import TrainConfig
 from transferkit.data import Data, ImageDataset, load_data
 from transferkit.errors import UserError
 from transferkit.features import FeatureLoader, cache_root, cached_features
+from transferkit.imagecache import cached_images
 from transferkit.metrics import classification_metrics
 from transferkit.model import build_classifier, layer_groups
 from transferkit.lrfind import RULE as LR_RULE
@@ -124,9 +125,18 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
             and config.sampler == "shuffle":
         report.info(f"[transferkit] warning: classes are imbalanced (largest {max(counts.values())}, smallest "
                     f"{min(counts.values())} training images); consider --class-weights auto or --sampler balanced")
+    # phases that run the backbone read decoded images from a memory map (see `imagecache`)
+    decoded = {}
+    if config.image_cache and data.arrays is None and any(p.groups for p in plan):
+        tick = time.perf_counter()
+        decoded = {s: cached_images(data, s, prep, config, report) for s in ("train", "val") if data.splits[s]}
+        report.info(f"[transferkit] decoded-image cache ready in {time.perf_counter() - tick:.1f} s "
+                    f"(cache {cache_root(config) / 'images'})")
     loaders = {
-        "train": make_loader(data, "train", train_transform(prep, config.augment), config, shuffle=True),
-        "val": make_loader(data, "val", eval_transform(prep), config),
+        "train": make_loader(data, "train", train_transform(prep, config.augment), config, shuffle=True,
+                             images=decoded.get("train")),
+        "val": make_loader(data, "val", eval_transform(prep, resized="val" in decoded), config,
+                           images=decoded.get("val")),
         "test": make_loader(data, "test", eval_transform(prep), config),
     }
     weight = None
@@ -399,10 +409,12 @@ def evaluate_loader(model, loader, loss_fn, device, classes: list[str] | None = 
     return out
 
 
-def make_loader(data: Data, split: str, transform, config: TrainConfig, shuffle: bool = False):
+def make_loader(data: Data, split: str, transform, config: TrainConfig, shuffle: bool = False,
+                images: np.ndarray | None = None):
     """Training (`shuffle`) loaders draw order and augmentation from an EpochSampler: call
-    `loader.sampler.set_epoch(e)` before each epoch. Eval loaders read the split in order."""
-    dataset = ImageDataset(data, split, transform, config.in_chans)
+    `loader.sampler.set_epoch(e)` before each epoch. Eval loaders read the split in order.
+    `images`: the split's decoded-image cache, read instead of the files."""
+    dataset = ImageDataset(data, split, transform, config.in_chans, images)
     # a last training batch of one image makes BatchNorm statistics meaningless: drop it
     drop_last = shuffle and len(dataset) > config.batch_size and len(dataset) % config.batch_size == 1
     sampler = None
