@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,3 +29,6 @@ test-slow: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py

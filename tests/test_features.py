@@ -79,13 +79,15 @@ def test_image_cache_gives_the_pixels_of_direct_decoding(tmp_path):
         for i in range(5):  # odd sizes and aspect ratios, JPEG and PNG
             pixels = rng.integers(0, 255, (rng.integers(50, 140), rng.integers(50, 140), 3), dtype=np.uint8)
             Image.fromarray(pixels).save(root / label / f"{i}.{'jpg' if i % 2 else 'png'}")
+        big = np.kron(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), np.ones((10, 10, 1), np.uint8))
+        Image.fromarray(big).save(root / label / "photo.jpg")  # 400x300: decoded at 1/4 scale (draft)
     data = load_data(str(root), val_fraction=0.0, test_fraction=0.0)
     prep = Preprocessing(img_size=48, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", crop_pct=0.875,
                          in_chans=3)
     config = TrainConfig(cache_dir=str(tmp_path / "cache"), workers=0)
     images = cached_images(data, "train", prep, config, Reporter(silent=True))
-    assert images.shape == (10, cache_size(prep), cache_size(prep), 3) and images.dtype == np.uint8
-    direct = ImageDataset(data, "train", eval_transform(prep))
+    assert images.shape == (12, cache_size(prep), cache_size(prep), 3) and images.dtype == np.uint8
+    direct = ImageDataset(data, "train", eval_transform(prep), min_side=prep.resize)  # as every reader does
     cached = ImageDataset(data, "train", eval_transform(prep, resized=True), images=images)
     for i in range(len(direct)):
         assert torch.equal(direct[i][0], cached[i][0])

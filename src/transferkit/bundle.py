@@ -17,13 +17,15 @@ FORMAT_VERSION = 1
 
 def save_bundle(directory: Path, model: Classifier, meta: dict) -> None:
     """Write weights, then metadata, each atomically (temp file, fsync, rename): a crash leaves whole files."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     from transferkit.checkpoint import atomic_write
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
+    # contiguous copies: safetensors stores row-major tensors (a channels_last model has NHWC strides)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
     text = json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1)
     atomic_write(directory / "model.json", lambda tmp: tmp.write_text(text))
 

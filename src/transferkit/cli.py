@@ -74,6 +74,8 @@ def train(
     feature_cache: Optional[bool] = typer.Option(
         None, "--feature-cache/--no-feature-cache", help="Head-only phases train on cached features (default on)."),
     feature_views: Optional[int] = typer.Option(None, help="Augmented views cached per image (default 0 = none)."),
+    channels_last: Optional[bool] = typer.Option(
+        None, "--channels-last/--no-channels-last", help="NHWC memory format (default on; measured faster)."),
     image_cache: Optional[bool] = typer.Option(
         None, "--image-cache/--no-image-cache", help="Decode each image once into a memory map (default on)."),
     cache_dir: Optional[str] = typer.Option(None, help="Cache folder (default ~/.cache/transferkit)."),
@@ -88,7 +90,7 @@ def train(
     flags = {k: v for k, v in locals().items()
              if k not in ("config", "resume", "TrainConfig", "UserError", "run_training")}
     # False from a plain switch means "not given"; --no-feature-cache is a real choice
-    flags = {k: v for k, v in flags.items() if v is not None and (v is not False or k in ("feature_cache", "image_cache"))}
+    flags = {k: v for k, v in flags.items() if v is not None and (v is not False or k in ("feature_cache", "image_cache", "channels_last"))}
     if resume is not None:
         run = run_training(resume=resume, **flags)
     else:
@@ -245,7 +247,7 @@ def predict(
     clf = load(model, device=device)
     truth: list[str | None] = []
     if split:
-        items, truth = _split_inputs(model, split, clf.preprocessing.in_chans)
+        items, truth = _split_inputs(model, split, clf.preprocessing)
     elif inputs:
         from transferkit.predictor import expand_inputs
 
@@ -262,7 +264,7 @@ def predict(
     _print_predictions(results, format)
 
 
-def _split_inputs(model: Path, split: str, in_chans: int):
+def _split_inputs(model: Path, split: str, prep):
     from transferkit.config import TrainConfig
     from transferkit.data import load_data
     from transferkit.errors import UserError
@@ -277,7 +279,7 @@ def _split_inputs(model: Path, split: str, in_chans: int):
         by_class.setdefault(sample[1], []).append(sample)
     # interleave the classes so that --limit shows a few of each
     samples = [s for group in itertools.zip_longest(*by_class.values()) for s in group if s is not None]
-    return [(ref, data.read(ref, in_chans)) for ref, _ in samples], [label for _, label in samples]
+    return [(ref, data.read(ref, prep.in_chans, prep.resize)) for ref, _ in samples], [label for _, label in samples]
 
 
 def _print_predictions(results: list[dict], format: str) -> None:

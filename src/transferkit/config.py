@@ -137,6 +137,9 @@ class TrainConfig:
     """Phases that train only the head on a frozen backbone train on cached features (computed once)."""
     feature_views: int = 0
     """Feature cache: 0 caches the un-augmented image; K > 0 caches K augmented views per image."""
+    channels_last: bool = True
+    """NHWC memory format for model and images: measured 1.3x (training) to 1.5x (inference) faster for
+    efficientnet_lite0 at 96 px on a 2-core AVX2 CPU; convnets on CUDA with bf16 gain too."""
     image_cache: bool = True
     """Phases that run the backbone read images decoded once into a memory map, not the files each epoch."""
     cache_dir: str | None = None

@@ -45,11 +45,11 @@ class Data:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) for every file left out: unreadable, hidden, unsupported, leaked, empty folders."""
 
-    def read(self, ref: str, in_chans: int = 3):
-        """Return the sample `ref` as a PIL image in the model's mode."""
+    def read(self, ref: str, in_chans: int = 3, min_side: int | None = None):
+        """Return the sample `ref` as a PIL image in the model's mode (see open_image for min_side)."""
         if self.arrays is not None:
             return from_array(self.arrays[ref], in_chans)
-        return open_image(ref, in_chans)
+        return open_image(ref, in_chans, min_side)
 
     def counts(self, split: str) -> dict[str, int]:
         out = {c: 0 for c in self.classes}
@@ -293,10 +293,11 @@ class ImageDataset:
     `images` (from `imagecache`) replaces decoding the files with reading a uint8 array.
     """
 
-    def __init__(self, data: Data, split: str, transform, in_chans: int = 3, images: np.ndarray | None = None):
+    def __init__(self, data: Data, split: str, transform, in_chans: int = 3, images: np.ndarray | None = None,
+                 min_side: int | None = None):
         self.data, self.samples, self.transform, self.in_chans = data, data.splits[split], transform, in_chans
         self.class_to_idx = {c: i for i, c in enumerate(data.classes)}
-        self.images = images
+        self.images, self.min_side = images, min_side
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -308,7 +309,7 @@ class ImageDataset:
             pixels = np.asarray(self.images[i])
             image = from_array(pixels[..., 0] if self.in_chans == 1 else pixels, self.in_chans)
         else:
-            image = self.data.read(ref, self.in_chans)
+            image = self.data.read(ref, self.in_chans, self.min_side)
         if seed is None:
             return self.transform(image), self.class_to_idx[label], i
         with seeded(seed):

@@ -32,7 +32,8 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
     if data.classes != meta["classes"]:
         raise UserError(f"The classes in '{run}/split.json' differ from those of the model in '{run}/best'.")
     dev = pick_device(device)
-    loader = make_loader(data, split, eval_transform(Preprocessing.from_dict(meta["preprocessing"])), config)
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    loader = make_loader(data, split, eval_transform(prep), config, min_side=prep.resize)
     metrics = evaluate_loader(model.to(dev), loader, nn.CrossEntropyLoss(), dev, data.classes)
     metrics["split"] = split
     (run / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1))

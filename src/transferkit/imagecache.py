@@ -30,13 +30,11 @@ from transferkit.transforms import interpolation
 
 def cache_size(prep: Preprocessing) -> int:
     """Side C of the cached square (see the module docstring)."""
-    resize = int(round(prep.img_size / prep.crop_pct))
-    return prep.img_size + 4 * max(0, (resize - prep.img_size) // 4)
+    return prep.img_size + 4 * max(0, (prep.resize - prep.img_size) // 4)
 
 
 def decode_transform(prep: Preprocessing) -> T.Compose:
-    resize = int(round(prep.img_size / prep.crop_pct))
-    return T.Compose([T.Resize(resize, interpolation=interpolation(prep.interpolation)),
+    return T.Compose([T.Resize(prep.resize, interpolation=interpolation(prep.interpolation)),
                       T.CenterCrop(cache_size(prep)), T.PILToTensor()])
 
 
@@ -53,7 +51,7 @@ def cached_images(data: Data, split: str, prep: Preprocessing, config, report) -
         except (OSError, ValueError):
             pass  # unreadable: build again
     path.parent.mkdir(parents=True, exist_ok=True)
-    dataset = ImageDataset(data, split, decode_transform(prep), config.in_chans)
+    dataset = ImageDataset(data, split, decode_transform(prep), config.in_chans, min_side=prep.resize)
     # its own generator: building the cache must not draw from the run's random stream
     loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=config.workers,
                                          generator=torch.Generator())

@@ -35,10 +35,18 @@ def to_mode(img: Image.Image, in_chans: int) -> Image.Image:
     return img.convert("RGB" if in_chans == 3 else "L")
 
 
-def open_image(path: str | Path, in_chans: int = 3) -> Image.Image:
-    """Open an image file with its EXIF orientation applied, in the model's mode."""
+def open_image(path: str | Path, in_chans: int = 3, min_side: int | None = None) -> Image.Image:
+    """Open an image file with its EXIF orientation applied, in the model's mode.
+
+    `min_side`: the smallest short side the caller needs. JPEGs are then decoded at the
+    largest 1/2, 1/4 or 1/8 scale that keeps it (libjpeg's DCT scaling): a 12-megapixel photo
+    for a 110 px resize decodes about 8x faster. Every reader of a run passes the same value,
+    so training, evaluation and prediction see the same pixels.
+    """
     try:
         with Image.open(path) as img:
+            if min_side:
+                img.draft(None, (min_side, min_side))
             img = ImageOps.exif_transpose(img)
             img.load()
             return to_mode(img, in_chans)

@@ -101,7 +101,8 @@ def find_lr(config, steps: int = 100, start: float = 1e-7, end: float = 1.0) -> 
     config = config.replace(lr=1e-3, lr_min=None, workers=config.workers if config.workers is not None
                             else default_workers(data))
     groups = layer_groups(model.backbone)
-    loader = make_loader(data, "train", train_transform(prep, config.augment), config, shuffle=True)
+    loader = make_loader(data, "train", train_transform(prep, config.augment), config, shuffle=True,
+                         min_side=prep.resize)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     return lr_find(model.to(device), groups, make_plan(config, len(groups))[0], loader, loss_fn, config, device,
                    steps=steps, start=start, end=end)

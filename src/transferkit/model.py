@@ -27,6 +27,11 @@ class Preprocessing:
     crop_pct: float
     in_chans: int
 
+    @property
+    def resize(self) -> int:
+        """Short side before the eval center crop: img_size / crop_pct."""
+        return int(round(self.img_size / self.crop_pct))
+
     def to_dict(self) -> dict:
         return asdict(self)
 

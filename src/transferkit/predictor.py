@@ -52,7 +52,7 @@ class Predictor:
             return to_mode(item, chans)
         if isinstance(item, np.ndarray):
             return from_array(item, chans)
-        return open_image(item, chans)
+        return open_image(item, chans, self.preprocessing.resize)
 
     @torch.inference_mode()
     def predict_proba(self, inputs, batch_size: int = 32) -> np.ndarray:
