@@ -15,7 +15,7 @@ from transferkit.model import build_classifier
 def test_run_directory_holds_everything(shapes_dir, tiny):
     run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", **{**tiny, "epochs": 2})
     for name in ("config.yaml", "split.json", "classes.json", "plan.json", "metrics.jsonl", "metrics.json",
-                 "last.ckpt", "best/model.safetensors", "best/model.json"):
+                 "last.ckpt", "best/model.safetensors", "best/model.json", "runtime.json"):
         assert (run.dir / name).is_file(), name
     rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
@@ -28,6 +28,8 @@ def test_run_directory_holds_everything(shapes_dir, tiny):
     assert meta["metrics"]["test"]["accuracy"] == run.metrics["test"]["accuracy"]
     test = run.metrics["test"]
     assert sum(map(sum, test["confusion_matrix"])) == test["n"] == 2
+    runtime = json.loads((run.dir / "runtime.json").read_text())
+    assert runtime == run.metrics["runtime"] and runtime["device"] == "cpu" and runtime["workers"] == 0
     ckpt = torch.load(run.dir / "last.ckpt", weights_only=True)  # plain tensors and values only
     assert ckpt["epoch"] == 2 and ckpt["config"]["data"] == str(shapes_dir)
 
@@ -46,7 +48,7 @@ def test_bundle_round_trip_gives_identical_logits(tmp_path):
     meta = {"architecture": record, "classes": ["a", "b", "c"], "preprocessing": prep.to_dict()}
     save_bundle(tmp_path / "bundle", model, meta)
     clf = transferkit.load(tmp_path / "bundle")
-    model.eval()
+    model.eval().to(memory_format=torch.channels_last)  # as the Predictor runs it: same kernels, same bits
     with torch.no_grad():
         assert torch.equal(model(x), clf.model(x))
 

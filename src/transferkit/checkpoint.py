@@ -23,7 +23,7 @@ from transferkit.weights import torch_load
 
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "quiet", "device", "workers", "save_every_steps",
                                "keep_top_k", "nan_policy", "nan_skip_limit", "deterministic", "trust_checkpoint",
-                               "cache_dir"})
+                               "cache_dir", "threads", "compile"})
 """Config fields a resumed run may change: length, display, hardware and safety settings.
 Everything else (model, weights, data, classes, strategy, LRs...) would make a different run."""
 

@@ -79,6 +79,9 @@ def train(
     image_cache: Optional[bool] = typer.Option(
         None, "--image-cache/--no-image-cache", help="Decode each image once into a memory map (default on)."),
     cache_dir: Optional[str] = typer.Option(None, help="Cache folder (default ~/.cache/transferkit)."),
+    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp32 (default auto: bf16 where native)."),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default cores minus loader workers)."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default off)."),
 ) -> None:
     """Fine-tune a pretrained backbone; writes runs/NAME with the best model in runs/NAME/best.
 
@@ -90,7 +93,8 @@ def train(
     flags = {k: v for k, v in locals().items()
              if k not in ("config", "resume", "TrainConfig", "UserError", "run_training")}
     # False from a plain switch means "not given"; --no-feature-cache is a real choice
-    flags = {k: v for k, v in flags.items() if v is not None and (v is not False or k in ("feature_cache", "image_cache", "channels_last"))}
+    toggles = ("feature_cache", "image_cache", "channels_last", "compile")
+    flags = {k: v for k, v in flags.items() if v is not None and (v is not False or k in toggles)}
     if resume is not None:
         run = run_training(resume=resume, **flags)
     else:

@@ -23,6 +23,7 @@ SAMPLERS = ("shuffle", "balanced")
 DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("stop", "skip")
 BAD_FILES = ("skip", "error")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -144,6 +145,12 @@ class TrainConfig:
     """Phases that run the backbone read images decoded once into a memory map, not the files each epoch."""
     cache_dir: str | None = None
     """Where cached features and decoded images go; default $TRANSFERKIT_CACHE or ~/.cache/transferkit."""
+    precision: str = "auto"
+    """auto: bf16 autocast where the hardware runs it natively (CUDA, CPUs with avx512_bf16/AMX), else fp32."""
+    threads: int | None = None
+    """torch threads; None: the cores minus the loader workers on CPU (see `runtime`)."""
+    compile: bool = False
+    """torch.compile the model (slow to warm up; measured no faster on a 2-core CPU)."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -156,6 +163,9 @@ class TrainConfig:
         _choice("sampler", self.sampler, SAMPLERS)
         _choice("nan_policy", self.nan_policy, NAN_POLICIES)
         _choice("bad_files", self.bad_files, BAD_FILES)
+        _choice("precision", self.precision, PRECISIONS)
+        if self.threads is not None:
+            _range("threads", self.threads, 1)
         _range("save_every_steps", self.save_every_steps, 0)
         _range("keep_top_k", self.keep_top_k, 0)
         _range("nan_skip_limit", self.nan_skip_limit, 0)

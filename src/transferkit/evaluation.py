@@ -13,6 +13,8 @@ from transferkit.data import load_data
 from transferkit.errors import UserError
 from transferkit.model import Preprocessing
 from transferkit.loop import evaluate_loader, make_loader, pick_device
+from transferkit.runtime import default_workers
+from transferkit.runtime import resolve as resolve_runtime
 from transferkit.transforms import eval_transform
 
 
@@ -31,10 +33,12 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
     model, meta = load_bundle(run)
     if data.classes != meta["classes"]:
         raise UserError(f"The classes in '{run}/split.json' differ from those of the model in '{run}/best'.")
-    dev = pick_device(device)
+    config = config.replace(workers=default_workers(data.arrays is not None))  # this machine's, not the run's
+    rt = resolve_runtime(config, pick_device(device), config.workers)
     prep = Preprocessing.from_dict(meta["preprocessing"])
     loader = make_loader(data, split, eval_transform(prep), config, min_side=prep.resize)
-    metrics = evaluate_loader(model.to(dev), loader, nn.CrossEntropyLoss(), dev, data.classes)
+    with rt.threads_applied():
+        metrics = evaluate_loader(rt.prepare(model), loader, nn.CrossEntropyLoss(), rt, data.classes)
     metrics["split"] = split
     (run / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1))
     return metrics

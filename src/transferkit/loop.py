@@ -39,6 +39,8 @@ from transferkit.optim import make_optimizer, warmup_cosine
 from transferkit.preempt import Preempted, StopSignals
 from transferkit.progress import Reporter
 from transferkit.regularize import L2SP
+from transferkit.runtime import Runtime, default_workers
+from transferkit.runtime import resolve as resolve_runtime
 from transferkit.sampling import EpochSampler
 from transferkit.strategy import Phase, apply_phase, count_trainable, make_plan, set_train_mode, trainable_groups
 from transferkit.transforms import eval_transform, train_transform
@@ -91,10 +93,11 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
         in_chans=config.in_chans, img_size=config.img_size or data.default_img_size,
         head=config.head, head_hidden=config.head_hidden, head_dropout=config.head_dropout,
         drop_path=config.drop_path, trust=config.trust_checkpoint)
-    model.to(device)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
-    workers = config.workers if config.workers is not None else default_workers(data)
+    workers = config.workers if config.workers is not None else default_workers(data.arrays is not None)
+    rt = resolve_runtime(config, device, workers)
+    rt.prepare(model)
+    if rt.compile:  # the whole model's forward; the state_dict keeps its keys
+        model.compile()
     groups = layer_groups(model.backbone)
     if state is not None:
         run_dir = Path(resume)
@@ -113,11 +116,13 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
         (run_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in plan], indent=1))
         if data.skipped:
             write_skipped(run_dir / "skipped.txt", data.skipped)
+    (run_dir / "runtime.json").write_text(json.dumps(rt.to_dict(), indent=1))  # this start's, on resume too
     report.info(
         f"[transferkit] {run_dir}: {config.model} ({record['weights']}), {config.strategy}, "
         f"{len(data.classes)} classes, train/val/test = "
         f"{'/'.join(str(len(data.splits[s])) for s in ('train', 'val', 'test'))} ({data.how}), "
-        f"{prep.img_size}px, {len(groups)} layer groups, device {device}")
+        f"{prep.img_size}px, {len(groups)} layer groups, {device} {rt.precision}"
+        + (f", {workers} loader workers" if workers else "") + (", compiled" if rt.compile else ""))
     if data.skipped:
         report.info(f"[transferkit] warning: skipped {len(data.skipped)} file(s), e.g. {data.skipped[0][0]}: "
                     f"{data.skipped[0][1]}; the full list is in {run_dir / 'skipped.txt'}")
@@ -194,7 +199,7 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     total_epochs = sum(p.epochs for p in plan)
     steps_per_epoch = len(loaders["train"])
     report.start(total_epochs)
-    with StopSignals() as signals:
+    with StopSignals() as signals, rt.threads_applied():
         try:
             for phase_index, phase in enumerate(plan):
                 before = sum(p.epochs for p in plan[:phase_index])  # epochs of the earlier phases
@@ -213,7 +218,7 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                 train_loader, val_loader = loaders["train"], loaders["val"]
                 if head_only:
                     tick = time.perf_counter()
-                    train_loader, val_loader = feature_loaders(model, data, prep, config, device, report,
+                    train_loader, val_loader = feature_loaders(model, data, prep, config, rt, report,
                                                                loaders["train"])
                     cache_s["feature_cache_s"] += time.perf_counter() - tick
                     report.info(f"[transferkit] backbone features ready in {time.perf_counter() - tick:.1f} s "
@@ -244,14 +249,13 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                     train_loader.sampler.set_epoch(epoch, skip=sums.step * config.batch_size)
                     tick = time.perf_counter() - sums.seconds
                     sums, nan_skipped = train_one_epoch(
-                        model, train_loader, optimizer, scheduler, loss_fn, phase, device, report,
+                        model, train_loader, optimizer, scheduler, loss_fn, phase, rt, report,
                         f"epoch {epoch + 1}/{total_epochs}", sums, Guard(config, data, epoch, nan_skipped),
                         mixer, l2sp, after_step, head_only)
                     epoch += 1
                     seconds = time.perf_counter() - tick
                     train_loss, train_acc = sums.loss_sum / max(sums.seen, 1), sums.correct / max(sums.seen, 1)
-                    val = (evaluate_loader(model.head if head_only else model, val_loader, eval_loss, device,
-                                           channels_last=config.channels_last)
+                    val = (evaluate_loader(model.head if head_only else model, val_loader, eval_loss, rt)
                            if len(data.splits["val"]) else None)
                     row = {"epoch": epoch, "phase": phase.name, "groups": trainable_groups(model, groups),
                            "train_loss": train_loss, "train_accuracy": train_acc,
@@ -295,14 +299,12 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
 
     # --- test the best checkpoint, exactly as shipped ---------------------------------------
     shipped, _ = load_bundle(run_dir / "best")
-    shipped.to(device)
-    if config.channels_last:
-        shipped.to(memory_format=torch.channels_last)
+    rt.prepare(shipped)
     test = None
     if len(data.splits["test"]):
-        test = evaluate_loader(shipped, loaders["test"], eval_loss, device, data.classes, config.channels_last)
+        test = evaluate_loader(shipped, loaders["test"], eval_loss, rt, data.classes)
     metrics = {"test": test, "best": best, "epochs_run": epoch, "trainable_params": count_trainable(model),
-               "nan_skipped_steps": nan_skipped, "skipped_files": len(data.skipped), **cache_s,
+               "nan_skipped_steps": nan_skipped, "skipped_files": len(data.skipped), **cache_s, "runtime": rt.to_dict(),
                "wall_time_s": time.perf_counter() - started}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     save_bundle(run_dir / "best", shipped, {**meta, "metrics": {"best": best, "test": _headline(test)}})
@@ -347,7 +349,7 @@ class Guard:
                         "or pass --nan-policy skip.")
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, phase: Phase, device, report: Reporter,
+def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, phase: Phase, rt: Runtime, report: Reporter,
                     description: str, sums: EpochSums, guard: Guard, mixer=None, l2sp: L2SP | None = None,
                     after_step=None, head_only: bool = False) -> tuple[EpochSums, int]:
     """One pass over the training data (from batch `sums.step` on); returns the epoch's totals and the
@@ -360,13 +362,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, phase: Phase, 
     report.start_epoch(description, len(loader))
     report.advance(sums.step)
     for images, labels, indices in loader:
-        images, labels = to_device(images, device, guard.config.channels_last), labels.to(device, non_blocking=True)
+        images, labels = rt.batch(images), labels.to(rt.device, non_blocking=True)
         targets = labels
         if mixer is not None and len(labels) % 2 == 0:  # timm's Mixup pairs images: needs an even batch
             images, targets = mixer(images, labels)
         elif mixer is not None:
             targets = torch.nn.functional.one_hot(labels, mixer.num_classes).float()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with rt.autocast():
             if head_only:
                 logits = model.head(images)
             elif backbone_frozen:  # nothing below the head trains: skip building the backward graph
@@ -397,22 +399,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, phase: Phase, 
     return sums, guard.skipped
 
 
-def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """Move a batch to the device; image batches (4-D) in NHWC when the model is."""
-    if channels_last and images.dim() == 4:
-        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return images.to(device, non_blocking=True)
-
-
 @torch.inference_mode()
-def evaluate_loader(model, loader, loss_fn, device, classes: list[str] | None = None,
-                    channels_last: bool = False) -> dict:
+def evaluate_loader(model, loader, loss_fn, rt: Runtime, classes: list[str] | None = None) -> dict:
     """Loss and accuracy on a loader; with `classes`, the full metrics (F1, per class, confusion)."""
     model.eval()
     losses, preds, targets = [], [], []
     for images, labels, _ in loader:
-        images, labels = to_device(images, device, channels_last), labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        images, labels = rt.batch(images), labels.to(rt.device, non_blocking=True)
+        with rt.autocast():
             logits = model(images).float()
         losses.append(loss_fn(logits, labels).item() * len(labels))
         preds.append(logits.argmax(1).cpu())
@@ -449,7 +443,7 @@ def _soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> t
     return torch.sum(-targets * torch.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def feature_loaders(model, data: Data, prep, config: TrainConfig, device, report, image_loader):
+def feature_loaders(model, data: Data, prep, config: TrainConfig, rt: Runtime, report, image_loader):
     """(train, val) loaders over cached backbone features, in the image loader's batch order."""
     labels = {s: [data.classes.index(label) for _, label in data.splits[s]] for s in ("train", "val")}
     plain = {"eval": prep.to_dict()}
@@ -458,13 +452,13 @@ def feature_loaders(model, data: Data, prep, config: TrainConfig, device, report
                                                                           "augment": config.augment}
     else:
         transform, transform_id = eval_transform(prep), plain
-    train = FeatureLoader(cached_features(model.backbone, data, "train", transform, transform_id, config, device,
+    train = FeatureLoader(cached_features(model.backbone, data, "train", transform, transform_id, config, rt,
                                           report, config.feature_views, prep.resize),
                           labels["train"], config.batch_size, image_loader.sampler, image_loader.drop_last)
     val = None
     if labels["val"]:
         val = FeatureLoader(cached_features(model.backbone, data, "val", eval_transform(prep), plain, config,
-                                            device, report, min_side=prep.resize), labels["val"], config.batch_size)
+                                            rt, report, min_side=prep.resize), labels["val"], config.batch_size)
     return train, val
 
 
@@ -519,16 +513,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def default_workers(data: Data) -> int:
-    """In-memory data decodes nothing: 0 workers. Files: half the cores, so torch keeps the rest;
-    on 2 cores none (measured: extracting features from 2,100 JPEGs took 9.8 s with 0 workers,
-    10.9 s with 1, 9.5 s with 2 that then fight torch's threads during training)."""
-    cores = os.cpu_count() or 2
-    if data.arrays is not None or cores <= 2:
-        return 0
-    return min(8, cores // 2)
 
 
 def default_name(config: TrainConfig) -> str:

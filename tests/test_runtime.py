@@ -1,0 +1,65 @@
+"""Runtime settings: the rules that pick threads and precision, and that they are applied and undone."""
+
+import pytest
+import torch
+
+from transferkit import runtime
+from transferkit.config import TrainConfig
+from transferkit.errors import UserError
+from transferkit.predictor import Predictor
+from transferkit.model import build_classifier
+
+CPU = torch.device("cpu")
+
+
+def test_threads_leave_the_loader_workers_their_cores(monkeypatch):
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 8)
+    assert runtime.resolve(TrainConfig(workers=3), CPU, 3).threads == 5
+    assert runtime.resolve(TrainConfig(workers=8), CPU, 8).threads == 1
+    assert runtime.resolve(TrainConfig(threads=2), CPU, 3).threads == 2  # asked for: kept
+    assert runtime.resolve(TrainConfig(), CPU, 0).threads == torch.get_num_threads()
+    assert runtime.default_workers(in_memory=False) == 4 and runtime.default_workers(in_memory=True) == 0
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    assert runtime.default_workers(in_memory=False) == 0
+
+
+def test_threads_applied_restores_the_count():
+    before = torch.get_num_threads()
+    with runtime.Runtime(threads=1).threads_applied():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+def test_precision_auto_is_bf16_only_where_native(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.resolve_precision("auto", CPU) == "fp32"
+    assert runtime.resolve_precision("bf16", CPU) == "bf16"  # asked for: allowed (emulated, slower)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.resolve_precision("auto", CPU) == "bf16"
+    assert runtime.resolve_precision("fp32", CPU) == "fp32"
+    with pytest.raises(UserError, match="precision must be one of"):
+        TrainConfig(precision="fp16")
+
+
+def test_bf16_autocast_runs_the_model_in_bf16():
+    x = torch.randn(2, 4)
+    layer = torch.nn.Linear(4, 3)
+    with runtime.Runtime(precision="bf16").autocast():
+        assert layer(x).dtype == torch.bfloat16
+    with runtime.Runtime(precision="fp32").autocast():
+        assert layer(x).dtype == torch.float32
+
+
+def test_predictor_with_folded_bn_and_channels_last_matches_the_plain_model():
+    model, record, prep = build_classifier("efficientnet_lite0", "auto", 3, img_size=32)
+    model.eval()
+    images = torch.rand(5, 3, 40, 40).mul(255).byte().permute(0, 2, 3, 1).numpy()
+    clf = Predictor(model, {"classes": ["a", "b", "c"], "preprocessing": prep.to_dict()}, precision="fp32")
+    got = torch.from_numpy(clf.predict_proba(list(images)))
+    batch = torch.stack([clf.transform(clf._image(x)) for x in images])
+    plain, _, _ = build_classifier("efficientnet_lite0", "auto", 3, img_size=32)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        want = plain.eval()(batch).softmax(-1)
+    assert clf._net is not clf.model  # BN was folded
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
