@@ -23,8 +23,9 @@ from transferkit.weights import torch_load
 
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "quiet", "device", "workers", "save_every_steps",
                                "keep_top_k", "nan_policy", "nan_skip_limit", "deterministic", "trust_checkpoint",
-                               "cache_dir", "threads", "compile"})
-"""Config fields a resumed run may change: length, display, hardware and safety settings.
+                               "cache_dir", "threads", "compile", "accumulate"})
+"""Config fields a resumed run may change: length, display, hardware and safety settings (the
+process count is free too: the global batch, and so every step, stays the same).
 Everything else (model, weights, data, classes, strategy, LRs...) would make a different run."""
 
 
@@ -33,10 +34,15 @@ def atomic_write(path: Path, write) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
+    durable_replace(tmp, path)
+
+
+def durable_replace(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, rename it over `path`, fsync the folder (so the rename itself survives a crash)."""
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+    if hasattr(os, "O_DIRECTORY"):  # POSIX
         fd = os.open(path.parent, os.O_DIRECTORY)
         try:
             os.fsync(fd)

@@ -82,16 +82,24 @@ def train(
     precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp32 (default auto: bf16 where native)."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default cores minus loader workers)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default off)."),
+    accumulate: Optional[int] = typer.Option(None, help="Micro-batches per step: batch = micro x processes x this."),
+    sync_bn: bool = typer.Option(False, "--sync-bn", help="Several processes: SyncBatchNorm over the global batch."),
+    lr_scaling: Optional[str] = typer.Option(None, help="none | linear | sqrt: scale lr by batch / --lr-base-batch."),
+    lr_base_batch: Optional[int] = typer.Option(None, help="The batch size --lr is meant for (default 32)."),
+    devices: int = typer.Option(1, help="Processes on this machine (GPUs, or CPU ranks): runs torchrun for you."),
 ) -> None:
     """Fine-tune a pretrained backbone; writes runs/NAME with the best model in runs/NAME/best.
 
     SIGTERM or Ctrl-C saves last.ckpt and exits (143 / 130); `--resume runs/NAME` continues."""
+    from transferkit import distributed
     from transferkit.config import TrainConfig
     from transferkit.errors import UserError
     from transferkit.loop import train as run_training
 
+    if devices > 1 and not distributed.from_environment().on:
+        distributed.launch(devices, sys.argv[1:])  # does not return: torchrun runs this command N times
     flags = {k: v for k, v in locals().items()
-             if k not in ("config", "resume", "TrainConfig", "UserError", "run_training")}
+             if k not in ("config", "resume", "devices", "distributed", "TrainConfig", "UserError", "run_training")}
     # False from a plain switch means "not given"; --no-feature-cache is a real choice
     toggles = ("feature_cache", "image_cache", "channels_last", "compile")
     flags = {k: v for k, v in flags.items() if v is not None and (v is not False or k in toggles)}
@@ -103,8 +111,9 @@ def train(
             raise UserError("No data given: `transferkit train DATA` (a folder, a .csv, builtin:faces, ...).")
         run = run_training(cfg)
     test = run.metrics["test"]
-    typer.echo(json.dumps({"run": str(run.dir), "test_accuracy": test["accuracy"] if test else None,
-                           "test_macro_f1": test["macro_f1"] if test else None}))
+    if distributed.from_environment().main:
+        typer.echo(json.dumps({"run": str(run.dir), "test_accuracy": test["accuracy"] if test else None,
+                               "test_macro_f1": test["macro_f1"] if test else None}))
 
 
 @app.command()
@@ -345,3 +354,7 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    finally:  # leave torchrun's process group cleanly (no-op in one process)
+        from transferkit import distributed
+
+        distributed.teardown(distributed.from_environment())

@@ -24,6 +24,7 @@ DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("stop", "skip")
 BAD_FILES = ("skip", "error")
 PRECISIONS = ("auto", "bf16", "fp32")
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 @dataclass
@@ -151,6 +152,14 @@ class TrainConfig:
     """torch threads; None: the cores minus the loader workers on CPU (see `runtime`)."""
     compile: bool = False
     """torch.compile the model (slow to warm up; measured no faster on a 2-core CPU)."""
+    accumulate: int = 1
+    """Micro-batches per optimizer step: batch_size (the global batch) = micro-batch x processes x accumulate."""
+    sync_bn: bool = False
+    """With several processes, BatchNorm in train mode uses statistics of the global micro-batch (SyncBatchNorm)."""
+    lr_scaling: str = "none"
+    """none | linear | sqrt: scale lr by batch_size / lr_base_batch (or its root) once, at the start of a run."""
+    lr_base_batch: int = 32
+    """The batch size the given lr is meant for, when lr_scaling is linear or sqrt."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)
@@ -164,6 +173,9 @@ class TrainConfig:
         _choice("nan_policy", self.nan_policy, NAN_POLICIES)
         _choice("bad_files", self.bad_files, BAD_FILES)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
+        _range("accumulate", self.accumulate, 1)
+        _range("lr_base_batch", self.lr_base_batch, 1)
         if self.threads is not None:
             _range("threads", self.threads, 1)
         _range("save_every_steps", self.save_every_steps, 0)

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transferkit.checkpoint import atomic_write
 from transferkit.data import Data, ImageDataset
+from transferkit.distributed import Dist, fill_shared
 from transferkit.fuse import fold_batchnorm
 from transferkit.runtime import Runtime
 from transferkit.sampling import EpochSampler
@@ -57,42 +57,53 @@ def data_digest(data: Data, split: str) -> str:
 
 
 def cached_features(backbone: torch.nn.Module, data: Data, split: str, transform, transform_id: dict, config,
-                    rt: Runtime, report, views: int = 0, min_side: int | None = None) -> np.ndarray:
-    """Features of `split` as an array (N, D), or (views, N, D) with augmented views; computed on a miss.
-    `min_side`: the decode hint of open_image (part of `transform_id`'s preprocessing)."""
+                    rt: Runtime, report, views: int = 0, min_side: int | None = None, d: Dist = Dist()) -> np.ndarray:
+    """Features of `split` as an array (N, D), or (views, N, D) with augmented views; computed on a miss,
+    each rank extracting its share. `min_side`: the decode hint of open_image (part of `transform_id`)."""
     key_fields = {"backbone": backbone_digest(backbone), "data": data_digest(data, split), "split": split,
                   "transform": transform_id, "in_chans": config.in_chans, "views": views,
                   "seed": config.seed if views else None, "precision": rt.precision}
     key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = cache_root(config) / "features" / f"{key}.npy"
-    if path.is_file():
-        try:
-            return np.load(path, mmap_mode="r")
-        except (OSError, ValueError):
-            pass  # unreadable: compute again and replace it
-    per_view = [extract(backbone, data, split, transform, config, rt, report, view, min_side)
-                for view in (range(views) if views else [None])]
-    array = np.stack(per_view) if views else per_view[0]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if d.gather(readable_npy(path))[0]:  # rank 0 decides for all
+        return np.load(path, mmap_mode="r")
+    n = len(data.splits[split])
+    rows = d.shard(n)
+    mine = [extract(backbone, data, split, transform, config, rt, report, view, min_side, rows)
+            for view in (range(views) if views else [None])]
+    dim = next(x for x in d.gather(mine[0].shape[-1] if rows else None) if x is not None)
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
+    def fill(array: np.ndarray, rows: list[int]) -> None:
+        for view, part in enumerate(mine):
+            (array[view] if views else array)[rows] = part
 
-    atomic_write(path, write)
-    (path.with_suffix(".json")).write_text(json.dumps(key_fields, indent=1))
-    return np.load(path, mmap_mode="r")
+    array = fill_shared(d, path, (views, n, dim) if views else (n, dim), np.float32, fill, rows=n)
+    if d.main:
+        path.with_suffix(".json").write_text(json.dumps(key_fields, indent=1))
+    return array
+
+
+def readable_npy(path: Path) -> bool:
+    """A cache file that exists and opens (an unreadable one is built again and replaced)."""
+    try:
+        np.load(path, mmap_mode="r")
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 @torch.inference_mode()
 def extract(backbone: torch.nn.Module, data: Data, split: str, transform, config, rt: Runtime, report,
-            view: int | None = None, min_side: int | None = None) -> np.ndarray:
-    """One pass of the backbone over a split in eval mode; `view` seeds the augmentation of each image."""
+            view: int | None = None, min_side: int | None = None, rows: list[int] | None = None) -> np.ndarray:
+    """One pass of the backbone over a split (or its `rows`) in eval mode; `view` seeds the augmentation
+    of each image."""
     dataset = ImageDataset(data, split, transform, config.in_chans, min_side=min_side)
-    sampler = None
+    sampler = rows if rows is not None else list(range(len(dataset)))
     if view is not None:  # in order, each image under its own seed for this view
-        sampler = EpochSampler(len(dataset), config.seed + 7919, shuffle=False)
-        sampler.set_epoch(view)
+        seeded = EpochSampler(len(dataset), config.seed + 7919, shuffle=False)
+        seeded.set_epoch(view)
+        keys = list(seeded)
+        sampler = [keys[i] for i in sampler]
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
                                          num_workers=config.workers, generator=torch.Generator())
     # (its own generator: a cache miss must not draw from the run's random stream)
@@ -108,30 +119,25 @@ def extract(backbone: torch.nn.Module, data: Data, split: str, transform, config
             out.append(net(images).float().cpu())
         report.batch(0.0, 0.0, 0.0)
     backbone.train(was_training)
-    return torch.cat(out).numpy()
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
 class FeatureLoader:
-    """Batches of (features, labels, indices) in the order of an EpochSampler, like the image loader."""
+    """Batches of (features, labels, indices), like the image loader: `batch_sampler` yields lists of keys
+    (an index, or an (index, seed) pair from a StepBatches, which then drives the epochs)."""
 
-    def __init__(self, features: np.ndarray, labels: list[int], batch_size: int, sampler: EpochSampler | None = None,
-                 drop_last: bool = False):
-        self.features, self.labels = features, torch.as_tensor(labels)
-        self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
+    def __init__(self, features: np.ndarray, labels: list[int], batches):
+        self.features, self.labels, self.batch_sampler = features, torch.as_tensor(labels), batches
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return len(self.batch_sampler)
 
     def __iter__(self):
-        keys = list(self.sampler) if self.sampler is not None else [(i, 0) for i in range(len(self.labels))]
-        for start in range(0, len(keys), self.batch_size):
-            batch = keys[start : start + self.batch_size]
-            if self.drop_last and len(batch) < self.batch_size:
-                return
-            index = np.array([i for i, _ in batch])
+        for batch in self.batch_sampler:
+            keys = [k if isinstance(k, tuple) else (k, 0) for k in batch]
+            index = np.array([i for i, _ in keys], dtype=np.int64)
             if self.features.ndim == 3:  # augmented views: each image's seed picks one
-                rows = self.features[np.array([s % self.features.shape[0] for _, s in batch]), index]
+                rows = self.features[np.array([s % self.features.shape[0] for _, s in keys]), index]
             else:
                 rows = self.features[index]
             yield torch.from_numpy(np.array(rows, dtype=np.float32)), self.labels[index], torch.from_numpy(index)

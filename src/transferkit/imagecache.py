@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
 from torchvision import transforms as T
 
-from transferkit.checkpoint import atomic_write
 from transferkit.data import Data, ImageDataset
-from transferkit.features import cache_root, data_digest
+from transferkit.distributed import Dist, fill_shared
+from transferkit.features import cache_root, data_digest, readable_npy
 from transferkit.model import Preprocessing
 from transferkit.transforms import interpolation
 
@@ -38,33 +37,25 @@ def decode_transform(prep: Preprocessing) -> T.Compose:
                       T.CenterCrop(cache_size(prep)), T.PILToTensor()])
 
 
-def cached_images(data: Data, split: str, prep: Preprocessing, config, report) -> np.ndarray:
-    """uint8 array (N, S, S, C) of the split's decoded images, built on the first call."""
+def cached_images(data: Data, split: str, prep: Preprocessing, config, report, d: Dist = Dist()) -> np.ndarray:
+    """uint8 array (N, S, S, C) of the split's decoded images, built on the first call (each rank
+    decoding its share)."""
     size = cache_size(prep)
     key_fields = {"data": data_digest(data, split), "size": size, "interpolation": prep.interpolation,
                   "in_chans": config.in_chans}
     key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = cache_root(config) / "images" / f"{key}.npy"
-    if path.is_file():
-        try:
-            return np.load(path, mmap_mode="r")
-        except (OSError, ValueError):
-            pass  # unreadable: build again
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if d.gather(readable_npy(path))[0]:  # rank 0 decides for all
+        return np.load(path, mmap_mode="r")
     dataset = ImageDataset(data, split, decode_transform(prep), config.in_chans, min_side=prep.resize)
-    # its own generator: building the cache must not draw from the run's random stream
-    loader = torch.utils.data.DataLoader(dataset, batch_size=64, num_workers=config.workers,
-                                         generator=torch.Generator())
 
-    def write(tmp: Path) -> None:
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                          shape=(len(dataset), size, size, config.in_chans))
+    def fill(array: np.ndarray, rows: list[int]) -> None:
+        # its own generator: building the cache must not draw from the run's random stream
+        loader = torch.utils.data.DataLoader(dataset, batch_size=64, sampler=rows, num_workers=config.workers,
+                                             generator=torch.Generator())
         report.start_epoch(f"decode {split}", len(loader))
         for images, _, index in loader:
             array[index.numpy()] = images.permute(0, 2, 3, 1).numpy()
             report.batch(0.0, 0.0, 0.0)
-        array.flush()
-        del array
 
-    atomic_write(path, write)
-    return np.load(path, mmap_mode="r")
+    return fill_shared(d, path, (len(dataset), size, size, config.in_chans), np.uint8, fill)

@@ -8,6 +8,7 @@ bundle), top/ (with keep_top_k) and skipped.txt (files left out, see `check`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,6 +39,8 @@ from transferkit.lrfind import lr_find
 from transferkit.optim import make_optimizer, warmup_cosine
 from transferkit.preempt import Preempted, StopSignals
 from transferkit.progress import Reporter
+from transferkit import distributed
+from transferkit.distributed import Dist, StepBatches, loss_scale
 from transferkit.regularize import L2SP
 from transferkit.runtime import Runtime, default_workers
 from transferkit.runtime import resolve as resolve_runtime
@@ -76,12 +79,13 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     else:
         config = config.replace(**overrides) if config is not None else TrainConfig.from_dict(overrides)
     started = time.perf_counter()
-    report = report or Reporter(config.quiet)
+    d, rank_device = distributed.setup(config.device)  # one process, or a rank of torchrun's group
+    report = report or Reporter(config.quiet, silent=not d.main)
 
     # --- setup: data, model, plan, run directory -------------------------------------------
     seed_everything(config.seed)
     set_deterministic(config.deterministic)
-    device = pick_device(config.device)
+    device = rank_device or pick_device(config.device)
     if state is not None:  # the run's own split, exactly (few-shot selection included)
         data = load_data(config.data, split_file=str(Path(resume) / "split.json"))
     else:
@@ -95,6 +99,10 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
         drop_path=config.drop_path, trust=config.trust_checkpoint)
     workers = config.workers if config.workers is not None else default_workers(data.arrays is not None)
     rt = resolve_runtime(config, device, workers)
+    if config.sync_bn and d.on:  # BatchNorm statistics over the global batch (timm's version keeps act layers)
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
     rt.prepare(model)
     if rt.compile:  # the whole model's forward; the state_dict keeps its keys
         model.compile()
@@ -102,27 +110,41 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     if state is not None:
         run_dir = Path(resume)
         plan = resumed_plan(state, config, len(groups))
-        if changes:
+        if changes and d.main:
             config.save(run_dir / "config.yaml")
             (run_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in plan], indent=1))
     else:
         run_dir = make_run_dir(Path(config.runs_dir), config.name or default_name(config),
-                               auto=config.name is None, overwrite=config.overwrite)
+                               auto=config.name is None, overwrite=config.overwrite) if d.main else None
+        run_dir = Path(d.gather(str(run_dir))[0])  # rank 0 picked it
         config = config.replace(img_size=prep.img_size, workers=workers, name=run_dir.name)
+        if config.lr_scaling != "none" and config.lr != "auto":  # config.yaml keeps the LR actually used
+            scaled = distributed.scaled_lr(config.lr, config.batch_size, config.lr_scaling, config.lr_base_batch)
+            report.info(f"[transferkit] lr {config.lr:g} scaled ({config.lr_scaling}, batch {config.batch_size} "
+                        f"against {config.lr_base_batch}) to {scaled:g}")
+            config = config.replace(lr=scaled, lr_scaling="none")
         plan = make_plan(config, len(groups))
+    distributed.check_batch(config.batch_size, config.accumulate, d, len(data.splits["train"]))
+    if d.main and state is None:
         config.save(run_dir / "config.yaml")
         data.save_split(run_dir / "split.json")
         (run_dir / "classes.json").write_text(json.dumps(data.classes))
         (run_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in plan], indent=1))
         if data.skipped:
             write_skipped(run_dir / "skipped.txt", data.skipped)
-    (run_dir / "runtime.json").write_text(json.dumps(rt.to_dict(), indent=1))  # this start's, on resume too
+    setting = {**rt.to_dict(), "processes": d.world, "global_batch": config.batch_size,
+               "accumulate": config.accumulate, "micro_batch": config.batch_size // (config.accumulate * d.world),
+               "sync_bn": config.sync_bn and d.on}
+    if d.main:  # this start's, on resume too
+        (run_dir / "runtime.json").write_text(json.dumps(setting, indent=1))
     report.info(
         f"[transferkit] {run_dir}: {config.model} ({record['weights']}), {config.strategy}, "
         f"{len(data.classes)} classes, train/val/test = "
         f"{'/'.join(str(len(data.splits[s])) for s in ('train', 'val', 'test'))} ({data.how}), "
         f"{prep.img_size}px, {len(groups)} layer groups, {device} {rt.precision}"
-        + (f", {workers} loader workers" if workers else "") + (", compiled" if rt.compile else ""))
+        + (f", {workers} loader workers" if workers else "") + (", compiled" if rt.compile else "")
+        + (f"; {d.world} processes, global batch {config.batch_size} = {setting['micro_batch']} x {d.world} x "
+           f"{config.accumulate} accumulated" if d.on or config.accumulate > 1 else ""))
     if data.skipped:
         report.info(f"[transferkit] warning: skipped {len(data.skipped)} file(s), e.g. {data.skipped[0][0]}: "
                     f"{data.skipped[0][1]}; the full list is in {run_dir / 'skipped.txt'}")
@@ -136,16 +158,16 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     decoded, cache_s = {}, {"image_cache_s": 0.0, "feature_cache_s": 0.0}  # time to build or open caches
     if config.image_cache and data.arrays is None and any(p.groups for p in plan):
         tick = time.perf_counter()
-        decoded = {s: cached_images(data, s, prep, config, report) for s in ("train", "val") if data.splits[s]}
+        decoded = {s: cached_images(data, s, prep, config, report, d) for s in ("train", "val") if data.splits[s]}
         cache_s["image_cache_s"] = time.perf_counter() - tick
         report.info(f"[transferkit] decoded-image cache ready in {cache_s['image_cache_s']:.1f} s "
                     f"(cache {cache_root(config) / 'images'})")
     loaders = {
         "train": make_loader(data, "train", train_transform(prep, config.augment), config, shuffle=True,
-                             images=decoded.get("train"), min_side=prep.resize),
+                             images=decoded.get("train"), min_side=prep.resize, d=d),
         "val": make_loader(data, "val", eval_transform(prep, resized="val" in decoded), config,
-                           images=decoded.get("val"), min_side=prep.resize),
-        "test": make_loader(data, "test", eval_transform(prep), config, min_side=prep.resize),
+                           images=decoded.get("val"), min_side=prep.resize, d=d),
+        "test": make_loader(data, "test", eval_transform(prep), config, min_side=prep.resize, d=d),
     }
     weight = None
     if config.class_weights == "auto":  # inverse frequency, mean weight 1 over the training images
@@ -160,16 +182,19 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                       label_smoothing=config.label_smoothing, num_classes=len(data.classes))
         loss_fn = _soft_target_cross_entropy
     l2sp = L2SP(model.backbone, config.l2sp) if config.l2sp else None
-    if config.lr == "auto" and state is None:
-        probe = make_plan(config.replace(lr=1e-3, lr_min=None), len(groups))[0]
-        found = lr_find(model, groups, probe, loaders["train"], hard_loss, config.replace(lr=1e-3), device)
-        found.plot(run_dir / "lr_find.png")
-        config = config.replace(lr=found.suggestion)
+    if config.lr == "auto" and state is None:  # rank 0 runs the range test on its batches, all use its LR
+        found = None
+        if d.main:
+            probe = make_plan(config.replace(lr=1e-3, lr_min=None), len(groups))[0]
+            found = lr_find(model, groups, probe, loaders["train"], hard_loss, config.replace(lr=1e-3), device)
+            found.plot(run_dir / "lr_find.png")
+        config = config.replace(lr=d.gather(found.suggestion if found else None)[0])
         plan = make_plan(config, len(groups))
-        config.save(run_dir / "config.yaml")
-        (run_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in plan], indent=1))
-        report.info(f"[transferkit] lr auto: {found.suggestion:.2e} ({LR_RULE}; {len(found.lrs)} steps, "
-                    f"plot {run_dir / 'lr_find.png'})")
+        if d.main:
+            config.save(run_dir / "config.yaml")
+            (run_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in plan], indent=1))
+            report.info(f"[transferkit] lr auto: {found.suggestion:.2e} ({LR_RULE}; {len(found.lrs)} steps, "
+                        f"plot {run_dir / 'lr_find.png'})")
     eval_loss = nn.CrossEntropyLoss()  # val/test loss without smoothing, comparable across configs
     meta = {"transferkit_version": __version__, "architecture": record, "classes": data.classes,
             "preprocessing": prep.to_dict(), "strategy": {"name": config.strategy, "plan": [p.to_dict() for p in plan]},
@@ -180,7 +205,8 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     best = {"epoch": None, "val_accuracy": -1.0, "val_loss": math.inf}
     epoch, since_best, stop, top, nan_skipped, sums = 0, 0, False, [], 0, EpochSums()
     if state is None:
-        (run_dir / "metrics.jsonl").write_text("")
+        if d.main:
+            (run_dir / "metrics.jsonl").write_text("")
     else:  # rows written after the checkpoint belong to the lost part of the run
         try:
             model.load_state_dict(state["model"])  # after L2SP took its pretrained reference
@@ -189,15 +215,17 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                             f"{str(err).splitlines()[0]}") from None
         epoch, best, since_best, top = state["epoch"], state["best"], state["since_best"], state["top"]
         nan_skipped, sums = state["nan_skipped"], EpochSums(**state["sums"])
-        rows = (run_dir / "metrics.jsonl").read_text().splitlines()
-        (run_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows[:epoch]))
-        prune_top(run_dir, top)
-        set_rng_state(state["rng"])
+        if d.main:
+            rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+            (run_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows[:epoch]))
+            prune_top(run_dir, top)
+        ranks = state.get("rng_ranks") or []  # each rank's own streams when the world size is the same
+        set_rng_state(ranks[d.rank] if len(ranks) == d.world else state["rng"])
         report.info(f"[transferkit] resuming {run_dir} after epoch {epoch}"
                     + (f", step {sums.step}" if sums.step else "")
                     + "".join(f"; {k} changed to {v!r}" for k, v in changes.items()))
     total_epochs = sum(p.epochs for p in plan)
-    steps_per_epoch = len(loaders["train"])
+    steps_per_epoch = len(loaders["train"].batch_sampler.step_sizes())  # optimizer steps
     report.start(total_epochs)
     with StopSignals() as signals, rt.threads_applied():
         try:
@@ -219,7 +247,7 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                 if head_only:
                     tick = time.perf_counter()
                     train_loader, val_loader = feature_loaders(model, data, prep, config, rt, report,
-                                                               loaders["train"])
+                                                               loaders["train"], d)
                     cache_s["feature_cache_s"] += time.perf_counter() - tick
                     report.info(f"[transferkit] backbone features ready in {time.perf_counter() - tick:.1f} s "
                                 f"(cache {cache_root(config) / 'features'})")
@@ -227,43 +255,53 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                             f"{len(groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters"
                             + (", on cached features" if head_only else ""))
 
+                mode = "features" if head_only else "full" if phase.groups else "frozen"
+                net = distributed.ddp_wrap(StepModel(model, mode), d, device)  # what trains in this phase
+
                 def save_last(where: EpochSums) -> None:
-                    """last.ckpt at the current position; `where` holds the batches done in this epoch."""
-                    save_checkpoint(run_dir / "last.ckpt", {
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "config": config.to_dict(),
-                        "plan": [p.to_dict() for p in plan], "phase": phase_index, "epoch": epoch,
-                        "step": where.step, "sums": asdict(where), "best": best, "since_best": since_best,
-                        "top": top, "nan_skipped": nan_skipped, "rng": get_rng_state()})
+                    """last.ckpt at the current position (rank 0 writes it, with every rank's random
+                    streams); `where` holds the steps done in this epoch."""
+                    rngs = d.gather(get_rng_state())
+                    if d.main:
+                        save_checkpoint(run_dir / "last.ckpt", {
+                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "config": config.to_dict(),
+                            "plan": [p.to_dict() for p in plan], "phase": phase_index, "epoch": epoch,
+                            "step": where.step, "sums": asdict(where), "best": best, "since_best": since_best,
+                            "top": top, "nan_skipped": nan_skipped, "rng": rngs[0],
+                            "rng_ranks": rngs if d.on else []})
+                    d.barrier()  # no rank leaves (or is stopped by torchrun) before the file is whole
 
                 def after_step(where: EpochSums) -> None:
-                    """Inside an epoch: stop on a signal, or write a step checkpoint when one is due."""
-                    if signals.signum is not None:
+                    """Inside an epoch: stop on a signal (any rank's), or write a step checkpoint when due."""
+                    if d.sum([signals.signum is not None])[0]:
                         save_last(where)
-                        raise Preempted(signals.signum, run_dir, f"epoch {epoch + 1}, step {where.step}")
+                        raise Preempted(signals.signum or signal.SIGTERM, run_dir,
+                                        f"epoch {epoch + 1}, step {where.step}")
                     due = (epoch * steps_per_epoch + where.step) % max(config.save_every_steps, 1) == 0
                     if config.save_every_steps and due:
                         save_last(where)
 
                 for _ in range(epoch - before, phase.epochs):
-                    train_loader.sampler.set_epoch(epoch, skip=sums.step * config.batch_size)
+                    train_loader.batch_sampler.set_epoch(epoch, skip_steps=sums.step)
                     tick = time.perf_counter() - sums.seconds
                     sums, nan_skipped = train_one_epoch(
-                        model, train_loader, optimizer, scheduler, loss_fn, phase, rt, report,
+                        net, model, train_loader, optimizer, scheduler, loss_fn, phase, rt, report,
                         f"epoch {epoch + 1}/{total_epochs}", sums, Guard(config, data, epoch, nan_skipped),
-                        mixer, l2sp, after_step, head_only)
+                        mixer, l2sp, after_step, d)
                     epoch += 1
                     seconds = time.perf_counter() - tick
                     train_loss, train_acc = sums.loss_sum / max(sums.seen, 1), sums.correct / max(sums.seen, 1)
-                    val = (evaluate_loader(model.head if head_only else model, val_loader, eval_loss, rt)
+                    val = (evaluate_loader(model.head if head_only else model, val_loader, eval_loss, rt, d=d)
                            if len(data.splits["val"]) else None)
                     row = {"epoch": epoch, "phase": phase.name, "groups": trainable_groups(model, groups),
                            "train_loss": train_loss, "train_accuracy": train_acc,
                            "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
                            "lr": optimizer.param_groups[0]["lr"], "images_per_s": sums.seen / seconds,
                            "epoch_s": seconds}
-                    with (run_dir / "metrics.jsonl").open("a") as fh:
-                        fh.write(json.dumps(row) + "\n")
+                    if d.main:
+                        with (run_dir / "metrics.jsonl").open("a") as fh:
+                            fh.write(json.dumps(row) + "\n")
                     # best by val accuracy, ties broken by lower val loss; without a val split, the latest.
                     # A model with non-finite weights or val loss is never kept.
                     score = {"epoch": epoch, "val_accuracy": val["accuracy"] if val else None,
@@ -272,20 +310,21 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                     improved = finite and (val is None or _key(score) > _key(best))
                     if improved:
                         best = score
-                        save_bundle(run_dir / "best", model, {**meta, "metrics": {"best": best}})
+                        if d.main:
+                            save_bundle(run_dir / "best", model, {**meta, "metrics": {"best": best}})
                         since_best = 0
                     else:
                         since_best += 1
                     if config.keep_top_k and val is not None and finite:
-                        top = keep_top(run_dir, top, score, config.keep_top_k, model, meta)
+                        top = keep_top(run_dir, top, score, config.keep_top_k, model, meta, d.main)
                     sums = EpochSums()
                     save_last(sums)
                     report.end_epoch(
                         f"epoch {epoch:>3} {phase.name}: train loss {train_loss:.4f} acc {train_acc:.3f}"
                         + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}" if val else " | no val split")
                         + f" | {row['images_per_s']:.1f} img/s{' *' if improved else ''}")
-                    if signals.signum is not None:
-                        raise Preempted(signals.signum, run_dir, f"after epoch {epoch}")
+                    if d.sum([signals.signum is not None])[0]:  # any rank's signal stops all of them
+                        raise Preempted(signals.signum or signal.SIGTERM, run_dir, f"after epoch {epoch}")
                     if config.patience and since_best >= config.patience:
                         report.info(f"[transferkit] early stop: no better val score for {config.patience} epochs")
                         stop = True
@@ -298,16 +337,19 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
         raise UserError(f"No epoch of '{run_dir}' produced a finite model to keep; lower the LR or set --grad-clip.")
 
     # --- test the best checkpoint, exactly as shipped ---------------------------------------
+    d.barrier()  # rank 0 has written best/
     shipped, _ = load_bundle(run_dir / "best")
     rt.prepare(shipped)
     test = None
     if len(data.splits["test"]):
-        test = evaluate_loader(shipped, loaders["test"], eval_loss, rt, data.classes)
+        test = evaluate_loader(shipped, loaders["test"], eval_loss, rt, data.classes, d)
     metrics = {"test": test, "best": best, "epochs_run": epoch, "trainable_params": count_trainable(model),
-               "nan_skipped_steps": nan_skipped, "skipped_files": len(data.skipped), **cache_s, "runtime": rt.to_dict(),
+               "nan_skipped_steps": nan_skipped, "skipped_files": len(data.skipped), **cache_s, "runtime": setting,
                "wall_time_s": time.perf_counter() - started}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    save_bundle(run_dir / "best", shipped, {**meta, "metrics": {"best": best, "test": _headline(test)}})
+    if d.main:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        save_bundle(run_dir / "best", shipped, {**meta, "metrics": {"best": best, "test": _headline(test)}})
+    d.barrier()
     report.info(f"[transferkit] best epoch {best['epoch']}; test "
                 + (f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} images; "
                    "recall " + ", ".join(f"{c} {m['recall']:.2f}" for c, m in list(test["per_class"].items())[:20])
@@ -349,18 +391,38 @@ class Guard:
                         "or pass --nan-policy skip.")
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, phase: Phase, rt: Runtime, report: Reporter,
-                    description: str, sums: EpochSums, guard: Guard, mixer=None, l2sp: L2SP | None = None,
-                    after_step=None, head_only: bool = False) -> tuple[EpochSums, int]:
-    """One pass over the training data (from batch `sums.step` on); returns the epoch's totals and the
-    run's count of skipped non-finite steps. `after_step(sums)` runs after every step but the last.
-    `head_only`: the loader yields backbone features (a FeatureLoader), not images."""
+class StepModel(nn.Module):
+    """What a training step runs, as one module for DDP to wrap: the head on cached features
+    ("features"), the head on a frozen backbone's features without a backward graph below it
+    ("frozen"), or the whole model ("full")."""
+
+    def __init__(self, model: nn.Module, mode: str):
+        super().__init__()
+        self.model, self.mode = model, mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "features":
+            return self.model.head(x)
+        if self.mode == "frozen":
+            with torch.no_grad():
+                x = self.model.backbone(x)
+        return self.model.head(x) if self.mode == "frozen" else self.model(x)
+
+
+def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, scheduler, loss_fn, phase: Phase,
+                    rt: Runtime, report: Reporter, description: str, sums: EpochSums, guard: Guard, mixer=None,
+                    l2sp: L2SP | None = None, after_step=None, d: Dist = Dist()) -> tuple[EpochSums, int]:
+    """One pass over the training data (from optimizer step `sums.step` on); returns the epoch's totals
+    (over all ranks) and the run's count of skipped non-finite steps. `net` is the StepModel (DDP-wrapped
+    with several processes); `loader.batch_sampler` is the StepBatches that groups its micro-batches into
+    steps. `after_step(sums)` runs after every step but the last."""
     set_train_mode(model, phase)
-    backbone_frozen = not phase.groups
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    sizes, accumulate = loader.batch_sampler.step_sizes(), loader.batch_sampler.accumulate
     tick = time.perf_counter() - sums.seconds
-    report.start_epoch(description, len(loader))
+    report.start_epoch(description, len(sizes))
     report.advance(sums.step)
+    micro, step_ok = 0, True
     for images, labels, indices in loader:
         images, labels = rt.batch(images), labels.to(rt.device, non_blocking=True)
         targets = labels
@@ -368,83 +430,95 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, phase: Phase, 
             images, targets = mixer(images, labels)
         elif mixer is not None:
             targets = torch.nn.functional.one_hot(labels, mixer.num_classes).float()
-        with rt.autocast():
-            if head_only:
-                logits = model.head(images)
-            elif backbone_frozen:  # nothing below the head trains: skip building the backward graph
-                with torch.no_grad():
-                    features = model.backbone(images)
-                logits = model.head(features)
-            else:
-                logits = model(images)
-            loss = loss_fn(logits.float(), targets)
-            if l2sp is not None:
-                loss = loss + l2sp.penalty(model.backbone)
-        optimizer.zero_grad(set_to_none=True)
-        value = loss.item()
+        if micro == 0:
+            optimizer.zero_grad(set_to_none=True)
+            step_ok = True
+        last = micro == accumulate - 1
         step = sums.step + 1
-        if guard.check("loss", value, step, indices):
-            loss.backward()
+        # DDP averages gradients at the step's last micro-batch only
+        with contextlib.nullcontext() if last or not d.on else net.no_sync():
+            with rt.autocast():
+                logits = net(images)
+                loss = loss_fn(logits.float(), targets)
+                if l2sp is not None:
+                    loss = loss + l2sp.penalty(model.backbone)
+            value = loss.item()
+            finite = math.isfinite(value)
+            # one all-reduce: the micro-batch's loss, images, hits and non-finite count over the ranks
+            loss_sum, seen, correct, bad = d.sum([value * len(labels) if finite else 0.0, len(labels),
+                                                  (logits.argmax(1) == labels).sum().item(), 0 if finite else 1])
+            step_ok = step_ok and guard.check("loss", math.nan if bad else loss_sum / seen, step, indices)
+            if step_ok:
+                (loss * loss_scale(len(labels), sizes[sums.step], d)).backward()
+        micro += 1
+        sums = EpochSums(sums.step, sums.loss_sum + loss_sum, sums.correct + int(correct), sums.seen + int(seen),
+                         sums.seconds)
+        if not last:
+            continue
+        if step_ok:
             norm = torch.nn.utils.clip_grad_norm_(params, guard.config.grad_clip or math.inf)
             if guard.check("gradient norm", norm.item(), step, indices):
                 optimizer.step()
         scheduler.step()
-        finite = math.isfinite(value)
-        sums = EpochSums(step, sums.loss_sum + (value * len(labels) if finite else 0.0),
-                         sums.correct + (logits.argmax(1) == labels).sum().item(), sums.seen + len(labels),
-                         time.perf_counter() - tick)
+        micro = 0
+        sums = EpochSums(step, sums.loss_sum, sums.correct, sums.seen, time.perf_counter() - tick)
         report.batch(sums.loss_sum / sums.seen, sums.correct / sums.seen, sums.seen / sums.seconds)
-        if step < len(loader) and after_step is not None:
+        if step < len(sizes) and after_step is not None:
             after_step(sums)
     return sums, guard.skipped
 
 
 @torch.inference_mode()
-def evaluate_loader(model, loader, loss_fn, rt: Runtime, classes: list[str] | None = None) -> dict:
-    """Loss and accuracy on a loader; with `classes`, the full metrics (F1, per class, confusion)."""
+def evaluate_loader(model, loader, loss_fn, rt: Runtime, classes: list[str] | None = None, d: Dist = Dist()) -> dict:
+    """Loss and accuracy on a loader; with `classes`, the full metrics (F1, per class, confusion).
+    With several processes each evaluates its shard and the results are gathered: same on every rank."""
     model.eval()
-    losses, preds, targets = [], [], []
+    loss_sum, preds, targets = 0.0, [], []
     for images, labels, _ in loader:
         images, labels = rt.batch(images), labels.to(rt.device, non_blocking=True)
         with rt.autocast():
             logits = model(images).float()
-        losses.append(loss_fn(logits, labels).item() * len(labels))
-        preds.append(logits.argmax(1).cpu())
-        targets.append(labels.cpu())
-    y_pred, y_true = torch.cat(preds).numpy(), torch.cat(targets).numpy()
-    out = {"loss": sum(losses) / len(y_true), "accuracy": float((y_pred == y_true).mean())}
+        loss_sum += loss_fn(logits, labels).item() * len(labels)
+        preds += logits.argmax(1).tolist()
+        targets += labels.tolist()
+    parts = d.gather((loss_sum, preds, targets))
+    y_pred, y_true = (np.array([v for part in parts for v in part[k]], dtype=np.int64) for k in (1, 2))
+    out = {"loss": sum(part[0] for part in parts) / len(y_true), "accuracy": float((y_pred == y_true).mean())}
     if classes is not None:
         out.update(classification_metrics(y_true, y_pred, classes))
     return out
 
 
 def make_loader(data: Data, split: str, transform, config: TrainConfig, shuffle: bool = False,
-                images: np.ndarray | None = None, min_side: int | None = None):
-    """Training (`shuffle`) loaders draw order and augmentation from an EpochSampler: call
-    `loader.sampler.set_epoch(e)` before each epoch. Eval loaders read the split in order.
-    `images`: the split's decoded-image cache, read instead of the files; `min_side`: see open_image."""
+                images: np.ndarray | None = None, min_side: int | None = None, d: Dist = Dist()):
+    """Training (`shuffle`) loaders yield this rank's micro-batches from a StepBatches over an
+    EpochSampler: call `loader.batch_sampler.set_epoch(e)` before each epoch. Eval loaders read
+    this rank's shard of the split in order. `images`: the split's decoded-image cache, read
+    instead of the files; `min_side`: see open_image."""
     dataset = ImageDataset(data, split, transform, config.in_chans, images, min_side)
-    # a last training batch of one image makes BatchNorm statistics meaningless: drop it
-    drop_last = shuffle and len(dataset) > config.batch_size and len(dataset) % config.batch_size == 1
-    sampler = None
-    if shuffle:
-        weights = None
-        if config.sampler == "balanced":
-            counts = data.counts(split)
-            weights = [1.0 / counts[label] for _, label in dataset.samples]
-        sampler = EpochSampler(len(dataset), config.seed, shuffle=True, weights=weights)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
-        generator=torch.Generator().manual_seed(config.seed), drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(), persistent_workers=config.workers > 0, worker_init_fn=_init_worker)
+    common = dict(num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed),
+                  pin_memory=torch.cuda.is_available(), persistent_workers=config.workers > 0,
+                  worker_init_fn=_init_worker)
+    if not shuffle:
+        return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=d.shard(len(dataset)),
+                                           **common)
+    weights = None
+    if config.sampler == "balanced":
+        counts = data.counts(split)
+        weights = [1.0 / counts[label] for _, label in dataset.samples]
+    sampler = EpochSampler(len(dataset), config.seed, shuffle=True, weights=weights)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=StepBatches(sampler, config.batch_size, d,
+                                                                          config.accumulate), **common)
 
 
 def _soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.sum(-targets * torch.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
-def feature_loaders(model, data: Data, prep, config: TrainConfig, rt: Runtime, report, image_loader):
-    """(train, val) loaders over cached backbone features, in the image loader's batch order."""
+def feature_loaders(model, data: Data, prep, config: TrainConfig, rt: Runtime, report, image_loader,
+                    d: Dist = Dist()):
+    """(train, val) loaders over cached backbone features, in the image loader's batch order; the ranks
+    extract their shares of the features together."""
     labels = {s: [data.classes.index(label) for _, label in data.splits[s]] for s in ("train", "val")}
     plain = {"eval": prep.to_dict()}
     if config.feature_views:
@@ -453,12 +527,14 @@ def feature_loaders(model, data: Data, prep, config: TrainConfig, rt: Runtime, r
     else:
         transform, transform_id = eval_transform(prep), plain
     train = FeatureLoader(cached_features(model.backbone, data, "train", transform, transform_id, config, rt,
-                                          report, config.feature_views, prep.resize),
-                          labels["train"], config.batch_size, image_loader.sampler, image_loader.drop_last)
+                                          report, config.feature_views, prep.resize, d),
+                          labels["train"], image_loader.batch_sampler)
     val = None
     if labels["val"]:
+        shard = d.shard(len(labels["val"]))
         val = FeatureLoader(cached_features(model.backbone, data, "val", eval_transform(prep), plain, config,
-                                            rt, report, min_side=prep.resize), labels["val"], config.batch_size)
+                                            rt, report, min_side=prep.resize, d=d), labels["val"],
+                            [shard[i : i + config.batch_size] for i in range(0, len(shard), config.batch_size)])
     return train, val
 
 
@@ -471,9 +547,12 @@ def all_finite(model: nn.Module) -> bool:
     return all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
 
 
-def keep_top(run_dir: Path, top: list[dict], score: dict, k: int, model, meta: dict) -> list[dict]:
-    """Keep the k best epochs as bundles top/epoch-NNN; returns the new ranking (best first)."""
+def keep_top(run_dir: Path, top: list[dict], score: dict, k: int, model, meta: dict, write: bool = True) -> list[dict]:
+    """Keep the k best epochs as bundles top/epoch-NNN; returns the new ranking (best first).
+    `write` False (ranks other than 0) only ranks."""
     ranked = sorted([*top, score], key=_key, reverse=True)
+    if not write:
+        return ranked[:k]
     if score in ranked[:k]:
         save_bundle(run_dir / "top" / f"epoch-{score['epoch']:03d}", model, {**meta, "metrics": {"best": score}})
     prune_top(run_dir, ranked[:k])

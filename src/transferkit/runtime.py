@@ -7,8 +7,8 @@ ran. The rules:
   (avx512_bf16 or AMX); fp32 elsewhere. On an AVX-512 CPU without them (this project's 2-core
   Xeon) bf16 trained efficientnet_lite0 at 96 px at 37 img/s against 74 in fp32.
 - channels_last: on by default (TrainConfig.channels_last has the figures).
-- loader workers: see `default_workers`; torch threads = cores - workers on CPU, so decoding
-  workers and compute threads do not oversubscribe the cores.
+- loader workers: see `default_workers`; torch threads = cores - workers on CPU (cores per
+  process under torchrun), so decoding workers, compute threads and ranks do not oversubscribe.
 - compile: off by default. On the 2-core CPU torch.compile took 105 s to warm up and then
   trained at 70 img/s against 73 eager; on CUDA it is worth trying for long runs.
 """
@@ -48,11 +48,16 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def cores_per_process() -> int:
+    """This machine's cores shared by the processes torchrun started on it (LOCAL_WORLD_SIZE)."""
+    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def default_workers(in_memory: bool) -> int:
-    """In-memory data decodes nothing: 0 workers. Files: half the cores (at most 8), so torch keeps the
-    rest; on 2 cores none (measured: extracting features from 2,100 JPEGs took 9.8 s with 0 workers,
-    10.9 s with 1, 9.5 s with 2 that then fight torch's threads during training)."""
-    cores = os.cpu_count() or 2
+    """In-memory data decodes nothing: 0 workers. Files: half of this process's cores (at most 8), so
+    torch keeps the rest; with 2 cores or fewer none (measured: extracting features from 2,100 JPEGs
+    took 9.8 s with 0 workers, 10.9 s with 1, 9.5 s with 2 that then fight torch's threads)."""
+    cores = cores_per_process()
     if in_memory or cores <= 2:
         return 0
     return min(8, cores // 2)
@@ -108,7 +113,7 @@ def resolve(config, device: torch.device, workers: int) -> Runtime:
     threads = torch.get_num_threads()
     if config.threads:
         threads = config.threads
-    elif device.type == "cpu" and workers:
-        threads = max(1, (os.cpu_count() or 1) - workers)
+    elif device.type == "cpu" and (workers or cores_per_process() < (os.cpu_count() or 1)):
+        threads = max(1, cores_per_process() - workers)
     return Runtime(device, resolve_precision(config.precision, device), config.channels_last, workers, threads,
                    config.compile)
