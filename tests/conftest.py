@@ -53,4 +53,4 @@ def shapes_dir(tmp_path: Path) -> Path:
 def tiny(tmp_path: Path) -> dict:
     """Config overrides for fast CPU runs: 32 px, lite0, 1 epoch, runs under tmp_path."""
     return {"img_size": 32, "epochs": 1, "batch_size": 8, "runs_dir": str(tmp_path / "runs"), "quiet": True,
-            "workers": 0}
+            "workers": 0, "html_report": False}

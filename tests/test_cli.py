@@ -36,6 +36,19 @@ def test_train_evaluate_predict_from_the_command_line(shapes_dir, tmp_path):
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert len(rows) == 2 and {r["true"] for r in rows} == {"circle", "square"}
 
+    assert (runs / "cli" / "report.html").is_file()  # written by train (default on)
+    result = runner.invoke(app, ["report", str(runs / "cli")])
+    assert result.exit_code == 0 and result.stdout.strip().endswith("report.html")
+    result = runner.invoke(app, ["evaluate", str(runs / "cli"), "--tta", "flip"])
+    assert result.exit_code == 0 and "TTA flip: test accuracy" in result.stdout, result.output
+    result = runner.invoke(app, ["predict", str(runs / "cli"), str(shapes_dir / "circle"), "--tta", "flip-crop",
+                                 "--format", "json"])
+    assert result.exit_code == 0 and len(json.loads(result.stdout)) == 10
+    result = runner.invoke(app, ["export", str(runs / "cli"), "--format", "torchscript"])
+    assert result.exit_code == 0 and "top-1 agreement 1.000" in result.stdout, result.output
+    result = runner.invoke(app, ["inspect", "efficientnet_lite0"])
+    assert result.exit_code == 0 and "group 0:" in result.stdout and "lp-ft:" in result.stdout
+
     # the saved config is reusable as --config, flags override it
     result = runner.invoke(app, ["train", "--config", str(runs / "cli" / "config.yaml"), "--name", "again",
                                  "--epochs", "1"])

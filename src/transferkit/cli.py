@@ -87,6 +87,8 @@ def train(
     lr_scaling: Optional[str] = typer.Option(None, help="none | linear | sqrt: scale lr by batch / --lr-base-batch."),
     lr_base_batch: Optional[int] = typer.Option(None, help="The batch size --lr is meant for (default 32)."),
     devices: int = typer.Option(1, help="Processes on this machine (GPUs, or CPU ranks): runs torchrun for you."),
+    html_report: Optional[bool] = typer.Option(None, "--report/--no-report", help="Write report.html at the end (default on)."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Write TensorBoard event files to RUN/tensorboard."),
 ) -> None:
     """Fine-tune a pretrained backbone; writes runs/NAME with the best model in runs/NAME/best.
 
@@ -101,7 +103,7 @@ def train(
     flags = {k: v for k, v in locals().items()
              if k not in ("config", "resume", "devices", "distributed", "TrainConfig", "UserError", "run_training")}
     # False from a plain switch means "not given"; --no-feature-cache is a real choice
-    toggles = ("feature_cache", "image_cache", "channels_last", "compile")
+    toggles = ("feature_cache", "image_cache", "channels_last", "compile", "html_report")
     flags = {k: v for k, v in flags.items() if v is not None and (v is not False or k in toggles)}
     if resume is not None:
         run = run_training(resume=resume, **flags)
@@ -220,11 +222,12 @@ def evaluate(
     split: str = typer.Option("test", help="train | val | test."),
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     format: str = typer.Option("table", "--format", help="table | json."),
+    tta: str = typer.Option("none", help="none | flip | flip-crop: also score test-time augmentation."),
 ) -> None:
     """Re-run the best model of RUN on a saved split and print its metrics."""
     from transferkit.evaluation import evaluate as run_evaluate
 
-    metrics = run_evaluate(run, split=split, device=device)
+    metrics = run_evaluate(run, split=split, device=device, tta=tta)
     if format == "json":
         typer.echo(json.dumps(metrics, indent=1))
         return
@@ -239,6 +242,12 @@ def evaluate(
         table.add_row(cls, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     Console().print(table)
     typer.echo(f"confusion matrix (rows true, cols predicted): {metrics['confusion_matrix']}")
+    if "tta" in metrics:
+        t = metrics["tta"]
+        val = (f"validation accuracy {t['val_accuracy']:.4f} without, {t['val_accuracy_tta']:.4f} with TTA: "
+               + ("use it" if t["recommended"] else "not worth it") if t["val_accuracy"] is not None
+               else "no validation split to judge it on")
+        typer.echo(f"TTA {t['mode']}: {split} accuracy {t[f'{split}_accuracy']:.4f}; {val}")
 
 
 @app.command()
@@ -250,6 +259,7 @@ def predict(
     top_k: int = typer.Option(5, help="Classes to show per image."),
     format: str = typer.Option("table", "--format", help="table | json | csv."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
+    tta: str = typer.Option("none", help="none | flip | flip-crop: average over augmented views."),
 ) -> None:
     """Top-k class predictions for images, with class names."""
     from transferkit.errors import UserError
@@ -269,7 +279,7 @@ def predict(
         raise UserError("Nothing to predict: give image files or folders, or --split test.")
     items = items[:limit] if limit else items
     names = [it[0] for it in items] if split else items
-    results = clf.predict([it[1] for it in items] if split else items, top_k=top_k)
+    results = clf.predict([it[1] for it in items] if split else items, top_k=top_k, tta=tta)
     for r, name, true in zip(results, names, truth or [None] * len(results)):
         r["input"] = name
         if true is not None:
@@ -336,6 +346,51 @@ def models(
     Console(width=120).print(table)
     if not pattern:
         typer.echo("Any timm model trains with --weights none; `transferkit models PATTERN` searches all of them.")
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="A run directory written by `transferkit train`."),
+    device: str = typer.Option("cpu", help="cpu | cuda."),
+) -> None:
+    """(Re)build RUN/report.html: curves, confusion matrix, per-class scores, top losses, calibration."""
+    from transferkit.report import build_report
+
+    typer.echo(str(build_report(run, device)))
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A run directory or a bundle folder."),
+    format: str = typer.Option("onnx", "--format", help="onnx | torchscript."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default RUN/export)."),
+    tolerance: float = typer.Option(1e-4, help="Largest |logit difference| the parity check accepts."),
+) -> None:
+    """Export the best model (dynamic batch) with model.json beside it, then check it against PyTorch."""
+    from transferkit.export import export as run_export
+
+    result = run_export(run, format, out, tolerance)
+    typer.echo(f"{result['path']}: parity on {result['images']} images: max |logit diff| "
+               f"{result['max_abs_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.3f}")
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="A timm model name, e.g. efficientnet_lite0 or resnet50."),
+    img_size: Optional[int] = typer.Option(None, help="Resolution (default: the model's pretrained one)."),
+) -> None:
+    """Layer groups with parameter counts, what each strategy trains, features, preprocessing, weights here."""
+    from transferkit.describe import describe
+
+    info = describe(model, img_size)
+    typer.echo(f"{info['model']} (timm {info['arch']}): {info['features']} features, head "
+               f"{info['head_params']:,} parameters for 2 classes; weights here: {info['weights_here'] or 'none'}")
+    typer.echo(f"preprocessing: {json.dumps(info['preprocessing'])}")
+    for g in info["groups"]:
+        typer.echo(f"  group {g['index']}: {g['params']:>11,} parameters  ({g['first']} ... {g['last']})")
+    for strategy, plan in info["plans"].items():
+        typer.echo(f"  {strategy:>12}: " + "; ".join(
+            f"{p['phase']} {p['epochs']} ep groups {p['groups'] or 'none'} BN {p['bn']}" for p in plan))
 
 
 def main() -> None:

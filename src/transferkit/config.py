@@ -160,6 +160,10 @@ class TrainConfig:
     """none | linear | sqrt: scale lr by batch_size / lr_base_batch (or its root) once, at the start of a run."""
     lr_base_batch: int = 32
     """The batch size the given lr is meant for, when lr_scaling is linear or sqrt."""
+    html_report: bool = True
+    """Write runs/NAME/report.html at the end (curves, confusion matrix, top losses, calibration)."""
+    tensorboard: bool = False
+    """Write TensorBoard event files to runs/NAME/tensorboard."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)

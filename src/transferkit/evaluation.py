@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from torch import nn
 
 from transferkit.bundle import load_bundle
@@ -13,13 +15,17 @@ from transferkit.data import load_data
 from transferkit.errors import UserError
 from transferkit.model import Preprocessing
 from transferkit.loop import evaluate_loader, make_loader, pick_device
+from transferkit.predictor import Predictor
 from transferkit.runtime import default_workers
 from transferkit.runtime import resolve as resolve_runtime
 from transferkit.transforms import eval_transform
 
 
-def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_size: int | None = None) -> dict:
-    """Metrics of `run`'s best bundle on `split` of the split.json saved with the run."""
+def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_size: int | None = None,
+             tta: str = "none") -> dict:
+    """Metrics of `run`'s best bundle on `split` of the split.json saved with the run. With `tta`
+    (flip | flip-crop), also the split's accuracy under test-time augmentation, and validation
+    accuracy without and with it: `tta.recommended` is true only when TTA is better on validation."""
     run = Path(run)
     if not (run / "config.yaml").is_file() or not (run / "split.json").is_file():
         raise UserError(f"'{run}' is not a run directory: it needs config.yaml and split.json "
@@ -40,5 +46,22 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
     with rt.threads_applied():
         metrics = evaluate_loader(rt.prepare(model), loader, nn.CrossEntropyLoss(), rt, data.classes)
     metrics["split"] = split
+    if tta != "none":
+        metrics["tta"] = _tta(Predictor(model, meta, str(rt.device)), data, split, tta)
     (run / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def _tta(clf: Predictor, data, split: str, tta: str) -> dict:
+    """Accuracy of `split` with TTA; validation accuracy without and with it, and whether TTA helps there."""
+    def accuracy(name: str, mode: str) -> float | None:
+        samples = data.splits.get(name) or []
+        if not samples:
+            return None
+        images = [data.read(ref, clf.preprocessing.in_chans, clf.preprocessing.resize) for ref, _ in samples]
+        preds = clf.predict_proba(images, tta=mode).argmax(1)
+        return float(np.mean([clf.classes[p] == label for p, (_, label) in zip(preds, samples)]))
+
+    plain, with_tta = accuracy("val", "none"), accuracy("val", tta)
+    return {"mode": tta, f"{split}_accuracy": accuracy(split, tta), "val_accuracy": plain, "val_accuracy_tta": with_tta,
+            "recommended": bool(plain is not None and with_tta > plain)}

@@ -41,7 +41,9 @@ from transferkit.preempt import Preempted, StopSignals
 from transferkit.progress import Reporter
 from transferkit import distributed
 from transferkit.distributed import Dist, StepBatches, loss_scale
+from transferkit.board import Board
 from transferkit.regularize import L2SP
+from transferkit.report import build_report, confusion_png
 from transferkit.runtime import Runtime, default_workers
 from transferkit.runtime import resolve as resolve_runtime
 from transferkit.sampling import EpochSampler
@@ -226,6 +228,7 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                     + "".join(f"; {k} changed to {v!r}" for k, v in changes.items()))
     total_epochs = sum(p.epochs for p in plan)
     steps_per_epoch = len(loaders["train"].batch_sampler.step_sizes())  # optimizer steps
+    board = Board(run_dir / "tensorboard") if config.tensorboard and d.main else None
     report.start(total_epochs)
     with StopSignals() as signals, rt.threads_applied():
         try:
@@ -272,8 +275,13 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                             "rng_ranks": rngs if d.on else []})
                     d.barrier()  # no rank leaves (or is stopped by torchrun) before the file is whole
 
-                def after_step(where: EpochSums) -> None:
-                    """Inside an epoch: stop on a signal (any rank's), or write a step checkpoint when due."""
+                def after_step(where: EpochSums, step_loss: float) -> None:
+                    """After each step: log it; inside an epoch, stop on a signal (any rank's) or write a step
+                    checkpoint when one is due."""
+                    if board is not None:
+                        board.step(epoch * steps_per_epoch + where.step, step_loss, optimizer.param_groups[-1]["lr"])
+                    if where.step == steps_per_epoch:
+                        return  # the epoch's end saves and checks for signals
                     if d.sum([signals.signum is not None])[0]:
                         save_last(where)
                         raise Preempted(signals.signum or signal.SIGTERM, run_dir,
@@ -302,6 +310,8 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                     if d.main:
                         with (run_dir / "metrics.jsonl").open("a") as fh:
                             fh.write(json.dumps(row) + "\n")
+                    if board is not None:
+                        board.epoch(row)
                     # best by val accuracy, ties broken by lower val loss; without a val split, the latest.
                     # A model with non-finite weights or val loss is never kept.
                     score = {"epoch": epoch, "val_accuracy": val["accuracy"] if val else None,
@@ -333,6 +343,8 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                     break
         finally:
             report.close()
+            if board is not None:
+                board.close()
     if best["epoch"] is None:
         raise UserError(f"No epoch of '{run_dir}' produced a finite model to keep; lower the LR or set --grad-clip.")
 
@@ -349,6 +361,12 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     if d.main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         save_bundle(run_dir / "best", shipped, {**meta, "metrics": {"best": best, "test": _headline(test)}})
+        if board is not None and test is not None:
+            board = Board(run_dir / "tensorboard")
+            board.confusion(confusion_png(test, data.classes), epoch)
+            board.close()
+        if config.html_report:
+            report.info(f"[transferkit] report: {build_report(run_dir, str(device))}")
     d.barrier()
     report.info(f"[transferkit] best epoch {best['epoch']}; test "
                 + (f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} images; "
@@ -415,7 +433,7 @@ def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, schedul
     """One pass over the training data (from optimizer step `sums.step` on); returns the epoch's totals
     (over all ranks) and the run's count of skipped non-finite steps. `net` is the StepModel (DDP-wrapped
     with several processes); `loader.batch_sampler` is the StepBatches that groups its micro-batches into
-    steps. `after_step(sums)` runs after every step but the last."""
+    steps. `after_step(sums, step_loss)` runs after every step."""
     set_train_mode(model, phase)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sizes, accumulate = loader.batch_sampler.step_sizes(), loader.batch_sampler.accumulate
@@ -432,7 +450,7 @@ def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, schedul
             targets = torch.nn.functional.one_hot(labels, mixer.num_classes).float()
         if micro == 0:
             optimizer.zero_grad(set_to_none=True)
-            step_ok = True
+            step_ok, start = True, (sums.loss_sum, sums.seen)
         last = micro == accumulate - 1
         step = sums.step + 1
         # DDP averages gradients at the step's last micro-batch only
@@ -463,8 +481,8 @@ def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, schedul
         micro = 0
         sums = EpochSums(step, sums.loss_sum, sums.correct, sums.seen, time.perf_counter() - tick)
         report.batch(sums.loss_sum / sums.seen, sums.correct / sums.seen, sums.seen / sums.seconds)
-        if step < len(sizes) and after_step is not None:
-            after_step(sums)
+        if after_step is not None:
+            after_step(sums, (sums.loss_sum - start[0]) / max(sums.seen - start[1], 1))
     return sums, guard.skipped
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,9 @@ from transferkit.images import from_array, is_image_file, open_image, to_mode
 from transferkit.model import Preprocessing
 from transferkit.runtime import Runtime, resolve_precision
 from transferkit.transforms import eval_transform
+
+
+TTA = ("none", "flip", "flip-crop")
 
 
 def expand_inputs(inputs) -> list:
@@ -51,6 +55,8 @@ class Predictor:
         self.classes: list[str] = meta["classes"]
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.transform = eval_transform(self.preprocessing)
+        # flip-crop's second view: the whole short side (crop_pct 1) instead of the central crop_pct
+        self.wide_transform = eval_transform(replace(self.preprocessing, crop_pct=1.0))
 
     def _image(self, item) -> Image.Image:
         chans = self.preprocessing.in_chans
@@ -60,24 +66,45 @@ class Predictor:
             return from_array(item, chans)
         return open_image(item, chans, self.preprocessing.resize)
 
-    @torch.inference_mode()
-    def predict_proba(self, inputs, batch_size: int = 32) -> np.ndarray:
-        """Class probabilities, shape (n_inputs, n_classes)."""
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = self.runtime.batch(batch)
+        if self._net is None:
+            self._net = fold_batchnorm(self.model, batch[:2])
+        with self.runtime.autocast():
+            return self._net(batch).float()
+
+    def _batches(self, inputs, batch_size: int, transforms: list):
+        """For each batch of inputs, one stacked tensor per transform (each image decoded once)."""
         items = expand_inputs(inputs)
-        out = []
         for start in range(0, len(items), batch_size):
-            batch = self.runtime.batch(torch.stack([self.transform(self._image(x))
-                                                    for x in items[start : start + batch_size]]))
-            if self._net is None:
-                self._net = fold_batchnorm(self.model, batch[:2])
-            with self.runtime.autocast():
-                out.append(self._net(batch).float().softmax(-1).cpu())
+            images = [self._image(x) for x in items[start : start + batch_size]]
+            yield [torch.stack([t(image) for image in images]) for t in transforms]
+
+    @torch.inference_mode()
+    def predict_logits(self, inputs, batch_size: int = 32) -> np.ndarray:
+        """Raw logits, shape (n_inputs, n_classes) (calibration and export checks use them)."""
+        out = [self._logits(views[0]).cpu() for views in self._batches(inputs, batch_size, [self.transform])]
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
 
-    def predict(self, inputs, top_k: int = 5, batch_size: int = 32) -> list[dict]:
+    @torch.inference_mode()
+    def predict_proba(self, inputs, batch_size: int = 32, tta: str = "none") -> np.ndarray:
+        """Class probabilities, shape (n_inputs, n_classes). `tta` flip: the mean over the image and its
+        mirror; flip-crop: also over the whole short side (crop_pct 1) and its mirror."""
+        if tta not in TTA:
+            raise UserError(f"tta must be one of {', '.join(TTA)}; got '{tta}'.")
+        transforms = [self.transform] + ([self.wide_transform] if tta == "flip-crop" else [])
+        out = []
+        for views in self._batches(inputs, batch_size, transforms):
+            probs = [self._logits(v).softmax(-1) for v in views]
+            if tta != "none":
+                probs += [self._logits(torch.flip(v, dims=[3])).softmax(-1) for v in views]
+            out.append(torch.stack(probs).mean(0).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict(self, inputs, top_k: int = 5, batch_size: int = 32, tta: str = "none") -> list[dict]:
         """Top-k predictions per input: {'input', 'label', 'score', 'top_k': [{'label', 'score'}]}."""
         items = expand_inputs(inputs)
-        probs = self.predict_proba(items, batch_size)
+        probs = self.predict_proba(items, batch_size, tta)
         k = min(top_k, len(self.classes))
         results = []
         for item, p in zip(items, probs):

