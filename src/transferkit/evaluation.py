@@ -15,7 +15,7 @@ from transferkit.data import load_data
 from transferkit.errors import UserError
 from transferkit.model import Preprocessing
 from transferkit.loop import evaluate_loader, make_loader, pick_device
-from transferkit.predictor import Predictor
+from transferkit.predictor import Predictor, sample_batches
 from transferkit.runtime import default_workers
 from transferkit.runtime import resolve as resolve_runtime
 from transferkit.transforms import eval_transform
@@ -58,8 +58,8 @@ def _tta(clf: Predictor, data, split: str, tta: str) -> dict:
         samples = data.splits.get(name) or []
         if not samples:
             return None
-        images = [data.read(ref, clf.preprocessing.in_chans, clf.preprocessing.resize) for ref, _ in samples]
-        preds = clf.predict_proba(images, tta=mode).argmax(1)
+        preds = np.concatenate([clf.predict_proba(images, tta=mode).argmax(1)
+                                for images in sample_batches(data, samples, clf.preprocessing)])
         return float(np.mean([clf.classes[p] == label for p, (_, label) in zip(preds, samples)]))
 
     plain, with_tta = accuracy("val", "none"), accuracy("val", tta)

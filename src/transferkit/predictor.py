@@ -115,6 +115,12 @@ class Predictor:
         return results
 
 
+def sample_batches(data, samples: list, prep: Preprocessing, size: int = 64):
+    """The images of (ref, label) samples of a Data, decoded `size` at a time (memory stays flat)."""
+    for start in range(0, len(samples), size):
+        yield [data.read(ref, prep.in_chans, prep.resize) for ref, _ in samples[start : start + size]]
+
+
 def load(path: str | Path, device: str = "cpu") -> Predictor:
     """Load a bundle (or a run directory's best/) for prediction."""
     model, meta = load_bundle(path)

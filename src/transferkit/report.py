@@ -27,10 +27,11 @@ TOP_LOSSES = 16
 
 def split_logits(run_dir: Path, split: str, clf, data) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(logits, labels, refs) of the best model on a split of the run's split.json."""
+    from transferkit.predictor import sample_batches
+
     samples = data.splits.get(split) or []
-    prep = clf.preprocessing
-    images = [data.read(ref, prep.in_chans, prep.resize) for ref, _ in samples]
-    logits = clf.predict_logits(images) if images else np.zeros((0, len(clf.classes)), np.float32)
+    parts = [clf.predict_logits(images) for images in sample_batches(data, samples, clf.preprocessing)]
+    logits = np.concatenate(parts) if parts else np.zeros((0, len(clf.classes)), np.float32)
     labels = np.array([clf.classes.index(label) for _, label in samples], dtype=np.int64)
     return logits, labels, [ref for ref, _ in samples]
 
