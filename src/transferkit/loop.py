@@ -365,8 +365,11 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
             board = Board(run_dir / "tensorboard")
             board.confusion(confusion_png(test, data.classes), epoch)
             board.close()
-        if config.html_report:
-            report.info(f"[transferkit] report: {build_report(run_dir, str(device))}")
+        if config.html_report:  # the run is complete and saved: a failing report only warns
+            try:
+                report.info(f"[transferkit] report: {build_report(run_dir, str(device))}")
+            except (UserError, OSError) as err:
+                report.info(f"[transferkit] warning: no report.html ({err}); retry with `transferkit report {run_dir}`")
     d.barrier()
     report.info(f"[transferkit] best epoch {best['epoch']}; test "
                 + (f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} images; "
