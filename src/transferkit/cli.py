@@ -260,6 +260,7 @@ def predict(
     format: str = typer.Option("table", "--format", help="table | json | csv."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     tta: str = typer.Option("none", help="none | flip | flip-crop: average over augmented views."),
+    backend: str = typer.Option("torch", help="torch | onnx (the run's export/model.onnx, via onnxruntime)."),
 ) -> None:
     """Top-k class predictions for images, with class names."""
     from transferkit.errors import UserError
@@ -267,7 +268,7 @@ def predict(
 
     if format not in ("table", "json", "csv"):
         raise UserError(f"--format must be table, json or csv; got '{format}'.")
-    clf = load(model, device=device)
+    clf = load(model, device=device, backend=backend)
     truth: list[str | None] = []
     if split:
         items, truth = _split_inputs(model, split, clf.preprocessing)

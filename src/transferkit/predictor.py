@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -50,8 +51,11 @@ class Predictor:
         self.runtime = Runtime(dev, resolve_precision(precision, dev), channels_last=True)
         self.model = self.runtime.prepare(model).eval()
         self._net = None  # the folded copy, made on the first batch
-        self.meta = meta
         self.device = device
+        self._set_meta(meta)
+
+    def _set_meta(self, meta: dict) -> None:
+        self.meta = meta
         self.classes: list[str] = meta["classes"]
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.transform = eval_transform(self.preprocessing)
@@ -121,7 +125,33 @@ def sample_batches(data, samples: list, prep: Preprocessing, size: int = 64):
         yield [data.read(ref, prep.in_chans, prep.resize) for ref, _ in samples[start : start + size]]
 
 
-def load(path: str | Path, device: str = "cpu") -> Predictor:
-    """Load a bundle (or a run directory's best/) for prediction."""
+class OnnxPredictor(Predictor):
+    """The same interface over an exported model.onnx (`transferkit export`), run by onnxruntime:
+    preprocessing, TTA and top-k as in Predictor, no PyTorch model involved."""
+
+    def __init__(self, path: Path):
+        import onnxruntime
+
+        self._set_meta(json.loads(path.with_name("model.json").read_text()))
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.device = "cpu"
+
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"images": batch.numpy().astype(np.float32)})[0])
+
+
+def load(path: str | Path, device: str = "cpu", backend: str = "torch") -> Predictor:
+    """Load a bundle (or a run directory's best/) for prediction; backend "onnx" loads the run's
+    export/model.onnx (or an export folder, or the .onnx file) instead."""
+    if backend == "onnx":
+        path = Path(path)
+        found = next((p for p in (path, path / "model.onnx", path / "export" / "model.onnx",
+                                  path.parent / "export" / "model.onnx") if p.is_file() and p.suffix == ".onnx"), None)
+        if found is None or not found.with_name("model.json").is_file():
+            raise UserError(f"No ONNX export with its model.json at '{path}': run `transferkit export {path} "
+                            "--format onnx` first.")
+        return OnnxPredictor(found)
+    if backend != "torch":
+        raise UserError(f"backend must be torch or onnx; got '{backend}'.")
     model, meta = load_bundle(path)
     return Predictor(model, meta, device)

@@ -53,7 +53,8 @@ def build_report(run_dir: str | Path, device: str = "cpu") -> Path:
     clf = load(run_dir, device)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
-    sections = [_summary(run_dir, config, data), _section("Learning curves", _img(_curves_png(rows)))]
+    how = (clf.meta.get("data") or {}).get("how", data.how)  # as trained, not "reused from split.json"
+    sections = [_summary(run_dir, config, data, how), _section("Learning curves", _img(_curves_png(rows)))]
     test_logits, test_labels, test_refs = split_logits(run_dir, "test", clf, data)
     calibration = {}
     if len(test_labels):
@@ -76,7 +77,7 @@ def build_report(run_dir: str | Path, device: str = "cpu") -> Path:
 
 # --- sections -----------------------------------------------------------------------------
 
-def _summary(run_dir: Path, config, data) -> str:
+def _summary(run_dir: Path, config, data, how: str) -> str:
     counts = "".join(
         f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{data.counts(s).get(c, 0)}</td>" for s in ("train", "val", "test"))
         + "</tr>" for c in data.classes)
@@ -86,7 +87,7 @@ def _summary(run_dir: Path, config, data) -> str:
     return _section("Run", f"""
 <p><b>{html.escape(config.model)}</b>, strategy <b>{html.escape(config.strategy)}</b>, {config.img_size} px,
 best epoch {best.get('epoch')} (val accuracy {_fmt(best.get('val_accuracy'))}).
-Data: {html.escape(str(config.data))} ({html.escape(data.how)}).</p>
+Data: {html.escape(str(config.data))} ({html.escape(how)}).</p>
 <table class="counts"><tr><th>class</th><th>train</th><th>val</th><th>test</th></tr>{counts}</table>
 <p>Skipped files: {len(skipped)}</p>{_pre(chr(10).join(skipped[:20])) if skipped else ''}
 <details><summary>config.yaml</summary>{_pre((run_dir / 'config.yaml').read_text())}</details>""")
