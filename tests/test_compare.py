@@ -29,6 +29,9 @@ def test_compare_runs_every_arm_on_the_same_split_and_writes_its_files(shapes_di
                 and str(a["shots"]) == r["shots"]]
         assert abs(float(r["test_accuracy_mean"]) - sum(accs) / len(accs)) < 1e-9
     assert Image.open(study / "compare.png").size[0] > 100
+    page = (study / "report.html").read_text()  # the study's report: every arm's accuracy, the plot embedded
+    assert page.count('class="arm-accuracy"') == len(result["arms"]) and "data:image/png;base64," in page
+    assert not (study / "linear-probe-2shot-seed0" / "report.html").exists()  # arms skip their own
     assert "linear-probe" in out.stdout and "±" in out.stdout
 
 

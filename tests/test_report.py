@@ -77,19 +77,24 @@ def test_temperature_scaling_lowers_ece_of_an_overconfident_model():
     val, test = slice(0, 1000), slice(1000, 2000)
     t = fit_temperature(logits[val], labels[val])
     assert t > 1.5  # softened
-    before = expected_calibration_error(softmax(logits[test]), labels[test])
-    after = expected_calibration_error(softmax(logits[test], t), labels[test])
-    assert before > 0.2 and after < before / 3
+    for part in (val, test):  # on the validation set it was fitted on, and on held-out data
+        before = expected_calibration_error(softmax(logits[part]), labels[part])
+        after = expected_calibration_error(softmax(logits[part], t), labels[part])
+        assert before > 0.2 and after < before / 3
     assert (softmax(logits, t).argmax(1) == softmax(logits).argmax(1)).all()  # classes never change
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_agrees_with_pytorch(shapes_dir, tiny, fmt):
-    run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", **tiny)
+def test_export_agrees_with_pytorch(shapes_dir, tmp_path, tiny, fmt):
+    data = make_folder(tmp_path / "split", per_class=16, splits=("train", "val", "test"))
+    run = transferkit.train(data=str(data), strategy="linear-probe", **tiny)
     result = export(run.dir, fmt)
     assert result["max_abs_logit_diff"] <= 1e-4 and result["top1_agreement"] == 1.0
     record = json.loads((run.dir / "export" / "model.json").read_text())
-    assert record["classes"] == ["circle", "square"] and record["parity"]["images"] == 2  # the val split
+    assert record["classes"] == ["circle", "square"] and record["parity"]["images"] == 32  # validation images
+    if result["max_abs_logit_diff"] > 0:  # a failed check is an error
+        with pytest.raises(transferkit.UserError, match="disagrees with the PyTorch model"):
+            export(run.dir, fmt, tolerance=0.0)
     x = torch.randn(3, 3, 32, 32)  # a batch size not seen at export
     model, _ = transferkit.bundle.load_bundle(run.dir)
     with torch.no_grad():
@@ -169,3 +174,26 @@ def test_report_renders_in_headless_chromium(weak_run, tmp_path):
     page = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
     assert page.shape == (1600, 1200)
     assert (page < 200).mean() > 0.02 and page.std() > 10  # text, tables and plots drawn: not a blank page
+
+
+def test_onnx_with_preprocessing_takes_raw_images_and_agrees_with_predict(shapes_dir, tiny, tmp_path):
+    import onnxruntime
+    from scipy.special import softmax as np_softmax
+
+    run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", **tiny)
+    result = export(run.dir, "onnx", with_preprocessing=True)
+    assert result["top1_agreement"] == 1.0 and result["max_abs_logit_diff"] <= 5e-2
+    # other sizes than the 40x40 training images: the graph resizes and crops them itself
+    files = []
+    for i, path in enumerate(sorted((shapes_dir / "circle").glob("*.png"))[:3]):
+        out = tmp_path / f"odd{i}.png"
+        Image.open(path).resize([(57, 91), (120, 64), (33, 33)][i], Image.BICUBIC).save(out)
+        files.append(str(out))
+    session = onnxruntime.InferenceSession(result["path"])
+    got = np.concatenate([session.run(None, {"images": np.asarray(Image.open(f).convert("RGB"))[None]})[0]
+                          for f in files])
+    want = transferkit.load(run.dir).predict_proba(files)
+    assert (got.argmax(1) == want.argmax(1)).all()
+    np.testing.assert_allclose(np_softmax(got, axis=1), want, atol=1e-2)
+    with pytest.raises(transferkit.UserError, match="with-preprocessing"):
+        transferkit.load(run.dir, backend="onnx")

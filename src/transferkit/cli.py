@@ -365,12 +365,15 @@ def export(
     run: Path = typer.Argument(..., help="A run directory or a bundle folder."),
     format: str = typer.Option("onnx", "--format", help="onnx | torchscript."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default RUN/export)."),
-    tolerance: float = typer.Option(1e-4, help="Largest |logit difference| the parity check accepts."),
+    tolerance: Optional[float] = typer.Option(
+        None, help="Largest |logit difference| the parity check accepts (default 1e-4; 0.05 with preprocessing)."),
+    with_preprocessing: bool = typer.Option(
+        False, "--with-preprocessing", help="ONNX: take uint8 HxWx3 images; resize, crop, normalize in the graph."),
 ) -> None:
     """Export the best model (dynamic batch) with model.json beside it, then check it against PyTorch."""
     from transferkit.export import export as run_export
 
-    result = run_export(run, format, out, tolerance)
+    result = run_export(run, format, out, tolerance, with_preprocessing=with_preprocessing)
     typer.echo(f"{result['path']}: parity on {result['images']} images: max |logit diff| "
                f"{result['max_abs_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.3f}")
 

@@ -17,6 +17,7 @@ from transferkit.config import STRATEGIES, TrainConfig
 from transferkit.errors import UserError, did_you_mean
 from transferkit.loop import train
 from transferkit.progress import Reporter
+from transferkit.report import build_compare_report
 
 
 def compare(data: str, strategies: list[str], shots: list[int | None] | None = None, seeds: int = 1,
@@ -39,7 +40,7 @@ def compare(data: str, strategies: list[str], shots: list[int | None] | None = N
             for strategy in strategies:  # same seed => same split, same few-shot pick, for every strategy
                 tick = time.perf_counter()
                 arm_name = f"{strategy}-{k or 'all'}shot-seed{seed}"
-                config = TrainConfig.from_dict({**overrides, "data": data, "strategy": strategy, "shots": k,
+                config = TrainConfig.from_dict({"html_report": False, **overrides, "data": data, "strategy": strategy, "shots": k,
                                                 "seed": seed, "runs_dir": str(out), "name": arm_name,
                                                 "overwrite": True, "quiet": True,
                                                 **({"weights": "none"} if strategy == "scratch" else {})})
@@ -61,6 +62,7 @@ def compare(data: str, strategies: list[str], shots: list[int | None] | None = N
         writer.writeheader()
         writer.writerows(summary)
     _plot(result, out / "compare.png")
+    build_compare_report(result, out)
     return result
 
 

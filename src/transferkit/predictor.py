@@ -132,7 +132,11 @@ class OnnxPredictor(Predictor):
     def __init__(self, path: Path):
         import onnxruntime
 
-        self._set_meta(json.loads(path.with_name("model.json").read_text()))
+        record = json.loads(path.with_name("model.json").read_text())
+        if record.get("with_preprocessing"):
+            raise UserError(f"'{path}' was exported --with-preprocessing (it takes uint8 images); --backend onnx "
+                            "needs a plain export: transferkit export RUN --format onnx.")
+        self._set_meta(record)
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.device = "cpu"
 

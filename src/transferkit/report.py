@@ -152,6 +152,30 @@ def _calibration_section(cal: dict, logits, labels) -> str:
     return _section("Calibration", text + _img(reliability_png(curves, "reliability (test)")))
 
 
+def build_compare_report(result: dict, out: Path) -> Path:
+    """out/report.html for a `compare` study: the summary (mean ± std over seeds), the plot, every arm."""
+    summary = "".join(
+        f"<tr><td>{html.escape(r['strategy'])}</td><td>{r['shots']}</td><td>{r['n_seeds']}</td>"
+        f"<td>{r['test_accuracy_mean']:.3f} ± {r['test_accuracy_std']:.3f}</td><td>{r['best_epoch_mean']:.1f}</td>"
+        f"<td>{r['trainable_params']:,}</td><td>{r['wall_s_mean']:.1f}</td></tr>" for r in result["summary"])
+    arms = "".join(
+        f"<tr><td>{html.escape(a['strategy'])}</td><td>{a['shots'] or 'all'}</td><td>{a['seed']}</td>"
+        f"<td class=\"arm-accuracy\">{a['test_accuracy']:.3f}</td><td>{a['best_epoch']}</td>"
+        f"<td>{html.escape(Path(a['run']).name)}</td></tr>" for a in result["arms"])
+    plot = out / "compare.png"
+    body = [_section("Study", f"<p>Data {html.escape(str(result['data']))}; strategies "
+                              f"{html.escape(', '.join(result['strategies']))}; {result['seeds']} seed(s) per arm, each "
+                              f"seed the same split and few-shot pick for every strategy; {result['wall_s']:.0f} s.</p>"),
+            _section("Test accuracy", "<table><tr><th>strategy</th><th>shots</th><th>seeds</th><th>test accuracy</th>"
+                                      "<th>best epoch</th><th>trainable</th><th>s per arm</th></tr>"
+                                      f"{summary}</table>" + (_img(plot.read_bytes()) if plot.is_file() else "")),
+            _section("Arms", "<table><tr><th>strategy</th><th>shots</th><th>seed</th><th>test accuracy</th>"
+                             f"<th>best epoch</th><th>run</th></tr>{arms}</table>")]
+    page = _PAGE.format(title=html.escape(f"transferkit compare: {out.name}"), body="\n".join(body))
+    (out / "report.html").write_text(page, encoding="utf-8")
+    return out / "report.html"
+
+
 # --- figures and HTML pieces --------------------------------------------------------------
 
 def _pyplot():
