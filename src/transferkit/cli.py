@@ -93,6 +93,7 @@ def train(
     """Fine-tune a pretrained backbone; writes runs/NAME with the best model in runs/NAME/best.
 
     SIGTERM or Ctrl-C saves last.ckpt and exits (143 / 130); `--resume runs/NAME` continues."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "devices")}  # the config fields
     from transferkit import distributed
     from transferkit.config import TrainConfig
     from transferkit.errors import UserError
@@ -100,8 +101,6 @@ def train(
 
     if devices > 1 and not distributed.from_environment().on:
         distributed.launch(devices, sys.argv[1:])  # does not return: torchrun runs this command N times
-    flags = {k: v for k, v in locals().items()
-             if k not in ("config", "resume", "devices", "distributed", "TrainConfig", "UserError", "run_training")}
     # False from a plain switch means "not given"; --no-feature-cache is a real choice
     toggles = ("feature_cache", "image_cache", "channels_last", "compile", "html_report")
     flags = {k: v for k, v in flags.items() if v is not None and (v is not False or k in toggles)}

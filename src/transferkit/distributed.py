@@ -98,9 +98,9 @@ def setup(device_name: str) -> tuple[Dist, torch.device | None]:
     d = from_environment()
     if not d.on:
         return d, None
-    use_cuda = device_name != "cpu" and torch.cuda.is_available()
-    if device_name == "cuda" and not use_cuda:
-        raise UserError("device 'cuda' was asked for but PyTorch sees no CUDA GPU. Use --device cpu or auto.")
+    from transferkit.runtime import pick_device
+
+    use_cuda = pick_device(device_name).type == "cuda"
     if use_cuda and d.local_rank >= torch.cuda.device_count():
         raise UserError(f"Process with LOCAL_RANK {d.local_rank} has no GPU: this machine has "
                         f"{torch.cuda.device_count()}. Start at most that many processes per node.")

@@ -14,9 +14,9 @@ from transferkit.config import TrainConfig
 from transferkit.data import load_data
 from transferkit.errors import UserError
 from transferkit.model import Preprocessing
-from transferkit.loop import evaluate_loader, make_loader, pick_device
+from transferkit.loop import evaluate_loader, make_loader
 from transferkit.predictor import Predictor, sample_batches
-from transferkit.runtime import default_workers
+from transferkit.runtime import default_workers, pick_device
 from transferkit.runtime import resolve as resolve_runtime
 from transferkit.transforms import eval_transform
 

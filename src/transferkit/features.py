@@ -94,16 +94,16 @@ def readable_npy(path: Path) -> bool:
 
 @torch.inference_mode()
 def extract(backbone: torch.nn.Module, data: Data, split: str, transform, config, rt: Runtime, report,
-            view: int | None = None, min_side: int | None = None, rows: list[int] | None = None) -> np.ndarray:
-    """One pass of the backbone over a split (or its `rows`) in eval mode; `view` seeds the augmentation
-    of each image."""
+            view: int | None, min_side: int | None, rows: list[int]) -> np.ndarray:
+    """One pass of the backbone over `rows` of a split in eval mode; `view` seeds the augmentation of
+    each image."""
     dataset = ImageDataset(data, split, transform, config.in_chans, min_side=min_side)
-    sampler = rows if rows is not None else list(range(len(dataset)))
+    sampler = rows
     if view is not None:  # in order, each image under its own seed for this view
         seeded = EpochSampler(len(dataset), config.seed + 7919, shuffle=False)
         seeded.set_epoch(view)
         keys = list(seeded)
-        sampler = [keys[i] for i in sampler]
+        sampler = [keys[i] for i in rows]
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
                                          num_workers=config.workers, generator=torch.Generator())
     # (its own generator: a cache miss must not draw from the run's random stream)

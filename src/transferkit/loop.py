@@ -44,7 +44,7 @@ from transferkit.distributed import Dist, StepBatches, loss_scale
 from transferkit.board import Board
 from transferkit.regularize import L2SP
 from transferkit.report import build_report, confusion_png
-from transferkit.runtime import Runtime, default_workers
+from transferkit.runtime import Runtime, default_workers, pick_device
 from transferkit.runtime import resolve as resolve_runtime
 from transferkit.sampling import EpochSampler
 from transferkit.strategy import Phase, apply_phase, count_trainable, make_plan, set_train_mode, trainable_groups
@@ -422,12 +422,12 @@ class StepModel(nn.Module):
         self.model, self.mode = model, mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "features":
-            return self.model.head(x)
+        if self.mode == "full":
+            return self.model(x)
         if self.mode == "frozen":
             with torch.no_grad():
                 x = self.model.backbone(x)
-        return self.model.head(x) if self.mode == "frozen" else self.model(x)
+        return self.model.head(x)
 
 
 def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, scheduler, loss_fn, phase: Phase,
@@ -605,14 +605,6 @@ def set_deterministic(on: bool) -> None:
 def _init_worker(worker_id: int) -> None:
     """Loader workers leave Ctrl-C to the main process, which stops cleanly (see preempt)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for but PyTorch sees no CUDA GPU. Use --device cpu or auto.")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def default_name(config: TrainConfig) -> str:

@@ -85,8 +85,8 @@ def find_lr(config, steps: int = 100, start: float = 1e-7, end: float = 1.0) -> 
     from torch import nn
 
     from transferkit.data import load_data
-    from transferkit.loop import make_loader, pick_device, seed_everything
-    from transferkit.runtime import default_workers
+    from transferkit.loop import make_loader, seed_everything
+    from transferkit.runtime import default_workers, pick_device
     from transferkit.model import build_classifier, layer_groups
     from transferkit.strategy import make_plan
     from transferkit.transforms import train_transform

@@ -25,6 +25,15 @@ import torch
 from transferkit.errors import UserError
 
 
+def pick_device(name: str) -> torch.device:
+    """auto | cpu | cuda (cuda that PyTorch cannot see is an error)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for but PyTorch sees no CUDA GPU. Use --device cpu or auto.")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def cpu_has_native_bf16() -> bool:
     """avx512_bf16 or AMX in /proc/cpuinfo (Linux); False where that cannot be read."""
     try:
