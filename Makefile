@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-bf16 test-no-bf16 test-slow bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the suite as a CPU with native bf16 would run it (auto choosing bf16 wherever it may), and as one without
+test-bf16: $(STAMP)
+	TRANSFERKIT_CPU_BF16=1 TRANSFERKIT_TEST_BF16_FASTER=1 $(BIN)/python -m pytest -q
+
+test-no-bf16: $(STAMP)
+	TRANSFERKIT_CPU_BF16=0 $(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -30,13 +30,7 @@ def test_threads_applied_restores_the_count():
     assert torch.get_num_threads() == before
 
 
-def test_precision_auto_is_bf16_only_where_native(monkeypatch):
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    assert runtime.resolve_precision("auto", CPU) == "fp32"
-    assert runtime.resolve_precision("bf16", CPU) == "bf16"  # asked for: allowed (emulated, slower)
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
-    assert runtime.resolve_precision("auto", CPU) == "bf16"
-    assert runtime.resolve_precision("fp32", CPU) == "fp32"
+def test_precision_choice_is_validated():
     with pytest.raises(UserError, match="precision must be one of"):
         TrainConfig(precision="fp16")
 
@@ -48,6 +42,11 @@ def test_bf16_autocast_runs_the_model_in_bf16():
         assert layer(x).dtype == torch.bfloat16
     with runtime.Runtime(precision="fp32").autocast():
         assert layer(x).dtype == torch.float32
+    mixed = runtime.Runtime(precision={"train": "fp32", "infer": "bf16"})
+    with mixed.autocast("train"):
+        assert layer(x).dtype == torch.float32
+    with mixed.autocast("infer"):
+        assert layer(x).dtype == torch.bfloat16
 
 
 def test_predictor_with_folded_bn_and_channels_last_matches_the_plain_model():

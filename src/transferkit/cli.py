@@ -79,7 +79,8 @@ def train(
     image_cache: Optional[bool] = typer.Option(
         None, "--image-cache/--no-image-cache", help="Decode each image once into a memory map (default on)."),
     cache_dir: Optional[str] = typer.Option(None, help="Cache folder (default ~/.cache/transferkit)."),
-    precision: Optional[str] = typer.Option(None, help="auto | bf16 | fp32 (default auto: bf16 where native)."),
+    precision: Optional[str] = typer.Option(
+        None, help="auto | bf16 | fp32 (default auto: bf16 per kind of work only where measured faster here)."),
     threads: Optional[int] = typer.Option(None, help="torch threads (default cores minus loader workers)."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default off)."),
     accumulate: Optional[int] = typer.Option(None, help="Micro-batches per step: batch = micro x processes x this."),
@@ -222,11 +223,12 @@ def evaluate(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     format: str = typer.Option("table", "--format", help="table | json."),
     tta: str = typer.Option("none", help="none | flip | flip-crop: also score test-time augmentation."),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 only where measured faster here)."),
 ) -> None:
     """Re-run the best model of RUN on a saved split and print its metrics."""
     from transferkit.evaluation import evaluate as run_evaluate
 
-    metrics = run_evaluate(run, split=split, device=device, tta=tta)
+    metrics = run_evaluate(run, split=split, device=device, tta=tta, precision=precision)
     if format == "json":
         typer.echo(json.dumps(metrics, indent=1))
         return
@@ -234,7 +236,7 @@ def evaluate(
     from rich.table import Table
 
     table = Table(title=f"{run} [{split}] accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-                        f"n={metrics['n']}")
+                        f"n={metrics['n']}, {metrics['precision']}")
     for col in ("class", "precision", "recall", "f1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for cls, m in metrics["per_class"].items():
@@ -260,6 +262,7 @@ def predict(
     device: str = typer.Option("cpu", help="cpu | cuda."),
     tta: str = typer.Option("none", help="none | flip | flip-crop: average over augmented views."),
     backend: str = typer.Option("torch", help="torch | onnx (the run's export/model.onnx, via onnxruntime)."),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 only where measured faster here)."),
 ) -> None:
     """Top-k class predictions for images, with class names."""
     from transferkit.errors import UserError
@@ -267,7 +270,7 @@ def predict(
 
     if format not in ("table", "json", "csv"):
         raise UserError(f"--format must be table, json or csv; got '{format}'.")
-    clf = load(model, device=device, backend=backend)
+    clf = load(model, device=device, backend=backend, precision=precision)
     truth: list[str | None] = []
     if split:
         items, truth = _split_inputs(model, split, clf.preprocessing)
@@ -412,7 +415,8 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    finally:  # leave torchrun's process group cleanly (no-op in one process)
-        from transferkit import distributed
+    finally:  # leave torchrun's process group cleanly (only a command that trained can have joined one)
+        if "transferkit.distributed" in sys.modules:
+            from transferkit import distributed
 
-        distributed.teardown(distributed.from_environment())
+            distributed.teardown(distributed.from_environment())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +16,19 @@ from transferkit.data import load_data
 from transferkit.errors import UserError
 from transferkit.model import Preprocessing
 from transferkit.loop import evaluate_loader, make_loader
+from transferkit.precision import Workload
 from transferkit.predictor import Predictor, sample_batches
-from transferkit.runtime import default_workers, pick_device
+from transferkit.runtime import default_workers, inference_runtime, pick_device
 from transferkit.runtime import resolve as resolve_runtime
 from transferkit.transforms import eval_transform
 
 
 def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_size: int | None = None,
-             tta: str = "none") -> dict:
+             tta: str = "none", precision: str = "auto") -> dict:
     """Metrics of `run`'s best bundle on `split` of the split.json saved with the run. With `tta`
     (flip | flip-crop), also the split's accuracy under test-time augmentation, and validation
-    accuracy without and with it: `tta.recommended` is true only when TTA is better on validation."""
+    accuracy without and with it: `tta.recommended` is true only when TTA is better on validation.
+    `precision`: auto (see `precision`), fp32 or bf16; the result names the one used."""
     run = Path(run)
     if not (run / "config.yaml").is_file() or not (run / "split.json").is_file():
         raise UserError(f"'{run}' is not a run directory: it needs config.yaml and split.json "
@@ -40,14 +43,18 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
     if data.classes != meta["classes"]:
         raise UserError(f"The classes in '{run}/split.json' differ from those of the model in '{run}/best'.")
     config = config.replace(workers=default_workers(data.arrays is not None))  # this machine's, not the run's
-    rt = resolve_runtime(config, pick_device(device), config.workers)
     prep = Preprocessing.from_dict(meta["preprocessing"])
+    workload = Workload(model, f"{config.model} {prep.in_chans}ch",
+                        (config.batch_size, prep.in_chans, prep.img_size, prep.img_size), config.channels_last)
+    serve = inference_runtime(precision, pick_device(device), workload, meta.get("precision"))
+    rt = replace(resolve_runtime(config.replace(precision="fp32"), serve.device, config.workers),
+                 precision=serve.precision, reasons=serve.reasons)
     loader = make_loader(data, split, eval_transform(prep), config, min_side=prep.resize)
     with rt.threads_applied():
         metrics = evaluate_loader(rt.prepare(model), loader, nn.CrossEntropyLoss(), rt, data.classes)
-    metrics["split"] = split
+    metrics.update(split=split, precision=rt.precision["infer"], precision_reason=rt.reasons["infer"])
     if tta != "none":
-        metrics["tta"] = _tta(Predictor(model, meta, str(rt.device)), data, split, tta)
+        metrics["tta"] = _tta(Predictor(model, meta, str(rt.device), rt.precision["infer"]), data, split, tta)
     (run / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 

@@ -78,7 +78,8 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
         got = np.concatenate([run(batch[i : i + 8].numpy()) for i in range(0, len(batch), 8)])
     parity = {"images": len(got), "max_abs_logit_diff": float(np.abs(got - want).max()),
               "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean()), "tolerance": tolerance,
-              "against": "transferkit predict on the same images" if with_preprocessing else "the PyTorch model"}
+              "against": "transferkit predict in fp32 on the same images" if with_preprocessing
+              else "the PyTorch model in fp32", "precision": "fp32"}
     if with_preprocessing:
         given = {"name": "images", "dtype": "uint8", "shape": ["batch", "height", "width", prep.in_chans],
                  "note": "decoded images, all of one call the same size; resize, crop and normalization inside"}

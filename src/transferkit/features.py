@@ -25,14 +25,8 @@ import torch
 from transferkit.data import Data, ImageDataset
 from transferkit.distributed import Dist, fill_shared
 from transferkit.fuse import fold_batchnorm
-from transferkit.runtime import Runtime
+from transferkit.runtime import Runtime, cache_root
 from transferkit.sampling import EpochSampler
-
-
-def cache_root(config) -> Path:
-    """--cache-dir, else $TRANSFERKIT_CACHE, else ~/.cache/transferkit."""
-    root = config.cache_dir or os.environ.get("TRANSFERKIT_CACHE") or Path.home() / ".cache" / "transferkit"
-    return Path(root).expanduser()
 
 
 def backbone_digest(backbone: torch.nn.Module) -> str:
@@ -62,7 +56,7 @@ def cached_features(backbone: torch.nn.Module, data: Data, split: str, transform
     each rank extracting its share. `min_side`: the decode hint of open_image (part of `transform_id`)."""
     key_fields = {"backbone": backbone_digest(backbone), "data": data_digest(data, split), "split": split,
                   "transform": transform_id, "in_chans": config.in_chans, "views": views,
-                  "seed": config.seed if views else None, "precision": rt.precision}
+                  "seed": config.seed if views else None, "precision": rt.precision["infer"]}
     key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = cache_root(config) / "features" / f"{key}.npy"
     if d.gather(readable_npy(path))[0]:  # rank 0 decides for all
@@ -115,7 +109,7 @@ def extract(backbone: torch.nn.Module, data: Data, split: str, transform, config
         images = rt.batch(images)
         if net is None:  # BN folded into the convs: measured 1.4-1.8x faster (lite0, 96 px, CPU)
             net = fold_batchnorm(backbone, images[:2])
-        with rt.autocast():
+        with rt.autocast("infer"):
             out.append(net(images).float().cpu())
         report.batch(0.0, 0.0, 0.0)
     backbone.train(was_training)

@@ -22,7 +22,8 @@ from torchvision import transforms as T
 
 from transferkit.data import Data, ImageDataset
 from transferkit.distributed import Dist, fill_shared
-from transferkit.features import cache_root, data_digest, readable_npy
+from transferkit.features import data_digest, readable_npy
+from transferkit.runtime import cache_root
 from transferkit.model import Preprocessing
 from transferkit.transforms import interpolation
 

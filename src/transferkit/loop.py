@@ -16,7 +16,7 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from transferkit.checkpoint import get_rng_state, load_resume, resumed_plan, sav
 from transferkit.config import TrainConfig
 from transferkit.data import Data, ImageDataset, load_data
 from transferkit.errors import UserError
-from transferkit.features import FeatureLoader, cache_root, cached_features
+from transferkit.features import FeatureLoader, cached_features
 from transferkit.imagecache import cached_images
 from transferkit.metrics import classification_metrics
 from transferkit.model import build_classifier, layer_groups
@@ -44,7 +44,8 @@ from transferkit.distributed import Dist, StepBatches, loss_scale
 from transferkit.board import Board
 from transferkit.regularize import L2SP
 from transferkit.report import build_report, confusion_png
-from transferkit.runtime import Runtime, default_workers, pick_device
+from transferkit.precision import AGREEMENT, Workload, agreement_counts
+from transferkit.runtime import Runtime, cache_root, default_workers, pick_device
 from transferkit.runtime import resolve as resolve_runtime
 from transferkit.sampling import EpochSampler
 from transferkit.strategy import Phase, apply_phase, count_trainable, make_plan, set_train_mode, trainable_groups
@@ -100,14 +101,6 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
         head=config.head, head_hidden=config.head_hidden, head_dropout=config.head_dropout,
         drop_path=config.drop_path, trust=config.trust_checkpoint)
     workers = config.workers if config.workers is not None else default_workers(data.arrays is not None)
-    rt = resolve_runtime(config, device, workers)
-    if config.sync_bn and d.on:  # BatchNorm statistics over the global batch (timm's version keeps act layers)
-        from timm.layers import convert_sync_batchnorm
-
-        model = convert_sync_batchnorm(model)
-    rt.prepare(model)
-    if rt.compile:  # the whole model's forward; the state_dict keeps its keys
-        model.compile()
     groups = layer_groups(model.backbone)
     if state is not None:
         run_dir = Path(resume)
@@ -127,6 +120,14 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
             config = config.replace(lr=scaled, lr_scaling="none")
         plan = make_plan(config, len(groups))
     distributed.check_batch(config.batch_size, config.accumulate, d, len(data.splits["train"]))
+    rt = runtime_for(config, model, prep, plan, device, workers, d, report)
+    if config.sync_bn and d.on:  # BatchNorm statistics over the global batch (timm's version keeps act layers)
+        from timm.layers import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
+    rt.prepare(model)
+    if rt.compile:  # the whole model's forward; the state_dict keeps its keys
+        model.compile()
     if d.main and state is None:
         config.save(run_dir / "config.yaml")
         data.save_split(run_dir / "split.json")
@@ -143,7 +144,7 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
         f"[transferkit] {run_dir}: {config.model} ({record['weights']}), {config.strategy}, "
         f"{len(data.classes)} classes, train/val/test = "
         f"{'/'.join(str(len(data.splits[s])) for s in ('train', 'val', 'test'))} ({data.how}), "
-        f"{prep.img_size}px, {len(groups)} layer groups, {device} {rt.precision}"
+        f"{prep.img_size}px, {len(groups)} layer groups, {device} {rt.describe_precision()}"
         + (f", {workers} loader workers" if workers else "") + (", compiled" if rt.compile else "")
         + (f"; {d.world} processes, global batch {config.batch_size} = {setting['micro_batch']} x {d.world} x "
            f"{config.accumulate} accumulated" if d.on or config.accumulate > 1 else ""))
@@ -355,12 +356,14 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     test = None
     if len(data.splits["test"]):
         test = evaluate_loader(shipped, loaders["test"], eval_loss, rt, data.classes, d)
+    checked = serving_check(shipped, [loaders["val"], loaders["test"]], rt, d, report)
     metrics = {"test": test, "best": best, "epochs_run": epoch, "trainable_params": count_trainable(model),
                "nan_skipped_steps": nan_skipped, "skipped_files": len(data.skipped), **cache_s, "runtime": setting,
-               "wall_time_s": time.perf_counter() - started}
+               "precision_check": checked, "wall_time_s": time.perf_counter() - started}
     if d.main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        save_bundle(run_dir / "best", shipped, {**meta, "metrics": {"best": best, "test": _headline(test)}})
+        save_bundle(run_dir / "best", shipped, {**meta, "metrics": {"best": best, "test": _headline(test)},
+                                                "precision": checked})
         if board is not None and test is not None:
             board = Board(run_dir / "tensorboard")
             board.confusion(confusion_png(test, data.classes), epoch)
@@ -376,6 +379,36 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                    "recall " + ", ".join(f"{c} {m['recall']:.2f}" for c, m in list(test["per_class"].items())[:20])
                    if test else "skipped (no test split)") + f"; saved {run_dir / 'best'}")
     return Run(dir=run_dir, config=config, metrics=metrics)
+
+
+def runtime_for(config: TrainConfig, model, prep, plan: list[Phase], device, workers: int, d: Dist,
+                report: Reporter) -> Runtime:
+    """The run's Runtime; precision auto may time the model on rank 0 (see `precision`), whose choice
+    every rank takes."""
+    micro = max(2, config.batch_size // (config.accumulate * d.world))
+    workload = Workload(model, f"{config.model} {config.in_chans}ch", (micro, config.in_chans, prep.img_size,
+                                                                    prep.img_size), config.channels_last)
+    rt = resolve_runtime(config, device, workers, workload if d.main else None,
+                         trains_backbone=any(p.groups for p in plan), say=report.info)
+    precision, reasons = d.gather((rt.precision, rt.reasons))[0]
+    report.info(f"[transferkit] precision {config.precision}: train {precision['train']} ({reasons['train']}); "
+                f"inference {precision['infer']} ({reasons['infer']})")
+    return replace(rt, precision=precision, reasons=reasons)
+
+
+def serving_check(model, loaders, rt: Runtime, d: Dist, report: Reporter) -> dict:
+    """The run's precisions, and where inference ran in bf16, the share of val + test images whose top-1 is
+    the same in bf16 as in fp32 (saved in the bundle: auto serves bf16 only above precision.AGREEMENT)."""
+    out = dict(rt.precision)
+    if rt.precision["infer"] != "bf16":
+        return out
+    same, total = d.sum(list(agreement_counts(model, (images for loader in loaders for images, _, _ in loader),
+                                              rt.batch)))
+    if total:
+        out.update(bf16_top1_agreement=same / total, images=int(total))
+        report.info(f"[transferkit] bf16 top-1 agrees with fp32 on {same / total:.1%} of {int(total)} val+test "
+                    f"images: predict serves in {'bf16' if same / total >= AGREEMENT else 'fp32'} where bf16 is faster")
+    return out
 
 
 @dataclass
@@ -497,7 +530,7 @@ def evaluate_loader(model, loader, loss_fn, rt: Runtime, classes: list[str] | No
     loss_sum, preds, targets = 0.0, [], []
     for images, labels, _ in loader:
         images, labels = rt.batch(images), labels.to(rt.device, non_blocking=True)
-        with rt.autocast():
+        with rt.autocast("infer"):
             logits = model(images).float()
         loss_sum += loss_fn(logits, labels).item() * len(labels)
         preds += logits.argmax(1).tolist()

@@ -15,7 +15,8 @@ from transferkit.errors import UserError
 from transferkit.fuse import fold_batchnorm
 from transferkit.images import from_array, is_image_file, open_image, to_mode
 from transferkit.model import Preprocessing
-from transferkit.runtime import Runtime, resolve_precision
+from transferkit.precision import Workload
+from transferkit.runtime import inference_runtime
 from transferkit.transforms import eval_transform
 
 
@@ -43,12 +44,17 @@ def expand_inputs(inputs) -> list:
 
 
 class Predictor:
-    """A loaded classifier with its classes and preprocessing. It runs channels_last, with bf16 where the
-    hardware has it natively (see `runtime`), and with BatchNorm folded into the convolutions (`fuse`)."""
+    """A loaded classifier with its classes and preprocessing. It runs channels_last, with BatchNorm folded
+    into the convolutions (`fuse`), in fp32 or bf16: `precision` auto picks bf16 only where it measured
+    faster on this machine for this model (see `precision`); fp32 is what an export is checked against."""
 
     def __init__(self, model: torch.nn.Module, meta: dict, device: str = "cpu", precision: str = "auto"):
-        dev = torch.device(device)
-        self.runtime = Runtime(dev, resolve_precision(precision, dev), channels_last=True)
+        prep = Preprocessing.from_dict(meta["preprocessing"])
+        arch = meta.get("architecture", {})
+        workload = Workload(model, f"{arch.get('model', arch.get('arch', 'model'))} {prep.in_chans}ch",
+                            (32, prep.in_chans, prep.img_size, prep.img_size))
+        self.runtime = inference_runtime(precision, torch.device(device), workload, meta.get("precision"))
+        self.precision = self.runtime.precision["infer"]
         self.model = self.runtime.prepare(model).eval()
         self._net = None  # the folded copy, made on the first batch
         self.device = device
@@ -74,7 +80,7 @@ class Predictor:
         batch = self.runtime.batch(batch)
         if self._net is None:
             self._net = fold_batchnorm(self.model, batch[:2])
-        with self.runtime.autocast():
+        with self.runtime.autocast("infer"):
             return self._net(batch).float()
 
     def _batches(self, inputs, batch_size: int, transforms: list):
@@ -138,15 +144,17 @@ class OnnxPredictor(Predictor):
                             "needs a plain export: transferkit export RUN --format onnx.")
         self._set_meta(record)
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.device = "cpu"
+        self.device, self.precision = "cpu", "fp32"
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {"images": batch.numpy().astype(np.float32)})[0])
 
 
-def load(path: str | Path, device: str = "cpu", backend: str = "torch") -> Predictor:
+def load(path: str | Path, device: str = "cpu", backend: str = "torch", precision: str = "auto") -> Predictor:
     """Load a bundle (or a run directory's best/) for prediction; backend "onnx" loads the run's
-    export/model.onnx (or an export folder, or the .onnx file) instead."""
+    export/model.onnx (or an export folder, or the .onnx file) instead (fp32, whatever `precision`)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"precision must be auto, bf16 or fp32; got '{precision}'.")
     if backend == "onnx":
         path = Path(path)
         found = next((p for p in (path, path / "model.onnx", path / "export" / "model.onnx",
@@ -158,4 +166,4 @@ def load(path: str | Path, device: str = "cpu", backend: str = "torch") -> Predi
     if backend != "torch":
         raise UserError(f"backend must be torch or onnx; got '{backend}'.")
     model, meta = load_bundle(path)
-    return Predictor(model, meta, device)
+    return Predictor(model, meta, device, precision)

@@ -3,9 +3,8 @@
 Each default is a rule measured on the machines we have (figures in the docstrings); the
 resolved settings are written to runs/NAME/runtime.json and metrics.json, so a run says how it
 ran. The rules:
-- precision auto: bf16 autocast on CUDA GPUs that support it and on CPUs with native bf16
-  (avx512_bf16 or AMX); fp32 elsewhere. On an AVX-512 CPU without them (this project's 2-core
-  Xeon) bf16 trained efficientnet_lite0 at 96 px at 37 img/s against 74 in fp32.
+- precision: per kind of work (training steps; inference: validation, test, feature
+  extraction, predict), see `precision` for what auto picks and why.
 - channels_last: on by default (TrainConfig.channels_last has the figures).
 - loader workers: see `default_workers`; torch threads = cores - workers on CPU (cores per
   process under torchrun), so decoding workers, compute threads and ranks do not oversubscribe.
@@ -17,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from transferkit.errors import UserError
+from transferkit.precision import KINDS, Choice, Workload, choose, for_serving
 
 
 def pick_device(name: str) -> torch.device:
@@ -32,29 +32,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """avx512_bf16 or AMX in /proc/cpuinfo (Linux); False where that cannot be read."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' becomes bf16 where the hardware runs it natively, else fp32; 'bf16' is checked."""
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        native = device.type == "cpu" and cpu_has_native_bf16()
-    if name == "auto":
-        return "bf16" if native else "fp32"
-    if name == "bf16" and device.type == "cuda" and not native:
-        raise UserError(f"precision bf16 was asked for but {torch.cuda.get_device_name(device)} does not support "
-                        "bfloat16; use --precision fp32 or auto.")
-    return name
 
 
 def cores_per_process() -> int:
@@ -72,19 +49,34 @@ def default_workers(in_memory: bool) -> int:
     return min(8, cores // 2)
 
 
+def cache_root(config=None) -> Path:
+    """--cache-dir, else $TRANSFERKIT_CACHE, else ~/.cache/transferkit (feature, image and precision caches)."""
+    root = getattr(config, "cache_dir", None) or os.environ.get("TRANSFERKIT_CACHE") \
+        or Path.home() / ".cache" / "transferkit"
+    return Path(root).expanduser()
+
+
 @dataclass(frozen=True)
 class Runtime:
-    """The resolved settings; `autocast()`, `batch()` and `prepare()` apply them."""
+    """The resolved settings; `autocast(kind)`, `batch()` and `prepare()` apply them.
+
+    `precision` maps each kind of work ("train", "infer") to fp32 or bf16; a single string sets both."""
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    precision: str = "fp32"
+    precision: dict | str = "fp32"
     channels_last: bool = False
     workers: int = 0
     threads: int = field(default_factory=torch.get_num_threads)
     compile: bool = False
+    reasons: dict = field(default_factory=dict)
+    """Why each kind got its precision (logged and written to runtime.json)."""
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+    def __post_init__(self):
+        if isinstance(self.precision, str):
+            object.__setattr__(self, "precision", {kind: self.precision for kind in KINDS})
+
+    def autocast(self, kind: str = "train"):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision[kind] == "bf16")
 
     def batch(self, images: torch.Tensor) -> torch.Tensor:
         """Move a batch to the device; image batches (4-D) in NHWC when the model is."""
@@ -108,21 +100,46 @@ class Runtime:
         finally:
             torch.set_num_threads(before)
 
+    def describe_precision(self) -> str:
+        """E.g. 'fp32' or 'train fp32, inference bf16'."""
+        train, infer = self.precision["train"], self.precision["infer"]
+        return train if train == infer else f"train {train}, inference {infer}"
+
     def to_dict(self) -> dict:
-        out = {"device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
-               "workers": self.workers, "threads": self.threads, "compile": self.compile,
-               "cpu_count": os.cpu_count(), "torch": torch.__version__}
+        out = {"device": str(self.device), "precision": self.precision, "precision_reason": self.reasons,
+               "channels_last": self.channels_last, "workers": self.workers, "threads": self.threads,
+               "compile": self.compile, "cpu_count": os.cpu_count(), "torch": torch.__version__}
         if self.device.type == "cuda":
             out["gpu"] = torch.cuda.get_device_name(self.device)
         return out
 
 
-def resolve(config, device: torch.device, workers: int) -> Runtime:
-    """The Runtime for a TrainConfig on `device` with `workers` loader processes."""
+def resolve(config, device: torch.device, workers: int, workload: Workload | None = None,
+            trains_backbone: bool = True, say=None) -> Runtime:
+    """The Runtime for a TrainConfig on `device` with `workers` loader processes. `workload` (the model and
+    its batch shape) lets precision auto time both precisions where that decides (see `precision`);
+    `trains_backbone` False: training steps only run the head, so they take inference's precision."""
     threads = torch.get_num_threads()
     if config.threads:
         threads = config.threads
     elif device.type == "cpu" and (workers or cores_per_process() < (os.cpu_count() or 1)):
         threads = max(1, cores_per_process() - workers)
-    return Runtime(device, resolve_precision(config.precision, device), config.channels_last, workers, threads,
-                   config.compile)
+    rt = Runtime(device, "fp32", config.channels_last, workers, threads, config.compile)
+    if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"precision bf16 was asked for but {torch.cuda.get_device_name(device)} does not support "
+                        "bfloat16; use --precision fp32 or auto.")
+    cache = cache_root(config) / "precision.json"
+    with rt.threads_applied():  # a probe times the work at the run's thread count
+        infer = choose(config.precision, device, "infer", workload, cache, say)
+        train = choose(config.precision, device, "train", workload, cache, say) if trains_backbone \
+            or config.precision != "auto" else Choice(infer.precision, "only the head trains: as inference")
+    return replace(rt, precision={"train": train.precision, "infer": infer.precision},
+                   reasons={"train": train.reason, "infer": infer.reason})
+
+
+def inference_runtime(name: str, device: torch.device, workload: Workload | None = None,
+                      checked: dict | None = None) -> Runtime:
+    """The Runtime to serve a bundle (predict, evaluate): its precision with the reason. `checked` is the
+    bundle's record of bf16 against fp32 (see `precision.for_serving`)."""
+    choice = for_serving(choose(name, device, "infer", workload, cache_root() / "precision.json"), checked)
+    return Runtime(device, choice.precision, channels_last=True, reasons={"infer": choice.reason})

@@ -1,0 +1,140 @@
+"""precision auto: fp32 without native bf16; with it, the faster side per kind of work, timed once and cached.
+
+Both branches run on every CPU: $TRANSFERKIT_CPU_BF16 overrides the flag detection, and bf16 autocast
+runs (emulated) where the CPU lacks it.
+"""
+
+import json
+
+import pytest
+import torch
+
+import transferkit
+from transferkit import precision
+from transferkit.model import build_classifier
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def workload():
+    model, _, _ = build_classifier("efficientnet_lite0", "auto", 2, img_size=32)
+    return precision.Workload(model, "efficientnet_lite0 3ch", (4, 3, 32, 32))
+
+
+def _never(*_):
+    raise AssertionError("measured, but nothing should have been timed")
+
+
+def test_auto_is_fp32_without_native_bf16_and_times_nothing(monkeypatch, workload, tmp_path):
+    monkeypatch.setenv("TRANSFERKIT_CPU_BF16", "0")
+    monkeypatch.setattr(precision, "measure", _never)
+    for kind in precision.KINDS:
+        choice = precision.choose("auto", CPU, kind, workload, tmp_path / "p.json")
+        assert choice.precision == "fp32" and "without native bf16" in choice.reason
+    assert precision.choose("bf16", CPU, "train", workload).precision == "bf16"  # asked for: emulated, allowed
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_native_bf16_takes_the_faster_side_of_each_kind_once(monkeypatch, workload, tmp_path):
+    monkeypatch.setenv("TRANSFERKIT_CPU_BF16", "1")
+    # the Zen 4 figures of issue 13: inference 2.7x faster in bf16, lite0's fine-tune step 0.75x
+    speeds = {"infer": {"fp32": 267.0, "bf16": 730.0}, "train": {"fp32": 150.0, "bf16": 113.0}}
+    calls = []
+    monkeypatch.setattr(precision, "measure", lambda w, kind: calls.append(kind) or speeds[kind])
+    cache = tmp_path / "p.json"
+    infer = precision.choose("auto", CPU, "infer", workload, cache)
+    train = precision.choose("auto", CPU, "train", workload, cache)
+    assert (infer.precision, train.precision) == ("bf16", "fp32")
+    assert "bf16 730 img/s, fp32 267 img/s (2.73x" in infer.reason and "(0.75x" in train.reason
+    assert calls == ["infer", "train"] and len(json.loads(cache.read_text())) == 2
+    monkeypatch.setattr(precision, "measure", _never)  # the same machine, model and size: from the cache
+    assert precision.choose("auto", CPU, "infer", workload, cache) == infer
+    assert precision.choose("auto", CPU, "train", workload, cache) == train
+    # just under the bar stays fp32: noise and bf16 rounding are not worth a few percent
+    monkeypatch.setattr(precision, "measure", lambda w, kind: {"fp32": 100.0, "bf16": 114.0})
+    other = precision.Workload(workload.model, "other", workload.shape)
+    assert precision.choose("auto", CPU, "infer", other, cache).precision == "fp32"
+
+
+def test_the_probe_times_both_precisions_on_a_copy(workload):
+    before = {k: v.clone() for k, v in workload.model.state_dict().items()}
+    for kind in precision.KINDS:
+        speeds = precision.measure(workload, kind, reps=1)
+        assert set(speeds) == {"fp32", "bf16"} and all(v > 0 for v in speeds.values())
+    after = workload.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics untouched too
+    assert all(p.grad is None for p in workload.model.parameters())
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_a_run_records_what_auto_chose_and_why(monkeypatch, shapes_dir, tiny, native):
+    """A real run, with the probe really timing both precisions (emulated bf16 where not native)."""
+    monkeypatch.setenv("TRANSFERKIT_CPU_BF16", native)
+    run = transferkit.train(data=str(shapes_dir), strategy="finetune", name=f"auto{native}", **tiny)
+    setting = json.loads((run.dir / "runtime.json").read_text())
+    assert run.metrics["runtime"]["precision"] == setting["precision"]
+    table = json.loads((precision_cache := transferkit.runtime.cache_root() / "precision.json").read_text()) \
+        if native == "1" else {}
+    for kind in precision.KINDS:
+        reason = setting["precision_reason"][kind]
+        if native == "0":
+            assert setting["precision"][kind] == "fp32" and "without native bf16" in reason
+            continue
+        # the choice is the faster side of what was timed, as cached for this CPU, model and size
+        (speeds,) = [v for k, v in table.items() if f" {kind} 8x3x32x32" in k and "efficientnet_lite0 3ch" in k]
+        faster = speeds["bf16"] >= precision.FASTER_BY * speeds["fp32"]
+        assert setting["precision"][kind] == ("bf16" if faster else "fp32"), (kind, speeds, precision_cache)
+        assert reason.startswith("measured here")
+
+
+def test_a_linear_probe_trains_at_inference_precision(monkeypatch, shapes_dir, tiny):
+    monkeypatch.setenv("TRANSFERKIT_CPU_BF16", "0")
+    run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", **tiny)
+    reasons = json.loads((run.dir / "runtime.json").read_text())["precision_reason"]
+    assert reasons["train"] == "only the head trains: as inference"
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "linear-probe"])
+def test_bf16_asked_for_trains_and_evaluates_in_bf16_on_any_cpu(shapes_dir, tiny, strategy):
+    run = transferkit.train(data=str(shapes_dir), strategy=strategy, precision="bf16", epochs=2, **{
+        k: v for k, v in tiny.items() if k != "epochs"})
+    setting = json.loads((run.dir / "runtime.json").read_text())
+    assert setting["precision"] == {"train": "bf16", "infer": "bf16"}
+    assert setting["precision_reason"] == {"train": "asked for", "infer": "asked for"}
+    clf = transferkit.load(run.dir, precision="bf16")
+    assert clf.precision == "bf16"
+    result = transferkit.evaluate(run.dir, precision="bf16")
+    assert result["precision"] == "bf16" and 0 <= result["accuracy"] <= 1
+    probs = clf.predict_proba(sorted(str(p) for p in (shapes_dir / "circle").glob("*.png")))
+    assert probs.dtype == "float32" and abs(probs.sum(1) - 1).max() < 1e-3
+
+
+def test_serving_in_bf16_needs_the_bundles_own_agreement_check():
+    fast = precision.Choice("bf16", "measured here: bf16 730 img/s, fp32 267 img/s (2.73x; bf16 when >= 1.15x)")
+    assert precision.for_serving(fast, None).precision == "fp32"  # never checked
+    low = precision.for_serving(fast, {"bf16_top1_agreement": 0.97, "images": 200})
+    assert low.precision == "fp32" and "97.0% of 200 images" in low.reason
+    ok = precision.for_serving(fast, {"bf16_top1_agreement": 0.999, "images": 1000})
+    assert ok.precision == "bf16" and "99.9% of 1000" in ok.reason
+    asked = precision.Choice("bf16", "asked for")
+    assert precision.for_serving(asked, None) == asked
+    slow = precision.Choice("fp32", "CPU without native bf16 (avx512_bf16/AMX): emulated bf16 is slower")
+    assert precision.for_serving(slow, {"bf16_top1_agreement": 1.0, "images": 9}) == slow
+
+
+def test_a_run_in_bf16_checks_its_model_against_fp32_and_predict_follows_the_check(monkeypatch, shapes_dir, tiny):
+    run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", precision="bf16", **tiny)
+    checked = run.metrics["precision_check"]
+    n = sum(len(json.loads((run.dir / "split.json").read_text())["splits"][s]) for s in ("val", "test"))
+    assert checked["images"] == n and 0 <= checked["bf16_top1_agreement"] <= 1
+    assert transferkit.bundle.load_bundle(run.dir)[1]["precision"] == checked
+    # a machine where bf16 inference measures 2.7x faster serves this bundle in bf16 only if it passed
+    monkeypatch.setenv("TRANSFERKIT_CPU_BF16", "1")
+    monkeypatch.setattr(precision, "measure", lambda w, kind: {"fp32": 267.0, "bf16": 730.0})
+    served = transferkit.load(run.dir).precision
+    assert served == ("bf16" if checked["bf16_top1_agreement"] >= precision.AGREEMENT else "fp32")
+    fp32_run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", precision="fp32", name="f", **tiny)
+    assert fp32_run.metrics["precision_check"] == {"train": "fp32", "infer": "fp32"}
+    assert transferkit.load(fp32_run.dir).precision == "fp32"  # never checked: not served in bf16
+    assert transferkit.load(fp32_run.dir, precision="bf16").precision == "bf16"  # asked for
