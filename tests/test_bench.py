@@ -15,6 +15,6 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
                          text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
-    assert [r["case"] for r in results] == ["B1", "B2", "B3", "B4", "B5"]
+    assert [r["case"] for r in results] == ["B1", "B2", "B3", "B4", "B5", "B6"]
     assert all(r["ratio"] > 0 for r in results)
     assert "| B1 |" in (tmp_path / "bench.md").read_text()
