@@ -406,17 +406,42 @@ def main() -> None:
 
     try:
         app()
+        code = 0
+    except SystemExit as done:  # how typer ends every command
+        code = done.code
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
+        code = 2
     except Preempted as stop:
         typer.echo(f"stopped: {stop}", err=True)
-        sys.exit(stop.exit_code)
+        code = stop.exit_code
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        sys.exit(130)
+        code = 130
     finally:  # leave torchrun's process group cleanly (only a command that trained can have joined one)
         if "transferkit.distributed" in sys.modules:
             from transferkit import distributed
 
             distributed.teardown(distributed.from_environment())
+    _exit(code)
+
+
+def _exit(code) -> None:
+    """End the process once its output is flushed and its loader workers are stopped, without the
+    interpreter's teardown of torch's and timm's modules: that took 1.6 s on every command here
+    (`python -c "import torch, timm"`: 5.9 s, 4.3 s ending this way). Everything a command writes is
+    closed and fsynced before it returns."""
+    import logging
+    import multiprocessing
+    import os
+
+    if code is None or isinstance(code, str):  # sys.exit(None) is success; sys.exit("message") prints it
+        if code:
+            print(code, file=sys.stderr)
+        code = 1 if code else 0
+    for child in multiprocessing.active_children():  # what multiprocessing's own exit handler does
+        child.terminate()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -51,7 +51,8 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
                  precision=serve.precision, reasons=serve.reasons)
     loader = make_loader(data, split, eval_transform(prep), config, min_side=prep.resize)
     with rt.threads_applied():
-        metrics = evaluate_loader(rt.prepare(model), loader, nn.CrossEntropyLoss(), rt, data.classes)
+        metrics = evaluate_loader(rt.prepare(model), loader, nn.CrossEntropyLoss(), rt, data.classes, fold=True)
+    metrics.pop("logits")
     metrics.update(split=split, precision=rt.precision["infer"], precision_reason=rt.reasons["infer"])
     if tta != "none":
         metrics["tta"] = _tta(Predictor(model, meta, str(rt.device), rt.precision["infer"]), data, split, tta)

