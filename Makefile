@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-bf16 test-no-bf16 test-slow bench clean
+.PHONY: install demo test test-bf16 test-no-bf16 test-slow bench bench-precision clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,3 +39,6 @@ clean:
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
+
+bench-precision: $(STAMP)
+	$(BIN)/python benchmarks/precision.py

@@ -13,13 +13,13 @@ CPU = torch.device("cpu")
 
 
 def test_threads_leave_the_loader_workers_their_cores(monkeypatch):
-    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(runtime, "machine_cores", lambda: 8)
     assert runtime.resolve(TrainConfig(workers=3), CPU, 3).threads == 5
     assert runtime.resolve(TrainConfig(workers=8), CPU, 8).threads == 1
     assert runtime.resolve(TrainConfig(threads=2), CPU, 3).threads == 2  # asked for: kept
     assert runtime.resolve(TrainConfig(), CPU, 0).threads == torch.get_num_threads()
     assert runtime.default_workers(in_memory=False) == 4 and runtime.default_workers(in_memory=True) == 0
-    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(runtime, "machine_cores", lambda: 2)
     assert runtime.default_workers(in_memory=False) == 0
 
 
@@ -62,3 +62,11 @@ def test_predictor_with_folded_bn_and_channels_last_matches_the_plain_model():
         want = plain.eval()(batch).softmax(-1)
     assert clf._net is not clf.model  # BN was folded
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+
+def test_cores_come_from_the_affinity_mask(monkeypatch):
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 64)  # the host's count: not ours to use
+    assert runtime.machine_cores() == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    assert runtime.cores_per_process() == 1

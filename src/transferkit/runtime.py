@@ -34,9 +34,18 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def machine_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container or `taskset` limits it), not the
+    host's count that os.cpu_count() reports."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def cores_per_process() -> int:
     """This machine's cores shared by the processes torchrun started on it (LOCAL_WORLD_SIZE)."""
-    return max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, machine_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def default_workers(in_memory: bool) -> int:
@@ -108,7 +117,7 @@ class Runtime:
     def to_dict(self) -> dict:
         out = {"device": str(self.device), "precision": self.precision, "precision_reason": self.reasons,
                "channels_last": self.channels_last, "workers": self.workers, "threads": self.threads,
-               "compile": self.compile, "cpu_count": os.cpu_count(), "torch": torch.__version__}
+               "compile": self.compile, "cpu_count": machine_cores(), "torch": torch.__version__}
         if self.device.type == "cuda":
             out["gpu"] = torch.cuda.get_device_name(self.device)
         return out
@@ -122,7 +131,7 @@ def resolve(config, device: torch.device, workers: int, workload: Workload | Non
     threads = torch.get_num_threads()
     if config.threads:
         threads = config.threads
-    elif device.type == "cpu" and (workers or cores_per_process() < (os.cpu_count() or 1)):
+    elif device.type == "cpu" and (workers or cores_per_process() < machine_cores()):
         threads = max(1, cores_per_process() - workers)
     rt = Runtime(device, "fp32", config.channels_last, workers, threads, config.compile)
     if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
