@@ -62,9 +62,18 @@ def test_report_html_is_self_contained_and_consistent(weak_run):
     calibration = json.loads((weak_run.dir / "calibration.json").read_text())
     assert calibration["temperature"] > 0 and 0 <= calibration["ece_test"] <= 1
 
+    infer = weak_run.metrics["runtime"]["precision"]["infer"]
+    assert f"inference {infer} (" in page  # the precision and why, as chosen for this run
+
+    # the report used the logits train saved; without them it runs the model again: the same figures
     before = (weak_run.dir / "report.html").stat().st_mtime_ns
+    (weak_run.dir / "predictions.npz").unlink()
     assert build_report(weak_run.dir) == weak_run.dir / "report.html"  # `transferkit report` rebuilds it
     assert (weak_run.dir / "report.html").stat().st_mtime_ns >= before
+    again = json.loads((weak_run.dir / "calibration.json").read_text())
+    tolerance = 1e-3 if infer == "fp32" else 0.05  # bf16 logits of the run against the served model's
+    for key in ("temperature", "ece_test", "ece_val"):
+        assert again[key] == pytest.approx(calibration[key], abs=tolerance, rel=tolerance), key
 
 
 def test_temperature_scaling_lowers_ece_of_an_overconfident_model():

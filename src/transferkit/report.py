@@ -118,10 +118,15 @@ def _summary(run_dir: Path, config, data, how: str) -> str:
     skipped = (run_dir / "skipped.txt").read_text().splitlines() if (run_dir / "skipped.txt").is_file() else []
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     best = metrics.get("best") or {}
+    runtime = metrics.get("runtime") or {}
+    precision = "; ".join(f"{'training' if kind == 'train' else 'inference'} {html.escape(str(value))} "
+                          f"({html.escape(str((runtime.get('precision_reason') or {}).get(kind, '')))})"
+                          for kind, value in (runtime.get("precision") or {}).items())
     return _section("Run", f"""
 <p><b>{html.escape(config.model)}</b>, strategy <b>{html.escape(config.strategy)}</b>, {config.img_size} px,
 best epoch {best.get('epoch')} (val accuracy {_fmt(best.get('val_accuracy'))}).
 Data: {html.escape(str(config.data))} ({html.escape(how)}).</p>
+<p class="precision">Precision: {precision or 'not recorded'}.</p>
 <table class="counts"><tr><th>class</th><th>train</th><th>val</th><th>test</th></tr>{counts}</table>
 <p>Skipped files: {len(skipped)}</p>{_pre(chr(10).join(skipped[:20])) if skipped else ''}
 <details><summary>config.yaml</summary>{_pre((run_dir / 'config.yaml').read_text())}</details>""")
