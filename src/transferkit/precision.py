@@ -117,7 +117,7 @@ def probe(workload: Workload, kind: str, cache_file: Path | None = None, say=Non
     if key not in table:
         if say is not None:
             say(f"[transferkit] timing {kind} in fp32 and bf16 once for this CPU and model "
-                f"(cached in {cache_file or 'memory'})")
+                f"(cached in {cache_file})")
         table = {**_read(cache_file), key: measure(workload, kind)}
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
