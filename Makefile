@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-bf16 test-no-bf16 test-slow bench bench-precision clean
+.PHONY: install demo test test-bf16 test-no-bf16 test-cuda test-slow bench bench-precision clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test-bf16: $(STAMP)
 
 test-no-bf16: $(STAMP)
 	TRANSFERKIT_CPU_BF16=0 $(BIN)/python -m pytest -q
+
+test-cuda: $(STAMP)
+	$(BIN)/python -m pytest -q -m cuda
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,6 +96,11 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(shap
 
 def _head_returns_nan_at(monkeypatch, call: int):
     """Fault injection: the head's output becomes NaN on its `call`-th training forward pass."""
+    _head_fault_at(monkeypatch, call, lambda output: output * float("nan"))
+
+
+def _head_fault_at(monkeypatch, call: int, fault):
+    """The head's `call`-th training forward pass returns `fault(output)` (which may raise)."""
     real = loop.build_classifier
     calls = [0]
 
@@ -105,7 +111,7 @@ def _head_returns_nan_at(monkeypatch, call: int):
             if module.training:
                 calls[0] += 1
                 if calls[0] == call:
-                    return output * float("nan")
+                    return fault(output)
             return output
 
         model.head.register_forward_hook(hook)
@@ -129,6 +135,24 @@ def test_nan_policy_skip_skips_the_step_and_finishes(shapes_dir, tiny, monkeypat
     assert run.metrics["nan_skipped_steps"] == 1 and run.metrics["epochs_run"] == 3
     assert all(math.isfinite(v) for v in torch.load(run.dir / "last.ckpt", weights_only=True)["model"]["head.1.weight"]
                .flatten().tolist())
+
+
+def test_out_of_memory_saves_the_last_whole_step_and_says_how_to_go_on(shapes_dir, tiny, monkeypatch):
+    def out_of_memory(output):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fault injected)")
+
+    _head_fault_at(monkeypatch, 6, out_of_memory)  # 4 steps an epoch: epoch 2, step 2
+    message = (r"Out of GPU memory training micro-batches of 4 images \(CUDA out of memory.*\)\. saved .*last\.ckpt "
+               r"at step 1 of this epoch.*--resume .*oom --accumulate 2`; or .* smaller --batch-size \(e\.g\. 2\)")
+    with pytest.raises(UserError, match=message):
+        transferkit.train(data=str(shapes_dir), name="oom", **{**tiny, "epochs": 3, "batch_size": 4})
+    run_dir = Path(tiny["runs_dir"]) / "oom"
+    state = torch.load(run_dir / "last.ckpt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 1)
+    monkeypatch.undo()
+    resumed = transferkit.train(resume=run_dir, accumulate=2)
+    assert resumed.metrics["epochs_run"] == 3 and resumed.config.accumulate == 2
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
 
 
 def test_keep_top_k_keeps_the_k_best_epochs(shapes_dir, tiny):

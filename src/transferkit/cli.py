@@ -418,6 +418,11 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         code = 130
+    except RuntimeError as err:  # torch.OutOfMemoryError outside training steps (those say more; see loop)
+        if type(err).__name__ != "OutOfMemoryError":
+            raise
+        typer.echo(f"error: out of GPU memory ({str(err).splitlines()[0]}); use a smaller --batch-size", err=True)
+        code = 2
     finally:  # leave torchrun's process group cleanly (only a command that trained can have joined one)
         if "transferkit.distributed" in sys.modules:
             from transferkit import distributed

@@ -46,7 +46,7 @@ from transferkit.board import Board
 from transferkit.regularize import L2SP
 from transferkit.report import build_report, confusion_png, save_predictions
 from transferkit.precision import AGREEMENT, Workload, agreement_counts
-from transferkit.runtime import Runtime, cache_root, default_workers, pick_device
+from transferkit.runtime import Runtime, cache_root, configure_cuda, default_workers, pick_device
 from transferkit.runtime import resolve as resolve_runtime
 from transferkit.sampling import EpochSampler
 from transferkit.strategy import Phase, apply_phase, count_trainable, make_plan, set_train_mode, trainable_groups
@@ -101,7 +101,8 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
         in_chans=config.in_chans, img_size=config.img_size or data.default_img_size,
         head=config.head, head_hidden=config.head_hidden, head_dropout=config.head_dropout,
         drop_path=config.drop_path, trust=config.trust_checkpoint)
-    workers = config.workers if config.workers is not None else default_workers(data.arrays is not None)
+    workers = config.workers if config.workers is not None \
+        else default_workers(data.arrays is not None, device.type == "cuda")
     groups = layer_groups(model.backbone)
     if state is not None:
         run_dir = Path(resume)
@@ -278,9 +279,12 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                             "rng_ranks": rngs if d.on else []})
                     d.barrier()  # no rank leaves (or is stopped by torchrun) before the file is whole
 
+                done = [sums]  # the position after the last whole step (kept if memory runs out)
+
                 def after_step(where: EpochSums, step_loss: float) -> None:
                     """After each step: log it; inside an epoch, stop on a signal (any rank's) or write a step
                     checkpoint when one is due."""
+                    done[0] = where
                     if board is not None:
                         board.step(epoch * steps_per_epoch + where.step, step_loss, optimizer.param_groups[-1]["lr"])
                     if where.step == steps_per_epoch:
@@ -296,10 +300,12 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                 for _ in range(epoch - before, phase.epochs):
                     train_loader.batch_sampler.set_epoch(epoch, skip_steps=sums.step)
                     tick = time.perf_counter() - sums.seconds
-                    sums, nan_skipped = train_one_epoch(
-                        net, model, train_loader, optimizer, scheduler, loss_fn, phase, rt, report,
-                        f"epoch {epoch + 1}/{total_epochs}", sums, Guard(config, data, epoch, nan_skipped),
-                        mixer, l2sp, after_step, d)
+                    done[0] = sums
+                    with out_of_memory_stops(config, run_dir, d, done, save_last, optimizer):
+                        sums, nan_skipped = train_one_epoch(
+                            net, model, train_loader, optimizer, scheduler, loss_fn, phase, rt, report,
+                            f"epoch {epoch + 1}/{total_epochs}", sums, Guard(config, data, epoch, nan_skipped),
+                            mixer, l2sp, after_step, d)
                     epoch += 1
                     seconds = time.perf_counter() - tick
                     train_loss, train_acc = sums.loss_sum / max(sums.seen, 1), sums.correct / max(sums.seen, 1)
@@ -310,7 +316,10 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
                            "train_loss": train_loss, "train_accuracy": train_acc,
                            "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
                            "lr": optimizer.param_groups[0]["lr"], "images_per_s": sums.seen / seconds,
-                           "epoch_s": seconds}
+                           "epoch_s": seconds, "data_wait": sums.data_s / max(sums.seconds, 1e-9)}
+                    if device.type == "cuda":  # the epoch's peak, training and validation
+                        row["gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                        torch.cuda.reset_peak_memory_stats(device)
                     if d.main:
                         with (run_dir / "metrics.jsonl").open("a") as fh:
                             fh.write(json.dumps(row) + "\n")
@@ -386,6 +395,30 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     return Run(dir=run_dir, config=config, metrics=metrics)
 
 
+@contextlib.contextmanager
+def out_of_memory_stops(config: TrainConfig, run_dir: Path, d: Dist, done: list, save_last, optimizer):
+    """Turn the GPU running out of memory into a UserError that says what to change. One process saves
+    last.ckpt at `done[0]` (the last whole step) first, so `--resume` with more accumulation goes on."""
+    try:
+        yield
+        return
+    except torch.OutOfMemoryError as err:  # leave the except block: its traceback holds the step's tensors
+        first_line = str(err).splitlines()[0]
+    optimizer.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    micro = config.batch_size // (config.accumulate * d.world)
+    saved = not d.on  # ranks cannot agree on a position once one has failed
+    if saved:
+        save_last(done[0])
+    where = (f"saved {run_dir / 'last.ckpt'} at step {done[0].step} of this epoch; resume with the same global "
+             f"batch and half the memory per step: `transferkit train --resume {run_dir} --accumulate "
+             f"{config.accumulate * 2}`" if saved else f"resume {run_dir} from its last checkpoint with "
+             f"--accumulate {config.accumulate * 2}")
+    raise UserError(f"Out of GPU memory training micro-batches of {micro} images ({first_line}). {where}; or start "
+                    f"a new run with a smaller --batch-size (e.g. {max(1, config.batch_size // 2)}).") from None
+
+
 def runtime_for(config: TrainConfig, model, prep, plan: list[Phase], device, workers: int, d: Dist,
                 report: Reporter) -> Runtime:
     """The run's Runtime; precision auto may time the model on rank 0 (see `precision`), whose choice
@@ -426,6 +459,8 @@ class EpochSums:
     correct: int = 0
     seen: int = 0
     seconds: float = 0.0
+    data_s: float = 0.0
+    """Of `seconds`, the time spent waiting for the loader's next batch (every step waits for its loss)."""
 
 
 class Guard:
@@ -481,8 +516,8 @@ def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, schedul
     tick = time.perf_counter() - sums.seconds
     report.start_epoch(description, len(sizes))
     report.advance(sums.step)
-    micro, step_ok = 0, True
-    for images, labels, indices in loader:
+    micro, step_ok, waited = 0, True, [sums.data_s]
+    for images, labels, indices in timed(loader, waited):
         images, labels = rt.batch(images), labels.to(rt.device, non_blocking=True)
         targets = labels
         if mixer is not None and len(labels) % 2 == 0:  # timm's Mixup pairs images: needs an even batch
@@ -510,8 +545,8 @@ def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, schedul
             if step_ok:
                 (loss * loss_scale(len(labels), sizes[sums.step], d)).backward()
         micro += 1
-        sums = EpochSums(sums.step, sums.loss_sum + loss_sum, sums.correct + int(correct), sums.seen + int(seen),
-                         sums.seconds)
+        sums = replace(sums, loss_sum=sums.loss_sum + loss_sum, correct=sums.correct + int(correct),
+                       seen=sums.seen + int(seen))
         if not last:
             continue
         if step_ok:
@@ -520,11 +555,23 @@ def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, schedul
                 optimizer.step()
         scheduler.step()
         micro = 0
-        sums = EpochSums(step, sums.loss_sum, sums.correct, sums.seen, time.perf_counter() - tick)
+        sums = replace(sums, step=step, seconds=time.perf_counter() - tick, data_s=waited[0])
         report.batch(sums.loss_sum / sums.seen, sums.correct / sums.seen, sums.seen / sums.seconds)
         if after_step is not None:
             after_step(sums, (sums.loss_sum - start[0]) / max(sums.seen - start[1], 1))
     return sums, guard.skipped
+
+
+def timed(loader, waited: list[float]):
+    """Iterate `loader`, adding the seconds spent waiting for each item to `waited[0]`."""
+    items = iter(loader)
+    while True:
+        tick = time.perf_counter()
+        item = next(items, None)
+        waited[0] += time.perf_counter() - tick
+        if item is None:
+            return
+        yield item
 
 
 @torch.inference_mode()
@@ -645,7 +692,7 @@ def set_deterministic(on: bool) -> None:
     """torch.use_deterministic_algorithms, and the cuBLAS workspace setting it needs on CUDA."""
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
+    configure_cuda(deterministic=on)  # flags only: harmless without CUDA
     torch.use_deterministic_algorithms(on)
 
 

@@ -100,7 +100,7 @@ def find_lr(config, steps: int = 100, start: float = 1e-7, end: float = 1.0) -> 
         in_chans=config.in_chans, img_size=config.img_size or data.default_img_size, head=config.head,
         head_hidden=config.head_hidden, head_dropout=config.head_dropout, drop_path=config.drop_path)
     config = config.replace(lr=1e-3, lr_min=None, workers=config.workers if config.workers is not None
-                            else default_workers(data.arrays is not None))
+                            else default_workers(data.arrays is not None, device.type == "cuda"))
     groups = layer_groups(model.backbone)
     loader = make_loader(data, "train", train_transform(prep, config.augment), config, shuffle=True,
                          min_side=prep.resize)

@@ -1,0 +1,112 @@
+"""The CUDA path on a real GPU: bf16 and channels_last training, torch.compile, exact resume in
+deterministic mode, export parity of a CUDA-trained run, out-of-memory, NCCL DDP over the GPUs present.
+
+Marked `cuda` (`pytest -m cuda`); skipped where PyTorch sees no GPU, as on CI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import transferkit
+from transferkit.errors import UserError
+from transferkit.export import export
+from transferkit.preempt import Preempted
+
+from conftest import make_folder
+from test_resume import SignalAt, assert_same_weights, weights
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture
+def gpu(tiny) -> dict:
+    return {**tiny, "device": "cuda"}
+
+
+def _rows(run_dir) -> list[dict]:
+    return [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("precision,channels_last", [("bf16", True), ("fp32", False)])
+def test_the_demo_job_on_the_gpu_learns_and_says_how_it_ran(tmp_path, precision, channels_last):
+    run = transferkit.train(data="builtin:faces", device="cuda", precision=precision, channels_last=channels_last,
+                            runs_dir=str(tmp_path), quiet=True, html_report=False)
+    assert run.metrics["test"]["accuracy"] >= 0.95  # as on the CPU (test_train.test_demo_job_faces_defaults)
+    runtime = json.loads((run.dir / "runtime.json").read_text())
+    assert runtime["device"].startswith("cuda") and runtime["gpu"] == torch.cuda.get_device_name()
+    assert runtime["precision"] == {"train": precision, "infer": precision}
+    assert runtime["channels_last"] is channels_last and runtime["cudnn_benchmark"] and runtime["tf32"]
+    for row in _rows(run.dir):
+        assert 0.0 <= row["data_wait"] <= 1.0 and row["gpu_peak_gb"] > 0
+
+
+def test_compiled_training_saves_plain_keys_and_learns(tmp_path, gpu):
+    data = make_folder(tmp_path / "shapes", per_class=30)
+    flags = {**gpu, "data": str(data), "strategy": "finetune", "epochs": 3, "batch_size": 16}
+    compiled = transferkit.train(name="compiled", compile=True, **flags)
+    eager = transferkit.train(name="eager", **flags)
+    assert json.loads((compiled.dir / "runtime.json").read_text())["compile"] is True
+    assert weights(compiled.dir).keys() == weights(eager.dir).keys()  # no _orig_mod. prefixes
+    assert compiled.metrics["test"]["accuracy"] >= eager.metrics["test"]["accuracy"] - 0.2
+    transferkit.load(compiled.dir, device="cuda")  # the bundle loads into a plain model
+
+
+def test_sigterm_then_resume_is_bit_identical_on_the_gpu(shapes_dir, gpu):
+    """As test_resume's CPU test: deterministic mode, bf16, the signal in epoch 2, batch 2."""
+    common = {**gpu, "data": str(shapes_dir), "strategy": "finetune", "epochs": 3, "batch_size": 4,
+              "augment": "strong", "head_dropout": 0.3, "deterministic": True, "precision": "bf16"}
+    whole = transferkit.train(name="whole", **common)
+    with pytest.raises(Preempted):
+        transferkit.train(name="cut", report=SignalAt(6), **common)
+    resumed = transferkit.train(resume=whole.dir.parent / "cut", quiet=True)
+    assert_same_weights(weights(whole.dir), weights(resumed.dir))
+    assert [r["train_loss"] for r in _rows(resumed.dir)] == [r["train_loss"] for r in _rows(whole.dir)]
+
+
+def test_export_of_a_gpu_trained_run_agrees_with_pytorch_on_cpu_and_gpu(tmp_path, shapes_dir, gpu):
+    data = make_folder(tmp_path / "split", per_class=16, splits=("train", "val", "test"))
+    run = transferkit.train(data=str(data), strategy="finetune", **gpu)
+    result = export(run.dir, "onnx")
+    assert result["max_abs_logit_diff"] <= 1e-4 and result["top1_agreement"] == 1.0
+    files = sorted(str(p) for p in (shapes_dir / "square").glob("*.png"))
+    on_gpu = transferkit.load(run.dir, device="cuda", precision="fp32").predict_proba(files)
+    onnx = transferkit.load(run.dir, backend="onnx").predict_proba(files)
+    np.testing.assert_allclose(on_gpu, onnx, atol=5e-3)  # TF32 convolutions on the GPU
+
+
+def test_out_of_memory_says_what_to_change_and_accumulation_resumes(tmp_path, gpu):
+    """A real CUDA out-of-memory: the process may use 1 GiB; 128 images of 224 px at once need more."""
+    data = make_folder(tmp_path / "shapes", per_class=100)  # 160 training images
+    flags = {**gpu, "data": str(data), "img_size": 224, "batch_size": 128, "strategy": "full", "epochs": 1,
+             "precision": "bf16", "name": "oom"}
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(2**30 / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        with pytest.raises(UserError, match=r"Out of GPU memory training micro-batches of 128 images.*"
+                                            r"--accumulate 2`; or .*--batch-size \(e\.g\. 64\)"):
+            transferkit.train(**flags)
+    finally:  # (training at the cap's edge crawls: the allocator frees and retries on every step)
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    resumed = transferkit.train(resume=tmp_path / "runs" / "oom", accumulate=2)  # as the message says
+    assert resumed.metrics["epochs_run"] == 1 and resumed.metrics["runtime"]["micro_batch"] == 64
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL across processes needs 2 GPUs or more")
+def test_nccl_processes_train_what_one_gpu_trains(tmp_path, gpu):
+    n = torch.cuda.device_count()
+    data = make_folder(tmp_path / "shapes", per_class=8 * n)
+    flags = ["--strategy", "lp-ft", "--epochs", "2", "--batch-size", str(4 * n), "--lr", "1e-2", "--img-size", "32",
+             "--workers", "0", "--optimizer", "sgd", "--precision", "fp32", "--device", "cuda", "--quiet",
+             "--runs-dir", gpu["runs_dir"]]
+    one = subprocess.run([sys.executable, "-m", "transferkit", "train", str(data), "--name", "one", *flags],
+                         capture_output=True, text=True, timeout=600)
+    many = subprocess.run([sys.executable, "-m", "transferkit", "train", str(data), "--name", "many",
+                           "--devices", str(n), *flags], capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0 and many.returncode == 0, many.stderr[-3000:]
+    runs = tmp_path / "runs"
+    assert json.loads((runs / "many" / "metrics.json").read_text())["runtime"]["processes"] == n
+    assert_same_weights(weights(runs / "one"), weights(runs / "many"), atol=1e-3)  # TF32 sums in another order
