@@ -15,6 +15,7 @@ import transferkit
 from transferkit.errors import UserError
 from transferkit.export import export
 from transferkit.preempt import Preempted
+from transferkit.runtime import Runtime
 
 from conftest import make_folder
 from test_resume import SignalAt, assert_same_weights, weights
@@ -110,3 +111,12 @@ def test_nccl_processes_train_what_one_gpu_trains(tmp_path, gpu):
     runs = tmp_path / "runs"
     assert json.loads((runs / "many" / "metrics.json").read_text())["runtime"]["processes"] == n
     assert_same_weights(weights(runs / "one"), weights(runs / "many"), atol=1e-3)  # TF32 sums in another order
+
+
+def test_uint8_batches_are_normalised_on_the_gpu_to_the_cpu_values():
+    images = torch.randint(0, 256, (4, 24, 30, 3), dtype=torch.uint8)
+    stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    on_gpu = Runtime(torch.device("cuda"), channels_last=True, normalize=stats)
+    assert on_gpu.normalizes_on_device  # the loaders hand the GPU pixels
+    want = Runtime(torch.device("cpu"), channels_last=True, normalize=stats).batch(images)
+    assert torch.equal(on_gpu.batch(images).cpu(), want)

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 import transferkit
 from transferkit.cli import app
 from transferkit.config import TrainConfig
+from transferkit.runtime import Runtime
 from transferkit.lrfind import lr_find
 from transferkit.loop import make_loader
 from transferkit.data import load_data
@@ -24,7 +25,7 @@ def test_sweep_is_exponential_restores_weights_and_follows_the_stated_rule(shape
     groups = layer_groups(model.backbone)
     loader = make_loader(data, "train", train_transform(prep, "basic"), config, shuffle=True)
     result = lr_find(model, groups, make_plan(config, len(groups))[0], loader, torch.nn.CrossEntropyLoss(),
-                     config, torch.device("cpu"), steps=30, start=1e-6, end=10.0)
+                     config, Runtime(torch.device("cpu")), steps=30, start=1e-6, end=10.0)
     ratios = [b / a for a, b in zip(result.lrs, result.lrs[1:])]
     assert result.lrs[0] == pytest.approx(1e-6) and ratios == pytest.approx([ratios[0]] * len(ratios))
     best = min(range(len(result.smoothed)), key=result.smoothed.__getitem__)

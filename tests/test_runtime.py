@@ -1,13 +1,21 @@
 """Runtime settings: the rules that pick threads and precision, and that they are applied and undone."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torchvision import transforms as T
 
+import transferkit
 from transferkit import runtime
 from transferkit.config import TrainConfig
 from transferkit.errors import UserError
 from transferkit.predictor import Predictor
 from transferkit.model import build_classifier
+from transferkit.runtime import Runtime
+from transferkit.transforms import pixels
+
+from test_resume import assert_same_weights, weights
 
 CPU = torch.device("cpu")
 
@@ -70,3 +78,29 @@ def test_cores_come_from_the_affinity_mask(monkeypatch):
     assert runtime.machine_cores() == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert runtime.cores_per_process() == 1
+
+
+@pytest.mark.parametrize("mode,channels_last", [("RGB", True), ("RGB", False), ("L", True)])
+def test_uint8_batches_become_exactly_the_input_totensor_and_normalize_make(mode, channels_last):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (24, 30, 3), dtype=np.uint8)).convert(mode) for _ in range(3)]
+    stats = ((0.5,), (0.25,)) if mode == "L" else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    want = torch.stack([T.Normalize(*stats)(T.ToTensor()(img)) for img in images])
+    rt = Runtime(torch.device("cpu"), channels_last=channels_last, normalize=stats)
+    got = rt.batch(torch.stack([pixels(img) for img in images]))
+    assert torch.equal(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_a_run_on_uint8_batches_trains_bit_identically_to_one_on_float_batches(shapes_dir, tiny, monkeypatch):
+    """The GPU's path (the workers hand over pixels, Runtime.batch normalises), taken here on the CPU."""
+    common = {**tiny, "data": str(shapes_dir), "strategy": "full", "epochs": 2, "batch_size": 4, "workers": 2,
+              "threads": 1}
+    floats = transferkit.train(name="floats", **common)
+    monkeypatch.setattr(Runtime, "normalizes_on_device", property(lambda self: self.normalize is not None))
+    real, dtypes = Runtime.batch, set()
+    monkeypatch.setattr(Runtime, "batch", lambda self, images: dtypes.add(images.dtype) or real(self, images))
+    pixel_run = transferkit.train(name="pixels", **common)
+    assert dtypes == {torch.uint8}  # every batch: training, validation, test
+    assert_same_weights(weights(floats.dir), weights(pixel_run.dir))
+    assert pixel_run.metrics["test"]["loss"] == floats.metrics["test"]["loss"]

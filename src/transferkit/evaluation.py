@@ -42,15 +42,16 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
     model, meta = load_bundle(run)
     if data.classes != meta["classes"]:
         raise UserError(f"The classes in '{run}/split.json' differ from those of the model in '{run}/best'.")
-    device = pick_device(device)
-    config = config.replace(workers=default_workers(data.arrays is not None, device.type == "cuda"))  # this machine's
+    device = pick_device(device)  # this machine's workers, not the run's
+    config = config.replace(workers=default_workers(data.arrays is not None, device.type == "cuda"))
     prep = Preprocessing.from_dict(meta["preprocessing"])
     workload = Workload(model, f"{config.model} {prep.in_chans}ch",
                         (config.batch_size, prep.in_chans, prep.img_size, prep.img_size), config.channels_last)
     serve = inference_runtime(precision, device, workload, meta.get("precision"))
     rt = replace(resolve_runtime(config.replace(precision="fp32"), serve.device, config.workers),
-                 precision=serve.precision, reasons=serve.reasons)
-    loader = make_loader(data, split, eval_transform(prep), config, min_side=prep.resize)
+                 precision=serve.precision, reasons=serve.reasons, normalize=prep.mean_std)
+    loader = make_loader(data, split, eval_transform(prep, normalize=not rt.normalizes_on_device), config,
+                         min_side=prep.resize)
     with rt.threads_applied():
         metrics = evaluate_loader(rt.prepare(model), loader, nn.CrossEntropyLoss(), rt, data.classes, fold=True)
     metrics.pop("logits")

@@ -167,12 +167,14 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
         cache_s["image_cache_s"] = time.perf_counter() - tick
         report.info(f"[transferkit] decoded-image cache ready in {cache_s['image_cache_s']:.1f} s "
                     f"(cache {cache_root(config) / 'images'})")
+    normalize = not rt.normalizes_on_device  # in the workers, or uint8 pixels to the GPU (see Runtime)
     loaders = {
-        "train": make_loader(data, "train", train_transform(prep, config.augment), config, shuffle=True,
-                             images=decoded.get("train"), min_side=prep.resize, d=d),
-        "val": make_loader(data, "val", eval_transform(prep, resized="val" in decoded), config,
+        "train": make_loader(data, "train", train_transform(prep, config.augment, normalize), config,
+                             shuffle=True, images=decoded.get("train"), min_side=prep.resize, d=d),
+        "val": make_loader(data, "val", eval_transform(prep, "val" in decoded, normalize), config,
                            images=decoded.get("val"), min_side=prep.resize, d=d),
-        "test": make_loader(data, "test", eval_transform(prep), config, min_side=prep.resize, d=d),
+        "test": make_loader(data, "test", eval_transform(prep, normalize=normalize), config, min_side=prep.resize,
+                            d=d),
     }
     weight = None
     if config.class_weights == "auto":  # inverse frequency, mean weight 1 over the training images
@@ -191,7 +193,7 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
         found = None
         if d.main:
             probe = make_plan(config.replace(lr=1e-3, lr_min=None), len(groups))[0]
-            found = lr_find(model, groups, probe, loaders["train"], hard_loss, config.replace(lr=1e-3), device)
+            found = lr_find(model, groups, probe, loaders["train"], hard_loss, config.replace(lr=1e-3), rt)
             found.plot(run_dir / "lr_find.png")
         config = config.replace(lr=d.gather(found.suggestion if found else None)[0])
         plan = make_plan(config, len(groups))
@@ -431,7 +433,7 @@ def runtime_for(config: TrainConfig, model, prep, plan: list[Phase], device, wor
     precision, reasons = d.gather((rt.precision, rt.reasons))[0]
     report.info(f"[transferkit] precision {config.precision}: train {precision['train']} ({reasons['train']}); "
                 f"inference {precision['infer']} ({reasons['infer']})")
-    return replace(rt, precision=precision, reasons=reasons)
+    return replace(rt, precision=precision, reasons=reasons, normalize=prep.mean_std)
 
 
 def serving_check(model, loaders, rt: Runtime, d: Dist, report: Reporter) -> dict:
@@ -635,20 +637,20 @@ def feature_loaders(model, data: Data, prep, config: TrainConfig, rt: Runtime, r
     """(train, val) loaders over cached backbone features, in the image loader's batch order; the ranks
     extract their shares of the features together."""
     labels = {s: [data.classes.index(label) for _, label in data.splits[s]] for s in ("train", "val")}
-    plain = {"eval": prep.to_dict()}
+    plain, normalize = {"eval": prep.to_dict()}, not rt.normalizes_on_device
     if config.feature_views:
-        transform, transform_id = train_transform(prep, config.augment), {"train": prep.to_dict(),
-                                                                          "augment": config.augment}
+        transform = train_transform(prep, config.augment, normalize)
+        transform_id = {"train": prep.to_dict(), "augment": config.augment}
     else:
-        transform, transform_id = eval_transform(prep), plain
+        transform, transform_id = eval_transform(prep, normalize=normalize), plain
     train = FeatureLoader(cached_features(model.backbone, data, "train", transform, transform_id, config, rt,
                                           report, config.feature_views, prep.resize, d),
                           labels["train"], image_loader.batch_sampler)
     val = None
     if labels["val"]:
         shard = d.shard(len(labels["val"]))
-        val = FeatureLoader(cached_features(model.backbone, data, "val", eval_transform(prep), plain, config,
-                                            rt, report, min_side=prep.resize, d=d), labels["val"],
+        val = FeatureLoader(cached_features(model.backbone, data, "val", eval_transform(prep, normalize=normalize),
+                                            plain, config, rt, report, min_side=prep.resize, d=d), labels["val"],
                             [shard[i : i + config.batch_size] for i in range(0, len(shard), config.batch_size)])
     return train, val
 

@@ -46,9 +46,10 @@ class LRFindResult:
         plt.close(fig)
 
 
-def lr_find(model, groups: list[list[str]], phase: Phase, loader, loss_fn, config, device,
+def lr_find(model, groups: list[list[str]], phase: Phase, loader, loss_fn, config, rt,
             steps: int = 100, start: float = 1e-7, end: float = 1.0) -> LRFindResult:
-    """Sweep the head LR from `start` to `end` over `steps` batches of `phase`'s trainable parameters."""
+    """Sweep the head LR from `start` to `end` over `steps` batches of `phase`'s trainable parameters
+    (`rt`: the run's Runtime, which moves the loader's batches to the device)."""
     beta = min(0.98, 1 - 4 / steps)  # EMA smoothing; shorter sweeps need less lag
     saved = copy.deepcopy(model.state_dict())
     apply_phase(model, groups, phase)
@@ -63,7 +64,7 @@ def lr_find(model, groups: list[list[str]], phase: Phase, loader, loss_fn, confi
         lr = start * gamma**step
         for group, rel in zip(optimizer.param_groups, relative):
             group["lr"] = lr * rel
-        images, labels = images.to(device), labels.to(device)
+        images, labels = rt.batch(images), labels.to(rt.device)
         loss = loss_fn(model(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -86,7 +87,7 @@ def find_lr(config, steps: int = 100, start: float = 1e-7, end: float = 1.0) -> 
 
     from transferkit.data import load_data
     from transferkit.loop import make_loader, seed_everything
-    from transferkit.runtime import default_workers, pick_device
+    from transferkit.runtime import Runtime, default_workers, pick_device
     from transferkit.model import build_classifier, layer_groups
     from transferkit.strategy import make_plan
     from transferkit.transforms import train_transform
@@ -102,8 +103,9 @@ def find_lr(config, steps: int = 100, start: float = 1e-7, end: float = 1.0) -> 
     config = config.replace(lr=1e-3, lr_min=None, workers=config.workers if config.workers is not None
                             else default_workers(data.arrays is not None, device.type == "cuda"))
     groups = layer_groups(model.backbone)
-    loader = make_loader(data, "train", train_transform(prep, config.augment), config, shuffle=True,
-                         min_side=prep.resize)
+    rt = Runtime(device, normalize=prep.mean_std)
+    loader = make_loader(data, "train", train_transform(prep, config.augment, not rt.normalizes_on_device), config,
+                         shuffle=True, min_side=prep.resize)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    return lr_find(model.to(device), groups, make_plan(config, len(groups))[0], loader, loss_fn, config, device,
+    return lr_find(model.to(device), groups, make_plan(config, len(groups))[0], loader, loss_fn, config, rt,
                    steps=steps, start=start, end=end)

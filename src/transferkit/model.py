@@ -32,6 +32,11 @@ class Preprocessing:
         """Short side before the eval center crop: img_size / crop_pct."""
         return int(round(self.img_size / self.crop_pct))
 
+    @property
+    def mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std): what `Runtime.batch` normalises uint8 batches with."""
+        return tuple(self.mean), tuple(self.std)
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -1,0 +1,90 @@
+"""How fast the training loader feeds batches: float batches normalised in the workers (the old way)
+against uint8 batches normalised by `Runtime.batch` (the new way), side by side in one run.
+
+`python benchmarks/loader.py [--workers N] [--out DIR]` writes DIR/loader.json and loader.md. The data
+are benchmarks/gpu.py's JPEGs (10 classes, ~500x375 px); the loader is the one `transferkit train`
+makes for efficientnet_lite0 at 224 px (random resized crop + flip) over the decoded-image cache; the
+images reach the GPU as the model's input with --device cuda; on a CPU the batches are only drawn, which
+measures what the workers supply (where the GPU normalises at no cost to them). On the lent H200
+(benchmarks/gpu-h200-2026-11-26.md) the old loader left the GPU waiting for data half of every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def feed(loader, rt, batches: int) -> float:
+    """Images per second out of the loader (and, on CUDA, into the model's input on the GPU), after one
+    warm-up batch (the workers start). On a CPU the batches are only drawn: what the workers supply."""
+    move = rt.batch if rt.device.type == "cuda" else (lambda images: images)
+    items = iter(loader)
+    move(next(items)[0])
+    tick, seen = time.perf_counter(), 0
+    for _, (images, _, _) in zip(range(batches), items):
+        seen += len(move(images))
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - tick)
+
+
+def main() -> None:
+    from gpu import make_jpegs
+
+    from transferkit.config import TrainConfig
+    from transferkit.data import load_data
+    from transferkit.imagecache import cached_images
+    from transferkit.loop import make_loader
+    from transferkit.model import build_classifier
+    from transferkit.precision import cpu_name
+    from transferkit.progress import Reporter
+    from transferkit.runtime import Runtime, default_workers, pick_device
+    from transferkit.transforms import train_transform
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=24)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/transferkit-loader-bench"))
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args()
+    device = pick_device(args.device)
+    workers = args.workers if args.workers is not None else default_workers(False, device.type == "cuda")
+    folder = args.work / "data"
+    if not folder.exists():
+        make_jpegs(folder, {"train": args.batch * (args.batches + 1) // 10 + 1, "val": 2, "test": 2})
+    config = TrainConfig(data=str(folder), batch_size=args.batch, workers=workers, cache_dir=str(args.work / "cache"))
+    data = load_data(config.data)
+    _, _, prep = build_classifier("efficientnet_lite0", "none", len(data.classes), img_size=224)
+    decoded = cached_images(data, "train", prep, config, Reporter(silent=True))
+    rows = []
+    for normalize in (True, False, True, False):  # alternated: the second pair shows the spread
+        loader = make_loader(data, "train", train_transform(prep, "basic", normalize=normalize), config,
+                             shuffle=True, images=decoded, min_side=prep.resize)
+        rt = Runtime(device, channels_last=True, normalize=None if normalize else prep.mean_std)
+        rows.append({"batches": "float, normalised in the workers" if normalize else "uint8, normalised by Runtime",
+                     "images_per_s": feed(loader, rt, args.batches)})
+        print(f"[loader] {rows[-1]['batches']}: {rows[-1]['images_per_s']:.0f} img/s", file=sys.stderr, flush=True)
+        del loader
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    result = {"machine": machine, "device": str(device), "workers": workers, "batch": args.batch, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "loader.json").write_text(json.dumps(result, indent=1))
+    lines = [f"# Training loader throughput: {machine}, {workers} workers, batch {args.batch}, lite0 224 px", "",
+             "| batches | img/s |", "|---|---|"] + [f"| {r['batches']} | {r['images_per_s']:.0f} |" for r in rows]
+    (args.out / "loader.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
