@@ -56,7 +56,7 @@ def reference_linear_probe(folder: Path, img_size: int, epochs: int, batch_size:
     """The tutorial loop: ImageFolder + augmentation, whole model forward every batch, head trains."""
     from torchvision import datasets, transforms as T
 
-    from transferkit.model import build_classifier
+    from transferkit.models.classifier import build_classifier
 
     tick = time.perf_counter()
     model, _, prep = build_classifier("efficientnet_lite0", "auto", len(TEXTURES), img_size=img_size)
@@ -155,7 +155,7 @@ def train_flops_per_image(img_size: int) -> float:
     their groups: 5.9 GFLOP counted against 0.14 forward at 96 px), so the backward is not counted."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from transferkit.model import build_classifier
+    from transferkit.models.classifier import build_classifier
 
     model, _, _ = build_classifier("efficientnet_lite0", "none", len(TEXTURES), img_size=img_size)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -167,7 +167,7 @@ def reference_finetune(folder: Path, img_size: int, epochs: int, batch_size: int
     """The tutorial fine-tune: ImageFolder + augmentation decoded every epoch, every weight trains; img/s per epoch."""
     from torchvision import datasets, transforms as T
 
-    from transferkit.model import build_classifier
+    from transferkit.models.classifier import build_classifier
 
     model, _, prep = build_classifier("efficientnet_lite0", "auto", len(TEXTURES), img_size=img_size)
     tf = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(),
@@ -283,8 +283,8 @@ def b5(work: Path, quick: bool) -> dict:
     from timm.data import create_transform
 
     import transferkit
-    from transferkit.bundle import load_bundle, save_bundle
-    from transferkit.model import build_classifier
+    from transferkit.deploy.bundle import load_bundle, save_bundle
+    from transferkit.models.classifier import build_classifier
 
     n = 600 if not quick else 24
     folder = texture_folder(work / "b5", {"test": n // 3}, size=128, photo=640)
@@ -376,7 +376,7 @@ def main() -> None:
     import timm  # noqa: F401
     import torchvision.datasets  # noqa: F401
 
-    import transferkit.loop  # noqa: F401
+    import transferkit.training.recipe  # noqa: F401
     results = []
     try:
         for name in args.cases.split(","):

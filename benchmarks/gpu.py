@@ -72,8 +72,9 @@ def _timed_steps(step, sync, warmup: int, steps: int) -> float:
 
 
 def ladder(device: torch.device, size: int, batch: int, steps: int, configs=LADDER) -> list[dict]:
-    from transferkit.model import build_classifier
-    from transferkit.runtime import Runtime, configure_cuda
+    from transferkit.models.classifier import build_classifier
+    from transferkit.models.runtime import Runtime
+    from transferkit.core.machine import configure_cuda
 
     configure_cuda(deterministic=False)
     rows = []
@@ -105,14 +106,13 @@ def ladder(device: torch.device, size: int, batch: int, steps: int, configs=LADD
                          "first_step_s": first})
             _say(f"ladder {name} {precision} cl={channels_last} compile={compiled}: "
                  f"{rows[-1]['images_per_s']:.0f} img/s (first step {first:.1f} s)")
-            del model, net, opt, x
             torch.cuda.empty_cache() if device.type == "cuda" else None
     return rows
 
 
 def memory(device: torch.device, size: int, batches: list[int]) -> list[dict]:
-    from transferkit.model import build_classifier
-    from transferkit.runtime import Runtime
+    from transferkit.models.classifier import build_classifier
+    from transferkit.models.runtime import Runtime
 
     rows = []
     for name in MODELS:
@@ -264,7 +264,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: transferkit's own)")
     parser.add_argument("--compile-pipeline", action="store_true", help="whole runs with torch.compile")
     args = parser.parse_args()
-    from transferkit.runtime import default_workers
+    from transferkit.core.machine import default_workers
 
     device = torch.device("cuda")
     workers = args.workers if args.workers is not None else default_workers(False, cuda=True)

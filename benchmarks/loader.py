@@ -40,15 +40,16 @@ def feed(loader, rt, batches: int) -> float:
 def main() -> None:
     from gpu import make_jpegs
 
-    from transferkit.config import TrainConfig
-    from transferkit.data import load_data
-    from transferkit.imagecache import cached_images
-    from transferkit.loop import make_loader
-    from transferkit.model import build_classifier
-    from transferkit.precision import cpu_name
-    from transferkit.progress import Reporter
-    from transferkit.runtime import Runtime, default_workers, pick_device
-    from transferkit.transforms import train_transform
+    from transferkit.core.config import TrainConfig
+    from transferkit.data.sources import load_data
+    from transferkit.data.imagecache import cached_images
+    from transferkit.data.loaders import make_loader
+    from transferkit.models.classifier import build_classifier
+    from transferkit.models.precision import cpu_name
+    from transferkit.core.progress import Reporter
+    from transferkit.models.runtime import Runtime
+    from transferkit.core.machine import default_workers, pick_device
+    from transferkit.data.transforms import train_transform
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=None)

@@ -1,7 +1,7 @@
 """fp32 against bf16 autocast on this CPU: speed per kind of work, equal results, and what auto chose.
 
 `make bench-precision` (or `python benchmarks/precision.py [--quick]`) writes benchmarks/precision.json
-and precision.md. Speed comes from the same probe `precision auto` uses (`transferkit.precision.measure`:
+and precision.md. Speed comes from the same probe `precision auto` uses (`transferkit.models.precision.measure`:
 a copy of the model, one warm-up batch per precision, then the best of alternating timed batches), for
 efficientnet_lite0 at 96 px and a ResNet-50 at 128 px. "train" is one forward + backward of the whole
 model; "infer" is the BN-folded eval forward that feature extraction and predict run.
@@ -27,8 +27,8 @@ MODELS = {"efficientnet_lite0": (96, 32, "auto"), "resnet50": (128, 16, "none")}
 
 
 def speeds(quick: bool) -> list[dict]:
-    from transferkit.model import build_classifier
-    from transferkit.precision import Workload, choose, measure
+    from transferkit.models.classifier import build_classifier
+    from transferkit.models.precision import Workload, choose, measure
 
     rows = []
     for name, (size, batch, weights) in MODELS.items():
@@ -48,7 +48,7 @@ def speeds(quick: bool) -> list[dict]:
 
 def results(quick: bool, work: Path) -> list[dict]:
     import transferkit
-    from transferkit.data import load_data
+    from transferkit.data.sources import load_data
 
     rows = []
     # digits: 30 shots a class keeps emulated bf16 (8-33x slower than fp32 on an AVX2 CPU) in minutes
@@ -88,7 +88,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from bench import machine
 
-    from transferkit.precision import cpu_has_native_bf16
+    from transferkit.models.precision import cpu_has_native_bf16
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, not the figures")

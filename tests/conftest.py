@@ -51,7 +51,7 @@ def simulated_bf16_cpu():
     if os.environ.get("TRANSFERKIT_TEST_BF16_FASTER") != "1":
         yield
         return
-    from transferkit import precision
+    from transferkit.models import precision
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRANSFERKIT_CPU_BF16", "1")

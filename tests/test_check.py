@@ -11,11 +11,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import transferkit
-from transferkit.check import inspect_file
+from transferkit.data.check import inspect_file
 from transferkit.cli import app
-from transferkit.data import load_data
-from transferkit.errors import UserError
-from transferkit.images import open_image
+from transferkit.data.sources import load_data
+from transferkit.core.errors import UserError
+from transferkit.data.images import open_image
 
 from conftest import make_folder
 

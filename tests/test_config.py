@@ -1,7 +1,7 @@
 import pytest
 
-from transferkit.config import TrainConfig
-from transferkit.errors import UserError
+from transferkit.core.config import TrainConfig
+from transferkit.core.errors import UserError
 
 
 def test_unknown_key_suggests_close_match():

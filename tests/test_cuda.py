@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import transferkit
-from transferkit.errors import UserError
-from transferkit.export import export
-from transferkit.preempt import Preempted
-from transferkit.runtime import Runtime
+from transferkit.core.errors import UserError
+from transferkit.deploy.export import export
+from transferkit.training.preempt import Preempted
+from transferkit.models.runtime import Runtime
 
 from conftest import make_folder
 from test_resume import SignalAt, assert_same_weights, weights

@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 
 from conftest import make_folder
-from transferkit import builtin
-from transferkit.data import load_data, stratified_split
-from transferkit.errors import UserError
+from transferkit.data import builtin
+from transferkit.data.sources import load_data, stratified_split
+from transferkit.core.errors import UserError
 
 
 def test_flat_folders_get_a_stratified_seeded_split(tmp_path):

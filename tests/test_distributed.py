@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import transferkit
-from transferkit.distributed import Dist, StepBatches, check_batch, scaled_lr
-from transferkit.errors import UserError
-from transferkit.sampling import EpochSampler
+from transferkit.core.distributed import Dist, check_batch, scaled_lr
+from transferkit.data.sampling import StepBatches
+from transferkit.core.errors import UserError
+from transferkit.data.sampling import EpochSampler
 
 from conftest import make_folder
 from test_resume import assert_same_weights, weights

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import transferkit
-import transferkit.loop as loop
-from transferkit.errors import UserError
+import transferkit.training.recipe as loop
+from transferkit.core.errors import UserError
 
 from test_resume import assert_same_weights, weights
 
@@ -124,7 +124,7 @@ def test_nan_loss_stops_naming_the_step_and_files_and_best_stays_finite(shapes_d
     _head_returns_nan_at(monkeypatch, call=6)  # 4 steps an epoch: epoch 2, step 2
     with pytest.raises(UserError, match=r"loss is nan at epoch 2, step 2 \(batch of 4: .*shapes/.*\.png"):
         transferkit.train(data=str(shapes_dir), name="nan", **{**tiny, "epochs": 3, "batch_size": 4})
-    best, meta = transferkit.loop.load_bundle(tiny["runs_dir"] + "/nan/best")
+    best, meta = transferkit.training.recipe.load_bundle(tiny["runs_dir"] + "/nan/best")
     assert meta["metrics"]["best"]["epoch"] == 1
     assert all(torch.isfinite(p).all() for p in best.state_dict().values() if p.is_floating_point())
 

@@ -43,15 +43,15 @@ MAX_REL_L2 = {"fp32": (1e-4, 1e-4), "bf16": (0.25, 0.6)}
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_cache_holds_what_the_backbone_computes_at_the_run_precision(shapes_dir, tiny, tmp_path, precision):
-    from transferkit.data import ImageDataset, load_data
-    from transferkit.model import Preprocessing
-    from transferkit.runtime import Runtime
-    from transferkit.transforms import eval_transform
+    from transferkit.data.sources import ImageDataset, load_data
+    from transferkit.data.preprocessing import Preprocessing
+    from transferkit.models.runtime import Runtime
+    from transferkit.data.transforms import eval_transform
 
     cache = tmp_path / "cache"
     run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", name="p", cache_dir=str(cache),
                             precision=precision, **tiny)
-    model, meta = transferkit.bundle.load_bundle(run.dir)
+    model, meta = transferkit.deploy.bundle.load_bundle(run.dir)
     data = load_data(str(shapes_dir), split_file=str(run.dir / "split.json"))
     prep = Preprocessing.from_dict(meta["preprocessing"])
     (path,) = [p for p in (cache / "features").glob("*.npy") if '"split": "train"' in p.with_suffix(".json")
@@ -102,12 +102,12 @@ def test_feature_views_cache_distinct_augmented_views(shapes_dir, tiny, tmp_path
 
 
 def test_image_cache_gives_the_pixels_of_direct_decoding(tmp_path):
-    from transferkit.config import TrainConfig
-    from transferkit.data import ImageDataset, load_data
-    from transferkit.imagecache import cache_size, cached_images
-    from transferkit.model import Preprocessing
-    from transferkit.progress import Reporter
-    from transferkit.transforms import eval_transform
+    from transferkit.core.config import TrainConfig
+    from transferkit.data.sources import ImageDataset, load_data
+    from transferkit.data.imagecache import cache_size, cached_images
+    from transferkit.data.preprocessing import Preprocessing
+    from transferkit.core.progress import Reporter
+    from transferkit.data.transforms import eval_transform
 
     root = tmp_path / "photos"
     rng = np.random.default_rng(0)

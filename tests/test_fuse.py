@@ -2,7 +2,7 @@ import timm
 import torch
 from torch import nn
 
-from transferkit.fuse import fold_batchnorm
+from transferkit.models.fuse import fold_batchnorm
 
 
 def _randomize_bn(model):

@@ -7,14 +7,14 @@ from typer.testing import CliRunner
 
 import transferkit
 from transferkit.cli import app
-from transferkit.config import TrainConfig
-from transferkit.runtime import Runtime
-from transferkit.lrfind import lr_find
-from transferkit.loop import make_loader
-from transferkit.data import load_data
-from transferkit.model import build_classifier, layer_groups
-from transferkit.strategy import make_plan
-from transferkit.transforms import train_transform
+from transferkit.core.config import TrainConfig
+from transferkit.models.runtime import Runtime
+from transferkit.training.lrfind import lr_find
+from transferkit.data.loaders import make_loader
+from transferkit.data.sources import load_data
+from transferkit.models.classifier import build_classifier, layer_groups
+from transferkit.training.strategy import make_plan
+from transferkit.data.transforms import train_transform
 
 
 def test_sweep_is_exponential_restores_weights_and_follows_the_stated_rule(shapes_dir):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
 
-from transferkit.metrics import classification_metrics
+from transferkit.evaluation.metrics import classification_metrics
 
 
 @pytest.mark.parametrize("seed", range(5))

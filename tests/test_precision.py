@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import transferkit
-from transferkit import precision
-from transferkit.model import build_classifier
+from transferkit.models import precision
+from transferkit.models.classifier import build_classifier
 
 CPU = torch.device("cpu")
 MEASURE = precision.measure  # the real probe, even where `make test-bf16` replaces it for the session
@@ -75,7 +75,7 @@ def test_a_run_records_what_auto_chose_and_why(monkeypatch, shapes_dir, tiny, na
     run = transferkit.train(data=str(shapes_dir), strategy="finetune", name=f"auto{native}", **tiny)
     setting = json.loads((run.dir / "runtime.json").read_text())
     assert run.metrics["runtime"]["precision"] == setting["precision"]
-    table = json.loads((precision_cache := transferkit.runtime.cache_root() / "precision.json").read_text()) \
+    table = json.loads((precision_cache := transferkit.core.machine.cache_root() / "precision.json").read_text()) \
         if native == "1" else {}
     for kind in precision.KINDS:
         reason = setting["precision_reason"][kind]
@@ -129,7 +129,7 @@ def test_a_run_in_bf16_checks_its_model_against_fp32_and_predict_follows_the_che
     checked = run.metrics["precision_check"]
     n = sum(len(json.loads((run.dir / "split.json").read_text())["splits"][s]) for s in ("val", "test"))
     assert checked["images"] == n and 0 <= checked["bf16_top1_agreement"] <= 1
-    assert transferkit.bundle.load_bundle(run.dir)[1]["precision"] == checked
+    assert transferkit.deploy.bundle.load_bundle(run.dir)[1]["precision"] == checked
     # a machine where bf16 inference measures 2.7x faster serves this bundle in bf16 only if it passed
     monkeypatch.setenv("TRANSFERKIT_CPU_BF16", "1")
     monkeypatch.setattr(precision, "measure", lambda w, kind: {"fp32": 267.0, "bf16": 730.0})

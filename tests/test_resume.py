@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import transferkit
-import transferkit.loop as loop
-from transferkit.errors import UserError
-from transferkit.preempt import Preempted
-from transferkit.progress import Reporter
+import transferkit.training.recipe as loop
+from transferkit.core.errors import UserError
+from transferkit.training.preempt import Preempted
+from transferkit.core.progress import Reporter
 
 
 class _Died(Exception):

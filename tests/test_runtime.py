@@ -7,28 +7,34 @@ from PIL import Image
 from torchvision import transforms as T
 
 import transferkit
-from transferkit import runtime
-from transferkit.config import TrainConfig
-from transferkit.errors import UserError
-from transferkit.predictor import Predictor
-from transferkit.model import build_classifier
-from transferkit.runtime import Runtime
-from transferkit.transforms import pixels
+from transferkit.core import machine
+from transferkit.models import runtime
+from transferkit.core.config import TrainConfig
+from transferkit.core.errors import UserError
+from transferkit.deploy.predictor import Predictor
+from transferkit.models.classifier import build_classifier
+from transferkit.models.runtime import Runtime
+from transferkit.data.transforms import pixels
 
 from test_resume import assert_same_weights, weights
 
 CPU = torch.device("cpu")
 
 
+def _cores(monkeypatch, n: int) -> None:
+    for module in (machine, runtime):  # where it is defined, and where resolve looks it up
+        monkeypatch.setattr(module, "machine_cores", lambda: n)
+
+
 def test_threads_leave_the_loader_workers_their_cores(monkeypatch):
-    monkeypatch.setattr(runtime, "machine_cores", lambda: 8)
+    _cores(monkeypatch, 8)
     assert runtime.resolve(TrainConfig(workers=3), CPU, 3).threads == 5
     assert runtime.resolve(TrainConfig(workers=8), CPU, 8).threads == 1
     assert runtime.resolve(TrainConfig(threads=2), CPU, 3).threads == 2  # asked for: kept
     assert runtime.resolve(TrainConfig(), CPU, 0).threads == torch.get_num_threads()
-    assert runtime.default_workers(in_memory=False) == 4 and runtime.default_workers(in_memory=True) == 0
-    monkeypatch.setattr(runtime, "machine_cores", lambda: 2)
-    assert runtime.default_workers(in_memory=False) == 0
+    assert machine.default_workers(in_memory=False) == 4 and machine.default_workers(in_memory=True) == 0
+    _cores(monkeypatch, 2)
+    assert machine.default_workers(in_memory=False) == 0
 
 
 def test_threads_applied_restores_the_count():
@@ -73,11 +79,11 @@ def test_predictor_with_folded_bn_and_channels_last_matches_the_plain_model():
 
 
 def test_cores_come_from_the_affinity_mask(monkeypatch):
-    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
-    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 64)  # the host's count: not ours to use
-    assert runtime.machine_cores() == 3
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 64)  # the host's count: not ours to use
+    assert machine.machine_cores() == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
-    assert runtime.cores_per_process() == 1
+    assert machine.cores_per_process() == 1
 
 
 @pytest.mark.parametrize("mode,channels_last", [("RGB", True), ("RGB", False), ("L", True)])

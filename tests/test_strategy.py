@@ -3,11 +3,11 @@ import torch
 
 import json
 
-from transferkit.config import TrainConfig
-from transferkit.errors import UserError
-from transferkit.model import build_classifier, layer_groups
-from transferkit.strategy import apply_phase, group_lr_mults, make_plan, param_groups, set_train_mode
-from transferkit.loop import train
+from transferkit.core.config import TrainConfig
+from transferkit.core.errors import UserError
+from transferkit.models.classifier import build_classifier, layer_groups
+from transferkit.training.strategy import apply_phase, group_lr_mults, make_plan, param_groups, set_train_mode
+from transferkit.training.recipe import train
 
 
 def _fresh_backbone_state():

@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 import transferkit
-from transferkit.bundle import save_bundle
-from transferkit.config import TrainConfig
-from transferkit.errors import UserError
-from transferkit.model import build_classifier
+from transferkit.deploy.bundle import save_bundle
+from transferkit.core.config import TrainConfig
+from transferkit.core.errors import UserError
+from transferkit.models.classifier import build_classifier
 
 
 def test_run_directory_holds_everything(shapes_dir, tiny):

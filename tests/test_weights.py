@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from transferkit.errors import UserError
-from transferkit.model import create_backbone, preprocessing_for
-from transferkit.transforms import eval_transform
-from transferkit.weights import bundled_file, load_pretrained, read_state_dict, remap_ordered
+from transferkit.core.errors import UserError
+from transferkit.models.classifier import create_backbone, preprocessing_for
+from transferkit.data.transforms import eval_transform
+from transferkit.models.weights import bundled_file, load_pretrained, read_state_dict, remap_ordered
 
 CAT_CLASSES = {281, 282, 283, 285}  # tabby, tiger cat, Persian, Egyptian cat
 
@@ -99,7 +99,7 @@ def test_auto_finds_weights_in_the_hugging_face_cache(tmp_path):
     donor = timm.create_model("test_efficientnet")
     save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, snap / "model.safetensors")
     code = (
-        "import torch, json; from transferkit.model import create_backbone;"
+        "import torch, json; from transferkit.models.classifier import create_backbone;"
         "m, arch, src = create_backbone('test_efficientnet', 'auto', 3, None);"
         "print(json.dumps({'src': src, 'sum': m.conv_stem.weight.sum().item()}))"
     )

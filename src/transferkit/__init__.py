@@ -10,34 +10,34 @@ Heavy modules (torch, timm) load on first use, so `import transferkit` and the C
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from transferkit.core.version import __version__
 
 __all__ = ["Preempted", "TrainConfig", "UserError", "evaluate", "load", "train", "__version__"]
 
 
 def __getattr__(name: str):
     if name == "train":
-        from transferkit.loop import train
+        from transferkit.training.recipe import train
 
         return train
     if name == "evaluate":
-        from transferkit.evaluation import evaluate
+        from transferkit.evaluation.runs import evaluate
 
         return evaluate
     if name == "load":
-        from transferkit.predictor import load
+        from transferkit.deploy.predictor import load
 
         return load
     if name == "TrainConfig":
-        from transferkit.config import TrainConfig
+        from transferkit.core.config import TrainConfig
 
         return TrainConfig
     if name == "UserError":
-        from transferkit.errors import UserError
+        from transferkit.core.errors import UserError
 
         return UserError
     if name == "Preempted":
-        from transferkit.preempt import Preempted
+        from transferkit.training.preempt import Preempted
 
         return Preempted
     raise AttributeError(f"module 'transferkit' has no attribute {name!r}")

@@ -95,10 +95,10 @@ def train(
 
     SIGTERM or Ctrl-C saves last.ckpt and exits (143 / 130); `--resume runs/NAME` continues."""
     flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "devices")}  # the config fields
-    from transferkit import distributed
-    from transferkit.config import TrainConfig
-    from transferkit.errors import UserError
-    from transferkit.loop import train as run_training
+    from transferkit.core import distributed
+    from transferkit.core.config import TrainConfig
+    from transferkit.core.errors import UserError
+    from transferkit.training.recipe import train as run_training
 
     if devices > 1 and not distributed.from_environment().on:
         distributed.launch(devices, sys.argv[1:])  # does not return: torchrun runs this command N times
@@ -129,8 +129,8 @@ def check(
     from rich.console import Console
     from rich.table import Table
 
-    from transferkit.check import HIDDEN
-    from transferkit.data import load_data
+    from transferkit.data.check import HIDDEN
+    from transferkit.data.sources import load_data
 
     found = load_data(data, seed=seed, bad_files="skip")
     table = Table(title=f"{data}: {len(found.skipped)} file(s) left out")
@@ -162,8 +162,8 @@ def lr_find_command(
     plot: Path = typer.Option(Path("lr_find.png"), help="Where to write the loss-vs-LR plot."),
 ) -> None:
     """LR range test: sweep the LR exponentially, plot the smoothed loss, suggest an LR."""
-    from transferkit.config import TrainConfig
-    from transferkit.lrfind import RULE, find_lr
+    from transferkit.core.config import TrainConfig
+    from transferkit.training.lrfind import RULE, find_lr
 
     flags = {k: v for k, v in dict(data=data, model=model, weights=weights, strategy=strategy, img_size=img_size,
                                    batch_size=batch_size, shots=shots).items() if v is not None}
@@ -192,9 +192,9 @@ def compare(
     from rich.console import Console
     from rich.table import Table
 
-    from transferkit.compare import compare as run_compare
-    from transferkit.config import TrainConfig
-    from transferkit.errors import UserError
+    from transferkit.core.config import TrainConfig
+    from transferkit.core.errors import UserError
+    from transferkit.training.compare import compare as run_compare
 
     try:
         shot_list = [int(s) for s in shots.split(",")] if shots else None
@@ -226,7 +226,7 @@ def evaluate(
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 only where measured faster here)."),
 ) -> None:
     """Re-run the best model of RUN on a saved split and print its metrics."""
-    from transferkit.evaluation import evaluate as run_evaluate
+    from transferkit.evaluation.runs import evaluate as run_evaluate
 
     metrics = run_evaluate(run, split=split, device=device, tta=tta, precision=precision)
     if format == "json":
@@ -265,8 +265,8 @@ def predict(
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 only where measured faster here)."),
 ) -> None:
     """Top-k class predictions for images, with class names."""
-    from transferkit.errors import UserError
-    from transferkit.predictor import load
+    from transferkit.core.errors import UserError
+    from transferkit.deploy.predictor import load
 
     if format not in ("table", "json", "csv"):
         raise UserError(f"--format must be table, json or csv; got '{format}'.")
@@ -275,7 +275,7 @@ def predict(
     if split:
         items, truth = _split_inputs(model, split, clf.preprocessing)
     elif inputs:
-        from transferkit.predictor import expand_inputs
+        from transferkit.deploy.predictor import expand_inputs
 
         items = expand_inputs(inputs)
     else:
@@ -291,9 +291,9 @@ def predict(
 
 
 def _split_inputs(model: Path, split: str, prep):
-    from transferkit.config import TrainConfig
-    from transferkit.data import load_data
-    from transferkit.errors import UserError
+    from transferkit.core.config import TrainConfig
+    from transferkit.core.errors import UserError
+    from transferkit.data.sources import load_data
 
     run = next((p for p in (model, model.parent) if (p / "config.yaml").is_file()), None)
     if run is None:
@@ -338,7 +338,7 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
-    from transferkit.weights import available_models
+    from transferkit.models.weights import available_models
 
     rows = available_models(pattern)
     table = Table(title="models usable offline here" if not pattern else f"timm models matching '{pattern}'")
@@ -357,7 +357,7 @@ def report(
     device: str = typer.Option("cpu", help="cpu | cuda."),
 ) -> None:
     """(Re)build RUN/report.html: curves, confusion matrix, per-class scores, top losses, calibration."""
-    from transferkit.report import build_report
+    from transferkit.evaluation.report import build_report
 
     typer.echo(str(build_report(run, device)))
 
@@ -373,7 +373,7 @@ def export(
         False, "--with-preprocessing", help="ONNX: take uint8 HxWx3 images; resize, crop, normalize in the graph."),
 ) -> None:
     """Export the best model (dynamic batch) with model.json beside it, then check it against PyTorch."""
-    from transferkit.export import export as run_export
+    from transferkit.deploy.export import export as run_export
 
     result = run_export(run, format, out, tolerance, with_preprocessing=with_preprocessing)
     typer.echo(f"{result['path']}: parity on {result['images']} images: max |logit diff| "
@@ -386,7 +386,7 @@ def inspect(
     img_size: Optional[int] = typer.Option(None, help="Resolution (default: the model's pretrained one)."),
 ) -> None:
     """Layer groups with parameter counts, what each strategy trains, features, preprocessing, weights here."""
-    from transferkit.describe import describe
+    from transferkit.training.describe import describe
 
     info = describe(model, img_size)
     typer.echo(f"{info['model']} (timm {info['arch']}): {info['features']} features, head "
@@ -401,8 +401,8 @@ def inspect(
 
 def main() -> None:
     """Console entry point: user errors print one message and exit 2, never a traceback."""
-    from transferkit.errors import UserError
-    from transferkit.preempt import Preempted
+    from transferkit.core.errors import UserError
+    from transferkit.training.preempt import Preempted
 
     try:
         app()
@@ -424,8 +424,8 @@ def main() -> None:
         typer.echo(f"error: out of GPU memory ({str(err).splitlines()[0]}); use a smaller --batch-size", err=True)
         code = 2
     finally:  # leave torchrun's process group cleanly (only a command that trained can have joined one)
-        if "transferkit.distributed" in sys.modules:
-            from transferkit import distributed
+        if "transferkit.core.distributed" in sys.modules:
+            from transferkit.core import distributed
 
             distributed.teardown(distributed.from_environment())
     _exit(code)

@@ -1,0 +1,339 @@
+"""The training configuration: one typed dataclass, validated on construction.
+
+YAML is only its serialised form: every run saves the fully resolved config as
+`config.yaml`, and `--config` reads it back. Unknown keys fail with a close-match
+suggestion; out-of-range values fail with the valid range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from transferkit.core.errors import UserError, did_you_mean
+
+STRATEGIES = ("linear-probe", "finetune", "gradual", "lp-ft", "full", "scratch")
+OPTIMIZERS = ("adamw", "sgd")
+HEADS = ("linear", "mlp")
+AUGMENTS = ("none", "basic", "strong")
+CLASS_WEIGHTS = ("none", "auto")
+SAMPLERS = ("shuffle", "balanced")
+DEVICES = ("auto", "cpu", "cuda")
+NAN_POLICIES = ("stop", "skip")
+BAD_FILES = ("skip", "error")
+PRECISIONS = ("auto", "bf16", "fp32")
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as `config.yaml` in the run directory."""
+
+    data: str = ""
+    """Data spec: an image folder, a CSV file (path,label[,split]), builtin:NAME or cifar10:DIR."""
+    model: str = "efficientnet_lite0"
+    """Any timm model name; efficientnet_lite0/1/2 have ImageNet weights that work offline."""
+    weights: str = "auto"
+    """auto (bundled or cached, never downloads) | imagenet (may download) | none | a file path."""
+    strategy: str = "finetune"
+    """linear-probe | finetune (top groups) | gradual | lp-ft | full | scratch (random init baseline)."""
+    unfreeze_groups: int = 3
+    """finetune: how many layer groups, counted from the top, train."""
+    backbone_lr_mult: float = 0.1
+    """Backbone LR = lr x this (discriminative LRs); the head trains at lr."""
+    layer_decay: float | None = None
+    """Layer-wise LR decay (timm/BEiT): group i of n trains at lr x decay^(n-i); try 0.75. Overrides backbone_lr_mult."""
+    lr_min: float | None = None
+    """fastai's slice(lr_min, lr): LRs spaced geometrically from lr_min (stem) to lr (head)."""
+    gradual_every: int = 1
+    """gradual: epochs between unfreezing the next layer group from the top (head alone first)."""
+    lp_epochs: int | None = None
+    """lp-ft: epochs of the linear-probe phase; default half of epochs."""
+    ft_lr_scale: float = 0.1
+    """lp-ft: the fine-tune phase trains everything at lr x this (Kumar et al. 2022: small LR)."""
+    plan: list | None = None
+    """An explicit plan instead of a named strategy: a list of phases (see transferkit.training.strategy.Phase)."""
+    head: str = "linear"
+    """linear | mlp (one hidden layer with ReLU and dropout)."""
+    head_hidden: int = 512
+    """Hidden width of the mlp head."""
+    head_dropout: float = 0.0
+    """Dropout before the head's last linear layer; try 0.2-0.5 on small data."""
+    in_chans: int = 3
+    """Input channels: 3 converts every image to RGB; 1 keeps grayscale and adapts the stem."""
+    img_size: int | None = None
+    """Training/eval resolution in pixels; default from the dataset (builtins) or the backbone."""
+    epochs: int = 10
+    """Training epochs."""
+    batch_size: int = 32
+    """Images per optimizer step; 32 was fastest per image on a 2-core CPU."""
+    optimizer: str = "adamw"
+    """adamw | sgd (with momentum)."""
+    lr: float | str = 1e-3
+    """Peak learning rate of the head; 1e-3 suits AdamW, try 1e-2 for SGD; 'auto' runs the LR finder."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay; never applied to norms and biases."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    warmup_epochs: float = 1.0
+    """Linear warmup length before the cosine decay, in epochs (fractions allowed)."""
+    label_smoothing: float = 0.1
+    """Cross-entropy label smoothing; 0 turns it off."""
+    l2sp: float = 0.0
+    """L2-SP coefficient: pull backbone weights toward the pretrained ones (not zero); try 0.01-0.1."""
+    drop_path: float = 0.0
+    """Stochastic depth rate for models that support timm's drop_path_rate; try 0.1 for full fine-tuning."""
+    mixup: float = 0.0
+    """Mixup alpha (timm Mixup); 0 turns it off, 0.2-0.8 is typical."""
+    cutmix: float = 0.0
+    """CutMix alpha (timm Mixup); 0 turns it off, 1.0 is typical."""
+    augment: str = "basic"
+    """none | basic (random resized crop + flip) | strong (basic + TrivialAugment)."""
+    class_weights: str = "none"
+    """none | auto: weight the loss by inverse class frequency in the training split."""
+    sampler: str = "shuffle"
+    """shuffle | balanced: draw training images with probability 1/class size (with replacement)."""
+    patience: int = 0
+    """Stop after this many epochs without a better validation score; 0 never stops early."""
+    seed: int = 0
+    """Seeds the split, the few-shot choice, initialisation and data order."""
+    val_fraction: float = 0.1
+    """Share of each class held out for validation when the data has no val split."""
+    test_fraction: float = 0.1
+    """Share of each class held out for testing when the data has no test split."""
+    shots: int | None = None
+    """Keep only this many training images per class (few-shot); None keeps all."""
+    split_file: str | None = None
+    """Reuse the split.json of an earlier run instead of making a new split."""
+    workers: int | None = None
+    """DataLoader worker processes; None picks by core count and data source."""
+    device: str = "auto"
+    """auto (CUDA when present) | cpu | cuda."""
+    runs_dir: str = "runs"
+    """Folder that holds run directories."""
+    name: str | None = None
+    """Run directory name under runs_dir; default derived from data and strategy."""
+    overwrite: bool = False
+    """Allow reusing an existing run directory name."""
+    quiet: bool = False
+    """Plain log lines instead of progress bars."""
+    save_every_steps: int = 0
+    """Also write last.ckpt every N optimizer steps (mid-epoch resume); 0 = at epoch ends only."""
+    keep_top_k: int = 0
+    """Keep the K best epochs as bundles in top/ besides best/; 0 keeps only best/."""
+    nan_policy: str = "stop"
+    """stop: a NaN/Inf loss or gradient ends the run, naming the step and the batch's files; skip: skip the step."""
+    nan_skip_limit: int = 10
+    """nan_policy skip: stop after this many skipped steps in a run."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value; None does not clip."""
+    bad_files: str = "skip"
+    """skip: leave out unreadable/leaked files and list them in skipped.txt; error: refuse to train."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True): identical results on the same hardware, maybe slower."""
+    trust_checkpoint: bool = False
+    """Allow --weights/--resume files that need full unpickling (can run code: only files you trust)."""
+    feature_cache: bool = True
+    """Phases that train only the head on a frozen backbone train on cached features (computed once)."""
+    feature_views: int = 0
+    """Feature cache: 0 caches the un-augmented image; K > 0 caches K augmented views per image."""
+    channels_last: bool = True
+    """NHWC memory format for model and images: measured 1.3x (training) to 1.5x (inference) faster for
+    efficientnet_lite0 at 96 px on a 2-core AVX2 CPU; convnets on CUDA with bf16 gain too."""
+    image_cache: bool = True
+    """Phases that run the backbone read images decoded once into a memory map, not the files each epoch."""
+    cache_dir: str | None = None
+    """Where cached features and decoded images go; default $TRANSFERKIT_CACHE or ~/.cache/transferkit."""
+    precision: str = "auto"
+    """auto: per kind of work (training, inference), bf16 on CUDA and where a CPU with native bf16 measured it
+    >= 1.15x faster for this model (timed once, cached); else fp32. The choice and why: runs/NAME/runtime.json."""
+    threads: int | None = None
+    """torch threads; None: the cores minus the loader workers on CPU (see `runtime`)."""
+    compile: bool = False
+    """torch.compile the model (slow to warm up; measured no faster on a 2-core CPU)."""
+    accumulate: int = 1
+    """Micro-batches per optimizer step: batch_size (the global batch) = micro-batch x processes x accumulate."""
+    sync_bn: bool = False
+    """With several processes, BatchNorm in train mode uses statistics of the global micro-batch (SyncBatchNorm)."""
+    lr_scaling: str = "none"
+    """none | linear | sqrt: scale lr by batch_size / lr_base_batch (or its root) once, at the start of a run."""
+    lr_base_batch: int = 32
+    """The batch size the given lr is meant for, when lr_scaling is linear or sqrt."""
+    html_report: bool = True
+    """Write runs/NAME/report.html at the end (curves, confusion matrix, top losses, calibration)."""
+    tensorboard: bool = False
+    """Write TensorBoard event files to runs/NAME/tensorboard."""
+
+    def __post_init__(self) -> None:
+        _coerce_types(self)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("head", self.head, HEADS)
+        _choice("augment", self.augment, AUGMENTS)
+        _choice("device", self.device, DEVICES)
+        _choice("class_weights", self.class_weights, CLASS_WEIGHTS)
+        _choice("sampler", self.sampler, SAMPLERS)
+        _choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        _choice("bad_files", self.bad_files, BAD_FILES)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
+        _range("accumulate", self.accumulate, 1)
+        _range("lr_base_batch", self.lr_base_batch, 1)
+        if self.threads is not None:
+            _range("threads", self.threads, 1)
+        _range("save_every_steps", self.save_every_steps, 0)
+        _range("keep_top_k", self.keep_top_k, 0)
+        _range("nan_skip_limit", self.nan_skip_limit, 0)
+        _range("feature_views", self.feature_views, 0, 64)
+        if self.grad_clip is not None:
+            _range("grad_clip", self.grad_clip, 0.0, lo_open=True)
+        _range("epochs", self.epochs, 1)
+        _range("batch_size", self.batch_size, 1)
+        _range("unfreeze_groups", self.unfreeze_groups, 1)
+        _range("head_hidden", self.head_hidden, 1)
+        if self.lr != "auto":
+            if isinstance(self.lr, str):
+                raise UserError(f"lr must be a positive number or 'auto'; got '{self.lr}'.")
+            _range("lr", self.lr, 0.0, lo_open=True)
+        _range("backbone_lr_mult", self.backbone_lr_mult, 0.0)
+        _range("weight_decay", self.weight_decay, 0.0)
+        _range("momentum", self.momentum, 0.0, 1.0)
+        _range("warmup_epochs", self.warmup_epochs, 0.0)
+        _range("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
+        _range("head_dropout", self.head_dropout, 0.0, 1.0, hi_open=True)
+        _range("patience", self.patience, 0)
+        _range("gradual_every", self.gradual_every, 1)
+        _range("l2sp", self.l2sp, 0.0)
+        _range("drop_path", self.drop_path, 0.0, 1.0, hi_open=True)
+        _range("mixup", self.mixup, 0.0)
+        _range("cutmix", self.cutmix, 0.0)
+        if (self.mixup or self.cutmix) and self.class_weights != "none":
+            raise UserError("class_weights cannot be combined with mixup/cutmix (soft targets); use "
+                            "--sampler balanced for imbalance instead.")
+        _range("ft_lr_scale", self.ft_lr_scale, 0.0, lo_open=True)
+        if self.layer_decay is not None:
+            _range("layer_decay", self.layer_decay, 0.0, 1.0, lo_open=True)
+        if self.lr_min is not None:
+            _range("lr_min", self.lr_min, 0.0, self.lr if self.lr != "auto" else None, lo_open=True)
+        if self.strategy == "lp-ft":
+            _range("epochs (lp-ft needs a probe and a fine-tune phase)", self.epochs, 2)
+            if self.lp_epochs is not None:
+                _range("lp_epochs", self.lp_epochs, 1, self.epochs - 1)
+        _range("val_fraction", self.val_fraction, 0.0, 0.9)
+        _range("test_fraction", self.test_fraction, 0.0, 0.9)
+        if self.val_fraction + self.test_fraction >= 0.95:
+            raise UserError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves "
+                "almost nothing to train on; keep their sum below 0.95."
+            )
+        if self.in_chans not in (1, 3):
+            raise UserError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {self.in_chans}.")
+        if self.img_size is not None:
+            _range("img_size", self.img_size, 16, 2048)
+        if self.shots is not None:
+            _range("shots", self.shots, 1)
+        if self.workers is not None:
+            _range("workers", self.workers, 0, 64)
+        if self.strategy == "scratch" and self.weights not in ("auto", "none"):
+            raise UserError(
+                f"strategy 'scratch' trains from random initialisation, but weights='{self.weights}' "
+                "was given. Drop --weights, or pick another strategy."
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, typing.Any], source: str = "config") -> TrainConfig:
+        """Build a config from a mapping, refusing unknown keys with a suggestion."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise UserError(
+                    f"Unknown key '{key}' in {source}.{did_you_mean(key, known)} "
+                    f"Valid keys: {', '.join(sorted(known))}."
+                )
+        return cls(**values)
+
+    def replace(self, **changes: typing.Any) -> TrainConfig:
+        """Return a copy with some fields changed (validated again)."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, typing.Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        """Read a YAML config file (the `config.yaml` of a run, or one written by hand)."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"Config file '{path}' does not exist.")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"Config file '{path}' is not valid YAML: {err}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"Config file '{path}' must hold a mapping of keys to values.")
+        return cls.from_dict(values, source=f"'{path}'")
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(
+            f"{key} must be one of {', '.join(choices)}; got '{value}'.{did_you_mean(str(value), choices)}"
+        )
+
+
+def _range(
+    key: str, value: float, lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
+) -> None:
+    ok = (value > lo if lo_open else value >= lo) and (
+        hi is None or (value < hi if hi_open else value <= hi)
+    )
+    if not ok:
+        bound = f"{'>' if lo_open else '>='} {lo:g}"
+        if hi is not None:
+            bound += f" and {'<' if hi_open else '<='} {hi:g}"
+        raise UserError(f"{key} must be {bound}; got {value}.")
+
+
+def _coerce_types(config: TrainConfig) -> None:
+    """Convert YAML/CLI scalars to the declared field types ('1e-3' -> 0.001), or fail clearly."""
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        allowed = typing.get_args(hints[field.name]) or (hints[field.name],)
+        if value is None and type(None) in allowed:
+            continue
+        targets = [t for t in allowed if t is not type(None)]
+        if any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in targets[:1]):
+            continue
+        if str in targets[1:] and isinstance(value, str):  # e.g. lr: float | str ('auto')
+            try:
+                setattr(config, field.name, float(value))
+            except ValueError:
+                pass
+            continue
+        target = targets[0]
+        try:
+            if target is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+                converted = value.lower() == "true"
+            elif target is int and isinstance(value, (int, float, str)) and float(value) == int(float(value)):
+                converted = int(float(value))
+            elif target is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+                converted = float(value)
+            elif target is str and isinstance(value, (int, float)):
+                converted = str(value)
+            else:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise UserError(
+                f"{field.name} must be {target.__name__}; got {value!r} ({type(value).__name__})."
+            ) from None
+        setattr(config, field.name, converted)

@@ -1,0 +1,96 @@
+"""Small real datasets that ship inside installed packages, so everything works offline.
+
+Each has a fixed, documented split (it never depends on the run's seed), so results are
+comparable across runs and machines:
+
+- `digits`: scikit-learn's 1,797 handwritten digits, 8x8 grayscale, 10 classes. Stratified
+  split with seed 0: 70% train, 10% val, 20% test (359 test images). Raw pixels already
+  do well here: a sanity check, not a showcase for transfer.
+- `faces`: scikit-image's LFW subset, 25x25 grayscale, 100 faces and 100 non-faces.
+  Stratified split with seed 0: 45 train, 15 val, 40 test per class (80 test images).
+- `textures`: scikit-image's 512x512 `brick`, `grass` and `gravel` photos cut into a 9x9 grid
+  of 56 px patches. Grid rows 0-3 train (36 per class), row 4 val (9), rows 5-8 test (36 per
+  class, 108 in all): train and test patches come from disjoint halves of each photo.
+
+Images are uint8 arrays addressed by refs such as `faces/17`; `split.json` stores the refs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from transferkit.core.errors import UserError, did_you_mean
+
+NAMES = ("digits", "faces", "textures")
+DEFAULT_IMG_SIZE = 96
+"""Builtin images are 8-56 px; 96 px keeps CPU training fast and worked best for transfer."""
+
+Splits = dict[str, list[tuple[str, str]]]
+
+
+def load(name: str) -> tuple[dict[str, np.ndarray], Splits]:
+    """Return (images by ref, fixed splits) for a builtin dataset."""
+    if name not in NAMES:
+        raise UserError(
+            f"Unknown builtin dataset 'builtin:{name}'.{did_you_mean(name, NAMES)} "
+            f"Available: {', '.join('builtin:' + n for n in NAMES)}."
+        )
+    return {"digits": _digits, "faces": _faces, "textures": _textures}[name]()
+
+
+def _fixed_stratified(
+    name: str, images: np.ndarray, labels: list[str], counts: dict[str, int] | None, fractions=None
+) -> tuple[dict[str, np.ndarray], Splits]:
+    """Split per class with seed 0: exact per-class `counts` for val/test, or `fractions`."""
+    rng = np.random.default_rng(0)
+    arrays: dict[str, np.ndarray] = {}
+    splits: Splits = {"train": [], "val": [], "test": []}
+    for cls in sorted(set(labels)):
+        idx = [i for i, lab in enumerate(labels) if lab == cls]
+        idx = [idx[j] for j in rng.permutation(len(idx))]
+        if counts is not None:
+            n_val, n_test = counts["val"], counts["test"]
+        else:
+            n_val, n_test = round(len(idx) * fractions[0]), round(len(idx) * fractions[1])
+        parts = {"test": idx[:n_test], "val": idx[n_test : n_test + n_val], "train": idx[n_test + n_val :]}
+        for split, members in parts.items():
+            for i in sorted(members):
+                ref = f"{name}/{i}"
+                arrays[ref] = images[i]
+                splits[split].append((ref, cls))
+    return arrays, splits
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(d.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)
+    return _fixed_stratified("digits", images, [str(t) for t in d.target], None, fractions=(0.1, 0.2))
+
+
+def _faces():
+    from skimage.data import lfw_subset
+
+    images = (lfw_subset() * 255).round().astype(np.uint8)
+    labels = ["face"] * 100 + ["non-face"] * 100  # documented order of lfw_subset
+    return _fixed_stratified("faces", images, labels, {"val": 15, "test": 40})
+
+
+def _textures():
+    from skimage import data
+
+    patch, grid = 56, 9
+    arrays: dict[str, np.ndarray] = {}
+    splits: Splits = {"train": [], "val": [], "test": []}
+    for cls in ("brick", "grass", "gravel"):
+        photo = getattr(data, cls)()
+        for row in range(grid):
+            split = "train" if row < 4 else "val" if row == 4 else "test"
+            for col in range(grid):
+                ref = f"textures/{cls}/{row}-{col}"
+                arrays[ref] = np.ascontiguousarray(
+                    photo[row * patch : (row + 1) * patch, col * patch : (col + 1) * patch]
+                )
+                splits[split].append((ref, cls))
+    return arrays, splits

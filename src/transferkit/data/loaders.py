@@ -1,0 +1,40 @@
+"""TODO."""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import torch
+
+from transferkit.core.config import TrainConfig
+from transferkit.core.distributed import Dist
+from transferkit.data.sampling import EpochSampler, StepBatches
+from transferkit.data.sources import Data, ImageDataset
+
+
+def make_loader(data: Data, split: str, transform, config: TrainConfig, shuffle: bool = False,
+                images: np.ndarray | None = None, min_side: int | None = None, d: Dist = Dist()):
+    """Training (`shuffle`) loaders yield this rank's micro-batches from a StepBatches over an
+    EpochSampler: call `loader.batch_sampler.set_epoch(e)` before each epoch. Eval loaders read
+    this rank's shard of the split in order. `images`: the split's decoded-image cache, read
+    instead of the files; `min_side`: see open_image."""
+    dataset = ImageDataset(data, split, transform, config.in_chans, images, min_side)
+    common = dict(num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed),
+                  pin_memory=torch.cuda.is_available(), persistent_workers=config.workers > 0,
+                  worker_init_fn=_init_worker)
+    if not shuffle:
+        return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=d.shard(len(dataset)),
+                                           **common)
+    weights = None
+    if config.sampler == "balanced":
+        counts = data.counts(split)
+        weights = [1.0 / counts[label] for _, label in dataset.samples]
+    sampler = EpochSampler(len(dataset), config.seed, shuffle=True, weights=weights)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=StepBatches(sampler, config.batch_size, d,
+                                                                          config.accumulate), **common)
+
+
+def _init_worker(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process, which stops cleanly (see preempt)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

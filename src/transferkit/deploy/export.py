@@ -1,0 +1,209 @@
+"""Export a run's best model to ONNX or TorchScript, then check the export against PyTorch.
+
+`transferkit export runs/NAME --format onnx|torchscript` writes runs/NAME/export/model.onnx (or
+model.pt) with model.json beside it (classes, preprocessing, input and output names). The
+batch dimension is dynamic. After writing, the exported file is run (onnxruntime for ONNX,
+torch.jit.load for TorchScript) on validation images next to the PyTorch model: the largest
+|logit difference| and the top-1 agreement are printed and stored in model.json; a difference
+above the tolerance or any top-1 disagreement is an error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferkit.core.errors import UserError
+from transferkit.data.transforms import eval_transform
+from transferkit.deploy.bundle import load_bundle
+from transferkit.data.preprocessing import Preprocessing
+
+FORMATS = ("onnx", "torchscript")
+PARITY_IMAGES = 32
+
+
+def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = None, tolerance: float | None = None,
+           opset: int = 18, with_preprocessing: bool = False) -> dict:
+    """Write the export and its model.json; returns the parity record. Raises UserError on a failed check.
+
+    `with_preprocessing` (ONNX): the graph takes uint8 (batch, H, W, C) images and resizes, crops and
+    normalizes them itself (see `preprocessing_graph`); the check then compares it with `predict` on the
+    same decoded images. Default tolerance: 1e-4, or 0.05 with preprocessing (ONNX's antialiased cubic
+    resize and PIL's differ by up to a gray level)."""
+    if format not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}; got '{format}'.")
+    if with_preprocessing and format != "onnx":
+        raise UserError("--with-preprocessing is available for --format onnx only.")
+    tolerance = tolerance if tolerance is not None else 5e-2 if with_preprocessing else 1e-4
+    run_dir = Path(run_dir)
+    model, meta = load_bundle(run_dir)
+    model.eval()
+    prep = Preprocessing.from_dict(meta["preprocessing"])
+    out = Path(out) if out else (run_dir if (run_dir / "config.yaml").is_file() else run_dir.parent) / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ("model.onnx" if format == "onnx" else "model.pt")
+    example = torch.randn(2, prep.in_chans, prep.img_size, prep.img_size)
+    if format == "onnx":
+        _require("onnx", "onnxscript", "onnxruntime")
+        torch.onnx.export(model, (example,), str(path), input_names=["pixels" if with_preprocessing else "images"],
+                          output_names=["logits"],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+                          opset_version=opset, dynamo=True, external_data=False, verbose=False)
+        if with_preprocessing:
+            import onnx
+            from onnx.compose import merge_models
+
+            net = onnx.load(str(path))
+            pre = preprocessing_graph(prep, opset, net.ir_version)
+            onnx.save(merge_models(pre, net, io_map=[("pre_pixels", "pixels")]), str(path))
+        run = _onnx_runner(path)
+    else:
+        with torch.no_grad():
+            scripted = torch.jit.trace(model, example)
+        scripted.save(str(path))
+        run = _torchscript_runner(path)
+    if with_preprocessing:  # raw decoded images, one at a time (sizes differ), against `predict` on them
+        from transferkit.deploy.predictor import Predictor
+
+        images = parity_images(run_dir, prep)
+        want = Predictor(model, meta, precision="fp32").predict_logits(images)
+        got = np.concatenate([run(np.asarray(image)[None]) for image in images])
+    else:
+        batch = parity_batch(run_dir, prep)
+        with torch.no_grad():
+            want = model(batch).numpy()
+        got = np.concatenate([run(batch[i : i + 8].numpy()) for i in range(0, len(batch), 8)])
+    parity = {"images": len(got), "max_abs_logit_diff": float(np.abs(got - want).max()),
+              "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean()), "tolerance": tolerance,
+              "against": "transferkit predict in fp32 on the same images" if with_preprocessing
+              else "the PyTorch model in fp32", "precision": "fp32"}
+    if with_preprocessing:
+        given = {"name": "images", "dtype": "uint8", "shape": ["batch", "height", "width", prep.in_chans],
+                 "note": "decoded images, all of one call the same size; resize, crop and normalization inside"}
+    else:
+        given = {"name": "images", "dtype": "float32", "shape": ["batch", prep.in_chans, prep.img_size, prep.img_size],
+                 "note": "RGB scaled to 0..1, resized so the short side is preprocessing.img_size / crop_pct, "
+                         "center-cropped, then normalized with mean and std"}
+    record = {"format": format, "file": path.name, "classes": meta["classes"], "preprocessing": prep.to_dict(),
+              "with_preprocessing": with_preprocessing, "input": given,
+              "output": {"name": "logits", "shape": ["batch", len(meta["classes"])]},
+              "opset": opset if format == "onnx" else None, "parity": parity,
+              "architecture": meta["architecture"]}
+    (out / "model.json").write_text(json.dumps(record, indent=1))
+    if parity["max_abs_logit_diff"] > tolerance or parity["top1_agreement"] < 1.0:
+        raise UserError(f"The {format} export at '{path}' disagrees with {parity['against']} on {len(got)} images: "
+                        f"max |logit diff| {parity['max_abs_logit_diff']:.2e} (tolerance {tolerance:g}), top-1 "
+                        f"agreement {parity['top1_agreement']:.3f}. Do not deploy it; report this with the model name.")
+    return {"path": str(path), **parity}
+
+
+def preprocessing_graph(prep: Preprocessing, opset: int, ir_version: int):
+    """ONNX graph: uint8 images (batch, H, W, C) -> "pre_pixels" (batch, C, S, S), as `eval_transform`:
+    the short side resized to img_size / crop_pct and the long one to int(resize * long / short)
+    (antialiased cubic, a = -0.5, half-pixel centres, as PIL), rounded and clipped to 0..255 as PIL's
+    uint8 output, the center S x S taken with offsets round((size - S) / 2) half to even (torchvision),
+    then scaled and normalized."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    resize, size = prep.resize, prep.img_size
+    consts = {"R": np.array(resize, np.int64), "S": np.array(size, np.int64), "two": np.array(2, np.int64),
+              "one": np.array([1], np.int64), "three": np.array([3], np.int64), "lo": np.array(0, np.float32),
+              "hi": np.array(255, np.float32), "axes": np.array([1, 2], np.int64),
+              "mean": (np.array(prep.mean, np.float32) * 255).reshape(1, 1, 1, -1),
+              "std": (np.array(prep.std, np.float32) * 255).reshape(1, 1, 1, -1)}
+    n = helper.make_node
+    nodes = [
+        n("Shape", ["images"], ["pre_shape"]),
+        n("Slice", ["pre_shape", "pre_one", "pre_three"], ["pre_hw"]),  # [H, W]
+        n("ReduceMin", ["pre_hw"], ["pre_short"], keepdims=0),
+        n("Mul", ["pre_hw", "pre_R"], ["pre_hwR"]),
+        n("Div", ["pre_hwR", "pre_short"], ["pre_sizes"]),  # integer division: int(resize * side / short)
+        n("Cast", ["images"], ["pre_f"], to=TensorProto.FLOAT),
+        n("Resize", ["pre_f", "", "", "pre_sizes"], ["pre_r"], mode="cubic", antialias=1, axes=[1, 2],
+          cubic_coeff_a=-0.5, coordinate_transformation_mode="half_pixel"),
+        n("Clip", ["pre_r", "pre_lo", "pre_hi"], ["pre_c"]),
+        n("Round", ["pre_c"], ["pre_q"]),
+        n("Sub", ["pre_sizes", "pre_S"], ["pre_d"]),  # offsets: k + (d % 2) * (k % 2), k = d // 2
+        n("Div", ["pre_d", "pre_two"], ["pre_k"]),
+        n("Mod", ["pre_d", "pre_two"], ["pre_dodd"]),
+        n("Mod", ["pre_k", "pre_two"], ["pre_kodd"]),
+        n("Mul", ["pre_dodd", "pre_kodd"], ["pre_bump"]),
+        n("Add", ["pre_k", "pre_bump"], ["pre_start"]),
+        n("Add", ["pre_start", "pre_S"], ["pre_end"]),
+        n("Slice", ["pre_q", "pre_start", "pre_end", "pre_axes"], ["pre_crop"]),
+        n("Sub", ["pre_crop", "pre_mean"], ["pre_m"]),
+        n("Div", ["pre_m", "pre_std"], ["pre_n"]),
+        n("Transpose", ["pre_n"], ["pre_pixels"], perm=[0, 3, 1, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes, "preprocessing",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", "height", "width", prep.in_chans])],
+        [helper.make_tensor_value_info("pre_pixels", TensorProto.FLOAT, ["batch", prep.in_chans, size, size])],
+        [numpy_helper.from_array(v, f"pre_{k}") for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model
+
+
+def _parity_samples(run_dir: Path):
+    """(data, up to 32 samples): the run's validation split, else test, else train; (None, []) for a bare bundle."""
+    run = next((p for p in (run_dir, run_dir.parent) if (p / "split.json").is_file()), None)
+    if run is None:
+        return None, []
+    from transferkit.core.config import TrainConfig
+    from transferkit.data.sources import load_data
+
+    data = load_data(TrainConfig.load(run / "config.yaml").data, split_file=str(run / "split.json"))
+    return data, next((data.splits[s] for s in ("val", "test", "train") if data.splits.get(s)), [])[:PARITY_IMAGES]
+
+
+def parity_batch(run_dir: Path, prep: Preprocessing) -> torch.Tensor:
+    """Up to 32 validation images of the run, preprocessed; random tensors for a bare bundle."""
+    data, samples = _parity_samples(run_dir)
+    if samples:
+        transform = eval_transform(prep)
+        return torch.stack([transform(data.read(ref, prep.in_chans, prep.resize)) for ref, _ in samples])
+    return torch.randn(PARITY_IMAGES, prep.in_chans, prep.img_size, prep.img_size,
+                       generator=torch.Generator().manual_seed(0))
+
+
+def parity_images(run_dir: Path, prep: Preprocessing) -> list:
+    """Up to 32 validation images of the run, decoded at full size; random images for a bare bundle."""
+    from PIL import Image
+
+    data, samples = _parity_samples(run_dir)
+    if samples:
+        return [data.read(ref, prep.in_chans) for ref, _ in samples]
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (prep.resize + 17, prep.resize + 5, 3), dtype=np.uint8))
+            for _ in range(4)]
+
+
+def _onnx_runner(path: Path):
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def _torchscript_runner(path: Path):
+    scripted = torch.jit.load(str(path))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return scripted(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def _require(*modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"ONNX export needs {', '.join(missing)}: pip install 'transferkit[export]' "
+                        "(onnx, onnxscript, onnxruntime).")

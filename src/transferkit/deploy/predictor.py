@@ -1,0 +1,168 @@
+"""Inference from a bundle: `transferkit.load(path).predict([...])`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from transferkit.core.errors import UserError
+from transferkit.data.images import from_array, is_image_file, open_image, to_mode
+from transferkit.data.transforms import eval_transform
+from transferkit.deploy.bundle import load_bundle
+from transferkit.data.preprocessing import Preprocessing
+from transferkit.models.fuse import fold_batchnorm
+from transferkit.models.precision import Workload
+from transferkit.models.runtime import inference_runtime
+
+TTA = ("none", "flip", "flip-crop")
+
+
+def expand_inputs(inputs) -> list:
+    """Files stay, folders become their image files (sorted, recursive); PIL images and arrays pass."""
+    out = []
+    for item in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+        if isinstance(item, (str, Path)):
+            path = Path(item)
+            if path.is_dir():
+                found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
+                if not found:
+                    raise UserError(f"Folder '{path}' holds no image files.")
+                out += [str(p) for p in found]
+            elif path.is_file():
+                out.append(str(path))
+            else:
+                raise UserError(f"Input '{path}' does not exist.")
+        else:
+            out.append(item)
+    return out
+
+
+class Predictor:
+    """A loaded classifier with its classes and preprocessing. It runs channels_last, with BatchNorm folded
+    into the convolutions (`fuse`), in fp32 or bf16: `precision` auto picks bf16 only where it measured
+    faster on this machine for this model (see `precision`); fp32 is what an export is checked against."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict, device: str = "cpu", precision: str = "auto"):
+        prep = Preprocessing.from_dict(meta["preprocessing"])
+        arch = meta.get("architecture", {})
+        workload = Workload(model, f"{arch.get('model', arch.get('arch', 'model'))} {prep.in_chans}ch",
+                            (32, prep.in_chans, prep.img_size, prep.img_size))
+        self.runtime = inference_runtime(precision, torch.device(device), workload, meta.get("precision"))
+        self.precision = self.runtime.precision["infer"]
+        self.model = self.runtime.prepare(model).eval()
+        self._net = None  # the folded copy, made on the first batch
+        self.device = device
+        self._set_meta(meta)
+
+    def _set_meta(self, meta: dict) -> None:
+        self.meta = meta
+        self.classes: list[str] = meta["classes"]
+        self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        self.transform = eval_transform(self.preprocessing)
+        # flip-crop's second view: the whole short side (crop_pct 1) instead of the central crop_pct
+        self.wide_transform = eval_transform(replace(self.preprocessing, crop_pct=1.0))
+
+    def _image(self, item) -> Image.Image:
+        chans = self.preprocessing.in_chans
+        if isinstance(item, Image.Image):
+            return to_mode(item, chans)
+        if isinstance(item, np.ndarray):
+            return from_array(item, chans)
+        return open_image(item, chans, self.preprocessing.resize)
+
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = self.runtime.batch(batch)
+        if self._net is None:
+            self._net = fold_batchnorm(self.model, batch[:2])
+        with self.runtime.autocast("infer"):
+            return self._net(batch).float()
+
+    def _batches(self, inputs, batch_size: int, transforms: list):
+        """For each batch of inputs, one stacked tensor per transform (each image decoded once)."""
+        items = expand_inputs(inputs)
+        for start in range(0, len(items), batch_size):
+            images = [self._image(x) for x in items[start : start + batch_size]]
+            yield [torch.stack([t(image) for image in images]) for t in transforms]
+
+    @torch.inference_mode()
+    def predict_logits(self, inputs, batch_size: int = 32) -> np.ndarray:
+        """Raw logits, shape (n_inputs, n_classes) (calibration and export checks use them)."""
+        out = [self._logits(views[0]).cpu() for views in self._batches(inputs, batch_size, [self.transform])]
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+
+    @torch.inference_mode()
+    def predict_proba(self, inputs, batch_size: int = 32, tta: str = "none") -> np.ndarray:
+        """Class probabilities, shape (n_inputs, n_classes). `tta` flip: the mean over the image and its
+        mirror; flip-crop: also over the whole short side (crop_pct 1) and its mirror."""
+        if tta not in TTA:
+            raise UserError(f"tta must be one of {', '.join(TTA)}; got '{tta}'.")
+        transforms = [self.transform] + ([self.wide_transform] if tta == "flip-crop" else [])
+        out = []
+        for views in self._batches(inputs, batch_size, transforms):
+            probs = [self._logits(v).softmax(-1) for v in views]
+            if tta != "none":
+                probs += [self._logits(torch.flip(v, dims=[3])).softmax(-1) for v in views]
+            out.append(torch.stack(probs).mean(0).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict(self, inputs, top_k: int = 5, batch_size: int = 32, tta: str = "none") -> list[dict]:
+        """Top-k predictions per input: {'input', 'label', 'score', 'top_k': [{'label', 'score'}]}."""
+        items = expand_inputs(inputs)
+        probs = self.predict_proba(items, batch_size, tta)
+        k = min(top_k, len(self.classes))
+        results = []
+        for item, p in zip(items, probs):
+            order = np.argsort(-p)[:k]
+            top = [{"label": self.classes[i], "score": float(p[i])} for i in order]
+            name = item if isinstance(item, str) else f"<{type(item).__name__}>"
+            results.append({"input": name, "label": top[0]["label"], "score": top[0]["score"], "top_k": top})
+        return results
+
+
+def sample_batches(data, samples: list, prep: Preprocessing, size: int = 64):
+    """The images of (ref, label) samples of a Data, decoded `size` at a time (memory stays flat)."""
+    for start in range(0, len(samples), size):
+        yield [data.read(ref, prep.in_chans, prep.resize) for ref, _ in samples[start : start + size]]
+
+
+class OnnxPredictor(Predictor):
+    """The same interface over an exported model.onnx (`transferkit export`), run by onnxruntime:
+    preprocessing, TTA and top-k as in Predictor, no PyTorch model involved."""
+
+    def __init__(self, path: Path):
+        import onnxruntime
+
+        record = json.loads(path.with_name("model.json").read_text())
+        if record.get("with_preprocessing"):
+            raise UserError(f"'{path}' was exported --with-preprocessing (it takes uint8 images); --backend onnx "
+                            "needs a plain export: transferkit export RUN --format onnx.")
+        self._set_meta(record)
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.device, self.precision = "cpu", "fp32"
+
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"images": batch.numpy().astype(np.float32)})[0])
+
+
+def load(path: str | Path, device: str = "cpu", backend: str = "torch", precision: str = "auto") -> Predictor:
+    """Load a bundle (or a run directory's best/) for prediction; backend "onnx" loads the run's
+    export/model.onnx (or an export folder, or the .onnx file) instead (fp32, whatever `precision`)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"precision must be auto, bf16 or fp32; got '{precision}'.")
+    if backend == "onnx":
+        path = Path(path)
+        found = next((p for p in (path, path / "model.onnx", path / "export" / "model.onnx",
+                                  path.parent / "export" / "model.onnx") if p.is_file() and p.suffix == ".onnx"), None)
+        if found is None or not found.with_name("model.json").is_file():
+            raise UserError(f"No ONNX export with its model.json at '{path}': run `transferkit export {path} "
+                            "--format onnx` first.")
+        return OnnxPredictor(found)
+    if backend != "torch":
+        raise UserError(f"backend must be torch or onnx; got '{backend}'.")
+    model, meta = load_bundle(path)
+    return Predictor(model, meta, device, precision)

@@ -1,0 +1,306 @@
+"""runs/NAME/report.html: one self-contained page to open in a browser (images embedded).
+
+It holds the config and data summary, learning curves with the strategy's phases shaded, the
+test confusion matrix, per-class precision/recall/F1, the most confidently wrong test images
+("top losses"), and calibration: expected calibration error and a reliability diagram before
+and after temperature scaling fitted on validation. `transferkit report runs/NAME` rebuilds
+it from the run directory; `train` writes it at the end of a run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from transferkit.core.errors import UserError
+from transferkit.evaluation.calibration import (
+    expected_calibration_error,
+    fit_temperature,
+    reliability,
+    reliability_png,
+    softmax,
+)
+from transferkit.evaluation.metrics import classification_metrics
+
+TOP_LOSSES = 16
+
+
+def split_logits(run_dir: Path, split: str, data, model) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(logits, labels, refs) of the best model on a split of the run's split.json: those `train` saved, else
+    computed by `model()` (the loaded Predictor)."""
+    from transferkit.deploy.predictor import sample_batches
+
+    samples = data.splits.get(split) or []
+    logits = _saved_logits(run_dir, split, len(samples))
+    if logits is None:
+        clf = model()
+        parts = [clf.predict_logits(images) for images in sample_batches(data, samples, clf.preprocessing)]
+        logits = np.concatenate(parts) if parts else np.zeros((0, len(data.classes)), np.float32)
+    labels = np.array([data.classes.index(label) for _, label in samples], dtype=np.int64)
+    return logits, labels, [ref for ref, _ in samples]
+
+
+PREDICTIONS = "predictions.npz"
+"""The best model's test and validation logits, saved by `train` so the report need not run the model again."""
+
+
+def save_predictions(run_dir: Path, logits: dict) -> None:
+    """run_dir/predictions.npz with the arrays of `logits` that exist (a stale file is removed)."""
+    arrays = {split: value for split, value in logits.items() if value is not None}
+    (run_dir / PREDICTIONS).unlink(missing_ok=True)
+    if arrays:
+        np.savez(run_dir / PREDICTIONS, **arrays)
+
+
+def _saved_logits(run_dir: Path, split: str, n: int) -> np.ndarray | None:
+    """The logits `train` saved for `split`, if they cover its n images."""
+    try:
+        with np.load(run_dir / PREDICTIONS) as saved:
+            logits = saved[split] if split in saved else None
+    except (OSError, ValueError):
+        return None
+    return logits if logits is not None and len(logits) == n else None
+
+
+def build_report(run_dir: str | Path, device: str = "cpu", data=None) -> Path:
+    """Write run_dir/report.html (and calibration.json); returns the HTML path. `data`: the run's Data when the
+    caller has it (train), else read again from the run's split.json."""
+    from transferkit.core.config import TrainConfig
+    from transferkit.data.sources import load_data
+    from transferkit.deploy.predictor import load
+
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "split.json", "metrics.jsonl"):
+        if not (run_dir / name).is_file():
+            raise UserError(f"'{run_dir}' is not a finished run directory: it has no {name}.")
+    if not (run_dir / "best" / "model.json").is_file():
+        raise UserError(f"'{run_dir}' has no best/ model yet; train it first (or resume it).")
+    config = TrainConfig.load(run_dir / "config.yaml")
+    data = data or load_data(config.data, split_file=str(run_dir / "split.json"))
+    meta = json.loads((run_dir / "best" / "model.json").read_text())
+    if meta["classes"] != data.classes:
+        raise UserError(f"The classes in '{run_dir}/split.json' differ from those of the model in '{run_dir}/best'.")
+    loaded = []  # the Predictor, loaded only if some logits were not saved by `train`
+
+    def model():
+        loaded[:] = loaded or [load(run_dir, device)]
+        return loaded[0]
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    how = (meta.get("data") or {}).get("how", data.how)  # as trained, not "reused from split.json"
+    sections = [_summary(run_dir, config, data, how), _section("Learning curves", _img(_curves_png(rows)))]
+    test_logits, test_labels, test_refs = split_logits(run_dir, "test", data, model)
+    calibration = {}
+    if len(test_labels):
+        probs = softmax(test_logits)
+        preds = probs.argmax(1)
+        metrics = classification_metrics(test_labels, preds, data.classes)
+        sections += [_confusion(metrics, data.classes), _per_class(metrics),
+                     _top_losses(probs, test_labels, test_refs, data, meta["preprocessing"]["in_chans"])]
+        val_logits, val_labels, _ = split_logits(run_dir, "val", data, model)
+        calibration = _calibration(test_logits, test_labels, val_logits, val_labels)
+        sections.append(_calibration_section(calibration, test_logits, test_labels))
+    else:
+        sections.append(_section("Test", "<p>This run has no test split.</p>"))
+    (run_dir / "calibration.json").write_text(json.dumps(calibration, indent=1))
+    page = _PAGE.format(title=html.escape(f"transferkit report: {run_dir.name}"), body="\n".join(sections))
+    out = run_dir / "report.html"
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+# --- sections -----------------------------------------------------------------------------
+
+def _summary(run_dir: Path, config, data, how: str) -> str:
+    counts = "".join(
+        f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{data.counts(s).get(c, 0)}</td>" for s in ("train", "val", "test"))
+        + "</tr>" for c in data.classes)
+    skipped = (run_dir / "skipped.txt").read_text().splitlines() if (run_dir / "skipped.txt").is_file() else []
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    best = metrics.get("best") or {}
+    runtime = metrics.get("runtime") or {}
+    precision = "; ".join(f"{'training' if kind == 'train' else 'inference'} {html.escape(str(value))} "
+                          f"({html.escape(str((runtime.get('precision_reason') or {}).get(kind, '')))})"
+                          for kind, value in (runtime.get("precision") or {}).items())
+    return _section("Run", f"""
+<p><b>{html.escape(config.model)}</b>, strategy <b>{html.escape(config.strategy)}</b>, {config.img_size} px,
+best epoch {best.get('epoch')} (val accuracy {_fmt(best.get('val_accuracy'))}).
+Data: {html.escape(str(config.data))} ({html.escape(how)}).</p>
+<p class="precision">Precision: {precision or 'not recorded'}.</p>
+<table class="counts"><tr><th>class</th><th>train</th><th>val</th><th>test</th></tr>{counts}</table>
+<p>Skipped files: {len(skipped)}</p>{_pre(chr(10).join(skipped[:20])) if skipped else ''}
+<details><summary>config.yaml</summary>{_pre((run_dir / 'config.yaml').read_text())}</details>""")
+
+
+def _confusion(metrics: dict, classes: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
+    body = "".join(f"<tr><th>{html.escape(c)}</th>" + "".join(f'<td class="count">{v}</td>' for v in row) + "</tr>"
+                   for c, row in zip(classes, metrics["confusion_matrix"]))
+    return _section("Confusion matrix (test)", f"""
+<p>Accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} on {metrics['n']} images.
+Rows: true class; columns: predicted.</p>
+<table id="confusion"><tr><th></th>{head}</tr>{body}</table>{_img(confusion_png(metrics, classes))}""")
+
+
+def _per_class(metrics: dict) -> str:
+    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
+                   f"<td>{m['f1']:.3f}</td><td>{m['support']}</td></tr>" for c, m in metrics["per_class"].items())
+    return _section("Per class (test)", "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>"
+                                        f"<th>support</th></tr>{rows}</table>")
+
+
+def _top_losses(probs: np.ndarray, labels: np.ndarray, refs: list[str], data, in_chans: int) -> str:
+    wrong = np.flatnonzero(probs.argmax(1) != labels)
+    wrong = wrong[np.argsort(-probs[wrong].max(1))][:TOP_LOSSES]
+    if not len(wrong):
+        return _section("Most confidently wrong (test)", "<p>No test image is misclassified.</p>")
+    figures = []
+    for i in wrong:
+        true, pred = data.classes[labels[i]], data.classes[int(probs[i].argmax())]
+        image = data.read(refs[i], in_chans)
+        image.thumbnail((128, 128))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        figures.append(f'<figure class="top-loss" data-true="{html.escape(true)}" data-pred="{html.escape(pred)}">'
+                       f'{_img(buffer.getvalue())}<figcaption>true {html.escape(true)}<br>predicted '
+                       f'{html.escape(pred)} ({probs[i].max():.2f})<br><small>{html.escape(Path(refs[i]).name)}'
+                       f'</small></figcaption></figure>')
+    return _section("Most confidently wrong (test)", f'<div class="grid">{"".join(figures)}</div>')
+
+
+def _calibration(test_logits, test_labels, val_logits, val_labels) -> dict:
+    out = {"ece_test": expected_calibration_error(softmax(test_logits), test_labels), "temperature": None}
+    if len(val_labels):
+        t = fit_temperature(val_logits, val_labels)
+        out.update(temperature=t, ece_val=expected_calibration_error(softmax(val_logits), val_labels),
+                   ece_val_scaled=expected_calibration_error(softmax(val_logits, t), val_labels),
+                   ece_test_scaled=expected_calibration_error(softmax(test_logits, t), test_labels))
+    return out
+
+
+def _calibration_section(cal: dict, logits, labels) -> str:
+    curves = {"as trained": reliability(softmax(logits), labels)}
+    text = f"<p>Expected calibration error on test: {cal['ece_test']:.4f} (15 bins).</p>"
+    if cal["temperature"] is not None:
+        curves[f"T = {cal['temperature']:.2f}"] = reliability(softmax(logits, cal["temperature"]), labels)
+        text += (f"<p>Temperature scaling fitted on validation: T = {cal['temperature']:.3f}; validation ECE "
+                 f"{cal['ece_val']:.4f} → {cal['ece_val_scaled']:.4f}, test ECE {cal['ece_test']:.4f} → "
+                 f"{cal['ece_test_scaled']:.4f}. It never changes the predicted class.</p>")
+    else:
+        text += "<p>No validation split: no temperature fitted.</p>"
+    return _section("Calibration", text + _img(reliability_png(curves, "reliability (test)")))
+
+
+def build_compare_report(result: dict, out: Path) -> Path:
+    """out/report.html for a `compare` study: the summary (mean ± std over seeds), the plot, every arm."""
+    summary = "".join(
+        f"<tr><td>{html.escape(r['strategy'])}</td><td>{r['shots']}</td><td>{r['n_seeds']}</td>"
+        f"<td>{r['test_accuracy_mean']:.3f} ± {r['test_accuracy_std']:.3f}</td><td>{r['best_epoch_mean']:.1f}</td>"
+        f"<td>{r['trainable_params']:,}</td><td>{r['wall_s_mean']:.1f}</td></tr>" for r in result["summary"])
+    arms = "".join(
+        f"<tr><td>{html.escape(a['strategy'])}</td><td>{a['shots'] or 'all'}</td><td>{a['seed']}</td>"
+        f"<td class=\"arm-accuracy\">{a['test_accuracy']:.3f}</td><td>{a['best_epoch']}</td>"
+        f"<td>{html.escape(Path(a['run']).name)}</td></tr>" for a in result["arms"])
+    plot = out / "compare.png"
+    body = [_section("Study", f"<p>Data {html.escape(str(result['data']))}; strategies "
+                              f"{html.escape(', '.join(result['strategies']))}; {result['seeds']} seed(s) per arm, each "
+                              f"seed the same split and few-shot pick for every strategy; {result['wall_s']:.0f} s.</p>"),
+            _section("Test accuracy", "<table><tr><th>strategy</th><th>shots</th><th>seeds</th><th>test accuracy</th>"
+                                      "<th>best epoch</th><th>trainable</th><th>s per arm</th></tr>"
+                                      f"{summary}</table>" + (_img(plot.read_bytes()) if plot.is_file() else "")),
+            _section("Arms", "<table><tr><th>strategy</th><th>shots</th><th>seed</th><th>test accuracy</th>"
+                             f"<th>best epoch</th><th>run</th></tr>{arms}</table>")]
+    page = _PAGE.format(title=html.escape(f"transferkit compare: {out.name}"), body="\n".join(body))
+    (out / "report.html").write_text(page, encoding="utf-8")
+    return out / "report.html"
+
+
+# --- figures and HTML pieces --------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _curves_png(rows: list[dict]) -> bytes:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    epochs = [r["epoch"] for r in rows]
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        ax.plot(epochs, [r[f"train_{key}"] for r in rows], marker="o", label="train")
+        if any(r.get(f"val_{key}") is not None for r in rows):
+            ax.plot(epochs, [r.get(f"val_{key}") for r in rows], marker="o", label="val")
+        for n, (phase, group) in enumerate(itertools.groupby(rows, key=lambda r: r["phase"])):
+            group = list(group)  # one shaded band per phase, named at its top left
+            ax.axvspan(group[0]["epoch"] - 0.5, group[-1]["epoch"] + 0.5, color=f"C{2 + n % 2}", alpha=0.1)
+            ax.annotate(phase, (group[0]["epoch"] - 0.4, 0.98), xycoords=("data", "axes fraction"), va="top",
+                        fontsize=8)
+        ax.set(xlabel="epoch", ylabel=key)
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def confusion_png(metrics: dict, classes: list[str]) -> bytes:
+    plt = _pyplot()
+    cm = np.array(metrics["confusion_matrix"])
+    size = min(12, 2 + 0.5 * len(classes))
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true")
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    if len(classes) <= 30:
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    return _png(fig)
+
+
+def _img(png: bytes) -> str:
+    return f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _pre(text: str) -> str:
+    return f"<pre>{html.escape(text)}</pre>"
+
+
+def _section(title: str, body: str) -> str:
+    return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 10px; }}
+figure {{ margin: 0; width: 140px; font-size: 12px; }}
+figure img {{ max-width: 128px; }}
+pre {{ background: #f6f6f6; padding: 8px; overflow-x: auto; }}
+</style></head>
+<body><h1>{title}</h1>
+{body}
+</body></html>
+"""

@@ -1,0 +1,33 @@
+"""`transferkit inspect MODEL`: what a backbone looks like to transferkit, without training it.
+
+Layer groups (timm's group_matcher) with their parameter counts, which groups each strategy
+trains with the default config, the pooled feature width, the pretrained preprocessing, and
+whether weights for it exist on this machine (bundled with a package or in the HF cache).
+"""
+
+from __future__ import annotations
+
+from transferkit.core.config import STRATEGIES, TrainConfig
+
+
+def describe(name: str, img_size: int | None = None) -> dict:
+    from transferkit.models.classifier import build_classifier, layer_groups
+    from transferkit.models.weights import bundled_file, cached_file, resolve_arch
+    from transferkit.training.strategy import make_plan
+
+    arch = resolve_arch(name)
+    model, record, prep = build_classifier(name, "none", 2, img_size=img_size)  # no download, no weights
+    groups = layer_groups(model.backbone)
+    params = dict(model.backbone.named_parameters())
+    sizes = [sum(params[n].numel() for n in group) for group in groups]
+    config = TrainConfig(model=name)
+    plans = {}
+    for strategy in STRATEGIES:
+        plan = make_plan(config.replace(strategy=strategy), len(groups))
+        plans[strategy] = [{"phase": p.name, "epochs": p.epochs, "groups": p.groups, "bn": p.bn} for p in plan]
+    offline = bundled_file(arch) or cached_file(arch)
+    return {"model": name, "arch": arch, "features": record["features"], "preprocessing": prep.to_dict(),
+            "groups": [{"index": i, "params": n, "first": g[0], "last": g[-1]} for i, (g, n) in
+                       enumerate(zip(groups, sizes))],
+            "head_params": sum(p.numel() for p in model.head.parameters()), "plans": plans,
+            "weights_here": str(offline) if offline else None}
