@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/transferkit evaluate runs/demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports  # the layers in pyproject.toml: imports point down, no cycles
 	$(BIN)/python -m pytest -q
 
 # the suite as a CPU with native bf16 would run it (auto choosing bf16 wherever it may), and as one without

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import transferkit
-import transferkit.training.recipe as loop
+import transferkit.training.phases as phases
 from transferkit.core.errors import UserError
 from transferkit.training.preempt import Preempted
 from transferkit.core.progress import Reporter
@@ -20,14 +20,14 @@ class _Died(Exception):
 
 def _die_after_checkpoint(monkeypatch, epoch: int, step: int = 0):
     """Make the run die right after it writes the checkpoint at (epoch epochs done, step batches)."""
-    real = loop.save_checkpoint
+    real = phases.save_checkpoint
 
     def save_then_maybe_die(path, state):
         real(path, state)
         if (state["epoch"], state["step"]) == (epoch, step):
             raise _Died
 
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_maybe_die)
+    monkeypatch.setattr(phases, "save_checkpoint", save_then_maybe_die)
 
 
 class SignalAt(Reporter):

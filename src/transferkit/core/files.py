@@ -1,4 +1,5 @@
-"""TODO."""
+"""Writes that survive a crash: to a temp file, fsynced, renamed over the target, folder fsynced.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO."""
+"""Facts about this machine and process settings: the device, the cores this process may use, how many
+loader workers to start, the cache folder, seeds, determinism, cuDNN and TF32 on CUDA.
+"""
 
 from __future__ import annotations
 

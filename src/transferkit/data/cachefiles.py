@@ -1,4 +1,6 @@
-"""TODO."""
+"""Keys and checks for cache files: a digest of a split's files (path, size, mtime) or in-memory images,
+and whether an .npy on disk is whole.
+"""
 
 from __future__ import annotations
 

@@ -21,11 +21,11 @@ import torch
 from torchvision import transforms as T
 
 from transferkit.core.distributed import Dist, fill_shared
+from transferkit.core.machine import cache_root
+from transferkit.data.cachefiles import data_digest, readable_npy
+from transferkit.data.preprocessing import Preprocessing
 from transferkit.data.sources import Data, ImageDataset
 from transferkit.data.transforms import interpolation
-from transferkit.data.preprocessing import Preprocessing
-from transferkit.data.cachefiles import data_digest, readable_npy
-from transferkit.core.machine import cache_root
 
 
 def cache_size(prep: Preprocessing) -> int:

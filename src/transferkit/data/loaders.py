@@ -1,4 +1,6 @@
-"""TODO."""
+"""DataLoaders over a split: training loaders yield the micro-batches of whole optimizer steps (the same
+images whatever the process count, see `sampling`), eval loaders this rank's shard in order.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO."""
+"""What a model expects of an image: size, mean/std, interpolation, crop, channels. Read from the
+backbone's pretrained config (see `models.classifier`), saved in every run and bundle.
+"""
 
 from __future__ import annotations
 

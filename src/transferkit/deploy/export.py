@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from transferkit.core.errors import UserError
+from transferkit.data.preprocessing import Preprocessing
 from transferkit.data.transforms import eval_transform
 from transferkit.deploy.bundle import load_bundle
-from transferkit.data.preprocessing import Preprocessing
 
 FORMATS = ("onnx", "torchscript")
 PARITY_IMAGES = 32

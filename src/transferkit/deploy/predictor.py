@@ -12,9 +12,9 @@ from PIL import Image
 
 from transferkit.core.errors import UserError
 from transferkit.data.images import from_array, is_image_file, open_image, to_mode
+from transferkit.data.preprocessing import Preprocessing
 from transferkit.data.transforms import eval_transform
 from transferkit.deploy.bundle import load_bundle
-from transferkit.data.preprocessing import Preprocessing
 from transferkit.models.fuse import fold_batchnorm
 from transferkit.models.precision import Workload
 from transferkit.models.runtime import inference_runtime

@@ -1,4 +1,6 @@
-"""TODO."""
+"""A model over a loader: loss, accuracy, the full metrics and the logits in the split's order (validation,
+test, evaluate). Several processes each run their shard and the results are gathered.
+"""
 
 from __future__ import annotations
 

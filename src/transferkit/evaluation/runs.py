@@ -11,17 +11,17 @@ from torch import nn
 
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
+from transferkit.core.machine import default_workers, pick_device
+from transferkit.data.loaders import make_loader
+from transferkit.data.preprocessing import Preprocessing
 from transferkit.data.sources import load_data
 from transferkit.data.transforms import eval_transform
 from transferkit.deploy.bundle import load_bundle
 from transferkit.deploy.predictor import Predictor, sample_batches
-from transferkit.data.preprocessing import Preprocessing
+from transferkit.evaluation.passes import evaluate_loader
 from transferkit.models.precision import Workload
-from transferkit.core.machine import default_workers, pick_device
 from transferkit.models.runtime import inference_runtime
 from transferkit.models.runtime import resolve as resolve_runtime
-from transferkit.evaluation.passes import evaluate_loader
-from transferkit.data.loaders import make_loader
 
 
 def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_size: int | None = None,

@@ -20,13 +20,15 @@ import json
 import numpy as np
 import torch
 
+from transferkit.core.config import TrainConfig
 from transferkit.core.distributed import Dist, fill_shared
+from transferkit.core.machine import cache_root
 from transferkit.data.cachefiles import data_digest, readable_npy
 from transferkit.data.sampling import EpochSampler
 from transferkit.data.sources import Data, ImageDataset
+from transferkit.data.transforms import eval_transform, train_transform
 from transferkit.models.fuse import fold_batchnorm
 from transferkit.models.runtime import Runtime
-from transferkit.core.machine import cache_root
 
 
 def backbone_digest(backbone: torch.nn.Module) -> str:
@@ -113,3 +115,26 @@ class FeatureLoader:
             else:
                 rows = self.features[index]
             yield torch.from_numpy(np.array(rows, dtype=np.float32)), self.labels[index], torch.from_numpy(index)
+
+
+def feature_loaders(model, data: Data, prep, config: TrainConfig, rt: Runtime, report, image_loader,
+                    d: Dist = Dist()):
+    """(train, val) loaders over cached backbone features, in the image loader's batch order; the ranks
+    extract their shares of the features together."""
+    labels = {s: [data.classes.index(label) for _, label in data.splits[s]] for s in ("train", "val")}
+    plain, normalize = {"eval": prep.to_dict()}, not rt.normalizes_on_device
+    if config.feature_views:
+        transform = train_transform(prep, config.augment, normalize)
+        transform_id = {"train": prep.to_dict(), "augment": config.augment}
+    else:
+        transform, transform_id = eval_transform(prep, normalize=normalize), plain
+    train = FeatureLoader(cached_features(model.backbone, data, "train", transform, transform_id, config, rt,
+                                          report, config.feature_views, prep.resize, d),
+                          labels["train"], image_loader.batch_sampler)
+    val = None
+    if labels["val"]:
+        shard = d.shard(len(labels["val"]))
+        val = FeatureLoader(cached_features(model.backbone, data, "val", eval_transform(prep, normalize=normalize),
+                                            plain, config, rt, report, min_side=prep.resize, d=d), labels["val"],
+                            [shard[i : i + config.batch_size] for i in range(0, len(shard), config.batch_size)])
+    return train, val

@@ -6,13 +6,13 @@ ran. The rules:
 - precision: per kind of work (training steps; inference: validation, test, feature
   extraction, predict), see `precision` for what auto picks and why.
 - channels_last: on by default (TrainConfig.channels_last has the figures).
-- loader workers: see `default_workers`; torch threads = cores - workers on CPU (cores per
+- loader workers: see `core.machine.default_workers`; torch threads = cores - workers on CPU (cores per
   process under torchrun), so decoding workers, compute threads and ranks do not oversubscribe.
 - compile: off by default. On the 2-core CPU torch.compile took 105 s to warm up and then
   trained at 70 img/s against 73 eager; on CUDA it is worth trying for long runs.
 - CUDA: cuDNN picks its fastest kernels per shape (benchmark mode, off under --deterministic) and
   fp32 matrix products use TF32, as timm's train.py does; the loader gets more workers, since the
-  main process only feeds the GPU (see `default_workers`).
+  main process only feeds the GPU (see `core.machine.default_workers`).
 """
 
 from __future__ import annotations

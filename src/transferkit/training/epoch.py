@@ -1,12 +1,17 @@
-"""TODO."""
+"""One epoch of training: micro-batches grouped into optimizer steps, the NaN/Inf guard, the data-wait
+clock, an extra loss term on batches of its own (the seam for domain adaptation), and the stop with a
+clear message when the GPU runs out of memory.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -22,9 +27,10 @@ from transferkit.training.strategy import Phase, set_train_mode
 
 
 @contextlib.contextmanager
-def out_of_memory_stops(config: TrainConfig, run_dir: Path, d: Dist, done: list, save_last, optimizer):
+def out_of_memory_stops(config: TrainConfig, run_dir: Path, d: Dist, last_step, save_last, optimizer):
     """Turn the GPU running out of memory into a UserError that says what to change. One process saves
-    last.ckpt at `done[0]` (the last whole step) first, so `--resume` with more accumulation goes on."""
+    last.ckpt at `last_step()` (the position after the last whole step) first, so `--resume` with more
+    accumulation goes on."""
     try:
         yield
         return
@@ -36,8 +42,8 @@ def out_of_memory_stops(config: TrainConfig, run_dir: Path, d: Dist, done: list,
     micro = config.batch_size // (config.accumulate * d.world)
     saved = not d.on  # ranks cannot agree on a position once one has failed
     if saved:
-        save_last(done[0])
-    where = (f"saved {run_dir / 'last.ckpt'} at step {done[0].step} of this epoch; resume with the same global "
+        save_last(last_step())
+    where = (f"saved {run_dir / 'last.ckpt'} at step {last_step().step} of this epoch; resume with the same global "
              f"batch and half the memory per step: `transferkit train --resume {run_dir} --accumulate "
              f"{config.accumulate * 2}`" if saved else f"resume {run_dir} from its last checkpoint with "
              f"--accumulate {config.accumulate * 2}")
@@ -99,25 +105,40 @@ class StepModel(nn.Module):
         return self.model.head(x)
 
 
+class ExtraLoss(Protocol):
+    """A term added to every micro-batch's loss, computed on batches of its own loader: domain adaptation's
+    unlabelled target images, for one."""
+
+    def batches(self) -> Iterator:
+        """As many batches as asked for (cycle a loader)."""
+
+    def term(self, model: nn.Module, batch, rt: Runtime) -> torch.Tensor:
+        """The term for one batch, under the step's autocast."""
+
+
 def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, scheduler, loss_fn, phase: Phase,
                     rt: Runtime, report: Reporter, description: str, sums: EpochSums, guard: Guard, mixer=None,
-                    l2sp: L2SP | None = None, after_step=None, d: Dist = Dist()) -> tuple[EpochSums, int]:
+                    l2sp: L2SP | None = None, after_step=None, d: Dist = Dist(), extra: ExtraLoss | None = None,
+                    move=None) -> tuple[EpochSums, int]:
     """One pass over the training data (from optimizer step `sums.step` on); returns the epoch's totals
     (over all ranks) and the run's count of skipped non-finite steps. `net` is the StepModel (DDP-wrapped
     with several processes); `loader.batch_sampler` is the StepBatches that groups its micro-batches into
-    steps. `after_step(sums, step_loss)` runs after every step."""
+    steps. `after_step(sums, step_loss)` runs after every step; `extra` adds its term to every loss;
+    `move` takes a batch's inputs to the device (default `rt.batch`, for image tensors)."""
     set_train_mode(model, phase)
+    move = move or rt.batch
+    extra_batches = extra.batches() if extra is not None else None
     params = [p for group in optimizer.param_groups for p in group["params"]]
     sizes, accumulate = loader.batch_sampler.step_sizes(), loader.batch_sampler.accumulate
     tick = time.perf_counter() - sums.seconds
     report.start_epoch(description, len(sizes))
     report.advance(sums.step)
     micro, step_ok, waited = 0, True, [sums.data_s]
-    for images, labels, indices in timed(loader, waited):
-        images, labels = rt.batch(images), labels.to(rt.device, non_blocking=True)
+    for inputs, labels, indices in timed(loader, waited):
+        inputs, labels = move(inputs), labels.to(rt.device, non_blocking=True)
         targets = labels
         if mixer is not None and len(labels) % 2 == 0:  # timm's Mixup pairs images: needs an even batch
-            images, targets = mixer(images, labels)
+            inputs, targets = mixer(inputs, labels)
         elif mixer is not None:
             targets = torch.nn.functional.one_hot(labels, mixer.num_classes).float()
         if micro == 0:
@@ -128,10 +149,12 @@ def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, schedul
         # DDP averages gradients at the step's last micro-batch only
         with contextlib.nullcontext() if last or not d.on else net.no_sync():
             with rt.autocast():
-                logits = net(images)
+                logits = net(inputs)
                 loss = loss_fn(logits.float(), targets)
                 if l2sp is not None:
                     loss = loss + l2sp.penalty(model.backbone)
+                if extra is not None:
+                    loss = loss + extra.term(model, next(extra_batches), rt)
             value = loss.item()
             finite = math.isfinite(value)
             # one all-reduce: the micro-batch's loss, images, hits and non-finite count over the ranks

@@ -85,13 +85,12 @@ def find_lr(config, steps: int = 100, start: float = 1e-7, end: float = 1.0) -> 
     """The LR range test for a config, on its training split, without writing a run."""
     from torch import nn
 
+    from transferkit.core.machine import default_workers, pick_device, seed_everything
+    from transferkit.data.loaders import make_loader
     from transferkit.data.sources import load_data
     from transferkit.data.transforms import train_transform
     from transferkit.models.classifier import build_classifier, layer_groups
     from transferkit.models.runtime import Runtime
-    from transferkit.core.machine import default_workers, pick_device
-    from transferkit.data.loaders import make_loader
-    from transferkit.core.machine import seed_everything
     from transferkit.training.strategy import make_plan
 
     seed_everything(config.seed)

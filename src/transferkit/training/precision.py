@@ -1,4 +1,6 @@
-"""TODO."""
+"""The run's precision per kind of work (rank 0 may time the model, every rank takes its choice) and,
+after training, the check of bf16 against fp32 inference that predict relies on.
+"""
 
 from __future__ import annotations
 

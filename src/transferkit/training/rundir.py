@@ -1,4 +1,6 @@
-"""TODO."""
+"""The run directory: its name, creation (never over a folder that is not a run), and the top-k bundles
+kept by validation score.
+"""
 
 from __future__ import annotations
 

@@ -11,90 +11,17 @@ from typing import Optional
 
 import typer
 
+from transferkit.cli import options
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained image models on your own data, offline-first.")
 
 
-@app.command()
-def train(
-    data: Optional[str] = typer.Argument(None, help="Image folder, CSV (path,label[,split]), builtin:NAME or cifar10:DIR."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (e.g. a run's config.yaml); flags override it."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue runs/NAME from its last.ckpt."),
-    model: Optional[str] = typer.Option(None, help="timm model name (default efficientnet_lite0)."),
-    weights: Optional[str] = typer.Option(None, help="auto | imagenet | none | PATH (default auto)."),
-    strategy: Optional[str] = typer.Option(
-        None, help="linear-probe | finetune | gradual | lp-ft | full | scratch (default finetune)."),
-    unfreeze_groups: Optional[int] = typer.Option(None, help="finetune: layer groups trained, from the top (default 3)."),
-    backbone_lr_mult: Optional[float] = typer.Option(None, help="Backbone LR = lr x this (default 0.1)."),
-    layer_decay: Optional[float] = typer.Option(None, help="Layer-wise LR decay, e.g. 0.75 (overrides the mult)."),
-    lr_min: Optional[float] = typer.Option(None, help="fastai slice(lr_min, lr): stem LR, spaced up to lr."),
-    gradual_every: Optional[int] = typer.Option(None, help="gradual: epochs per unfrozen group (default 1)."),
-    lp_epochs: Optional[int] = typer.Option(None, help="lp-ft: linear-probe epochs (default half)."),
-    ft_lr_scale: Optional[float] = typer.Option(None, help="lp-ft: fine-tune LR = lr x this (default 0.1)."),
-    head: Optional[str] = typer.Option(None, help="linear | mlp (default linear)."),
-    head_hidden: Optional[int] = typer.Option(None, help="Hidden width of the mlp head (default 512)."),
-    head_dropout: Optional[float] = typer.Option(None, help="Dropout before the last head layer (default 0)."),
-    in_chans: Optional[int] = typer.Option(None, help="3 = RGB; 1 = grayscale with an adapted stem (default 3)."),
-    img_size: Optional[int] = typer.Option(None, help="Resolution in pixels (default: the dataset's or the backbone's)."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs (default 10)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
-    optimizer: Optional[str] = typer.Option(None, help="adamw | sgd (default adamw)."),
-    lr: Optional[str] = typer.Option(None, help="Peak head learning rate, or 'auto' for the LR finder (default 1e-3)."),
-    weight_decay: Optional[float] = typer.Option(None, help="Weight decay, not on norms/biases (default 0.01)."),
-    warmup_epochs: Optional[float] = typer.Option(None, help="Warmup epochs before cosine decay (default 1)."),
-    label_smoothing: Optional[float] = typer.Option(None, help="Label smoothing (default 0.1)."),
-    l2sp: Optional[float] = typer.Option(None, help="L2-SP toward pretrained weights, e.g. 0.01 (default 0)."),
-    drop_path: Optional[float] = typer.Option(None, help="Stochastic depth rate (default 0)."),
-    mixup: Optional[float] = typer.Option(None, help="Mixup alpha (default 0 = off)."),
-    cutmix: Optional[float] = typer.Option(None, help="CutMix alpha (default 0 = off)."),
-    augment: Optional[str] = typer.Option(None, help="none | basic | strong (default basic)."),
-    class_weights: Optional[str] = typer.Option(None, help="none | auto: inverse-frequency loss weights (default none)."),
-    sampler: Optional[str] = typer.Option(None, help="shuffle | balanced (default shuffle)."),
-    patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs, 0 = off (default 0)."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (default 0)."),
-    shots: Optional[int] = typer.Option(None, help="Keep K training images per class (few-shot)."),
-    val_fraction: Optional[float] = typer.Option(None, help="Val share carved from train when missing (default 0.1)."),
-    test_fraction: Optional[float] = typer.Option(None, help="Test share carved from train when missing (default 0.1)."),
-    split_file: Optional[str] = typer.Option(None, help="Reuse an earlier run's split.json."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader workers (default auto)."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda (default auto)."),
-    runs_dir: Optional[str] = typer.Option(None, help="Where run directories go (default runs)."),
-    name: Optional[str] = typer.Option(None, help="Run directory name (default DATA-STRATEGY)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory of that name."),
-    quiet: bool = typer.Option(False, "--quiet", help="Log lines instead of progress bars."),
-    save_every_steps: Optional[int] = typer.Option(None, help="Also checkpoint every N steps (mid-epoch resume)."),
-    keep_top_k: Optional[int] = typer.Option(None, help="Keep the K best epochs as bundles in top/ (default 0)."),
-    nan_policy: Optional[str] = typer.Option(None, help="stop | skip: on a NaN/Inf loss or gradient (default stop)."),
-    nan_skip_limit: Optional[int] = typer.Option(None, help="nan-policy skip: most steps skipped (default 10)."),
-    grad_clip: Optional[float] = typer.Option(None, help="Clip the gradient norm to this (default off)."),
-    bad_files: Optional[str] = typer.Option(None, help="skip | error: unreadable or leaked files (default skip)."),
-    deterministic: bool = typer.Option(False, "--deterministic", help="torch.use_deterministic_algorithms."),
-    trust_checkpoint: bool = typer.Option(
-        False, "--trust-checkpoint", help="Allow pickled --weights/--resume files (they can run code)."),
-    feature_cache: Optional[bool] = typer.Option(
-        None, "--feature-cache/--no-feature-cache", help="Head-only phases train on cached features (default on)."),
-    feature_views: Optional[int] = typer.Option(None, help="Augmented views cached per image (default 0 = none)."),
-    channels_last: Optional[bool] = typer.Option(
-        None, "--channels-last/--no-channels-last", help="NHWC memory format (default on; measured faster)."),
-    image_cache: Optional[bool] = typer.Option(
-        None, "--image-cache/--no-image-cache", help="Decode each image once into a memory map (default on)."),
-    cache_dir: Optional[str] = typer.Option(None, help="Cache folder (default ~/.cache/transferkit)."),
-    precision: Optional[str] = typer.Option(
-        None, help="auto | bf16 | fp32 (default auto: bf16 per kind of work only where measured faster here)."),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default cores minus loader workers)."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default off)."),
-    accumulate: Optional[int] = typer.Option(None, help="Micro-batches per step: batch = micro x processes x this."),
-    sync_bn: bool = typer.Option(False, "--sync-bn", help="Several processes: SyncBatchNorm over the global batch."),
-    lr_scaling: Optional[str] = typer.Option(None, help="none | linear | sqrt: scale lr by batch / --lr-base-batch."),
-    lr_base_batch: Optional[int] = typer.Option(None, help="The batch size --lr is meant for (default 32)."),
-    devices: int = typer.Option(1, help="Processes on this machine (GPUs, or CPU ranks): runs torchrun for you."),
-    html_report: Optional[bool] = typer.Option(None, "--report/--no-report", help="Write report.html at the end (default on)."),
-    tensorboard: bool = typer.Option(False, "--tensorboard", help="Write TensorBoard event files to RUN/tensorboard."),
-) -> None:
+def train(**flags) -> None:
     """Fine-tune a pretrained backbone; writes runs/NAME with the best model in runs/NAME/best.
 
     SIGTERM or Ctrl-C saves last.ckpt and exits (143 / 130); `--resume runs/NAME` continues."""
-    flags = {k: v for k, v in locals().items() if k not in ("config", "resume", "devices")}  # the config fields
+    config, resume, devices = flags.pop("config"), flags.pop("resume"), flags.pop("devices")  # the rest: fields
     from transferkit.core import distributed
     from transferkit.core.config import TrainConfig
     from transferkit.core.errors import UserError
@@ -116,6 +43,10 @@ def train(
     if distributed.from_environment().main:
         typer.echo(json.dumps({"run": str(run.dir), "test_accuracy": test["accuracy"] if test else None,
                                "test_macro_f1": test["macro_f1"] if test else None}))
+
+
+train.__signature__ = options.signature(options.TRAIN)  # the options, one row each (see `options`)
+app.command()(train)
 
 
 @app.command()

@@ -1,0 +1,51 @@
+"""The loop's explicit parameters for what comes next: a per-epoch report that may stop the run (a tuner's
+pruner) and an extra loss term on batches of its own loader (domain adaptation)."""
+
+import itertools
+import json
+
+import torch
+
+import transferkit
+
+
+def test_on_epoch_sees_each_validated_row_and_may_stop_the_run(shapes_dir, tiny):
+    seen = []
+
+    def prune(row: dict) -> bool:
+        seen.append(row)
+        return row["epoch"] == 2
+
+    run = transferkit.train(data=str(shapes_dir), strategy="finetune", on_epoch=prune, **{**tiny, "epochs": 4})
+    assert [r["epoch"] for r in seen] == [1, 2] and all(r["val_accuracy"] is not None for r in seen)
+    assert run.metrics["epochs_run"] == 2
+    assert [json.loads(r)["epoch"] for r in (run.dir / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+class HeadPull:
+    """An extra term: pull the head's outputs on batches of its own (random images) toward zero."""
+
+    def __init__(self, weight: float):
+        self.weight, self.calls = weight, 0
+
+    def batches(self):
+        generator = torch.Generator().manual_seed(0)
+        return (torch.rand(4, 3, 32, 32, generator=generator) for _ in itertools.count())
+
+    def term(self, model, batch, rt):
+        self.calls += 1
+        return self.weight * model(rt.batch(batch)).float().pow(2).mean()
+
+
+def test_an_extra_loss_term_runs_on_every_micro_batch_and_changes_the_weights(shapes_dir, tiny):
+    common = {**tiny, "data": str(shapes_dir), "strategy": "full", "batch_size": 4, "epochs": 1}
+    plain = transferkit.train(name="plain", **common)
+    none = HeadPull(0.0)
+    zero = transferkit.train(name="zero", extra_loss=none, **common)
+    pulled = HeadPull(10.0)
+    pull = transferkit.train(name="pull", extra_loss=pulled, **common)
+    assert none.calls == pulled.calls == 4  # 16 training images, batches of 4: a term per micro-batch
+    weights = {name: torch.load(run.dir / "last.ckpt", weights_only=True)["model"]["head.1.weight"]
+               for name, run in (("plain", plain), ("zero", zero), ("pull", pull))}
+    assert torch.equal(weights["plain"], weights["zero"])  # a zero term changes nothing
+    assert not torch.allclose(weights["plain"], weights["pull"])
