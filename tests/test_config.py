@@ -43,3 +43,59 @@ def test_wrong_type_names_the_key(tmp_path):
 def test_scratch_refuses_pretrained_weights():
     with pytest.raises(UserError, match="scratch"):
         TrainConfig(strategy="scratch", weights="imagenet")
+
+
+def test_every_field_has_one_section_and_config_yaml_is_written_in_them(tmp_path):
+    from transferkit.core.config import SECTIONS
+
+    names = [key for keys in SECTIONS.values() for key in keys]
+    assert sorted(names) == sorted(TrainConfig().to_dict()) and len(names) == len(set(names))
+    config = TrainConfig(data="builtin:faces", lr=0.01, epochs=4, precision="fp32")
+    config.save(tmp_path / "c.yaml")
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert list(saved) == ["data", "model", "strategy", "optim", "regularise", "runtime", "output"]
+    assert saved["optim"]["lr"] == 0.01 and saved["strategy"]["epochs"] == 4 and saved["runtime"]["precision"] == "fp32"
+    notes = []
+    assert TrainConfig.load(tmp_path / "c.yaml", say=notes.append) == config and notes == []
+
+
+def test_a_flat_config_from_before_sections_loads_with_a_note(tmp_path):
+    flat = TrainConfig(data="builtin:faces", lr=0.01, epochs=4)
+    (tmp_path / "old.yaml").write_text(yaml_dump(flat.to_dict()))
+    notes = []
+    assert TrainConfig.load(tmp_path / "old.yaml", say=notes.append) == flat
+    assert len(notes) == 1 and f"{len(flat.to_dict())} key(s) outside sections" in notes[0]
+
+
+def test_a_key_in_the_wrong_section_names_its_section(tmp_path):
+    (tmp_path / "c.yaml").write_text("data:\n  data: builtin:faces\n  lr: 0.1\n")
+    with pytest.raises(UserError, match="Key 'lr' in section 'data' of .*: it belongs in section 'optim'"):
+        TrainConfig.load(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(UserError, match="Key 'learning_rate' in section 'optim'.*no section has it"):
+        TrainConfig.load(tmp_path / "d.yaml")
+
+
+def yaml_dump(values: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def test_the_readme_yaml_examples_load(tmp_path):
+    """Every ```yaml block of README.md is a config that loads."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)
+    assert blocks
+    for i, block in enumerate(blocks):
+        (tmp_path / f"{i}.yaml").write_text(block)
+        notes = []
+        config = TrainConfig.load(tmp_path / f"{i}.yaml", say=notes.append)
+        assert notes == []  # written in sections
+        if "plan" in block:
+            assert [phase["name"] for phase in config.plan] == ["probe", "tune"]

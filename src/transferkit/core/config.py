@@ -8,6 +8,7 @@ suggestion; out-of-range values fail with the valid range.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,25 @@ NAN_POLICIES = ("stop", "skip")
 BAD_FILES = ("skip", "error")
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCALINGS = ("none", "linear", "sqrt")
+
+
+SECTIONS = {
+    "data": ("data", "val_fraction", "test_fraction", "shots", "split_file", "bad_files", "augment", "sampler"),
+    "model": ("model", "weights", "head", "head_hidden", "head_dropout", "in_chans", "img_size", "trust_checkpoint"),
+    "strategy": ("strategy", "unfreeze_groups", "backbone_lr_mult", "layer_decay", "lr_min", "gradual_every",
+                 "lp_epochs", "ft_lr_scale", "plan", "epochs", "patience"),
+    "optim": ("optimizer", "lr", "weight_decay", "momentum", "warmup_epochs", "batch_size", "accumulate",
+              "lr_scaling", "lr_base_batch", "grad_clip"),
+    "regularise": ("label_smoothing", "l2sp", "drop_path", "mixup", "cutmix", "class_weights"),
+    "runtime": ("device", "precision", "channels_last", "compile", "workers", "threads", "sync_bn", "seed",
+                "deterministic", "feature_cache", "feature_views", "image_cache", "cache_dir", "nan_policy",
+                "nan_skip_limit"),
+    "output": ("runs_dir", "name", "overwrite", "quiet", "save_every_steps", "keep_top_k", "html_report",
+               "tensorboard"),
+}
+"""How config.yaml groups the fields: what the data is, which model, what trains when, how it is optimised
+and regularised, how it runs on the machine, and what the run writes. CLI flags and `config.lr`-style
+access keep the plain field names."""
 
 
 @dataclass
@@ -261,14 +281,20 @@ class TrainConfig:
     def to_dict(self) -> dict[str, typing.Any]:
         return dataclasses.asdict(self)
 
+    def to_sections(self) -> dict[str, dict[str, typing.Any]]:
+        """The fields grouped as config.yaml holds them (see SECTIONS)."""
+        values = self.to_dict()
+        return {section: {key: values[key] for key in keys} for section, keys in SECTIONS.items()}
+
     def save(self, path: Path) -> None:
         import yaml
 
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        Path(path).write_text(yaml.safe_dump(self.to_sections(), sort_keys=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> TrainConfig:
-        """Read a YAML config file (the `config.yaml` of a run, or one written by hand)."""
+    def load(cls, path: str | Path, say=lambda note: print(note, file=sys.stderr)) -> TrainConfig:
+        """Read a YAML config file (the `config.yaml` of a run, or one written by hand): sections as `save`
+        writes them, or the flat form of runs from before sections (converted; `say` gets a note)."""
         import yaml
 
         path = Path(path)
@@ -280,7 +306,26 @@ class TrainConfig:
             raise UserError(f"Config file '{path}' is not valid YAML: {err}") from None
         if not isinstance(values, dict):
             raise UserError(f"Config file '{path}' must hold a mapping of keys to values.")
-        return cls.from_dict(values, source=f"'{path}'")
+        flat = {key: value for key, value in values.items() if key not in SECTIONS or not isinstance(value, dict)}
+        if flat and say is not None:
+            keys = ", ".join(list(flat)[:3]) + (", ..." if len(flat) > 3 else "")
+            say(f"[transferkit] note: '{path}' has {len(flat)} key(s) outside sections ({keys}: the flat form of "
+                f"configs from before sections); read as they are. Runs now write config.yaml in sections: "
+                f"{', '.join(SECTIONS)}.")
+        for section, keys in SECTIONS.items():
+            inner = values.get(section)
+            if not isinstance(inner, dict):
+                continue
+            for key, value in inner.items():
+                home = next((s for s, names in SECTIONS.items() if key in names), None)
+                if home != section:
+                    where = f"it belongs in section '{home}'" if home \
+                        else f"no section has it.{did_you_mean(key, _FIELDS)}"
+                    raise UserError(f"Key '{key}' in section '{section}' of '{path}': {where}.")
+                if key in flat:
+                    raise UserError(f"'{path}' sets '{key}' twice: in section '{section}' and at the top level.")
+                flat[key] = value
+        return cls.from_dict(flat, source=f"'{path}'")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -337,3 +382,6 @@ def _coerce_types(config: TrainConfig) -> None:
                 f"{field.name} must be {target.__name__}; got {value!r} ({type(value).__name__})."
             ) from None
         setattr(config, field.name, converted)
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
