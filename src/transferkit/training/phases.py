@@ -31,7 +31,7 @@ from transferkit.training.epoch import (
 )
 from transferkit.training.optim import make_optimizer, warmup_cosine
 from transferkit.training.preempt import Preempted, StopSignals
-from transferkit.training.rundir import _key, all_finite, keep_top
+from transferkit.training.rundir import score_key, all_finite, keep_top
 from transferkit.training.strategy import (
     Phase,
     apply_phase,
@@ -186,7 +186,7 @@ class EpochLoop:
         # A model with non-finite weights or val loss is never kept.
         score = {"epoch": p.epoch, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
         finite = all_finite(model) and (val is None or math.isfinite(val["loss"]))
-        improved = finite and (val is None or _key(score) > _key(p.best))
+        improved = finite and (val is None or score_key(score) > score_key(p.best))
         if improved:
             p.best, p.best_val_logits, p.since_best = score, val_logits, 0
             if d.main:

@@ -15,7 +15,7 @@ from transferkit.core.errors import UserError
 from transferkit.deploy.bundle import save_bundle
 
 
-def _key(score: dict) -> tuple:
+def score_key(score: dict) -> tuple:
     """Ordering of validation scores: higher accuracy, then lower loss."""
     return score["val_accuracy"], -score["val_loss"]
 
@@ -27,7 +27,7 @@ def all_finite(model: nn.Module) -> bool:
 def keep_top(run_dir: Path, top: list[dict], score: dict, k: int, model, meta: dict, write: bool = True) -> list[dict]:
     """Keep the k best epochs as bundles top/epoch-NNN; returns the new ranking (best first).
     `write` False (ranks other than 0) only ranks."""
-    ranked = sorted([*top, score], key=_key, reverse=True)
+    ranked = sorted([*top, score], key=score_key, reverse=True)
     if not write:
         return ranked[:k]
     if score in ranked[:k]:
