@@ -50,8 +50,7 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, meta: dict, device: str = "cpu", precision: str = "auto"):
         prep = Preprocessing.from_dict(meta["preprocessing"])
         arch = meta.get("architecture", {})
-        workload = Workload(model, f"{arch.get('model', arch.get('arch', 'model'))} {prep.in_chans}ch",
-                            (32, prep.in_chans, prep.img_size, prep.img_size))
+        workload = Workload.of(model, arch.get("model", arch.get("arch", "model")), prep, 32)
         self.runtime = inference_runtime(precision, torch.device(device), workload, meta.get("precision"))
         self.precision = self.runtime.precision["infer"]
         self.model = self.runtime.prepare(model).eval()

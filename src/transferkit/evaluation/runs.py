@@ -46,8 +46,7 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
     device = pick_device(device)  # this machine's workers, not the run's
     config = config.replace(workers=default_workers(data.arrays is not None, device.type == "cuda"))
     prep = Preprocessing.from_dict(meta["preprocessing"])
-    workload = Workload(model, f"{config.model} {prep.in_chans}ch",
-                        (config.batch_size, prep.in_chans, prep.img_size, prep.img_size), config.channels_last)
+    workload = Workload.of(model, config.model, prep, config.batch_size, config.channels_last)
     serve = inference_runtime(precision, device, workload, meta.get("precision"))
     rt = replace(resolve_runtime(config.replace(precision="fp32"), serve.device, config.workers),
                  precision=serve.precision, reasons=serve.reasons, normalize=prep.mean_std)

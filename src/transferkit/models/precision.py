@@ -87,6 +87,12 @@ class Workload:
     shape: tuple[int, int, int, int]
     channels_last: bool = True
 
+    @classmethod
+    def of(cls, model: nn.Module, name: str, prep, batch: int, channels_last: bool = True) -> Workload:
+        """`model` (called `name`) on batches of `batch` images shaped as its preprocessing `prep` makes them."""
+        return cls(model, f"{name} {prep.in_chans}ch", (batch, prep.in_chans, prep.img_size, prep.img_size),
+                   channels_last)
+
 
 def choose(requested: str, device: torch.device, kind: str, workload: Workload | None = None,
            cache_file: Path | None = None, say=None) -> Choice:

@@ -20,8 +20,7 @@ def runtime_for(config: TrainConfig, model, prep, plan: list[Phase], device, wor
     """The run's Runtime; precision auto may time the model on rank 0 (see `precision`), whose choice
     every rank takes."""
     micro = max(2, config.batch_size // (config.accumulate * d.world))
-    workload = Workload(model, f"{config.model} {config.in_chans}ch", (micro, config.in_chans, prep.img_size,
-                                                                    prep.img_size), config.channels_last)
+    workload = Workload.of(model, config.model, prep, micro, config.channels_last)
     rt = resolve_runtime(config, device, workers, workload if d.main else None,
                          trains_backbone=any(p.groups for p in plan), say=report.info)
     precision, reasons = d.gather((rt.precision, rt.reasons))[0]
