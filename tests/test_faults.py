@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import transferkit
-import transferkit.training.recipe as loop
+import transferkit.models.task as task_module
 from transferkit.core.errors import UserError
 
 from test_resume import assert_same_weights, weights
@@ -101,7 +101,7 @@ def _head_returns_nan_at(monkeypatch, call: int):
 
 def _head_fault_at(monkeypatch, call: int, fault):
     """The head's `call`-th training forward pass returns `fault(output)` (which may raise)."""
-    real = loop.build_classifier
+    real = task_module.build_classifier
     calls = [0]
 
     def build(*args, **kwargs):
@@ -117,14 +117,14 @@ def _head_fault_at(monkeypatch, call: int, fault):
         model.head.register_forward_hook(hook)
         return model, record, prep
 
-    monkeypatch.setattr(loop, "build_classifier", build)
+    monkeypatch.setattr(task_module, "build_classifier", build)
 
 
 def test_nan_loss_stops_naming_the_step_and_files_and_best_stays_finite(shapes_dir, tiny, monkeypatch):
     _head_returns_nan_at(monkeypatch, call=6)  # 4 steps an epoch: epoch 2, step 2
     with pytest.raises(UserError, match=r"loss is nan at epoch 2, step 2 \(batch of 4: .*shapes/.*\.png"):
         transferkit.train(data=str(shapes_dir), name="nan", **{**tiny, "epochs": 3, "batch_size": 4})
-    best, meta = transferkit.training.recipe.load_bundle(tiny["runs_dir"] + "/nan/best")
+    best, meta = transferkit.deploy.bundle.load_bundle(tiny["runs_dir"] + "/nan/best")
     assert meta["metrics"]["best"]["epoch"] == 1
     assert all(torch.isfinite(p).all() for p in best.state_dict().values() if p.is_floating_point())
 

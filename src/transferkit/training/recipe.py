@@ -10,6 +10,7 @@ metrics.jsonl (one row per epoch), metrics.json (final), last.ckpt (state to con
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -22,48 +23,28 @@ from torch import nn
 from transferkit.core import distributed
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
-from transferkit.core.machine import (
-    cache_root,
-    default_workers,
-    pick_device,
-    seed_everything,
-    set_deterministic,
-)
+from transferkit.core.machine import cache_root, default_workers, pick_device, seed_everything, set_deterministic
 from transferkit.core.progress import Reporter
 from transferkit.core.version import __version__
 from transferkit.data.check import write_skipped
 from transferkit.data.imagecache import cached_images
 from transferkit.data.loaders import make_loader
 from transferkit.data.sources import load_data
-from transferkit.data.transforms import eval_transform, train_transform
 from transferkit.deploy.bundle import load_bundle, save_bundle
 from transferkit.evaluation.passes import evaluate_loader
 from transferkit.evaluation.report import build_report, confusion_png, save_predictions
-from transferkit.models.classifier import build_classifier, layer_groups
+from transferkit.models.classifier import layer_groups
+from transferkit.models.task import Task, task_for
 from transferkit.training.board import Board
-from transferkit.training.checkpoint import (
-    load_resume,
-    resumed_plan,
-    set_rng_state,
-)
-from transferkit.training.epoch import (
-    EpochSums,
-    ExtraLoss,
-)
+from transferkit.training.checkpoint import load_resume, resumed_plan, set_rng_state
+from transferkit.training.epoch import EpochSums, ExtraLoss
 from transferkit.training.lrfind import RULE as LR_RULE
 from transferkit.training.lrfind import lr_find
 from transferkit.training.phases import EpochLoop, Progress
 from transferkit.training.precision import runtime_for, serving_check
 from transferkit.training.regularize import L2SP
-from transferkit.training.rundir import (
-    default_name,
-    make_run_dir,
-    prune_top,
-)
-from transferkit.training.strategy import (
-    count_trainable,
-    make_plan,
-)
+from transferkit.training.rundir import default_name, make_run_dir, prune_top
+from transferkit.training.strategy import count_trainable, make_plan
 
 
 @dataclass
@@ -81,7 +62,8 @@ class Run:
 
 
 def train(config: TrainConfig | None = None, *, report: Reporter | None = None, resume: str | Path | None = None,
-          on_epoch: Callable[[dict], bool] | None = None, extra_loss: ExtraLoss | None = None, **overrides) -> Run:
+          on_epoch: Callable[[dict], bool] | None = None, extra_loss: ExtraLoss | None = None,
+          task: Task | None = None, **overrides) -> Run:
     """Fine-tune a pretrained backbone on `data`; see TrainConfig for every option.
 
     Example: `transferkit.train(data="builtin:faces", strategy="linear-probe", epochs=5)`.
@@ -90,10 +72,10 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     `overrides` may then change only what `checkpoint.RESUMABLE_CHANGES` allows (e.g. epochs).
     `on_epoch(row)` sees each epoch's metrics row (validation included) and may stop the run by
     returning True (a tuner's pruner); `extra_loss` adds a term on batches of its own loader to every
-    training loss (see `epoch.ExtraLoss`).
+    training loss (see `epoch.ExtraLoss`); `task` replaces the config's (see `models.task`).
     Raises `Preempted` after saving last.ckpt when SIGTERM or SIGINT arrives.
     """
-    recipe = Recipe(config, report, resume, overrides, on_epoch, extra_loss)
+    recipe = Recipe(config, report, resume, overrides, on_epoch, extra_loss, task)
     recipe.setup()
     recipe.build_data()
     recipe.build_model()
@@ -113,13 +95,14 @@ class Recipe:
     """One training run as its steps, in the order `train` calls them; each reads and sets the run's
     state on `self` (config, data, model, plan, loaders, progress)."""
 
-    def __init__(self, config, report, resume, overrides, on_epoch=None, extra_loss=None):
+    def __init__(self, config, report, resume, overrides, on_epoch=None, extra_loss=None, task=None):
         self.state, self.changes, self.resume = None, {}, resume
         if resume is not None:
             config, self.state, self.changes = load_resume(Path(resume), overrides)
         else:
             config = config.replace(**overrides) if config is not None else TrainConfig.from_dict(overrides)
         self.config, self.report, self.on_epoch, self.extra_loss = config, report, on_epoch, extra_loss
+        self.task = task or task_for(config)
         self.started = time.perf_counter()
         self.cache_s = {"image_cache_s": 0.0, "feature_cache_s": 0.0}  # time to build or open caches
 
@@ -141,12 +124,9 @@ class Recipe:
                                   shots=c.shots, split_file=c.split_file, bad_files=c.bad_files)
 
     def build_model(self) -> None:
-        """Backbone + new head, its preprocessing and layer groups; the loader workers for this data."""
+        """The task's encoder + new head, its preprocessing and layer groups; the loader workers for this data."""
         c, data = self.config, self.data
-        self.model, self.record, self.prep = build_classifier(
-            c.model, "none" if c.strategy == "scratch" else c.weights, len(data.classes), in_chans=c.in_chans,
-            img_size=c.img_size or data.default_img_size, head=c.head, head_hidden=c.head_hidden,
-            head_dropout=c.head_dropout, drop_path=c.drop_path, trust=c.trust_checkpoint)
+        self.model, self.record, self.prep = self.task.build(c, len(data.classes), data.default_img_size)
         self.workers = c.workers if c.workers is not None \
             else default_workers(data.arrays is not None, self.device.type == "cuda")
         self.groups = layer_groups(self.model.backbone)
@@ -231,14 +211,13 @@ class Recipe:
             self.cache_s["image_cache_s"] = time.perf_counter() - tick
             self.report.info(f"[transferkit] decoded-image cache ready in {self.cache_s['image_cache_s']:.1f} s "
                              f"(cache {cache_root(c) / 'images'})")
-        normalize = not self.rt.normalizes_on_device  # in the workers, or uint8 pixels to the GPU (see Runtime)
+        on_device, task = self.rt.normalizes_on_device, self.task  # uint8 pixels to the GPU (see Runtime)
         self.loaders = {
-            "train": make_loader(data, "train", train_transform(prep, c.augment, normalize), c, shuffle=True,
-                                 images=decoded.get("train"), min_side=prep.resize, d=d),
-            "val": make_loader(data, "val", eval_transform(prep, "val" in decoded, normalize), c,
-                               images=decoded.get("val"), min_side=prep.resize, d=d),
-            "test": make_loader(data, "test", eval_transform(prep, normalize=normalize), c, min_side=prep.resize, d=d),
-        }
+            split: make_loader(data, split, task.transform(prep, c, split == "train", on_device, split in decoded), c,
+                               shuffle=split == "train", images=decoded.get(split), min_side=prep.resize, d=d,
+                               reader=task.dataset)
+            for split in ("train", "val", "test")}
+        self.move = functools.partial(task.move, rt=self.rt)  # a batch's inputs to the device
 
     def build_losses(self) -> None:
         """The training loss (class weights, label smoothing, or mixup's soft targets), L2-SP, and the
@@ -268,7 +247,7 @@ class Recipe:
             if d.main:
                 probe = make_plan(c.replace(lr=1e-3, lr_min=None), len(self.groups))[0]
                 found = lr_find(self.model, self.groups, probe, self.loaders["train"], self.hard_loss,
-                                c.replace(lr=1e-3), self.rt)
+                                c.replace(lr=1e-3), self.rt, move=self.move)
                 found.plot(self.run_dir / "lr_find.png")
             self.config = c.replace(lr=d.gather(found.suggestion if found else None)[0])
             self.plan = make_plan(self.config, len(self.groups))
@@ -322,9 +301,10 @@ class Recipe:
         self.test_metrics = self.test_logits = None
         if len(self.data.splits["test"]):
             self.test_metrics = evaluate_loader(self.shipped, self.loaders["test"], self.eval_loss, rt,
-                                                self.data.classes, d, fold=True)
+                                                self.data.classes, d, fold=True, move=self.move)
             self.test_logits = self.test_metrics.pop("logits")
-        self.checked = serving_check(self.shipped, [self.loaders["val"], self.loaders["test"]], rt, d, self.report)
+        self.checked = serving_check(self.shipped, [self.loaders["val"], self.loaders["test"]], rt, d, self.report,
+                                     self.move)
         self.metrics = {"test": self.test_metrics, "best": p.best, "epochs_run": p.epoch,
                         "trainable_params": count_trainable(self.model), "nan_skipped_steps": p.nan_skipped,
                         "skipped_files": len(self.data.skipped), **self.cache_s, "runtime": self.setting,

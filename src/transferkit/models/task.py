@@ -1,0 +1,73 @@
+"""The task seam: what one kind of input needs, behind one small interface — the backbone family that
+encodes it (with a new head), its preprocessing, what reads a split's samples, and how a batch of them
+reaches the device. The recipe and the loop speak to a `Task` only, so another kind of input (text)
+plugs in beside images without branches on the modality in the loop.
+
+Images are the one task so far (`ImageTask`); `train(task=...)` takes another.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from transferkit.core.config import TrainConfig
+from transferkit.data.loaders import read_images
+from transferkit.data.preprocessing import Preprocessing
+from transferkit.data.transforms import eval_transform, train_transform
+from transferkit.models.classifier import build_classifier
+from transferkit.models.runtime import Runtime
+
+
+@runtime_checkable
+class Task(Protocol):
+    name: str
+
+    def build(self, config: TrainConfig, num_classes: int, default_size: int | None
+              ) -> tuple[nn.Module, dict, Preprocessing]:
+        """The classifier (pretrained encoder + new head for `num_classes`), its architecture record and
+        the preprocessing its inputs need."""
+
+    def transform(self, prep: Preprocessing, config: TrainConfig, train: bool, on_device: bool,
+                  resized: bool = False):
+        """One sample's preprocessing: augmented when `train`; `on_device`: `move` finishes it on the device;
+        `resized`: the sample comes from a cache that already resized it."""
+
+    def dataset(self, data, split: str, transform, config: TrainConfig, images=None, min_side: int | None = None):
+        """A split's samples as (input, class index, sample index) items."""
+
+    def move(self, inputs, rt: Runtime) -> torch.Tensor:
+        """A collated batch of inputs as the model's input on `rt.device`."""
+
+
+class ImageTask:
+    """Images: a timm backbone, transforms from its pretrained config, files or decoded-image caches,
+    uint8 or float batches (see `Runtime.batch`)."""
+
+    name = "image"
+
+    def build(self, config: TrainConfig, num_classes: int, default_size: int | None):
+        c = config
+        return build_classifier(c.model, "none" if c.strategy == "scratch" else c.weights, num_classes,
+                                in_chans=c.in_chans, img_size=c.img_size or default_size, head=c.head,
+                                head_hidden=c.head_hidden, head_dropout=c.head_dropout, drop_path=c.drop_path,
+                                trust=c.trust_checkpoint)
+
+    def transform(self, prep: Preprocessing, config: TrainConfig, train: bool, on_device: bool,
+                  resized: bool = False):
+        if train:
+            return train_transform(prep, config.augment, normalize=not on_device)
+        return eval_transform(prep, resized, normalize=not on_device)
+
+    def dataset(self, data, split: str, transform, config: TrainConfig, images=None, min_side: int | None = None):
+        return read_images(data, split, transform, config, images, min_side)
+
+    def move(self, inputs, rt: Runtime) -> torch.Tensor:
+        return rt.batch(inputs)
+
+
+def task_for(config: TrainConfig) -> Task:
+    """The task a config trains: images (the only kind so far)."""
+    return ImageTask()
