@@ -1,4 +1,5 @@
-"""The training configuration: one typed dataclass, validated on construction.
+"""The training configuration: one typed dataclass in sections (data, model, strategy, optim,
+regularise, runtime, output), validated on construction.
 
 YAML is only its serialised form: every run saves the fully resolved config as
 `config.yaml`, and `--config` reads it back. Unknown keys fail with a close-match
@@ -49,14 +50,44 @@ access keep the plain field names."""
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; saved as `config.yaml` in the run directory."""
+    """Everything a training run needs, field by field in the sections of SECTIONS (the order below);
+    saved as `config.yaml` in the run directory, in those sections."""
 
+    # --- data: what the data is and how it is split and augmented ---
     data: str = ""
     """Data spec: an image folder, a CSV file (path,label[,split]), builtin:NAME or cifar10:DIR."""
+    val_fraction: float = 0.1
+    """Share of each class held out for validation when the data has no val split."""
+    test_fraction: float = 0.1
+    """Share of each class held out for testing when the data has no test split."""
+    shots: int | None = None
+    """Keep only this many training images per class (few-shot); None keeps all."""
+    split_file: str | None = None
+    """Reuse the split.json of an earlier run instead of making a new split."""
+    bad_files: str = "skip"
+    """skip: leave out unreadable/leaked files and list them in skipped.txt; error: refuse to train."""
+    augment: str = "basic"
+    """none | basic (random resized crop + flip) | strong (basic + TrivialAugment)."""
+    sampler: str = "shuffle"
+    """shuffle | balanced: draw training images with probability 1/class size (with replacement)."""
+    # --- model: the model and its input ---
     model: str = "efficientnet_lite0"
     """Any timm model name; efficientnet_lite0/1/2 have ImageNet weights that work offline."""
     weights: str = "auto"
     """auto (bundled or cached, never downloads) | imagenet (may download) | none | a file path."""
+    head: str = "linear"
+    """linear | mlp (one hidden layer with ReLU and dropout)."""
+    head_hidden: int = 512
+    """Hidden width of the mlp head."""
+    head_dropout: float = 0.0
+    """Dropout before the head's last linear layer; try 0.2-0.5 on small data."""
+    in_chans: int = 3
+    """Input channels: 3 converts every image to RGB; 1 keeps grayscale and adapts the stem."""
+    img_size: int | None = None
+    """Training/eval resolution in pixels; default from the dataset (builtins) or the backbone."""
+    trust_checkpoint: bool = False
+    """Allow --weights/--resume files that need full unpickling (can run code: only files you trust)."""
+    # --- strategy: what trains, when, for how long ---
     strategy: str = "finetune"
     """linear-probe | finetune (top groups) | gradual | lp-ft | full | scratch (random init baseline)."""
     unfreeze_groups: int = 3
@@ -75,20 +106,11 @@ class TrainConfig:
     """lp-ft: the fine-tune phase trains everything at lr x this (Kumar et al. 2022: small LR)."""
     plan: list | None = None
     """An explicit plan instead of a named strategy: a list of phases (see transferkit.training.strategy.Phase)."""
-    head: str = "linear"
-    """linear | mlp (one hidden layer with ReLU and dropout)."""
-    head_hidden: int = 512
-    """Hidden width of the mlp head."""
-    head_dropout: float = 0.0
-    """Dropout before the head's last linear layer; try 0.2-0.5 on small data."""
-    in_chans: int = 3
-    """Input channels: 3 converts every image to RGB; 1 keeps grayscale and adapts the stem."""
-    img_size: int | None = None
-    """Training/eval resolution in pixels; default from the dataset (builtins) or the backbone."""
     epochs: int = 10
     """Training epochs."""
-    batch_size: int = 32
-    """Images per optimizer step; 32 was fastest per image on a 2-core CPU."""
+    patience: int = 0
+    """Stop after this many epochs without a better validation score; 0 never stops early."""
+    # --- optim: how it is optimised ---
     optimizer: str = "adamw"
     """adamw | sgd (with momentum)."""
     lr: float | str = 1e-3
@@ -99,6 +121,17 @@ class TrainConfig:
     """SGD momentum."""
     warmup_epochs: float = 1.0
     """Linear warmup length before the cosine decay, in epochs (fractions allowed)."""
+    batch_size: int = 32
+    """Images per optimizer step; 32 was fastest per image on a 2-core CPU."""
+    accumulate: int = 1
+    """Micro-batches per optimizer step: batch_size (the global batch) = micro-batch x processes x accumulate."""
+    lr_scaling: str = "none"
+    """none | linear | sqrt: scale lr by batch_size / lr_base_batch (or its root) once, at the start of a run."""
+    lr_base_batch: int = 32
+    """The batch size the given lr is meant for, when lr_scaling is linear or sqrt."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value; None does not clip."""
+    # --- regularise: regularisers ---
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing; 0 turns it off."""
     l2sp: float = 0.0
@@ -109,28 +142,42 @@ class TrainConfig:
     """Mixup alpha (timm Mixup); 0 turns it off, 0.2-0.8 is typical."""
     cutmix: float = 0.0
     """CutMix alpha (timm Mixup); 0 turns it off, 1.0 is typical."""
-    augment: str = "basic"
-    """none | basic (random resized crop + flip) | strong (basic + TrivialAugment)."""
     class_weights: str = "none"
     """none | auto: weight the loss by inverse class frequency in the training split."""
-    sampler: str = "shuffle"
-    """shuffle | balanced: draw training images with probability 1/class size (with replacement)."""
-    patience: int = 0
-    """Stop after this many epochs without a better validation score; 0 never stops early."""
-    seed: int = 0
-    """Seeds the split, the few-shot choice, initialisation and data order."""
-    val_fraction: float = 0.1
-    """Share of each class held out for validation when the data has no val split."""
-    test_fraction: float = 0.1
-    """Share of each class held out for testing when the data has no test split."""
-    shots: int | None = None
-    """Keep only this many training images per class (few-shot); None keeps all."""
-    split_file: str | None = None
-    """Reuse the split.json of an earlier run instead of making a new split."""
-    workers: int | None = None
-    """DataLoader worker processes; None picks by core count and data source."""
+    # --- runtime: how it runs on this machine ---
     device: str = "auto"
     """auto (CUDA when present) | cpu | cuda."""
+    precision: str = "auto"
+    """auto: per kind of work (training, inference), bf16 on CUDA and where a CPU with native bf16 measured it
+    >= 1.15x faster for this model (timed once, cached); else fp32. The choice and why: runs/NAME/runtime.json."""
+    channels_last: bool = True
+    """NHWC memory format for model and images: measured 1.3x (training) to 1.5x (inference) faster for
+    efficientnet_lite0 at 96 px on a 2-core AVX2 CPU; convnets on CUDA with bf16 gain too."""
+    compile: bool = False
+    """torch.compile the model (slow to warm up; measured no faster on a 2-core CPU)."""
+    workers: int | None = None
+    """DataLoader worker processes; None picks by core count and data source."""
+    threads: int | None = None
+    """torch threads; None: the cores minus the loader workers on CPU (see `runtime`)."""
+    sync_bn: bool = False
+    """With several processes, BatchNorm in train mode uses statistics of the global micro-batch (SyncBatchNorm)."""
+    seed: int = 0
+    """Seeds the split, the few-shot choice, initialisation and data order."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True): identical results on the same hardware, maybe slower."""
+    feature_cache: bool = True
+    """Phases that train only the head on a frozen backbone train on cached features (computed once)."""
+    feature_views: int = 0
+    """Feature cache: 0 caches the un-augmented image; K > 0 caches K augmented views per image."""
+    image_cache: bool = True
+    """Phases that run the backbone read images decoded once into a memory map, not the files each epoch."""
+    cache_dir: str | None = None
+    """Where cached features and decoded images go; default $TRANSFERKIT_CACHE or ~/.cache/transferkit."""
+    nan_policy: str = "stop"
+    """stop: a NaN/Inf loss or gradient ends the run, naming the step and the batch's files; skip: skip the step."""
+    nan_skip_limit: int = 10
+    """nan_policy skip: stop after this many skipped steps in a run."""
+    # --- output: what the run writes ---
     runs_dir: str = "runs"
     """Folder that holds run directories."""
     name: str | None = None
@@ -143,44 +190,6 @@ class TrainConfig:
     """Also write last.ckpt every N optimizer steps (mid-epoch resume); 0 = at epoch ends only."""
     keep_top_k: int = 0
     """Keep the K best epochs as bundles in top/ besides best/; 0 keeps only best/."""
-    nan_policy: str = "stop"
-    """stop: a NaN/Inf loss or gradient ends the run, naming the step and the batch's files; skip: skip the step."""
-    nan_skip_limit: int = 10
-    """nan_policy skip: stop after this many skipped steps in a run."""
-    grad_clip: float | None = None
-    """Clip the global gradient norm to this value; None does not clip."""
-    bad_files: str = "skip"
-    """skip: leave out unreadable/leaked files and list them in skipped.txt; error: refuse to train."""
-    deterministic: bool = False
-    """torch.use_deterministic_algorithms(True): identical results on the same hardware, maybe slower."""
-    trust_checkpoint: bool = False
-    """Allow --weights/--resume files that need full unpickling (can run code: only files you trust)."""
-    feature_cache: bool = True
-    """Phases that train only the head on a frozen backbone train on cached features (computed once)."""
-    feature_views: int = 0
-    """Feature cache: 0 caches the un-augmented image; K > 0 caches K augmented views per image."""
-    channels_last: bool = True
-    """NHWC memory format for model and images: measured 1.3x (training) to 1.5x (inference) faster for
-    efficientnet_lite0 at 96 px on a 2-core AVX2 CPU; convnets on CUDA with bf16 gain too."""
-    image_cache: bool = True
-    """Phases that run the backbone read images decoded once into a memory map, not the files each epoch."""
-    cache_dir: str | None = None
-    """Where cached features and decoded images go; default $TRANSFERKIT_CACHE or ~/.cache/transferkit."""
-    precision: str = "auto"
-    """auto: per kind of work (training, inference), bf16 on CUDA and where a CPU with native bf16 measured it
-    >= 1.15x faster for this model (timed once, cached); else fp32. The choice and why: runs/NAME/runtime.json."""
-    threads: int | None = None
-    """torch threads; None: the cores minus the loader workers on CPU (see `runtime`)."""
-    compile: bool = False
-    """torch.compile the model (slow to warm up; measured no faster on a 2-core CPU)."""
-    accumulate: int = 1
-    """Micro-batches per optimizer step: batch_size (the global batch) = micro-batch x processes x accumulate."""
-    sync_bn: bool = False
-    """With several processes, BatchNorm in train mode uses statistics of the global micro-batch (SyncBatchNorm)."""
-    lr_scaling: str = "none"
-    """none | linear | sqrt: scale lr by batch_size / lr_base_batch (or its root) once, at the start of a run."""
-    lr_base_batch: int = 32
-    """The batch size the given lr is meant for, when lr_scaling is linear or sqrt."""
     html_report: bool = True
     """Write runs/NAME/report.html at the end (curves, confusion matrix, top losses, calibration)."""
     tensorboard: bool = False
