@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -15,13 +16,13 @@ from transferkit.core.machine import default_workers, pick_device
 from transferkit.data.loaders import make_loader
 from transferkit.data.preprocessing import Preprocessing
 from transferkit.data.sources import load_data
-from transferkit.data.transforms import eval_transform
 from transferkit.deploy.bundle import load_bundle
 from transferkit.deploy.predictor import Predictor, sample_batches
 from transferkit.evaluation.passes import evaluate_loader
 from transferkit.models.precision import Workload
 from transferkit.models.runtime import inference_runtime
 from transferkit.models.runtime import resolve as resolve_runtime
+from transferkit.models.task import task_for
 
 
 def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_size: int | None = None,
@@ -50,10 +51,12 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
     serve = inference_runtime(precision, device, workload, meta.get("precision"))
     rt = replace(resolve_runtime(config.replace(precision="fp32"), serve.device, config.workers),
                  precision=serve.precision, reasons=serve.reasons, normalize=prep.mean_std)
-    loader = make_loader(data, split, eval_transform(prep, normalize=not rt.normalizes_on_device), config,
-                         min_side=prep.resize)
+    task = task_for(config)
+    loader = make_loader(data, split, task.transform(prep, config, False, rt.normalizes_on_device), config,
+                         min_side=prep.resize, reader=task.dataset)
     with rt.threads_applied():
-        metrics = evaluate_loader(rt.prepare(model), loader, nn.CrossEntropyLoss(), rt, data.classes, fold=True)
+        metrics = evaluate_loader(rt.prepare(model), loader, nn.CrossEntropyLoss(), rt, data.classes, fold=True,
+                                  move=functools.partial(task.move, rt=rt))
     metrics.pop("logits")
     metrics.update(split=split, precision=rt.precision["infer"], precision_reason=rt.reasons["infer"])
     if tta != "none":

@@ -8,6 +8,7 @@ Suggestion rule: the LR at the minimum of the smoothed loss, divided by 10 (fast
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -88,25 +89,23 @@ def find_lr(config, steps: int = 100, start: float = 1e-7, end: float = 1.0) -> 
     from transferkit.core.machine import default_workers, pick_device, seed_everything
     from transferkit.data.loaders import make_loader
     from transferkit.data.sources import load_data
-    from transferkit.data.transforms import train_transform
-    from transferkit.models.classifier import build_classifier, layer_groups
+    from transferkit.models.classifier import layer_groups
     from transferkit.models.runtime import Runtime
+    from transferkit.models.task import task_for
     from transferkit.training.strategy import make_plan
 
     seed_everything(config.seed)
     device = pick_device(config.device)
     data = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction,
                      test_fraction=config.test_fraction, shots=config.shots, split_file=config.split_file)
-    model, _, prep = build_classifier(
-        config.model, "none" if config.strategy == "scratch" else config.weights, len(data.classes),
-        in_chans=config.in_chans, img_size=config.img_size or data.default_img_size, head=config.head,
-        head_hidden=config.head_hidden, head_dropout=config.head_dropout, drop_path=config.drop_path)
+    task = task_for(config)
+    model, _, prep = task.build(config, len(data.classes), data.default_img_size)
     config = config.replace(lr=1e-3, lr_min=None, workers=config.workers if config.workers is not None
                             else default_workers(data.arrays is not None, device.type == "cuda"))
     groups = layer_groups(model.backbone)
     rt = Runtime(device, normalize=prep.mean_std)
-    loader = make_loader(data, "train", train_transform(prep, config.augment, not rt.normalizes_on_device), config,
-                         shuffle=True, min_side=prep.resize)
+    loader = make_loader(data, "train", task.transform(prep, config, True, rt.normalizes_on_device), config,
+                         shuffle=True, min_side=prep.resize, reader=task.dataset)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     return lr_find(model.to(device), groups, make_plan(config, len(groups))[0], loader, loss_fn, config, rt,
-                   steps=steps, start=start, end=end)
+                   steps=steps, start=start, end=end, move=functools.partial(task.move, rt=rt))
