@@ -10,7 +10,8 @@
 3. pipeline: whole runs on a folder of JPEGs (made here: 10 classes, ~500x375 px, smooth content),
    `transferkit train` against `timm train.py` with the same model, batch, precision, memory format
    and loader workers: img/s of the second epoch (the first warms cuDNN and, for transferkit, fills
-   the decoded-image cache) and the share of step time spent waiting for the loader.
+   the decoded-image cache), the share of step time spent waiting for the loader, and the whole
+   2-epoch command's seconds (start-up, first-epoch warm-up and evaluation included).
 """
 
 from __future__ import annotations
@@ -213,15 +214,17 @@ def write(out: Path, result: dict) -> None:
                                                       for r in result["memory"] if r["model"] == name) + " |")
         lines.append("")
     if result.get("pipeline"):
+        extra = [k for k in ("call", "loader") if any(k in r for r in result["pipeline"])]  # merged records
         lines += ["## Whole runs on JPEG files (second epoch; bf16 + channels_last, batch "
                   f"{result['batch']}, {result['workers']} loader workers)", "",
-                  "| model | tool | image cache | compile | img/s | waiting for data | peak GiB |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| " + "".join(f"{k} | " for k in extra) + "model | tool | image cache | compile | img/s | "
+                  "waiting for data | peak GiB | run s |", "|---" * (len(extra) + 8) + "|"]
         for r in result["pipeline"]:
             peak = r.get("gpu_peak_gb")
-            lines.append(f"| {r['model']} | {r['tool']} | {'yes' if r['image_cache'] else 'no'} | "
+            lines.append("| " + "".join(f"{r.get(k, '')} | " for k in extra) + f"{r['model']} | {r['tool']} | "
+                         f"{'yes' if r['image_cache'] else 'no'} | "
                          f"{'yes' if r['compile'] else 'no'} | {r['images_per_s']:.0f} | {r['data_wait']:.0%} | "
-                         f"{'' if peak is None else f'{peak:.2f}'} |")
+                         f"{'' if peak is None else f'{peak:.2f}'} | {r['wall_s']:.0f} |")
     (out / "gpu.md").write_text("\n".join(lines) + "\n")
 
 
@@ -238,10 +241,11 @@ def pipeline(result: dict, args, workers: int) -> None:
     data = make_jpegs(args.work / "data", {"train": args.per_class, "val": 10, "test": 10})
     _say(f"made {args.per_class * 10 + 200} JPEGs in {time.perf_counter() - tick:.1f} s")
     result["pipeline"] = []
-    runs = [("ours", model, True) for model in MODELS]
+    models = args.models.split(",")
+    runs = [("ours", model, True) for model in models]
     if args.timm_train:
-        runs = [run for model in MODELS for run in (("ours", model, True), ("timm", model, False))]
-    runs += [("ours", model, False) for model in MODELS]
+        runs = [run for model in models for run in (("ours", model, True), ("timm", model, False))]
+    runs += [("ours", model, False) for model in models if args.files]
     for tool, model, image_cache in runs:
         if tool == "ours":
             row = ours(data, args.work, model, args.batch, workers, image_cache, args.compile_pipeline)
@@ -262,6 +266,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--per-class", type=int, default=512, help="training JPEGs per class (10 classes)")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: transferkit's own)")
+    parser.add_argument("--models", default=",".join(MODELS), help="the pipeline's models, comma-separated")
+    parser.add_argument("--no-files", dest="files", action="store_false", help="pipeline: skip transferkit "
+                        "without its image cache")
     parser.add_argument("--compile-pipeline", action="store_true", help="whole runs with torch.compile")
     args = parser.parse_args()
     from transferkit.core.machine import default_workers

@@ -119,4 +119,5 @@ def test_uint8_batches_are_normalised_on_the_gpu_to_the_cpu_values():
     on_gpu = Runtime(torch.device("cuda"), channels_last=True, normalize=stats)
     assert on_gpu.normalizes_on_device  # the loaders hand the GPU pixels
     want = Runtime(torch.device("cpu"), channels_last=True, normalize=stats).batch(images)
-    assert torch.equal(on_gpu.batch(images).cpu(), want)
+    got = on_gpu.batch(images).cpu()
+    assert torch.equal(got, want), f"{(got != want).sum()} values differ, by up to {(got - want).abs().max():.3g}"

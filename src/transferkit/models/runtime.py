@@ -64,8 +64,8 @@ class Runtime:
         batch is normalised there with the same operations, in the same order, as ToTensor + Normalize (so
         to the same values): the loader workers only crop, and copy a quarter of the bytes."""
         if images.dtype == torch.uint8 and self.normalize is not None:
-            mean, std = _on_device(self.normalize, self.device)
-            x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
+            scale, mean, std = _on_device(self.normalize, self.device)
+            x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div(scale).sub(mean).div(std)
             return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         if self.channels_last and images.dim() == 4:
             return images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
@@ -103,9 +103,11 @@ class Runtime:
 
 
 @functools.lru_cache(maxsize=16)
-def _on_device(mean_std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) as (C, 1, 1) tensors on `device`, made once (a copy per batch would wait for the GPU)."""
-    return tuple(torch.tensor(v, device=device).view(-1, 1, 1) for v in mean_std)
+def _on_device(mean_std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """255, mean and std as tensors on `device`, made once (a copy per batch would wait for the GPU). The 255
+    is a device tensor because CUDA divides by a Python number as a multiply by its reciprocal, 1 ulp off
+    ToTensor's true division (measured on the H200); by a device tensor it divides."""
+    return (torch.tensor(255.0, device=device), *(torch.tensor(v, device=device).view(-1, 1, 1) for v in mean_std))
 
 
 def resolve(config, device: torch.device, workers: int, workload: Workload | None = None,
