@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from transferkit.cli import options
+from transferkit.cli import options, tuning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained image models on your own data, offline-first.")
@@ -47,6 +47,7 @@ def train(**flags) -> None:
 
 train.__signature__ = options.signature(options.TRAIN)  # the options, one row each (see `options`)
 app.command()(train)
+app.command()(tuning.tune)
 
 
 @app.command()

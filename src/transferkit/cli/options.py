@@ -107,3 +107,21 @@ def signature(rows: list) -> inspect.Signature:
     """The signature typer builds the command's arguments and options from."""
     return inspect.Signature([inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                                                 annotation=annotation) for name, annotation, default in rows])
+
+
+TUNE = [row if row[0] != "name" else ("name", Optional[str], typer.Option(None, help="Study folder runs/NAME "
+                                                                             "(default tune-DATA)."))
+        for row in TRAIN if row[0] not in ("resume", "workers", "devices")] + [
+    ("trials", int, typer.Option(..., help="Finished trials the study should have, over all its workers.")),
+    ("timeout", Optional[float], typer.Option(None, help="Start no new trial after this many seconds.")),
+    ("seeds_per_trial", int, typer.Option(1, help="Seeds per trial; its score is their mean (noisy small data).")),
+    ("pruner", str, typer.Option("median", help="median | hyperband | none: stop poor trials early.")),
+    ("storage", Optional[str],
+     typer.Option(None, help="SQLAlchemy URL of the study's storage, e.g. postgresql://user:pw@host/db "
+                             "(default: runs/NAME/study.db, SQLite).")),
+    ("study", Optional[str], typer.Option(None, help="Study name in the storage (default NAME).")),
+    ("workers", int, typer.Option(1, help="Worker processes on this machine, sharing the study.")),
+    ("heartbeat", int, typer.Option(20, help="Seconds between a trial's heartbeats; a trial silent 3x as long "
+                                             "(its worker was killed) is failed and retried.")),
+]
+"""`transferkit tune`: train's options (each fixes that field for every trial), then the study's own."""

@@ -301,9 +301,11 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_sections(), sort_keys=False))
 
     @classmethod
-    def load(cls, path: str | Path, say=lambda note: print(note, file=sys.stderr)) -> TrainConfig:
+    def load(cls, path: str | Path, say=lambda note: print(note, file=sys.stderr), other: tuple[str, ...] = ()
+             ) -> TrainConfig:
         """Read a YAML config file (the `config.yaml` of a run, or one written by hand): sections as `save`
-        writes them, or the flat form of runs from before sections (converted; `say` gets a note)."""
+        writes them, or the flat form of runs from before sections (converted; `say` gets a note). `other`:
+        top-level keys that belong to another reader of the same file (`tune`'s `search`), left alone."""
         import yaml
 
         path = Path(path)
@@ -315,7 +317,8 @@ class TrainConfig:
             raise UserError(f"Config file '{path}' is not valid YAML: {err}") from None
         if not isinstance(values, dict):
             raise UserError(f"Config file '{path}' must hold a mapping of keys to values.")
-        flat = {key: value for key, value in values.items() if key not in SECTIONS or not isinstance(value, dict)}
+        flat = {key: value for key, value in values.items()
+                if key not in other and (key not in SECTIONS or not isinstance(value, dict))}
         if flat and say is not None:
             keys = ", ".join(list(flat)[:3]) + (", ..." if len(flat) > 3 else "")
             say(f"[transferkit] note: '{path}' has {len(flat)} key(s) outside sections ({keys}: the flat form of "

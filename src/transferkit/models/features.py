@@ -40,15 +40,21 @@ def backbone_digest(backbone: torch.nn.Module) -> str:
 
 
 def cached_features(backbone: torch.nn.Module, data: Data, split: str, transform, transform_id: dict, config,
-                    rt: Runtime, report, views: int = 0, min_side: int | None = None, d: Dist = Dist()) -> np.ndarray:
+                    rt: Runtime, report, views: int = 0, min_side: int | None = None, d: Dist = Dist(),
+                    stats: dict | None = None) -> np.ndarray:
     """Features of `split` as an array (N, D), or (views, N, D) with augmented views; computed on a miss,
-    each rank extracting its share. `min_side`: the decode hint of open_image (part of `transform_id`)."""
+    each rank extracting its share. `min_side`: the decode hint of open_image (part of `transform_id`);
+    `stats`: its "feature_cache_hits" or "feature_cache_misses" count goes up by one."""
     key_fields = {"backbone": backbone_digest(backbone), "data": data_digest(data, split), "split": split,
                   "transform": transform_id, "in_chans": config.in_chans, "views": views,
                   "seed": config.seed if views else None, "precision": rt.precision["infer"]}
     key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = cache_root(config) / "features" / f"{key}.npy"
-    if d.gather(readable_npy(path))[0]:  # rank 0 decides for all
+    hit = d.gather(readable_npy(path))[0]  # rank 0 decides for all
+    if stats is not None:
+        key = "feature_cache_hits" if hit else "feature_cache_misses"
+        stats[key] = stats.get(key, 0) + 1
+    if hit:
         return np.load(path, mmap_mode="r")
     n = len(data.splits[split])
     rows = d.shard(n)
@@ -118,9 +124,9 @@ class FeatureLoader:
 
 
 def feature_loaders(model, data: Data, prep, config: TrainConfig, rt: Runtime, report, image_loader,
-                    d: Dist = Dist()):
+                    d: Dist = Dist(), stats: dict | None = None):
     """(train, val) loaders over cached backbone features, in the image loader's batch order; the ranks
-    extract their shares of the features together."""
+    extract their shares of the features together. `stats`: cache hits and misses (see cached_features)."""
     labels = {s: [data.classes.index(label) for _, label in data.splits[s]] for s in ("train", "val")}
     plain, normalize = {"eval": prep.to_dict()}, not rt.normalizes_on_device
     if config.feature_views:
@@ -129,12 +135,13 @@ def feature_loaders(model, data: Data, prep, config: TrainConfig, rt: Runtime, r
     else:
         transform, transform_id = eval_transform(prep, normalize=normalize), plain
     train = FeatureLoader(cached_features(model.backbone, data, "train", transform, transform_id, config, rt,
-                                          report, config.feature_views, prep.resize, d),
+                                          report, config.feature_views, prep.resize, d, stats),
                           labels["train"], image_loader.batch_sampler)
     val = None
     if labels["val"]:
         shard = d.shard(len(labels["val"]))
+        batches = [shard[i : i + config.batch_size] for i in range(0, len(shard), config.batch_size)]
         val = FeatureLoader(cached_features(model.backbone, data, "val", eval_transform(prep, normalize=normalize),
-                                            plain, config, rt, report, min_side=prep.resize, d=d), labels["val"],
-                            [shard[i : i + config.batch_size] for i in range(0, len(shard), config.batch_size)])
+                                            plain, config, rt, report, min_side=prep.resize, d=d, stats=stats),
+                            labels["val"], batches)
     return train, val

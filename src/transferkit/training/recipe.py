@@ -63,7 +63,7 @@ class Run:
 
 def train(config: TrainConfig | None = None, *, report: Reporter | None = None, resume: str | Path | None = None,
           on_epoch: Callable[[dict], bool] | None = None, extra_loss: ExtraLoss | None = None,
-          task: Task | None = None, **overrides) -> Run:
+          task: Task | None = None, score_test: bool = True, **overrides) -> Run:
     """Fine-tune a pretrained backbone on `data`; see TrainConfig for every option.
 
     Example: `transferkit.train(data="builtin:faces", strategy="linear-probe", epochs=5)`.
@@ -73,9 +73,10 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     `on_epoch(row)` sees each epoch's metrics row (validation included) and may stop the run by
     returning True (a tuner's pruner); `extra_loss` adds a term on batches of its own loader to every
     training loss (see `epoch.ExtraLoss`); `task` replaces the config's (see `models.task`).
+    `score_test` False leaves the test split unscored (a tuner's trials: only validation may steer them).
     Raises `Preempted` after saving last.ckpt when SIGTERM or SIGINT arrives.
     """
-    recipe = Recipe(config, report, resume, overrides, on_epoch, extra_loss, task)
+    recipe = Recipe(config, report, resume, overrides, on_epoch, extra_loss, task, score_test)
     recipe.setup()
     recipe.build_data()
     recipe.build_model()
@@ -95,16 +96,17 @@ class Recipe:
     """One training run as its steps, in the order `train` calls them; each reads and sets the run's
     state on `self` (config, data, model, plan, loaders, progress)."""
 
-    def __init__(self, config, report, resume, overrides, on_epoch=None, extra_loss=None, task=None):
+    def __init__(self, config, report, resume, overrides, on_epoch=None, extra_loss=None, task=None, score_test=True):
         self.state, self.changes, self.resume = None, {}, resume
         if resume is not None:
             config, self.state, self.changes = load_resume(Path(resume), overrides)
         else:
             config = config.replace(**overrides) if config is not None else TrainConfig.from_dict(overrides)
         self.config, self.report, self.on_epoch, self.extra_loss = config, report, on_epoch, extra_loss
-        self.task = task or task_for(config)
+        self.task, self.score_test = task or task_for(config), score_test
         self.started = time.perf_counter()
-        self.cache_s = {"image_cache_s": 0.0, "feature_cache_s": 0.0}  # time to build or open caches
+        # time to build or open caches, and the feature cache's hits and misses (splits read or extracted)
+        self.cache_s = {"image_cache_s": 0.0, "feature_cache_s": 0.0, "feature_cache_hits": 0, "feature_cache_misses": 0}
 
     def setup(self) -> None:
         """Join torchrun's group if there is one; seeds, determinism, device, progress display."""
@@ -299,12 +301,12 @@ class Recipe:
         self.shipped, _ = load_bundle(self.run_dir / "best")
         rt.prepare(self.shipped)
         self.test_metrics = self.test_logits = None
-        if len(self.data.splits["test"]):
+        scored = ["val", "test"] if self.score_test else ["val"]
+        if "test" in scored and len(self.data.splits["test"]):
             self.test_metrics = evaluate_loader(self.shipped, self.loaders["test"], self.eval_loss, rt,
                                                 self.data.classes, d, fold=True, move=self.move)
             self.test_logits = self.test_metrics.pop("logits")
-        self.checked = serving_check(self.shipped, [self.loaders["val"], self.loaders["test"]], rt, d, self.report,
-                                     self.move)
+        self.checked = serving_check(self.shipped, [self.loaders[s] for s in scored], rt, d, self.report, self.move)
         self.metrics = {"test": self.test_metrics, "best": p.best, "epochs_run": p.epoch,
                         "trainable_params": count_trainable(self.model), "nan_skipped_steps": p.nan_skipped,
                         "skipped_files": len(self.data.skipped), **self.cache_s, "runtime": self.setting,
@@ -327,7 +329,8 @@ class Recipe:
                 if test else ""
             self.report.info(f"[transferkit] best epoch {best['epoch']}; test "
                              + (f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} "
-                                f"images; recall {recall}" if test else "skipped (no test split)")
+                                f"images; recall {recall}" if test
+                                  else "not scored (asked not to)" if not self.score_test else "skipped (no test split)")
                              + f"; saved {run_dir / 'best'}")
             if self.config.html_report:  # the run is complete, saved and told: a failing report only warns
                 try:
