@@ -99,3 +99,18 @@ def test_bad_input_is_refused_before_any_trial_runs(tmp_path):
     assert out.returncode == 2 and "--trials must be at least 1; got 0" in out.stderr
     out = cli("--trials", "2", "--pruner", "asha")
     assert out.returncode == 2 and "--pruner must be one of median, hyperband, none" in out.stderr
+
+
+def test_models_are_ranked_first_and_the_top_k_searched(tmp_path):
+    out = tune(tmp_path, "--trials", "2", "--strategy", "linear-probe", "--models",
+               "efficientnet_lite0,efficientnet_lite1", "--top-k", "1")
+    assert out.exit_code == 0, out.output
+    ranked = json.loads((tmp_path / "s" / "rank.json").read_text())
+    top = ranked["rows"][0]["model"]
+    summary = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert {t["params"]["model"] for t in summary["trials"]} == {top}
+    for t in summary["trials"]:  # the ranking's features were the probes' features
+        assert t["feature_cache"][0] >= 1
+    assert "strategy" not in summary["trials"][0]["params"]
+    out = tune(tmp_path, "--trials", "2", "--model", "efficientnet_lite0", "--models", "auto")
+    assert isinstance(out.exception, UserError) and "give one of them" in str(out.exception)

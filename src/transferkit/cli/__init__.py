@@ -48,6 +48,7 @@ def train(**flags) -> None:
 train.__signature__ = options.signature(options.TRAIN)  # the options, one row each (see `options`)
 app.command()(train)
 app.command()(tuning.tune)
+app.command()(tuning.rank)
 
 
 @app.command()

@@ -120,6 +120,10 @@ TUNE = [row if row[0] != "name" else ("name", Optional[str], typer.Option(None, 
      typer.Option(None, help="SQLAlchemy URL of the study's storage, e.g. postgresql://user:pw@host/db "
                              "(default: runs/NAME/study.db, SQLite).")),
     ("study", Optional[str], typer.Option(None, help="Study name in the storage (default NAME).")),
+    ("models", Optional[str],
+     typer.Option(None, help="Comma-separated backbones, or auto (those with weights here): ranked by LogME "
+                             "first, the --top-k best searched.")),
+    ("top_k", int, typer.Option(2, help="With --models: how many of the ranked backbones the search keeps.")),
     ("workers", int, typer.Option(1, help="Worker processes on this machine, sharing the study.")),
     ("heartbeat", int, typer.Option(20, help="Seconds between a trial's heartbeats; a trial silent 3x as long "
                                              "(its worker was killed) is failed and retried.")),

@@ -67,10 +67,12 @@ class TrialFailed(Exception):
 
 def tune(config: TrainConfig, trials: int, *, fixed=(), search: tuple[Dimension, ...] | None = None,
          timeout: float | None = None, storage: str | None = None, study: str | None = None, seeds_per_trial: int = 1,
-         pruner: str = "median", workers: int = 1, heartbeat: int = 20, report: Reporter | None = None) -> dict:
+         pruner: str = "median", workers: int = 1, heartbeat: int = 20, models: list[str] | None = None,
+         top_k: int = 2, report: Reporter | None = None) -> dict:
     """Run (or continue) the study runs/NAME until it has `trials` finished trials; return its summary
     (also in runs/NAME/study.json). `config` holds the data and every fixed option; `fixed` names the
-    fields the user fixed (they leave the space); `search` replaces the default space (see `space`)."""
+    fields the user fixed (they leave the space); `search` replaces the default space (see `space`).
+    `models`: backbones ranked by LogME first (runs/NAME/rank.json); the `top_k` best join the space."""
     report = report or Reporter(quiet=True)
     _check_counts(trials, seeds_per_trial, workers, pruner, heartbeat)
     name = config.name or f"tune-{_stem(config.data)}"
@@ -80,13 +82,14 @@ def tune(config: TrainConfig, trials: int, *, fixed=(), search: tuple[Dimension,
     threads = config.threads if config.threads is not None or workers == 1 else max(1, machine_cores() // workers)
     base = config.replace(split_file=str(split), runs_dir=str(folder / "trials"), name=None, overwrite=True,
                           quiet=True, html_report=False, threads=threads)
-    plan = Plan(base, space_for(search, fixed, base), trials, storage or f"sqlite:///{folder / 'study.db'}",
+    dims = space_for(search, fixed, base) + _ranked(models, top_k, fixed, base, folder, report)
+    plan = Plan(base, dims, trials, storage or f"sqlite:///{folder / 'study.db'}",
                 study or name, seeds_per_trial, pruner, heartbeat, timeout, shared=storage is not None)
     report.info(f"[transferkit] study '{plan.study}' in {folder} ({_redact(plan.storage)}): {trials} trials, "
                 f"{workers} worker(s); searching " + "; ".join(d.describe() for d in plan.dims))
     if workers > 1:
         spawn = multiprocessing.get_context("spawn")
-        procs = [spawn.Process(target=work, args=(plan, i, Reporter(quiet=True))) for i in range(1, workers)]
+        procs = [spawn.Process(target=work, args=(plan, i)) for i in range(1, workers)]
         for p in procs:
             p.start()
         work(plan, 0, report)
@@ -99,9 +102,11 @@ def tune(config: TrainConfig, trials: int, *, fixed=(), search: tuple[Dimension,
     return summarise(plan, folder, config, report)
 
 
-def work(plan: Plan, worker: int, report: Reporter) -> None:
+def work(plan: Plan, worker: int, report: Reporter | None = None) -> None:
     """One worker: trials until the study has `plan.trials` finished ones (or the timeout passes)."""
     import optuna
+
+    report = report or Reporter(quiet=True)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -207,6 +212,24 @@ def _line(trial, study, total: int) -> str:
             "pruned": "pruned", "fail": f"failed: {trial.user_attrs.get('error', '?')}"}.get(state, state)
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
     return f"[transferkit] trial {trial.number} ({done}/{total} finished): {what} | {params} | {seconds:.0f} s"
+
+
+def _ranked(models: list[str] | None, top_k: int, fixed, base: TrainConfig, folder: Path, report: Reporter
+            ) -> tuple[Dimension, ...]:
+    """A `model` dimension of the `top_k` backbones by LogME on the study's training split, or none."""
+    if not models:
+        return ()
+    if "model" in fixed:
+        raise UserError("--model fixes the backbone and --models searches over backbones: give one of them.")
+    if top_k < 1:
+        raise UserError(f"--top-k must be at least 1; got {top_k}.")
+    from transferkit.tuning.rank import rank
+
+    ranked = rank(base.data, models, config=base, report=report, out=folder)
+    keep = list(dict.fromkeys(row["model"] for row in ranked["rows"]))[:top_k]
+    report.info(f"[transferkit] ranked {len(models)} backbones by LogME ({folder / 'rank.json'}); searching the "
+                f"top {len(keep)}: {', '.join(keep)}")
+    return (Dimension("model", choices=tuple(keep)),)
 
 
 def _check_counts(trials: int, seeds: int, workers: int, pruner: str, heartbeat: int) -> None:
