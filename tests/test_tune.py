@@ -114,3 +114,15 @@ def test_models_are_ranked_first_and_the_top_k_searched(tmp_path):
     assert "strategy" not in summary["trials"][0]["params"]
     out = tune(tmp_path, "--trials", "2", "--model", "efficientnet_lite0", "--models", "auto")
     assert isinstance(out.exception, UserError) and "give one of them" in str(out.exception)
+
+
+def test_seeds_per_trial_average_their_runs(tmp_path):
+    out = tune(tmp_path, "--trials", "1", "--strategy", "linear-probe", "--seeds-per-trial", "2")
+    assert out.exit_code == 0, out.output
+    trial = json.loads((tmp_path / "s" / "study.json").read_text())["trials"][0]
+    assert [p.rsplit("/", 1)[-1] for p in trial["runs"]] == ["0000-seed0", "0000-seed1"]
+    scores = [json.loads((tmp_path / "s" / "trials" / name / "metrics.json").read_text())["best"]["val_accuracy"]
+              for name in ("0000-seed0", "0000-seed1")]
+    assert trial["value"] == pytest.approx(sum(scores) / 2, abs=1e-12)
+    best = json.loads((tmp_path / "s" / "best.json").read_text())
+    assert len(best["test"]["runs"]) == 2  # the best config's test score covers both seeds' models

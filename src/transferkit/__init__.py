@@ -3,6 +3,7 @@
     run = transferkit.train(data="path/to/images", strategy="finetune")
     clf = transferkit.load(run.best)
     clf.predict(["a.jpg"])
+    study = transferkit.tune(data="path/to/images", trials=16)   # runs/tune-images/best.yaml
 
 Heavy modules (torch, timm) load on first use, so `import transferkit` and the CLI's
 `--help` stay fast.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from transferkit.core.version import __version__
 
-__all__ = ["Preempted", "TrainConfig", "UserError", "evaluate", "load", "train", "__version__"]
+__all__ = ["Preempted", "TrainConfig", "UserError", "evaluate", "load", "rank", "train", "tune", "__version__"]
 
 
 def __getattr__(name: str):
@@ -20,6 +21,14 @@ def __getattr__(name: str):
         from transferkit.training.recipe import train
 
         return train
+    if name == "tune":
+        from transferkit.tuning.study import tune
+
+        return tune
+    if name == "rank":
+        from transferkit.tuning.rank import rank
+
+        return rank
     if name == "evaluate":
         from transferkit.evaluation.runs import evaluate
 

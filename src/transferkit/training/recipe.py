@@ -106,7 +106,8 @@ class Recipe:
         self.task, self.score_test = task or task_for(config), score_test
         self.started = time.perf_counter()
         # time to build or open caches, and the feature cache's hits and misses (splits read or extracted)
-        self.cache_s = {"image_cache_s": 0.0, "feature_cache_s": 0.0, "feature_cache_hits": 0, "feature_cache_misses": 0}
+        self.cache_s = {"image_cache_s": 0.0, "feature_cache_s": 0.0, "feature_cache_hits": 0,
+                        "feature_cache_misses": 0}
 
     def setup(self) -> None:
         """Join torchrun's group if there is one; seeds, determinism, device, progress display."""
@@ -329,8 +330,8 @@ class Recipe:
                 if test else ""
             self.report.info(f"[transferkit] best epoch {best['epoch']}; test "
                              + (f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} "
-                                f"images; recall {recall}" if test
-                                  else "not scored (asked not to)" if not self.score_test else "skipped (no test split)")
+                                f"images; recall {recall}" if test else "not scored (asked not to)"
+                                if not self.score_test else "skipped (no test split)")
                              + f"; saved {run_dir / 'best'}")
             if self.config.html_report:  # the run is complete, saved and told: a failing report only warns
                 try:

@@ -65,14 +65,20 @@ class TrialFailed(Exception):
     """A trial's run failed for a reason of its own (recorded on the trial); the study goes on."""
 
 
-def tune(config: TrainConfig, trials: int, *, fixed=(), search: tuple[Dimension, ...] | None = None,
-         timeout: float | None = None, storage: str | None = None, study: str | None = None, seeds_per_trial: int = 1,
-         pruner: str = "median", workers: int = 1, heartbeat: int = 20, models: list[str] | None = None,
-         top_k: int = 2, report: Reporter | None = None) -> dict:
+def tune(config: TrainConfig | None = None, trials: int = 16, *, fixed=None,
+         search: tuple[Dimension, ...] | None = None, timeout: float | None = None, storage: str | None = None,
+         study: str | None = None, seeds_per_trial: int = 1, pruner: str = "median", workers: int = 1,
+         heartbeat: int = 20, models: list[str] | None = None, top_k: int = 2, report: Reporter | None = None,
+         **overrides) -> dict:
     """Run (or continue) the study runs/NAME until it has `trials` finished trials; return its summary
     (also in runs/NAME/study.json). `config` holds the data and every fixed option; `fixed` names the
     fields the user fixed (they leave the space); `search` replaces the default space (see `space`).
-    `models`: backbones ranked by LogME first (runs/NAME/rank.json); the `top_k` best join the space."""
+    `models`: backbones ranked by LogME first (runs/NAME/rank.json); the `top_k` best join the space.
+
+    Example: `transferkit.tune(data="builtin:faces", trials=16, epochs=5)`: `overrides` set config fields,
+    fixed for every trial (`fixed` defaults to their names)."""
+    config = (config or TrainConfig()).replace(**overrides)
+    fixed = set(overrides) if fixed is None else set(fixed)
     report = report or Reporter(quiet=True)
     _check_counts(trials, seeds_per_trial, workers, pruner, heartbeat)
     name = config.name or f"tune-{_stem(config.data)}"
@@ -95,6 +101,9 @@ def tune(config: TrainConfig, trials: int, *, fixed=(), search: tuple[Dimension,
         work(plan, 0, report)
         for p in procs:
             p.join()
+        if any(p.exitcode for p in procs):  # its own traceback or message came first
+            report.info(f"[transferkit] warning: {sum(bool(p.exitcode) for p in procs)} worker process(es) "
+                        "stopped with an error; the summary below covers what finished")
     else:
         work(plan, 0, report)
     from transferkit.tuning.summary import summarise
@@ -149,7 +158,8 @@ def open_study(plan: Plan, worker: int):
     seed = int(hashlib.sha256(json.dumps([plan.base.seed, existing, worker, _me() if plan.shared else ""])
                               .encode()).hexdigest()[:8], 16)
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, plan.trials // 3)))
-    pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+    warmup = min(plan.base.epochs, max(2, plan.base.epochs // 3))  # no trial judged on its warm-up epoch
+    pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup),
               "hyperband": optuna.pruners.HyperbandPruner(min_resource=1, max_resource=plan.base.epochs),
               "none": optuna.pruners.NopPruner()}[plan.pruner]
     return optuna.create_study(storage=storage, study_name=plan.study, direction="maximize", sampler=sampler,
@@ -168,9 +178,8 @@ def objective(trial, plan: Plan) -> float:
         trial.set_user_attr("surplus", True)
         trial.set_user_attr("error", f"surplus: {plan.trials} trials were already finished or running")
         raise TrialFailed("surplus")
-    values, runs = [], []
+    values, runs, cache, pruned = [], [], [0, 0], []
     overrides = draw(trial, plan.dims, plan.base.strategy)
-    pruned = []
 
     def on_epoch(row: dict) -> bool:
         trial.report(row["val_accuracy"], row["epoch"])
@@ -191,11 +200,10 @@ def objective(trial, plan: Plan) -> float:
             raise TrialFailed(str(err)) from None
         runs.append(str(run.dir))
         values.append(run.metrics["best"]["val_accuracy"])
+        cache[0] += run.metrics["feature_cache_hits"]
+        cache[1] += run.metrics["feature_cache_misses"]
         trial.set_user_attr("runs", runs)
-        trial.set_user_attr("feature_cache", [trial.user_attrs.get("feature_cache", [0, 0])[0]
-                                              + run.metrics["feature_cache_hits"],
-                                              trial.user_attrs.get("feature_cache", [0, 0])[1]
-                                              + run.metrics["feature_cache_misses"]])
+        trial.set_user_attr("feature_cache", cache)  # [hits, misses] over the trial's runs
         if pruned:
             raise optuna.TrialPruned(f"pruned after epoch {pruned[0]}")
     return statistics.fmean(values)

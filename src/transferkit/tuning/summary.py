@@ -72,7 +72,8 @@ def _best(trial, folder: Path, config: TrainConfig) -> dict:
         test = {"accuracy": statistics.fmean(m["accuracy"] for m in scored),
                 "macro_f1": statistics.fmean(m["macro_f1"] for m in scored), "n": scored[0]["n"],
                 "runs": [{"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for m in scored]}
-    result = {"trial": trial.number, "val_accuracy": trial.value, "params": trial.params, "runs": [str(r) for r in runs],
+    result = {"trial": trial.number, "val_accuracy": trial.value, "params": trial.params,
+              "runs": [str(r) for r in runs],
               "config": str(folder / "best.yaml"), "test": test}
     path.write_text(json.dumps(result, indent=1))
     return result
