@@ -55,7 +55,7 @@ def test_every_field_has_one_section_and_config_yaml_is_written_in_them(tmp_path
     import yaml
 
     saved = yaml.safe_load((tmp_path / "c.yaml").read_text())
-    assert list(saved) == ["data", "model", "strategy", "optim", "regularise", "runtime", "output"]
+    assert list(saved) == ["data", "model", "strategy", "optim", "regularise", "adapt", "runtime", "output"]
     assert saved["optim"]["lr"] == 0.01 and saved["strategy"]["epochs"] == 4 and saved["runtime"]["precision"] == "fp32"
     notes = []
     assert TrainConfig.load(tmp_path / "c.yaml", say=notes.append) == config and notes == []
@@ -85,7 +85,7 @@ def yaml_dump(values: dict) -> str:
 
 
 def test_the_readme_yaml_examples_load(tmp_path):
-    """Every ```yaml block of README.md is a config that loads."""
+    """Every ```yaml block of README.md is a config that loads (a `search:` section is tune's: checked too)."""
     import re
     from pathlib import Path
 
@@ -95,7 +95,12 @@ def test_the_readme_yaml_examples_load(tmp_path):
     for i, block in enumerate(blocks):
         (tmp_path / f"{i}.yaml").write_text(block)
         notes = []
-        config = TrainConfig.load(tmp_path / f"{i}.yaml", say=notes.append)
+        config = TrainConfig.load(tmp_path / f"{i}.yaml", say=notes.append, other=("search",))
         assert notes == []  # written in sections
+        if "search:" in block:
+            from transferkit.tuning.space import read_search, space_for
+
+            dims, _ = read_search(tmp_path / f"{i}.yaml")
+            assert space_for(dims, (), config.replace(data="builtin:faces"))
         if "plan" in block:
             assert [phase["name"] for phase in config.plan] == ["probe", "tune"]

@@ -39,6 +39,18 @@ class HeadPull:
         self.calls += 1
         return self.weight * model(rt.batch(batch)).float().pow(2).mean()
 
+    def parameters(self):
+        return []
+
+    def epoch_metrics(self, model):
+        return {"head_pull_calls": self.calls}
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
 
 def test_an_extra_loss_term_runs_on_every_micro_batch_and_changes_the_weights(shapes_dir, tiny):
     common = {**tiny, "data": str(shapes_dir), "strategy": "full", "batch_size": 4, "epochs": 1}
@@ -48,6 +60,9 @@ def test_an_extra_loss_term_runs_on_every_micro_batch_and_changes_the_weights(sh
     pulled = HeadPull(10.0)
     pull = transferkit.train(name="pull", extra_loss=pulled, **common)
     assert none.calls == pulled.calls == 4  # 16 training images, batches of 4: a term per micro-batch
+    row = json.loads((pull.dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["head_pull_calls"] == 4  # its epoch_metrics joined the epoch's row
+    assert torch.load(pull.dir / "last.ckpt", weights_only=False)["extra"] == {"calls": 4}
     weights = {name: torch.load(run.dir / "last.ckpt", weights_only=True)["model"]["head.1.weight"]
                for name, run in (("plain", plain), ("zero", zero), ("pull", pull))}
     assert torch.equal(weights["plain"], weights["zero"])  # a zero term changes nothing

@@ -157,18 +157,19 @@ def evaluate(
     format: str = typer.Option("table", "--format", help="table | json."),
     tta: str = typer.Option("none", help="none | flip | flip-crop: also score test-time augmentation."),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 only where measured faster here)."),
+    data: Optional[str] = typer.Option(None, help="Score every image of this labelled set (class folders) instead."),
 ) -> None:
-    """Re-run the best model of RUN on a saved split and print its metrics."""
+    """Re-run the best model of RUN on a saved split (or any labelled folder) and print its metrics."""
     from transferkit.evaluation.runs import evaluate as run_evaluate
 
-    metrics = run_evaluate(run, split=split, device=device, tta=tta, precision=precision)
+    metrics = run_evaluate(run, split=split, device=device, tta=tta, precision=precision, data=data)
     if format == "json":
         typer.echo(json.dumps(metrics, indent=1))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{run} [{split}] accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+    table = Table(title=f"{run} [{metrics['split']}] accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
                         f"n={metrics['n']}, {metrics['precision']}")
     for col in ("class", "precision", "recall", "f1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")

@@ -16,17 +16,9 @@ from pathlib import Path
 
 from transferkit.core.errors import UserError, did_you_mean
 
-STRATEGIES = ("linear-probe", "finetune", "gradual", "lp-ft", "full", "scratch")
-OPTIMIZERS = ("adamw", "sgd")
-HEADS = ("linear", "mlp")
-AUGMENTS = ("none", "basic", "strong")
-CLASS_WEIGHTS = ("none", "auto")
-SAMPLERS = ("shuffle", "balanced")
-DEVICES = ("auto", "cpu", "cuda")
-NAN_POLICIES = ("stop", "skip")
-BAD_FILES = ("skip", "error")
-PRECISIONS = ("auto", "bf16", "fp32")
-LR_SCALINGS = ("none", "linear", "sqrt")
+from transferkit.core.checks import (  # noqa: F401 (the choices, importable from here as before)
+    ADAPTS, AUGMENTS, BAD_FILES, CLASS_WEIGHTS, DEVICES, HEADS, LR_SCALINGS, NAN_POLICIES, OPTIMIZERS, PRECISIONS,
+    SAMPLERS, STRATEGIES, validate)
 
 
 SECTIONS = {
@@ -37,6 +29,7 @@ SECTIONS = {
     "optim": ("optimizer", "lr", "weight_decay", "momentum", "warmup_epochs", "batch_size", "accumulate",
               "lr_scaling", "lr_base_batch", "grad_clip"),
     "regularise": ("label_smoothing", "l2sp", "drop_path", "mixup", "cutmix", "class_weights"),
+    "adapt": ("target", "target_eval", "adapt", "adapt_weight"),
     "runtime": ("device", "precision", "channels_last", "compile", "workers", "threads", "sync_bn", "seed",
                 "deterministic", "feature_cache", "feature_views", "image_cache", "cache_dir", "nan_policy",
                 "nan_skip_limit"),
@@ -144,6 +137,16 @@ class TrainConfig:
     """CutMix alpha (timm Mixup); 0 turns it off, 1.0 is typical."""
     class_weights: str = "none"
     """none | auto: weight the loss by inverse class frequency in the training split."""
+    # --- adapt: domain adaptation to an unlabelled target ---
+    target: str | None = None
+    """Unlabelled target images to adapt to: a folder (subfolder names ignored) or e.g. builtin:digits."""
+    target_eval: str | None = None
+    """Labelled target images for measuring only (class folders): their labels never reach a loss or the
+    checkpoint choice."""
+    adapt: str = "auto"
+    """With a target: dann | cdan | mcc | coral | none (source only); auto picks the measured default."""
+    adapt_weight: float = 1.0
+    """Weight of the adaptation loss against the classification loss."""
     # --- runtime: how it runs on this machine ---
     device: str = "auto"
     """auto (CUDA when present) | cpu | cuda."""
@@ -197,79 +200,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _coerce_types(self)
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("head", self.head, HEADS)
-        _choice("augment", self.augment, AUGMENTS)
-        _choice("device", self.device, DEVICES)
-        _choice("class_weights", self.class_weights, CLASS_WEIGHTS)
-        _choice("sampler", self.sampler, SAMPLERS)
-        _choice("nan_policy", self.nan_policy, NAN_POLICIES)
-        _choice("bad_files", self.bad_files, BAD_FILES)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("lr_scaling", self.lr_scaling, LR_SCALINGS)
-        _range("accumulate", self.accumulate, 1)
-        _range("lr_base_batch", self.lr_base_batch, 1)
-        if self.threads is not None:
-            _range("threads", self.threads, 1)
-        _range("save_every_steps", self.save_every_steps, 0)
-        _range("keep_top_k", self.keep_top_k, 0)
-        _range("nan_skip_limit", self.nan_skip_limit, 0)
-        _range("feature_views", self.feature_views, 0, 64)
-        if self.grad_clip is not None:
-            _range("grad_clip", self.grad_clip, 0.0, lo_open=True)
-        _range("epochs", self.epochs, 1)
-        _range("batch_size", self.batch_size, 1)
-        _range("unfreeze_groups", self.unfreeze_groups, 1)
-        _range("head_hidden", self.head_hidden, 1)
-        if self.lr != "auto":
-            if isinstance(self.lr, str):
-                raise UserError(f"lr must be a positive number or 'auto'; got '{self.lr}'.")
-            _range("lr", self.lr, 0.0, lo_open=True)
-        _range("backbone_lr_mult", self.backbone_lr_mult, 0.0)
-        _range("weight_decay", self.weight_decay, 0.0)
-        _range("momentum", self.momentum, 0.0, 1.0)
-        _range("warmup_epochs", self.warmup_epochs, 0.0)
-        _range("label_smoothing", self.label_smoothing, 0.0, 1.0, hi_open=True)
-        _range("head_dropout", self.head_dropout, 0.0, 1.0, hi_open=True)
-        _range("patience", self.patience, 0)
-        _range("gradual_every", self.gradual_every, 1)
-        _range("l2sp", self.l2sp, 0.0)
-        _range("drop_path", self.drop_path, 0.0, 1.0, hi_open=True)
-        _range("mixup", self.mixup, 0.0)
-        _range("cutmix", self.cutmix, 0.0)
-        if (self.mixup or self.cutmix) and self.class_weights != "none":
-            raise UserError("class_weights cannot be combined with mixup/cutmix (soft targets); use "
-                            "--sampler balanced for imbalance instead.")
-        _range("ft_lr_scale", self.ft_lr_scale, 0.0, lo_open=True)
-        if self.layer_decay is not None:
-            _range("layer_decay", self.layer_decay, 0.0, 1.0, lo_open=True)
-        if self.lr_min is not None:
-            _range("lr_min", self.lr_min, 0.0, self.lr if self.lr != "auto" else None, lo_open=True)
-        if self.strategy == "lp-ft":
-            _range("epochs (lp-ft needs a probe and a fine-tune phase)", self.epochs, 2)
-            if self.lp_epochs is not None:
-                _range("lp_epochs", self.lp_epochs, 1, self.epochs - 1)
-        _range("val_fraction", self.val_fraction, 0.0, 0.9)
-        _range("test_fraction", self.test_fraction, 0.0, 0.9)
-        if self.val_fraction + self.test_fraction >= 0.95:
-            raise UserError(
-                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:g} leaves "
-                "almost nothing to train on; keep their sum below 0.95."
-            )
-        if self.in_chans not in (1, 3):
-            raise UserError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {self.in_chans}.")
-        if self.img_size is not None:
-            _range("img_size", self.img_size, 16, 2048)
-        if self.shots is not None:
-            _range("shots", self.shots, 1)
-        if self.workers is not None:
-            _range("workers", self.workers, 0, 64)
-        if self.strategy == "scratch" and self.weights not in ("auto", "none"):
-            raise UserError(
-                f"strategy 'scratch' trains from random initialisation, but weights='{self.weights}' "
-                "was given. Drop --weights, or pick another strategy."
-            )
+        validate(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, typing.Any], source: str = "config") -> TrainConfig:
@@ -338,26 +269,6 @@ class TrainConfig:
                     raise UserError(f"'{path}' sets '{key}' twice: in section '{section}' and at the top level.")
                 flat[key] = value
         return cls.from_dict(flat, source=f"'{path}'")
-
-
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(
-            f"{key} must be one of {', '.join(choices)}; got '{value}'.{did_you_mean(str(value), choices)}"
-        )
-
-
-def _range(
-    key: str, value: float, lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
-) -> None:
-    ok = (value > lo if lo_open else value >= lo) and (
-        hi is None or (value < hi if hi_open else value <= hi)
-    )
-    if not ok:
-        bound = f"{'>' if lo_open else '>='} {lo:g}"
-        if hi is not None:
-            bound += f" and {'<' if hi_open else '<='} {hi:g}"
-        raise UserError(f"{key} must be {bound}; got {value}.")
 
 
 def _coerce_types(config: TrainConfig) -> None:

@@ -70,7 +70,7 @@ def load_data(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fract
     split file, which lists files an earlier scan accepted; `bad_files="error"` refuses any."""
     if not spec:
         raise UserError("No data given. Pass a folder of class folders, a .csv file, "
-                        "builtin:faces|textures|digits, or cifar10:DIR.")
+                        "builtin:faces|textures|digits|fontdigits, or cifar10:DIR.")
     skipped: list[tuple[str, str]] = []
     splits, arrays, default_size, how = _resolve(spec, skipped)
     if split_file:
@@ -164,7 +164,7 @@ def _resolve(spec: str, skipped: list) -> tuple[Splits, dict | None, int | None,
         return _folder(path, skipped)
     raise UserError(
         f"Data '{spec}' not found. Give a folder of class folders (DIR/cat/*.jpg, optionally under "
-        "train/ val/ test/), a .csv file with path,label[,split] rows, builtin:faces|textures|digits, "
+        "train/ val/ test/), a .csv file with path,label[,split] rows, builtin:faces|textures|digits|fontdigits, "
         "or cifar10:DIR."
     )
 

@@ -16,6 +16,7 @@ from transferkit.core.machine import default_workers, pick_device
 from transferkit.data.loaders import make_loader
 from transferkit.data.preprocessing import Preprocessing
 from transferkit.data.sources import load_data
+from transferkit.data.target import labelled_set
 from transferkit.deploy.bundle import load_bundle
 from transferkit.deploy.predictor import Predictor, sample_batches
 from transferkit.evaluation.passes import evaluate_loader
@@ -26,8 +27,9 @@ from transferkit.models.task import task_for
 
 
 def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_size: int | None = None,
-             tta: str = "none", precision: str = "auto") -> dict:
-    """Metrics of `run`'s best bundle on `split` of the split.json saved with the run. With `tta`
+             tta: str = "none", precision: str = "auto", data: str | None = None) -> dict:
+    """Metrics of `run`'s best bundle on `split` of the split.json saved with the run, or on every image of
+    the labelled set `data` (a folder of class folders, builtin:NAME...; its classes among the run's). With `tta`
     (flip | flip-crop), also the split's accuracy under test-time augmentation, and validation
     accuracy without and with it: `tta.recommended` is true only when TTA is better on validation.
     `precision`: auto (see `precision`), fp32 or bf16; the result names the one used."""
@@ -38,10 +40,12 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
     config = TrainConfig.load(run / "config.yaml")
     if batch_size:
         config = config.replace(batch_size=batch_size)
-    data = load_data(config.data, split_file=str(run / "split.json"))
+    model, meta = load_bundle(run)
+    spec, split = data, split if data is None else "test"
+    data = load_data(config.data, split_file=str(run / "split.json")) if spec is None \
+        else labelled_set(spec, meta["classes"], "--data")
     if split not in data.splits or not data.splits[split]:
         raise UserError(f"Run '{run}' has no images in split '{split}'.")
-    model, meta = load_bundle(run)
     if data.classes != meta["classes"]:
         raise UserError(f"The classes in '{run}/split.json' differ from those of the model in '{run}/best'.")
     device = pick_device(device)  # this machine's workers, not the run's
@@ -58,10 +62,11 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
         metrics = evaluate_loader(rt.prepare(model), loader, nn.CrossEntropyLoss(), rt, data.classes, fold=True,
                                   move=functools.partial(task.move, rt=rt))
     metrics.pop("logits")
-    metrics.update(split=split, precision=rt.precision["infer"], precision_reason=rt.reasons["infer"])
+    metrics.update(split=split if spec is None else spec, precision=rt.precision["infer"],
+                   precision_reason=rt.reasons["infer"])
     if tta != "none":
         metrics["tta"] = _tta(Predictor(model, meta, str(rt.device), rt.precision["infer"]), data, split, tta)
-    (run / f"eval_{split}.json").write_text(json.dumps(metrics, indent=1))
+    (run / (f"eval_{split}.json" if spec is None else "eval_data.json")).write_text(json.dumps(metrics, indent=1))
     return metrics
 
 

@@ -115,6 +115,18 @@ class ExtraLoss(Protocol):
     def term(self, model: nn.Module, batch, rt: Runtime) -> torch.Tensor:
         """The term for one batch, under the step's autocast."""
 
+    def parameters(self) -> list[nn.Parameter]:
+        """Its own trainable parameters (they join the optimizer at the head's LR), or []."""
+
+    def epoch_metrics(self, model: nn.Module) -> dict:
+        """Values for the epoch's metrics row (after validation)."""
+
+    def state_dict(self) -> dict:
+        """What last.ckpt keeps of it, for an exact resume."""
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take back what state_dict gave."""
+
 
 def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, scheduler, loss_fn, phase: Phase,
                     rt: Runtime, report: Reporter, description: str, sums: EpochSums, guard: Guard, mixer=None,

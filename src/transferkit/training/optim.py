@@ -11,9 +11,12 @@ from transferkit.training.strategy import Phase, param_groups
 
 
 def make_optimizer(model, groups: list[list[str]], phase: Phase, config: TrainConfig,
-                   lr: float | None = None) -> torch.optim.Optimizer:
-    """A fresh optimizer over exactly the parameters this phase trains (head LR = `lr` or config.lr)."""
+                   lr: float | None = None, extra: list | None = None) -> torch.optim.Optimizer:
+    """A fresh optimizer over exactly the parameters this phase trains (head LR = `lr` or config.lr);
+    `extra`: an extra loss's own parameters (a domain discriminator), trained at the head's LR."""
     pg = param_groups(model, groups, phase, lr if lr is not None else config.lr, config.weight_decay)
+    if extra:
+        pg.append({"params": list(extra), "lr": pg[0]["lr"], "weight_decay": config.weight_decay})
     if config.l2sp:  # L2-SP replaces decay toward zero on the backbone (the head keeps its decay)
         head = {id(p) for p in model.head.parameters()}
         for group in pg:

@@ -113,14 +113,16 @@ class EpochLoop:
         loaders (a head-only phase on a fixed backbone trains on cached features, see `features`)."""
         c, model, state, progress = self.r.config, self.r.model, self.r.state, self.r.progress
         apply_phase(model, self.r.groups, phase)
-        optimizer = make_optimizer(model, self.r.groups, phase, c)
+        extra = self.r.extra_loss.parameters() if self.r.extra_loss is not None else []
+        optimizer = make_optimizer(model, self.r.groups, phase, c, extra=extra)
         # each phase warms up (at most half its length) and decays on its own
         warmup = round(min(c.warmup_epochs, phase.epochs / 2) * self.steps_per_epoch)
         scheduler = warmup_cosine(optimizer, warmup, phase.epochs * self.steps_per_epoch)
         if state is not None and index == state["phase"] and (progress.epoch, progress.sums.step) != (before, 0):
             optimizer.load_state_dict(state["optimizer"])  # resuming inside this phase
             scheduler.load_state_dict(state["scheduler"])
-        head_only = c.feature_cache and not phase.groups and not c.drop_path and self.r.mixer is None
+        head_only = c.feature_cache and not phase.groups and not c.drop_path and self.r.mixer is None \
+            and self.r.extra_loss is None  # an extra loss runs the whole model on its own batches
         train_loader, val_loader = self.r.loaders["train"], self.r.loaders["val"]
         if head_only:
             tick = time.perf_counter()
@@ -148,7 +150,8 @@ class EpochLoop:
                 "scheduler": ps.scheduler.state_dict(), "config": self.r.config.to_dict(),
                 "plan": [phase.to_dict() for phase in self.r.plan], "phase": ps.index, "epoch": p.epoch,
                 "step": where.step, "sums": asdict(where), "best": p.best, "since_best": p.since_best,
-                "top": p.top, "nan_skipped": p.nan_skipped, "rng": rngs[0], "rng_ranks": rngs if d.on else []})
+                "top": p.top, "nan_skipped": p.nan_skipped, "rng": rngs[0], "rng_ranks": rngs if d.on else [],
+                "extra": self.r.extra_loss.state_dict() if self.r.extra_loss is not None else None})
         d.barrier()  # no rank leaves (or is stopped by torchrun) before the file is whole
 
     def after_step(self, where: EpochSums, step_loss: float) -> None:
@@ -211,6 +214,8 @@ class EpochLoop:
                "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
                "lr": self.ps.optimizer.param_groups[0]["lr"], "images_per_s": sums.seen / seconds,
                "epoch_s": seconds, "data_wait": sums.data_s / max(sums.seconds, 1e-9)}
+        if self.r.extra_loss is not None:  # its own measures (adaptation: domain accuracy, target accuracy)
+            row.update(self.r.extra_loss.epoch_metrics(self.r.model))
         if self.r.device.type == "cuda":  # the epoch's peak, training and validation
             row["gpu_peak_gb"] = torch.cuda.max_memory_allocated(self.r.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.r.device)

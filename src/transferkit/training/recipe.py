@@ -35,6 +35,7 @@ from transferkit.evaluation.passes import evaluate_loader
 from transferkit.evaluation.report import build_report, confusion_png, save_predictions
 from transferkit.models.classifier import layer_groups
 from transferkit.models.task import Task, task_for
+from transferkit.training.adapt import adaptation_for
 from transferkit.training.board import Board
 from transferkit.training.checkpoint import load_resume, resumed_plan, set_rng_state
 from transferkit.training.epoch import EpochSums, ExtraLoss
@@ -241,6 +242,7 @@ class Recipe:
             self.loss_fn = _soft_target_cross_entropy
         self.l2sp = L2SP(self.model.backbone, c.l2sp) if c.l2sp else None
         self.eval_loss = nn.CrossEntropyLoss()
+        self.extra_loss = self.extra_loss or adaptation_for(self)  # --target: domain adaptation's loss
 
     def find_lr(self) -> None:
         """lr auto: rank 0 runs the range test on its batches, every rank takes its suggestion."""
@@ -284,6 +286,8 @@ class Recipe:
             rows = (run_dir / "metrics.jsonl").read_text().splitlines()
             (run_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows[: self.progress.epoch]))
             prune_top(run_dir, self.progress.top)
+        if self.extra_loss is not None and state.get("extra") is not None:
+            self.extra_loss.load_state_dict(state["extra"])
         ranks = state.get("rng_ranks") or []  # each rank's own streams when the world size is the same
         set_rng_state(ranks[d.rank] if len(ranks) == d.world else state["rng"])
         self.report.info(f"[transferkit] resuming {run_dir} after epoch {self.progress.epoch}"

@@ -1,0 +1,116 @@
+"""Domain adaptation: the gradient reversal, the losses, an adapted run's target metrics, and proof that
+--target-eval labels never reach training."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import transferkit
+from conftest import make_folder
+from transferkit.core.errors import UserError
+from transferkit.training.adapt import GradientReverse, class_confusion, coral, reversal_coefficient
+
+
+def test_gradient_reversal_flips_the_gradient_by_the_scheduled_coefficient():
+    x = torch.randn(5, 3, requires_grad=True)
+    for progress in (0.0, 0.1, 0.5, 1.0):
+        coefficient = reversal_coefficient(progress)
+        x.grad = None
+        (GradientReverse.apply(x, coefficient) * torch.arange(3.0)).sum().backward()
+        assert torch.allclose(x.grad, -coefficient * torch.arange(3.0).expand(5, 3))
+    assert reversal_coefficient(0.0) == 0.0 and reversal_coefficient(1.0) == pytest.approx(0.99991, abs=1e-5)
+    assert reversal_coefficient(0.3) < reversal_coefficient(0.6)
+    assert torch.equal(GradientReverse.apply(x, 0.7), x)  # the forward is the identity
+
+
+def test_mcc_and_coral_are_zero_where_there_is_nothing_to_align():
+    confident = torch.eye(4) * 50  # each sample sure of its own class: no confusion between classes
+    assert float(class_confusion(confident)) == pytest.approx(0.0, abs=1e-6)
+    assert float(class_confusion(torch.zeros(4, 4))) > 0.5  # uniform predictions: all confusion
+    features = torch.randn(16, 6)
+    assert float(coral(features, features)) == pytest.approx(0.0, abs=1e-9)
+    assert float(coral(features, 3 * features)) > 0
+
+
+@pytest.fixture
+def domains(tmp_path):
+    """A labelled source (shapes, seed 0), an unlabelled target folder (other shapes, seed 1, no class
+    folders) and that target's labels (class folders) for measuring."""
+    source = make_folder(tmp_path / "source", per_class=8, size=32, seed=0)
+    labelled = make_folder(tmp_path / "labelled", per_class=6, size=32, seed=1)
+    target = tmp_path / "target"
+    for file in labelled.rglob("*.png"):
+        (target / "nested").mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, target / "nested" / f"{file.parent.name}-{file.name}")
+    return source, target, labelled
+
+
+def run(tmp_path, source, name, **overrides):
+    return transferkit.train(**{"data": str(source), "img_size": 32, "epochs": 2, "batch_size": 8, "workers": 0,
+                                "quiet": True, "html_report": False, "precision": "fp32",
+                                "runs_dir": str(tmp_path / "runs"), "name": name, **overrides})
+
+
+@pytest.mark.parametrize("method", ["dann", "cdan", "mcc", "coral"])
+def test_an_adapted_run_records_target_metrics_and_ships_a_normal_bundle(tmp_path, domains, method):
+    source, target, labelled = domains
+    done = run(tmp_path, source, method, target=str(target), target_eval=str(labelled), adapt=method)
+    rows = [json.loads(line) for line in (done.dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert 0.0 <= row["target_accuracy"] <= 1.0 and row["adapt_loss"] > 0
+        assert (row["domain_accuracy"] is not None) == (method in ("dann", "cdan"))
+    state = torch.load(done.dir / "last.ckpt", weights_only=False)
+    assert state["extra"]["step"] == 2 * 2  # 16 source images, batches of 8, 2 epochs: a term each
+    predictions = transferkit.load(done.best).predict([str(next(target.rglob("*.png")))])
+    assert predictions[0]["label"] in ("circle", "square")
+
+
+def test_target_eval_labels_never_reach_training(tmp_path, domains):
+    """Poison the measuring labels (swap the class folders): the weights come out identical."""
+    source, target, labelled = domains
+    poisoned = tmp_path / "poisoned"
+    (poisoned / "circle").mkdir(parents=True)
+    shutil.copytree(labelled / "circle", poisoned / "square")
+    shutil.copytree(labelled / "square", poisoned / "circle", dirs_exist_ok=True)
+    runs = {name: run(tmp_path, source, name, target=str(target), target_eval=str(folder), adapt="dann",
+                      deterministic=True) for name, folder in (("honest", labelled), ("poisoned", poisoned))}
+    weights = {name: torch.load(r.dir / "last.ckpt", weights_only=False)["model"] for name, r in runs.items()}
+    assert all(torch.equal(weights["honest"][k], weights["poisoned"][k]) for k in weights["honest"])
+    rows = {name: [json.loads(line) for line in (r.dir / "metrics.jsonl").read_text().splitlines()]
+            for name, r in runs.items()}
+    for honest, bad in zip(rows["honest"], rows["poisoned"]):  # the same model, measured on swapped labels
+        assert honest["val_accuracy"] == bad["val_accuracy"]
+        assert honest["target_accuracy"] + bad["target_accuracy"] == pytest.approx(1.0)
+
+
+def test_bad_targets_are_refused_or_warned(tmp_path, domains, capsys):
+    source, target, labelled = domains
+    with pytest.raises(UserError, match="needs unlabelled target images: add --target"):
+        run(tmp_path, source, "no-target", adapt="dann")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(UserError, match="has no usable images"):
+        run(tmp_path, source, "empty", target=str(tmp_path / "empty"))
+    extra = make_folder(tmp_path / "extra", per_class=2, size=32)
+    shutil.copytree(extra / "circle", extra / "triangle")
+    with pytest.raises(UserError, match="'triangle' that the source lacks"):
+        run(tmp_path, source, "extra", target=str(target), target_eval=str(extra))
+    (target / "broken.jpg").write_bytes(b"not a jpeg")
+    done = run(tmp_path, source, "broken", target=str(target), epochs=1)
+    assert "broken.jpg" in (done.dir / "target-skipped.txt").read_text()  # skipped and listed, as for a source
+    run(tmp_path, source, "same", target=str(source), epochs=1)
+    assert "every target image of" in capsys.readouterr().err
+
+
+def test_evaluate_scores_any_labelled_folder(tmp_path, domains):
+    source, target, labelled = domains
+    done = run(tmp_path, source, "plain", epochs=1)
+    metrics = transferkit.evaluate(done.dir, data=str(labelled))
+    assert metrics["n"] == 12 and metrics["split"] == str(labelled) and (done.dir / "eval_data.json").is_file()
+    extra = make_folder(tmp_path / "extra", per_class=1, size=32)
+    shutil.copytree(extra / "circle", extra / "triangle")
+    with pytest.raises(UserError, match="--data .* has class\\(es\\) 'triangle'"):
+        transferkit.evaluate(done.dir, data=str(extra))
