@@ -126,3 +126,9 @@ def test_seeds_per_trial_average_their_runs(tmp_path):
     assert trial["value"] == pytest.approx(sum(scores) / 2, abs=1e-12)
     best = json.loads((tmp_path / "s" / "best.json").read_text())
     assert len(best["test"]["runs"]) == 2  # the best config's test score covers both seeds' models
+
+
+def test_a_storage_that_cannot_be_opened_is_one_clear_error(tmp_path):
+    out = tune(tmp_path, "--trials", "1", "--storage", "postgresql+psycopg2://u:secret@127.0.0.1:1/none")
+    assert isinstance(out.exception, UserError), out.output
+    assert "Cannot open the study's storage" in str(out.exception) and "secret" not in str(out.exception)

@@ -92,7 +92,7 @@ class Adaptation:
         self.discriminator = discriminator(inputs).to(device) if method in ("dann", "cdan") else None
         self.last = None  # (features, logits) of the head's latest training forward
         model.head.register_forward_hook(self._keep)
-        self.sums = {"loss": 0.0, "domain_hits": 0, "domain_seen": 0, "terms": 0}
+        self.sums = _zero_sums()
 
     def _keep(self, module, args, out) -> None:
         if module.training:
@@ -122,6 +122,8 @@ class Adaptation:
         self.step += 1
         self.sums["loss"] += float(loss.detach())
         self.sums["terms"] += 1
+        probs = F.softmax(target_logits.detach().float(), 1)
+        self.sums["entropy"] += float(-(probs * torch.log(probs + 1e-12)).sum(1).mean())
         return self.weight * loss
 
     def _loss(self, fs, ls, ft, lt) -> torch.Tensor:
@@ -141,12 +143,14 @@ class Adaptation:
         return F.binary_cross_entropy_with_logits(domain, truth)
 
     def epoch_metrics(self, model: nn.Module) -> dict:
-        """The epoch's adaptation loss and discriminator accuracy (the sums start again), and with
-        `--target-eval` the target accuracy of `model` (measured only)."""
+        """The epoch's adaptation loss, discriminator accuracy and mean target prediction entropy (over its
+        training steps; the sums start again), and with `--target-eval` the target accuracy of `model`
+        (measured only)."""
         s = self.sums
         out = {"adapt_loss": s["loss"] / max(s["terms"], 1),
-               "domain_accuracy": s["domain_hits"] / s["domain_seen"] if s["domain_seen"] else None}
-        self.sums = {"loss": 0.0, "domain_hits": 0, "domain_seen": 0, "terms": 0}
+               "domain_accuracy": s["domain_hits"] / s["domain_seen"] if s["domain_seen"] else None,
+               "target_entropy": s["entropy"] / s["terms"] if s["terms"] else None}
+        self.sums = _zero_sums()
         if self.measure is not None:
             out["target_accuracy"] = self.measure(model)
         return out
@@ -159,6 +163,10 @@ class Adaptation:
         self.step = state["step"]
         if self.discriminator is not None:
             self.discriminator.load_state_dict(state["discriminator"])
+
+
+def _zero_sums() -> dict:
+    return {"loss": 0.0, "domain_hits": 0, "domain_seen": 0, "terms": 0, "entropy": 0.0}
 
 
 def adaptation_for(r) -> Adaptation | None:

@@ -116,7 +116,6 @@ def work(plan: Plan, worker: int, report: Reporter | None = None) -> None:
     import optuna
 
     report = report or Reporter(quiet=True)
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = open_study(plan, worker)
@@ -131,7 +130,12 @@ def work(plan: Plan, worker: int, report: Reporter | None = None) -> None:
         if done + running >= plan.trials:  # the last places are taken; they may still fail
             time.sleep(min(2.0, plan.heartbeat / 2))
             continue
-        study.optimize(lambda t: objective(t, plan), n_trials=1, catch=(TrialFailed,))
+        try:
+            study.optimize(lambda t: objective(t, plan), n_trials=1, catch=(TrialFailed,))
+        except Preempted:
+            report.info("[transferkit] study interrupted; the trial under way is marked failed. Run the same "
+                        "tune command again to continue the study.")
+            raise
         last = max((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == _me()),
                    key=lambda t: t.number)
         report.info(_line(last, study, plan.trials))
@@ -146,10 +150,24 @@ def open_study(plan: Plan, worker: int):
     """The study on its storage, with heartbeats and retries, created on first use."""
     import optuna
 
+    import sqlalchemy
+
     engine = {"connect_args": {"timeout": 60}} if plan.storage.startswith("sqlite") else {}
-    storage = optuna.storages.RDBStorage(
-        plan.storage, engine_kwargs=engine, heartbeat_interval=plan.heartbeat, grace_period=3 * plan.heartbeat,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+    for attempt in range(10):  # workers starting together on a new database race to create its tables
+        try:
+            storage = optuna.storages.RDBStorage(
+                plan.storage, engine_kwargs=engine, heartbeat_interval=plan.heartbeat,
+                grace_period=3 * plan.heartbeat,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+            break
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):  # another worker created a
+            if attempt == 9:  # table or type first: look again
+                raise
+            time.sleep(0.2 + 0.3 * attempt)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError, ModuleNotFoundError) as err:
+            raise UserError(f"Cannot open the study's storage {_redact(plan.storage)}: {str(err).splitlines()[0]}. "
+                            "Check the URL (e.g. postgresql://user:password@host/db) and that the server is up; "
+                            "PostgreSQL needs `pip install 'transferkit[postgres]'`.") from None
     try:
         existing = len(optuna.load_study(study_name=plan.study, storage=storage).trials)
     except KeyError:
