@@ -35,7 +35,11 @@ class HeadPull:
         generator = torch.Generator().manual_seed(0)
         return (torch.rand(4, 3, 32, 32, generator=generator) for _ in itertools.count())
 
-    def term(self, model, batch, rt):
+    def join(self, inputs, batch):
+        return inputs  # its batches run in a forward of their own, below
+
+    def term(self, model, batch, rt, outputs):
+        assert len(outputs) == 0
         self.calls += 1
         return self.weight * model(rt.batch(batch)).float().pow(2).mean()
 

@@ -1,8 +1,9 @@
 """Domain adaptation: a labelled source, an unlabelled target, and one more named loss in the loop.
 
-`Adaptation` is an `epoch.ExtraLoss`: each training micro-batch, the loop's source forward has passed
-through `model.head` (a hook keeps the head's input, the pooled features, and its logits); `term` runs
-the model on a batch of target images and returns the method's loss on both:
+`Adaptation` is an `epoch.ExtraLoss`: each training micro-batch, `join` appends a batch of target images
+to the source images, so one forward runs both (BatchNorm normalises the mixed batch, and its running
+statistics stay the mixture that training saw); a hook on `model.head` keeps the head's input, the
+pooled features; `term` splits features and logits into source and target and returns the method's loss:
 
 - dann (Ganin et al. 2016): a domain discriminator on the features through a gradient reversal layer
   whose coefficient rises as 2 / (1 + exp(-10 p)) - 1 over training progress p in [0, 1].
@@ -90,7 +91,7 @@ class Adaptation:
         self.total_steps, self.step = max(total_steps, 1), 0
         inputs = feature_dim * num_classes if method == "cdan" else feature_dim
         self.discriminator = discriminator(inputs).to(device) if method in ("dann", "cdan") else None
-        self.last = None  # (features, logits) of the head's latest training forward
+        self.last = None  # the head's input (pooled features) and output in the latest training forward
         model.head.register_forward_hook(self._keep)
         self.sums = _zero_sums()
 
@@ -112,17 +113,20 @@ class Adaptation:
                 yield images
             cycle += 1
 
-    def term(self, model: nn.Module, batch, rt) -> torch.Tensor:
-        source, self.last = self.last, None
-        if self.method == "none" or source is None:  # source only, or no training forward to adapt
+    def join(self, inputs: torch.Tensor, batch) -> torch.Tensor:
+        return inputs if batch is None else torch.cat([inputs, self.move(batch)])
+
+    def term(self, model: nn.Module, batch, rt, outputs: torch.Tensor) -> torch.Tensor:
+        seen, self.last = self.last, None
+        if batch is None or seen is None:  # source only, or no training forward to adapt
             return torch.zeros((), device=rt.device)
-        target_logits = model(self.move(batch))
-        target_features, self.last = self.last[0], None
-        loss = self._loss(source[0].float(), source[1].float(), target_features.float(), target_logits.float())
+        features, logits = seen
+        n = len(features) - len(outputs)  # the source rows come first, the joined target rows after
+        loss = self._loss(features[:n].float(), logits[:n].float(), features[n:].float(), outputs.float())
         self.step += 1
         self.sums["loss"] += float(loss.detach())
         self.sums["terms"] += 1
-        probs = F.softmax(target_logits.detach().float(), 1)
+        probs = F.softmax(outputs.detach().float(), 1)
         self.sums["entropy"] += float(-(probs * torch.log(probs + 1e-12)).sum(1).mean())
         return self.weight * loss
 

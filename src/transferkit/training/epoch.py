@@ -112,8 +112,13 @@ class ExtraLoss(Protocol):
     def batches(self) -> Iterator:
         """As many batches as asked for (cycle a loader)."""
 
-    def term(self, model: nn.Module, batch, rt: Runtime) -> torch.Tensor:
-        """The term for one batch, under the step's autocast."""
+    def join(self, inputs: torch.Tensor, batch) -> torch.Tensor:
+        """The micro-batch's inputs as the model should see them: `inputs` itself, or with its own batch's
+        inputs appended (one forward for both, so BatchNorm sees one mixed batch, as in training with both)."""
+
+    def term(self, model: nn.Module, batch, rt: Runtime, outputs: torch.Tensor) -> torch.Tensor:
+        """The term for one batch, under the step's autocast; `outputs`: the model's outputs on the rows that
+        `join` appended (empty when it appended none)."""
 
     def parameters(self) -> list[nn.Parameter]:
         """Its own trainable parameters (they join the optimizer at the head's LR), or []."""
@@ -159,14 +164,16 @@ def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, schedul
         last = micro == accumulate - 1
         step = sums.step + 1
         # DDP averages gradients at the step's last micro-batch only
+        extra_batch = next(extra_batches) if extra is not None else None
         with contextlib.nullcontext() if last or not d.on else net.no_sync():
             with rt.autocast():
-                logits = net(inputs)
+                logits = net(extra.join(inputs, extra_batch) if extra is not None else inputs)
+                logits, extra_outputs = logits[: len(labels)], logits[len(labels) :]
                 loss = loss_fn(logits.float(), targets)
                 if l2sp is not None:
                     loss = loss + l2sp.penalty(model.backbone)
                 if extra is not None:
-                    loss = loss + extra.term(model, next(extra_batches), rt)
+                    loss = loss + extra.term(model, extra_batch, rt, extra_outputs)
             value = loss.item()
             finite = math.isfinite(value)
             # one all-reduce: the micro-batch's loss, images, hits and non-finite count over the ranks
