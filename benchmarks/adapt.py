@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def one(method: str, seed: int, epochs: int, img_size: int, work: Path) -> dict:
+def one(method: str, seed: int, epochs: int, img_size: int, work: Path, **overrides) -> dict:
     import transferkit
     from transferkit.core.progress import Reporter
 
@@ -27,7 +27,7 @@ def one(method: str, seed: int, epochs: int, img_size: int, work: Path) -> dict:
     run = transferkit.train(data="builtin:fontdigits", target="builtin:digits", target_eval="builtin:digits",
                             adapt=method, seed=seed, epochs=epochs, img_size=img_size, precision="fp32",
                             quiet=True, html_report=False, runs_dir=str(work), name=f"{method}-{seed}",
-                            cache_dir=str(work / "cache"), report=Reporter(silent=True))
+                            cache_dir=str(work / "cache"), report=Reporter(silent=True), **overrides)
     rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     by_val = max(rows, key=lambda r: (r["val_accuracy"], -r["val_loss"]))
     with_entropy = [r for r in rows if r.get("target_entropy") is not None]
@@ -73,16 +73,19 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config field for every run, e.g. --set adapt_weight=0.3 (repeatable)")
     args = parser.parse_args()
     from tune import cpu_name
 
+    overrides = dict(item.split("=", 1) for item in args.set)
     work = Path(tempfile.mkdtemp(prefix="tk-adapt-bench-"))
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs,
-              "img_size": args.img_size, "runs": []}
+              "img_size": args.img_size, "overrides": overrides, "runs": []}
     for seed in range(args.seeds):
         for method in args.methods.split(","):
-            row = one(method, seed, args.epochs, args.img_size, work)
+            row = one(method, seed, args.epochs, args.img_size, work, **overrides)
             result["runs"].append(row)
             result["summary"] = summary(result["runs"])
             write(result, args.out)

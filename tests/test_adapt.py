@@ -4,12 +4,16 @@
 import json
 import shutil
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 import transferkit
 from conftest import make_folder
 from transferkit.core.errors import UserError
+from transferkit.evaluation.domain import mean_entropy, pca_2d, proxy_a_distance
 from transferkit.training.adapt import GradientReverse, class_confusion, coral, reversal_coefficient
 
 
@@ -32,6 +36,18 @@ def test_mcc_and_coral_are_zero_where_there_is_nothing_to_align():
     features = torch.randn(16, 6)
     assert float(coral(features, features)) == pytest.approx(0.0, abs=1e-9)
     assert float(coral(features, 3 * features)) > 0
+
+
+def test_the_label_free_measures():
+    assert mean_entropy(np.zeros((3, 10))) == pytest.approx(math.log(10))  # uniform: the most uncertain
+    assert mean_entropy(np.eye(4) * 100) == pytest.approx(0.0, abs=1e-6)
+    rng = np.random.default_rng(0)
+    same = rng.normal(size=(400, 8))
+    assert proxy_a_distance(same[:200], same[200:]) < 0.3  # one distribution: cannot be told apart
+    assert proxy_a_distance(same[:200], same[200:] + 3.0) > 1.9  # far apart: always told apart
+    assert proxy_a_distance(same[:5], same[5:]) is None
+    source, target = pca_2d(same[:50], same[50:] + 1.0)
+    assert source.shape == (50, 2) and target.shape == (350, 2)
 
 
 @pytest.fixture
@@ -62,10 +78,29 @@ def test_an_adapted_run_records_target_metrics_and_ships_a_normal_bundle(tmp_pat
     for row in rows:
         assert 0.0 <= row["target_accuracy"] <= 1.0 and row["adapt_loss"] > 0
         assert (row["domain_accuracy"] is not None) == (method in ("dann", "cdan"))
+        assert 0.0 <= row["target_entropy"] <= math.log(2) + 1e-6
+        assert row["proxy_a_distance"] is None  # 2 source val images: too few to tell the domains apart
     state = torch.load(done.dir / "last.ckpt", weights_only=False)
     assert state["extra"]["step"] == 2 * 2  # 16 source images, batches of 8, 2 epochs: a term each
     predictions = transferkit.load(done.best).predict([str(next(target.rglob("*.png")))])
     assert predictions[0]["label"] in ("circle", "square")
+
+
+def test_select_target_entropy_keeps_the_most_confident_epoch_on_the_target(tmp_path, domains):
+    """The label-free rule picks the epoch of lowest target entropy; the report shows the pick, the oracle
+    and the features before and after; a bottleneck head is what the adaptation aligns."""
+    source, target, labelled = domains
+    done = run(tmp_path, source, "entropy", target=str(target), target_eval=str(labelled), adapt="mcc", epochs=3,
+               select="target-entropy", head="bottleneck", head_hidden=16, html_report=True)
+    rows = [json.loads(line) for line in (done.dir / "metrics.jsonl").read_text().splitlines()]
+    assert done.metrics["select"] == "target-entropy"
+    assert done.metrics["best"]["epoch"] == min(rows, key=lambda r: r["target_entropy"])["epoch"]
+    points = json.loads((done.dir / "adapt-features.json").read_text())
+    assert set(points) == {"before", "after"} and np.asarray(points["after"]["source"]).shape[1] == 2
+    page = (done.dir / "report.html").read_text()
+    assert "Domain adaptation" in page and "oracle pick" in page
+    with pytest.raises(UserError, match="select 'target-entropy' .* add --target"):
+        run(tmp_path, source, "no-target", select="target-entropy")
 
 
 def test_target_eval_labels_never_reach_training(tmp_path, domains):

@@ -57,6 +57,8 @@ TRAIN = [
      typer.Option(None, help="none | auto: inverse-frequency loss weights (default none).")),
     ("sampler", Optional[str], typer.Option(None, help="shuffle | balanced (default shuffle).")),
     ("patience", Optional[int], typer.Option(None, help="Early-stopping patience in epochs, 0 = off (default 0).")),
+    ("select", Optional[str], typer.Option(None, help="Which epoch is best: auto | val (source val accuracy) | "
+                                                      "target-entropy (label-free, needs --target).")),
     ("seed", Optional[int], typer.Option(None, help="Random seed (default 0).")),
     ("shots", Optional[int], typer.Option(None, help="Keep K training images per class (few-shot).")),
     ("val_fraction", Optional[float],

@@ -7,7 +7,7 @@ from transferkit.core.errors import UserError, did_you_mean
 
 STRATEGIES = ("linear-probe", "finetune", "gradual", "lp-ft", "full", "scratch")
 OPTIMIZERS = ("adamw", "sgd")
-HEADS = ("linear", "mlp")
+HEADS = ("linear", "mlp", "bottleneck")
 AUGMENTS = ("none", "basic", "strong")
 CLASS_WEIGHTS = ("none", "auto")
 SAMPLERS = ("shuffle", "balanced")
@@ -17,9 +17,11 @@ BAD_FILES = ("skip", "error")
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCALINGS = ("none", "linear", "sqrt")
 ADAPTS = ("auto", "dann", "cdan", "mcc", "coral", "none")
+SELECTS = ("auto", "val", "target-entropy")
 CHOICES = {"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "head": HEADS, "augment": AUGMENTS, "device": DEVICES,
            "class_weights": CLASS_WEIGHTS, "sampler": SAMPLERS, "nan_policy": NAN_POLICIES, "bad_files": BAD_FILES,
-           "precision": PRECISIONS, "lr_scaling": LR_SCALINGS, "adapt": ADAPTS}
+           "precision": PRECISIONS, "lr_scaling": LR_SCALINGS, "adapt": ADAPTS,
+           "select": SELECTS}
 """Each option with a fixed set of values, and that set."""
 
 
@@ -30,6 +32,9 @@ def validate(config) -> None:
     _range("adapt_weight", config.adapt_weight, 0.0)
     if config.adapt not in ("auto", "none") and config.target is None:
         raise UserError(f"adapt '{config.adapt}' needs unlabelled target images: add --target DIR.")
+    if config.select == "target-entropy" and config.target is None:
+        raise UserError("select 'target-entropy' scores checkpoints on unlabelled target images: add --target DIR, "
+                        "or use --select val.")
     if config.target_eval is not None and config.target is None:
         raise UserError("--target-eval measures an adapted run: add --target DIR (its unlabelled images).")
     _range("accumulate", config.accumulate, 1)

@@ -25,7 +25,7 @@ SECTIONS = {
     "data": ("data", "val_fraction", "test_fraction", "shots", "split_file", "bad_files", "augment", "sampler"),
     "model": ("model", "weights", "head", "head_hidden", "head_dropout", "in_chans", "img_size", "trust_checkpoint"),
     "strategy": ("strategy", "unfreeze_groups", "backbone_lr_mult", "layer_decay", "lr_min", "gradual_every",
-                 "lp_epochs", "ft_lr_scale", "plan", "epochs", "patience"),
+                 "lp_epochs", "ft_lr_scale", "plan", "epochs", "patience", "select"),
     "optim": ("optimizer", "lr", "weight_decay", "momentum", "warmup_epochs", "batch_size", "accumulate",
               "lr_scaling", "lr_base_batch", "grad_clip"),
     "regularise": ("label_smoothing", "l2sp", "drop_path", "mixup", "cutmix", "class_weights"),
@@ -69,7 +69,7 @@ class TrainConfig:
     weights: str = "auto"
     """auto (bundled or cached, never downloads) | imagenet (may download) | none | a file path."""
     head: str = "linear"
-    """linear | mlp (one hidden layer with ReLU and dropout)."""
+    """linear | mlp (one hidden layer with ReLU and dropout) | bottleneck (mlp with BatchNorm; for --target)."""
     head_hidden: int = 512
     """Hidden width of the mlp head."""
     head_dropout: float = 0.0
@@ -103,6 +103,10 @@ class TrainConfig:
     """Training epochs."""
     patience: int = 0
     """Stop after this many epochs without a better validation score; 0 never stops early."""
+    select: str = "auto"
+    """Which epoch is best: val (source validation accuracy) | target-entropy (lowest mean prediction entropy
+    on the unlabelled --target images: no target label needed) | auto (val; with --target, the rule measured
+    best in benchmarks/adapt.md)."""
     # --- optim: how it is optimised ---
     optimizer: str = "adamw"
     """adamw | sgd (with momentum)."""

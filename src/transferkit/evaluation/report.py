@@ -95,6 +95,8 @@ def build_report(run_dir: str | Path, device: str = "cpu", data=None) -> Path:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     how = (meta.get("data") or {}).get("how", data.how)  # as trained, not "reused from split.json"
     sections = [_summary(run_dir, config, data, how), _section("Learning curves", _img(_curves_png(rows)))]
+    if any("adapt_loss" in r for r in rows):
+        sections.append(_adaptation(run_dir, rows))
     test_logits, test_labels, test_refs = split_logits(run_dir, "test", data, model)
     calibration = {}
     if len(test_labels):
@@ -222,6 +224,55 @@ def build_compare_report(result: dict, out: Path) -> Path:
 
 
 # --- figures and HTML pieces --------------------------------------------------------------
+
+def _adaptation(run_dir: Path, rows: list[dict]) -> str:
+    """Domain adaptation: source and target curves per epoch, the epoch the run's rule picked against the
+    oracle pick (with --target-eval), and the features before and after training in 2-D."""
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    picked = (metrics.get("best") or {}).get("epoch")
+    by_epoch = {r["epoch"]: r for r in rows}
+    table = [("rule", html.escape(str(metrics.get("select", "val")))), ("picked epoch", picked)]
+    if picked in by_epoch and by_epoch[picked].get("target_accuracy") is not None:
+        oracle = max(rows, key=lambda r: r["target_accuracy"])
+        table += [("target accuracy at the picked epoch", _fmt(by_epoch[picked]["target_accuracy"])),
+                  ("oracle pick (needs target labels)", f"epoch {oracle['epoch']}: {_fmt(oracle['target_accuracy'])}")]
+    cells = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in table)
+    body = f"<table>{cells}</table>{_img(_adaptation_png(rows))}"
+    points = run_dir / "adapt-features.json"
+    if points.is_file():
+        body += _img(_pca_png(json.loads(points.read_text())))
+    return _section("Domain adaptation", body)
+
+
+def _adaptation_png(rows: list[dict]) -> bytes:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    epochs = [r["epoch"] for r in rows]
+    for ax, keys in zip(axes, (("val_accuracy", "target_accuracy", "domain_accuracy"),
+                               ("target_entropy", "proxy_a_distance", "adapt_loss"))):
+        for key in keys:
+            if any(r.get(key) is not None for r in rows):
+                ax.plot(epochs, [r.get(key) for r in rows], marker="o", label=key.replace("val_", "source val "))
+        ax.set(xlabel="epoch")
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _pca_png(points: dict) -> bytes:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 4), squeeze=False)
+    for ax, when in zip(axes[0], ("before", "after")):
+        if when not in points:
+            continue
+        for domain, colour in (("source", "C0"), ("target", "C1")):
+            xy = np.asarray(points[when][domain]).reshape(-1, 2)
+            ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.5, color=colour, label=domain)
+        distance = points[when].get("proxy_a_distance")
+        ax.set_title(f"features {when} training (PCA)" + (f", proxy A-distance {distance:.2f}" if distance is not None
+                                                            else ""), fontsize=9)
+        ax.legend(fontsize=8)
+    return _png(fig)
+
 
 def _pyplot():
     import matplotlib

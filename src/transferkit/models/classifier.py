@@ -28,10 +28,12 @@ class Classifier(nn.Module):
 
 
 def make_head(features: int, num_classes: int, kind: str, hidden: int, dropout: float) -> nn.Module:
-    """A linear head, or an MLP with one hidden layer; dropout sits before the last linear."""
+    """A linear head; an MLP with one hidden layer; or a bottleneck, the MLP with BatchNorm before its ReLU
+    (the domain adaptation head of Long et al. and thuml's library). Dropout sits before the last linear."""
     if kind == "linear":
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
-    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+    norm = [nn.BatchNorm1d(hidden)] if kind == "bottleneck" else []
+    return nn.Sequential(nn.Linear(features, hidden), *norm, nn.ReLU(inplace=True), nn.Dropout(dropout),
                          nn.Linear(hidden, num_classes))
 
 

@@ -21,8 +21,11 @@ target accuracy (measured only: those labels reach no loss and no checkpoint cho
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -31,10 +34,15 @@ from transferkit.core.errors import UserError
 from transferkit.data.check import write_skipped
 from transferkit.data.loaders import make_loader
 from transferkit.data.target import labelled_set, load_target
+from transferkit.evaluation.domain import mean_entropy, pca_2d, proxy_a_distance
 from transferkit.evaluation.passes import evaluate_loader
 
 DEFAULT = "dann"
 """What `--adapt auto` runs."""
+SELECT = "val"
+"""What `--select auto` uses with a target: the label-free checkpoint rule measured best (benchmarks/adapt.md)."""
+POINTS = "adapt-features.json"
+"""In the run directory: the 2-D PCA of source and target features before and after training."""
 
 
 class GradientReverse(torch.autograd.Function):
@@ -85,15 +93,17 @@ class Adaptation:
     """One method's adaptation loss on the run's target batches (see the module docstring)."""
 
     def __init__(self, method: str, model: nn.Module, target_loader, move, weight: float, total_steps: int,
-                 num_classes: int, feature_dim: int, device: torch.device, measure=None):
-        self.method, self.loader, self.move, self.weight = method, target_loader, move, weight
-        self.measure = measure  # model -> target accuracy on --target-eval, or None
+                 num_classes: int, device: torch.device, watch: Watch | None = None):
+        self.method, self.loader, self.move, self.weight, self.watch = method, target_loader, move, weight, watch
         self.total_steps, self.step = max(total_steps, 1), 0
-        inputs = feature_dim * num_classes if method == "cdan" else feature_dim
+        self.layer = last_linear(model)
+        self.layer.register_forward_hook(self._keep)
+        inputs = self.layer.in_features * num_classes if method == "cdan" else self.layer.in_features
         self.discriminator = discriminator(inputs).to(device) if method in ("dann", "cdan") else None
-        self.last = None  # the head's input (pooled features) and output in the latest training forward
-        model.head.register_forward_hook(self._keep)
+        self.last = None  # that layer's input and output (the logits) in the latest training forward
         self.sums = _zero_sums()
+        if watch is not None and not watch.saw("before"):  # a resumed run keeps its first look
+            watch.look(model, "before")
 
     def _keep(self, module, args, out) -> None:
         if module.training:
@@ -126,8 +136,6 @@ class Adaptation:
         self.step += 1
         self.sums["loss"] += float(loss.detach())
         self.sums["terms"] += 1
-        probs = F.softmax(outputs.detach().float(), 1)
-        self.sums["entropy"] += float(-(probs * torch.log(probs + 1e-12)).sum(1).mean())
         return self.weight * loss
 
     def _loss(self, fs, ls, ft, lt) -> torch.Tensor:
@@ -147,16 +155,14 @@ class Adaptation:
         return F.binary_cross_entropy_with_logits(domain, truth)
 
     def epoch_metrics(self, model: nn.Module) -> dict:
-        """The epoch's adaptation loss, discriminator accuracy and mean target prediction entropy (over its
-        training steps; the sums start again), and with `--target-eval` the target accuracy of `model`
-        (measured only)."""
+        """The epoch's mean adaptation loss and discriminator accuracy over its training steps (the sums
+        start again), and the watch's measures of `model` (eval mode)."""
         s = self.sums
         out = {"adapt_loss": s["loss"] / max(s["terms"], 1),
-               "domain_accuracy": s["domain_hits"] / s["domain_seen"] if s["domain_seen"] else None,
-               "target_entropy": s["entropy"] / s["terms"] if s["terms"] else None}
+               "domain_accuracy": s["domain_hits"] / s["domain_seen"] if s["domain_seen"] else None}
         self.sums = _zero_sums()
-        if self.measure is not None:
-            out["target_accuracy"] = self.measure(model)
+        if self.watch is not None:
+            out.update(self.watch.look(model, "after"))
         return out
 
     def state_dict(self) -> dict:
@@ -169,8 +175,67 @@ class Adaptation:
             self.discriminator.load_state_dict(state["discriminator"])
 
 
+def last_linear(model: nn.Module) -> nn.Linear:
+    """The head's last linear layer: its input is what adaptation aligns (the pooled features, or the
+    bottleneck's output), its output the logits."""
+    return [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1]
+
+
+class Watch:
+    """What adaptation measures each epoch with the model in eval mode, none of it reaching a loss: the
+    mean prediction entropy over every target image (a label-free checkpoint score, `--select
+    target-entropy`), the proxy A-distance between source validation and target features, and with
+    `--target-eval` the target accuracy (its labels are only counted). `look(model, "before" | "after")`
+    also writes a 2-D PCA of those features to `points` (adapt-features.json) for the report."""
+
+    POINTS = 600
+    """Target images kept in the PCA plot."""
+
+    def __init__(self, layer: nn.Linear, target, source, labelled, rt, d, move, points: Path | None):
+        self.layer, self.target, self.source, self.labelled = layer, target, source, labelled
+        self.rt, self.d, self.move, self.points = rt, d, move, points
+        self.loss = nn.CrossEntropyLoss()
+
+    def saw(self, when: str) -> bool:
+        return self.points is not None and self.points.is_file() and when in json.loads(self.points.read_text())
+
+    def _features(self, model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
+        """(logits of the whole split, gathered; this rank's features) of `loader` in eval mode."""
+        kept = []
+        handle = self.layer.register_forward_hook(lambda m, args, out: kept.append(args[0].float().cpu()))
+        try:
+            logits = evaluate_loader(model, loader, self.loss, self.rt, d=self.d, move=self.move)["logits"]
+        finally:
+            handle.remove()
+        return logits, torch.cat(kept).numpy() if kept else np.zeros((0, 0), np.float32)
+
+    def look(self, model: nn.Module, when: str) -> dict:
+        was_training = model.training
+        logits, target = self._features(model, self.target)
+        source = self._features(model, self.source)[1] if self.source is not None else None
+        out = {"target_entropy": mean_entropy(logits),
+               "proxy_a_distance": proxy_a_distance(source, target) if source is not None else None}
+        if self.labelled is not None:
+            out["target_accuracy"] = evaluate_loader(model, self.labelled, self.loss, self.rt, d=self.d,
+                                                     move=self.move)["accuracy"]
+        if self.points is not None and source is not None:
+            s2, t2 = pca_2d(source, target[:self.POINTS])
+            saved = json.loads(self.points.read_text()) if self.points.is_file() else {}
+            saved[when] = {"source": s2.round(4).tolist(), "target": t2.round(4).tolist(), **out}
+            self.points.write_text(json.dumps(saved))
+        model.train(was_training)
+        return out
+
+
 def _zero_sums() -> dict:
-    return {"loss": 0.0, "domain_hits": 0, "domain_seen": 0, "terms": 0, "entropy": 0.0}
+    return {"loss": 0.0, "domain_hits": 0, "domain_seen": 0, "terms": 0}
+
+
+def select_rule(config) -> str:
+    """The run's checkpoint rule, `--select` with auto resolved: val without a target, SELECT with one."""
+    if config.select != "auto":
+        return config.select
+    return SELECT if config.target is not None else "val"
 
 
 def adaptation_for(r) -> Adaptation | None:
@@ -189,21 +254,17 @@ def adaptation_for(r) -> Adaptation | None:
     on_device, task = r.rt.normalizes_on_device, r.task
     loader = make_loader(target, "train", task.transform(r.prep, c, True, on_device, False), c, shuffle=True,
                          min_side=r.prep.resize, d=r.d, reader=task.dataset)
-    measure = None
-    if c.target_eval is not None:
-        labelled = labelled_set(c.target_eval, r.data.classes)
-        scored = make_loader(labelled, "test", task.transform(r.prep, c, False, on_device, False), c,
-                             min_side=r.prep.resize, d=r.d, reader=task.dataset)
-        loss = nn.CrossEntropyLoss()
-
-        def measure(model):
-            return evaluate_loader(model, scored, loss, r.rt, d=r.d, move=r.move)["accuracy"]
-
+    eval_transform = task.transform(r.prep, c, False, on_device, False)
+    labelled = labelled_set(c.target_eval, r.data.classes) if c.target_eval is not None else None
+    scan = [make_loader(data, split, eval_transform, c, min_side=r.prep.resize, d=r.d, reader=task.dataset)
+            if data is not None else None for data, split in ((target, "train"), (labelled, "test"))]
+    source = r.loaders["val"] if r.data.splits["val"] else None
+    watch = Watch(last_linear(r.model), scan[0], source, scan[1], r.rt, r.d, r.move,
+                  r.run_dir / POINTS if r.d.main else None)
     r.report.info(f"[transferkit] adapting to {c.target} ({len(target.splits['train'])} unlabelled images"
                   + (f", {len(target.skipped)} skipped" if target.skipped else "") + f") with {method}"
                   + (f" (weight {c.adapt_weight:g})" if method != "none" else " (none: source only)")
                   + (f"; measuring on {c.target_eval} ({len(labelled.splits['test'])} labelled images, never trained "
-                     "on)" if measure else ""))
+                     "on)" if labelled else ""))
     total = sum(phase.epochs for phase in r.plan) * len(r.loaders["train"])
-    return Adaptation(method, r.model, loader, r.move, c.adapt_weight, total, len(r.data.classes),
-                      r.record["features"], r.device, measure)
+    return Adaptation(method, r.model, loader, r.move, c.adapt_weight, total, len(r.data.classes), r.device, watch)

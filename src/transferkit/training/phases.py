@@ -177,18 +177,21 @@ class EpochLoop:
                                move=ps.move) if len(self.r.data.splits["val"]) else None)
         val_logits = val.pop("logits") if val else None
         row = self.epoch_row(val, seconds)
-        # best by val accuracy, ties broken by lower val loss; without a val split, the latest.
-        # A model with non-finite weights or val loss is never kept.
+        # best by val accuracy, ties broken by lower val loss (or by target entropy: --select); without a
+        # score, the latest. A model with non-finite weights or val loss is never kept.
         score = {"epoch": p.epoch, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
+        if self.r.select == "target-entropy":
+            score["target_entropy"] = row["target_entropy"]
+        scored = val is not None or "target_entropy" in score
         finite = all_finite(model) and (val is None or math.isfinite(val["loss"]))
-        improved = finite and (val is None or score_key(score) > score_key(p.best))
+        improved = finite and (not scored or p.best["epoch"] is None or score_key(score) > score_key(p.best))
         if improved:
             p.best, p.best_val_logits, p.since_best = score, val_logits, 0
             if d.main:
                 save_bundle(self.r.run_dir / "best", model, {**self.r.meta, "metrics": {"best": p.best}})
         else:
             p.since_best += 1
-        if c.keep_top_k and val is not None and finite:
+        if c.keep_top_k and scored and finite:
             p.top = keep_top(self.r.run_dir, p.top, score, c.keep_top_k, model, self.r.meta, d.main)
         p.sums = EpochSums()
         self.save_last(p.sums)

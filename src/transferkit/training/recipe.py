@@ -35,7 +35,7 @@ from transferkit.evaluation.passes import evaluate_loader
 from transferkit.evaluation.report import build_report, confusion_png, save_predictions
 from transferkit.models.classifier import layer_groups
 from transferkit.models.task import Task, task_for
-from transferkit.training.adapt import adaptation_for
+from transferkit.training.adapt import adaptation_for, select_rule
 from transferkit.training.board import Board
 from transferkit.training.checkpoint import load_resume, resumed_plan, set_rng_state
 from transferkit.training.epoch import EpochSums, ExtraLoss
@@ -243,6 +243,7 @@ class Recipe:
         self.l2sp = L2SP(self.model.backbone, c.l2sp) if c.l2sp else None
         self.eval_loss = nn.CrossEntropyLoss()
         self.extra_loss = self.extra_loss or adaptation_for(self)  # --target: domain adaptation's loss
+        self.select = select_rule(c)  # which epoch is best
 
     def find_lr(self) -> None:
         """lr auto: rank 0 runs the range test on its batches, every rank takes its suggestion."""
@@ -312,7 +313,7 @@ class Recipe:
                                                 self.data.classes, d, fold=True, move=self.move)
             self.test_logits = self.test_metrics.pop("logits")
         self.checked = serving_check(self.shipped, [self.loaders[s] for s in scored], rt, d, self.report, self.move)
-        self.metrics = {"test": self.test_metrics, "best": p.best, "epochs_run": p.epoch,
+        self.metrics = {"test": self.test_metrics, "best": p.best, "select": self.select, "epochs_run": p.epoch,
                         "trainable_params": count_trainable(self.model), "nan_skipped_steps": p.nan_skipped,
                         "skipped_files": len(self.data.skipped), **self.cache_s, "runtime": self.setting,
                         "precision_check": self.checked, "wall_time_s": time.perf_counter() - self.started}

@@ -16,7 +16,10 @@ from transferkit.deploy.bundle import save_bundle
 
 
 def score_key(score: dict) -> tuple:
-    """Ordering of validation scores: higher accuracy, then lower loss."""
+    """Ordering of epoch scores: lower target entropy when the score has one (`--select target-entropy`),
+    else higher validation accuracy, then lower validation loss."""
+    if "target_entropy" in score:
+        return -score["target_entropy"], score["val_accuracy"] or 0.0
     return score["val_accuracy"], -score["val_loss"]
 
 
