@@ -69,10 +69,13 @@ def run(tmp_path, source, name, **overrides):
                                 "runs_dir": str(tmp_path / "runs"), "name": name, **overrides})
 
 
-@pytest.mark.parametrize("method", ["dann", "cdan", "mcc", "coral"])
-def test_an_adapted_run_records_target_metrics_and_ships_a_normal_bundle(tmp_path, domains, method):
+@pytest.mark.parametrize("method,strategy,head", [("dann", "finetune", "linear"), ("cdan", "lp-ft", "linear"),
+                                                  ("mcc", "linear-probe", "bottleneck"), ("coral", "full", "mlp")])
+def test_an_adapted_run_records_target_metrics_and_ships_a_normal_bundle(tmp_path, domains, method, strategy, head):
+    """Each method with a strategy: a frozen backbone adapts its trainable bottleneck (linear-probe)."""
     source, target, labelled = domains
-    done = run(tmp_path, source, method, target=str(target), target_eval=str(labelled), adapt=method)
+    done = run(tmp_path, source, method, target=str(target), target_eval=str(labelled), adapt=method,
+               strategy=strategy, head=head, head_hidden=16)
     rows = [json.loads(line) for line in (done.dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
@@ -84,6 +87,10 @@ def test_an_adapted_run_records_target_metrics_and_ships_a_normal_bundle(tmp_pat
     assert state["extra"]["step"] == 2 * 2  # 16 source images, batches of 8, 2 epochs: a term each
     predictions = transferkit.load(done.best).predict([str(next(target.rglob("*.png")))])
     assert predictions[0]["label"] in ("circle", "square")
+    if head == "bottleneck":  # its BatchNorm exports and matches PyTorch like any head
+        from transferkit.deploy.export import export
+
+        assert export(done.dir, format="onnx")["top1_agreement"] == 1.0
 
 
 def test_select_target_entropy_keeps_the_most_confident_epoch_on_the_target(tmp_path, domains):
@@ -149,3 +156,27 @@ def test_evaluate_scores_any_labelled_folder(tmp_path, domains):
     shutil.copytree(extra / "circle", extra / "triangle")
     with pytest.raises(UserError, match="--data .* has class\\(es\\) 'triangle'"):
         transferkit.evaluate(done.dir, data=str(extra))
+
+
+def test_two_processes_adapt_what_one_adapts(tmp_path, domains):
+    """DDP: the target loader is sharded like the source and the discriminator's gradients are averaged over
+    the ranks. A frozen backbone (linear-probe: BatchNorm in eval mode) with a linear head makes each image's
+    loss independent of how the batch is split, so 1 and 2 processes must agree, discriminator included."""
+    import subprocess
+
+    from test_distributed import _torchrun
+    from test_resume import assert_same_weights
+
+    source, target, _ = domains
+    flags = ["--strategy", "linear-probe", "--adapt", "dann", "--epochs", "2", "--batch-size", "8", "--lr", "1e-2",
+             "--optimizer", "sgd", "--img-size", "32", "--workers", "0", "--precision", "fp32", "--quiet",
+             "--no-report", "--no-feature-cache", "--runs-dir", str(tmp_path / "runs"), "--target", str(target)]
+    one = run(tmp_path, source, "one", strategy="linear-probe", adapt="dann", batch_size=8, lr=1e-2, optimizer="sgd",
+              target=str(target), feature_cache=False)
+    out = subprocess.run(_torchrun(str(source), "--name", "two", *flags), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    states = [torch.load(folder / "last.ckpt", weights_only=False) for folder in (one.dir, tmp_path / "runs" / "two")]
+    assert_same_weights(states[0]["model"], states[1]["model"], atol=1e-5)
+    assert_same_weights(states[0]["extra"]["discriminator"], states[1]["extra"]["discriminator"], atol=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["domain_accuracy"] is not None for r in rows)

@@ -2,8 +2,9 @@
 
 `Adaptation` is an `epoch.ExtraLoss`: each training micro-batch, `join` appends a batch of target images
 to the source images, so one forward runs both (BatchNorm normalises the mixed batch, and its running
-statistics stay the mixture that training saw); a hook on `model.head` keeps the head's input, the
-pooled features; `term` splits features and logits into source and target and returns the method's loss:
+statistics stay the mixture that training saw); a hook on the head's last linear layer keeps its input
+(the pooled features, or a `--head bottleneck`'s output) and its logits; `term` splits them into source
+and target and returns the method's loss:
 
 - dann (Ganin et al. 2016): a domain discriminator on the features through a gradient reversal layer
   whose coefficient rises as 2 / (1 + exp(-10 p)) - 1 over training progress p in [0, 1].
@@ -13,10 +14,12 @@ pooled features; `term` splits features and logits into source and target and re
   entropy-weighted); no discriminator.
 - coral (Sun and Saenko 2016): the distance between source and target feature covariances.
 
-The discriminator trains with the model (its parameters join the optimizer at the head's LR) and its
-state goes into last.ckpt. `epoch_metrics` adds to each epoch's row the adaptation loss, the
-discriminator's domain accuracy, the target's mean prediction entropy, and, with `--target-eval`, the
-target accuracy (measured only: those labels reach no loss and no checkpoint choice).
+The discriminator trains with the model (its parameters join the optimizer at the head's LR; with several
+processes its gradients are averaged like the model's) and its state goes into last.ckpt. The target
+loader is sharded over the processes like the source's. `Watch` measures each epoch in eval mode what
+needs no target label (mean prediction entropy over every target image, proxy A-distance, a PCA of the
+features) and, with `--target-eval`, the target accuracy: those labels reach no loss and no checkpoint
+choice. `select_rule` resolves `--select auto`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from transferkit.core.distributed import Dist, ddp_wrap
 from transferkit.core.errors import UserError
 from transferkit.data.check import write_skipped
 from transferkit.data.loaders import make_loader
@@ -39,7 +43,7 @@ from transferkit.evaluation.passes import evaluate_loader
 
 DEFAULT = "dann"
 """What `--adapt auto` runs."""
-SELECT = "val"
+SELECT = "target-entropy"
 """What `--select auto` uses with a target: the label-free checkpoint rule measured best (benchmarks/adapt.md)."""
 POINTS = "adapt-features.json"
 """In the run directory: the 2-D PCA of source and target features before and after training."""
@@ -93,13 +97,15 @@ class Adaptation:
     """One method's adaptation loss on the run's target batches (see the module docstring)."""
 
     def __init__(self, method: str, model: nn.Module, target_loader, move, weight: float, total_steps: int,
-                 num_classes: int, device: torch.device, watch: Watch | None = None):
+                 num_classes: int, device: torch.device, watch: Watch | None = None, d: Dist = Dist()):
         self.method, self.loader, self.move, self.weight, self.watch = method, target_loader, move, weight, watch
         self.total_steps, self.step = max(total_steps, 1), 0
         self.layer = last_linear(model)
         self.layer.register_forward_hook(self._keep)
         inputs = self.layer.in_features * num_classes if method == "cdan" else self.layer.in_features
         self.discriminator = discriminator(inputs).to(device) if method in ("dann", "cdan") else None
+        # with several processes its gradients are averaged over the ranks, as the model's are
+        self.judge = ddp_wrap(self.discriminator, d, device) if self.discriminator is not None else None
         self.last = None  # that layer's input and output (the logits) in the latest training forward
         self.sums = _zero_sums()
         if watch is not None and not watch.saw("before"):  # a resumed run keeps its first look
@@ -148,7 +154,7 @@ class Adaptation:
             fs, ft = torch.bmm(ps.unsqueeze(2), fs.unsqueeze(1)).flatten(1), \
                 torch.bmm(pt.unsqueeze(2), ft.unsqueeze(1)).flatten(1)
         features = GradientReverse.apply(torch.cat([fs, ft]), reversal_coefficient(self.step / self.total_steps))
-        domain = self.discriminator(features).squeeze(1)
+        domain = self.judge(features).squeeze(1)
         truth = torch.cat([torch.ones(len(fs)), torch.zeros(len(ft))]).to(domain.device)
         self.sums["domain_hits"] += int(((domain > 0).float() == truth).sum())
         self.sums["domain_seen"] += len(truth)
@@ -267,4 +273,5 @@ def adaptation_for(r) -> Adaptation | None:
                   + (f"; measuring on {c.target_eval} ({len(labelled.splits['test'])} labelled images, never trained "
                      "on)" if labelled else ""))
     total = sum(phase.epochs for phase in r.plan) * len(r.loaders["train"])
-    return Adaptation(method, r.model, loader, r.move, c.adapt_weight, total, len(r.data.classes), r.device, watch)
+    return Adaptation(method, r.model, loader, r.move, c.adapt_weight, total, len(r.data.classes), r.device, watch,
+                      r.d)
