@@ -253,7 +253,7 @@ def _adaptation_png(rows: list[dict]) -> bytes:
         for key in keys:
             if any(r.get(key) is not None for r in rows):
                 ax.plot(epochs, [r.get(key) for r in rows], marker="o", label=key.replace("val_", "source val "))
-        ax.set(xlabel="epoch")
+        ax.set(xlabel="epoch", xticks=epochs)
         ax.legend(fontsize=8)
     return _png(fig)
 

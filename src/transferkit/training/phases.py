@@ -202,7 +202,7 @@ class EpochLoop:
         if d.sum([self.signals.signum is not None])[0]:  # any rank's signal stops all of them
             raise Preempted(self.signals.signum or signal.SIGTERM, self.r.run_dir, f"after epoch {p.epoch}")
         if c.patience and p.since_best >= c.patience:
-            self.r.report.info(f"[transferkit] early stop: no better val score for {c.patience} epochs")
+            self.r.report.info(f"[transferkit] early stop: no better {self.r.select} score for {c.patience} epochs")
             return True
         if self.r.on_epoch is not None and d.sum([bool(self.r.on_epoch(row))])[0]:
             self.r.report.info(f"[transferkit] stopped after epoch {p.epoch}: on_epoch asked to")
