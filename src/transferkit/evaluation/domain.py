@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from transferkit.evaluation.calibration import softmax
+
+POINTS = "adapt-features.json"
+"""In the run directory: the 2-D PCA of source and target features before and after training (written by
+training.adapt, drawn by the report)."""
+
 
 def mean_entropy(logits: np.ndarray) -> float:
     """Mean entropy (nats) of the softmax of `logits` (n, classes): low when the model is confident."""
-    z = logits - logits.max(1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(1, keepdims=True)
+    p = softmax(logits)
     return float(-(p * np.log(p + 1e-12)).sum(1).mean())
 
 

@@ -26,6 +26,7 @@ from transferkit.evaluation.calibration import (
     reliability_png,
     softmax,
 )
+from transferkit.evaluation.domain import POINTS
 from transferkit.evaluation.metrics import classification_metrics
 
 TOP_LOSSES = 16
@@ -238,7 +239,7 @@ def _adaptation(run_dir: Path, rows: list[dict]) -> str:
                   ("oracle pick (needs target labels)", f"epoch {oracle['epoch']}: {_fmt(oracle['target_accuracy'])}")]
     cells = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in table)
     body = f"<table>{cells}</table>{_img(_adaptation_png(rows))}"
-    points = run_dir / "adapt-features.json"
+    points = run_dir / POINTS
     if points.is_file():
         body += _img(_pca_png(json.loads(points.read_text())))
     return _section("Domain adaptation", body)
@@ -261,9 +262,7 @@ def _adaptation_png(rows: list[dict]) -> bytes:
 def _pca_png(points: dict) -> bytes:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 4), squeeze=False)
-    for ax, when in zip(axes[0], ("before", "after")):
-        if when not in points:
-            continue
+    for ax, when in zip(axes[0], [when for when in ("before", "after") if when in points]):
         for domain, colour in (("source", "C0"), ("target", "C1")):
             xy = np.asarray(points[when][domain]).reshape(-1, 2)
             ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.5, color=colour, label=domain)

@@ -38,15 +38,13 @@ from transferkit.core.errors import UserError
 from transferkit.data.check import write_skipped
 from transferkit.data.loaders import make_loader
 from transferkit.data.target import labelled_set, load_target
-from transferkit.evaluation.domain import mean_entropy, pca_2d, proxy_a_distance
+from transferkit.evaluation.domain import POINTS, mean_entropy, pca_2d, proxy_a_distance
 from transferkit.evaluation.passes import evaluate_loader
 
 DEFAULT = "dann"
 """What `--adapt auto` runs."""
 SELECT = "target-entropy"
 """What `--select auto` uses with a target: the label-free checkpoint rule measured best (benchmarks/adapt.md)."""
-POINTS = "adapt-features.json"
-"""In the run directory: the 2-D PCA of source and target features before and after training."""
 
 
 class GradientReverse(torch.autograd.Function):
@@ -194,7 +192,7 @@ class Watch:
     `--target-eval` the target accuracy (its labels are only counted). `look(model, "before" | "after")`
     also writes a 2-D PCA of those features to `points` (adapt-features.json) for the report."""
 
-    POINTS = 600
+    PLOTTED = 600
     """Target images kept in the PCA plot."""
 
     def __init__(self, layer: nn.Linear, target, source, labelled, rt, d, move, points: Path | None):
@@ -225,7 +223,7 @@ class Watch:
             out["target_accuracy"] = evaluate_loader(model, self.labelled, self.loss, self.rt, d=self.d,
                                                      move=self.move)["accuracy"]
         if self.points is not None and source is not None:
-            s2, t2 = pca_2d(source, target[:self.POINTS])
+            s2, t2 = pca_2d(source, target[:self.PLOTTED])
             saved = json.loads(self.points.read_text()) if self.points.is_file() else {}
             saved[when] = {"source": s2.round(4).tolist(), "target": t2.round(4).tolist(), **out}
             self.points.write_text(json.dumps(saved))
