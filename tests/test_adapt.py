@@ -172,7 +172,7 @@ def test_two_processes_adapt_what_one_adapts(tmp_path, domains):
              "--optimizer", "sgd", "--img-size", "32", "--workers", "0", "--precision", "fp32", "--quiet",
              "--no-report", "--no-feature-cache", "--runs-dir", str(tmp_path / "runs"), "--target", str(target)]
     one = run(tmp_path, source, "one", strategy="linear-probe", adapt="dann", batch_size=8, lr=1e-2, optimizer="sgd",
-              target=str(target), feature_cache=False)
+              target=str(target), feature_cache=False, device="cpu")
     out = subprocess.run(_torchrun(str(source), "--name", "two", *flags), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     states = [torch.load(folder / "last.ckpt", weights_only=False) for folder in (one.dir, tmp_path / "runs" / "two")]

@@ -1,6 +1,7 @@
 """Several processes on CPU (torchrun + gloo) train what one process trains.
 
-The multi-process tests start real torchrun process groups: 2 ranks on this machine's cores."""
+The multi-process tests start real torchrun process groups: 2 ranks on this machine's cores, on the CPU
+also where a GPU is present (the fp32 equalities hold on the CPU; NCCL is test_cuda's)."""
 
 import json
 import signal
@@ -23,7 +24,7 @@ from test_resume import assert_same_weights, weights
 
 def _torchrun(*args: str, nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "transferkit", "train", *args]
+            "-m", "transferkit", "train", "--device", "cpu", *args]
 
 
 def _keys(batches) -> list:
@@ -68,7 +69,7 @@ def test_accumulation_gives_the_weights_of_the_whole_batch(shapes_dir, tiny):
     # BN in eval mode (lp-ft's FT phase) so that micro-batches see the same statistics
     # equal within 1e-5: an fp32 property (bf16 rounds each micro-batch's activations differently)
     common = {**tiny, "data": str(shapes_dir), "strategy": "lp-ft", "epochs": 2, "batch_size": 8, "lr": 1e-2,
-              "precision": "fp32"}
+              "precision": "fp32", "device": "cpu"}
     one = transferkit.train(name="one", **common)
     acc = transferkit.train(name="acc", accumulate=2, **common)
     assert_same_weights(weights(one.dir), weights(acc.dir), atol=1e-5)
@@ -81,7 +82,7 @@ def test_two_processes_train_what_one_trains(tmp_path, tiny):
     # lr-sized steps, which would compare the summation order of 1 and 2 threads, not DDP
     # within 1e-5 is an fp32 property: bf16 rounds the batch-of-4 and batch-of-8 activations differently
     flags = {**tiny, "data": str(data), "strategy": "lp-ft", "epochs": 2, "batch_size": 8, "lr": 1e-2,
-             "keep_top_k": 2, "optimizer": "sgd", "precision": "fp32"}
+             "keep_top_k": 2, "optimizer": "sgd", "precision": "fp32", "device": "cpu"}
     one = transferkit.train(name="one", **flags)
     cli = [str(data), "--name", "two", "--strategy", "lp-ft", "--epochs", "2", "--batch-size", "8", "--lr", "1e-2",
            "--img-size", "32", "--workers", "0", "--keep-top-k", "2", "--optimizer", "sgd", "--precision", "fp32", "--quiet",
@@ -108,7 +109,7 @@ def test_two_processes_train_what_one_trains(tmp_path, tiny):
 def test_gradual_under_ddp_needs_no_find_unused_parameters(tmp_path, shapes_dir, tiny):
     # DDP is built with find_unused_parameters=False: a frozen parameter registered with it would
     # make the second step fail. Each phase re-wraps the model over what trains then.
-    flags = {**tiny, "data": str(shapes_dir), "strategy": "gradual", "epochs": 3, "batch_size": 4}
+    flags = {**tiny, "data": str(shapes_dir), "strategy": "gradual", "epochs": 3, "batch_size": 4, "device": "cpu"}
     one = transferkit.train(name="one", **flags)
     cli = [str(shapes_dir), "--name", "two", "--strategy", "gradual", "--epochs", "3", "--batch-size", "4",
            "--img-size", "32", "--workers", "0", "--quiet", "--runs-dir", flags["runs_dir"]]
@@ -122,8 +123,8 @@ def test_gradual_under_ddp_needs_no_find_unused_parameters(tmp_path, shapes_dir,
 
 def test_sigterm_to_the_launcher_saves_once_and_two_processes_resume(tmp_path, shapes_dir):
     runs = tmp_path / "runs"
-    cli = [sys.executable, "-m", "transferkit", "train", str(shapes_dir), "--devices", "2", "--name", "cut",
-           "--strategy", "finetune", "--epochs", "10", "--batch-size", "4", "--img-size", "32", "--workers", "0",
+    cli = [sys.executable, "-m", "transferkit", "train", str(shapes_dir), "--devices", "2", "--device", "cpu",
+           "--name", "cut", "--strategy", "finetune", "--epochs", "10", "--batch-size", "4", "--img-size", "32", "--workers", "0",
            "--save-every-steps", "1", "--quiet", "--runs-dir", str(runs)]
     launcher = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt = runs / "cut" / "last.ckpt"
@@ -142,8 +143,20 @@ def test_sigterm_to_the_launcher_saves_once_and_two_processes_resume(tmp_path, s
     assert not list((runs / "cut").glob(".*.tmp"))
 
     resumed = subprocess.run([sys.executable, "-m", "transferkit", "train", "--resume", str(runs / "cut"),
-                              "--devices", "2", "--quiet"],
+                              "--devices", "2", "--device", "cpu", "--quiet"],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((runs / "cut" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 10 and metrics["runtime"]["processes"] == 2
+
+
+def test_more_processes_than_gpus_is_refused_before_any_starts(monkeypatch):
+    from transferkit.core import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="--devices 2 starts one process per GPU, and this machine has 1. "
+                                        "Use --devices 1, or --device cpu for 2 CPU processes."):
+        distributed.check_gpus(2, None)
+    distributed.check_gpus(2, "cpu")  # CPU ranks: as many as asked
+    distributed.check_gpus(1, "cuda")

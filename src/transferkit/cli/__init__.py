@@ -28,6 +28,7 @@ def train(**flags) -> None:
     from transferkit.training.recipe import train as run_training
 
     if devices > 1 and not distributed.from_environment().on:
+        distributed.check_gpus(devices, flags["device"])
         distributed.launch(devices, sys.argv[1:])  # does not return: torchrun runs this command N times
     # False from a plain switch means "not given"; --no-feature-cache is a real choice
     toggles = ("feature_cache", "image_cache", "channels_last", "compile", "html_report")

@@ -111,6 +111,17 @@ def setup(device_name: str) -> tuple[Dist, torch.device | None]:
     return d, device
 
 
+def check_gpus(devices: int, device_name: str | None) -> None:
+    """--devices N on CUDA starts one process per GPU: refuse more processes than GPUs before any starts
+    (NCCL cannot put two ranks on one GPU)."""
+    from transferkit.core.machine import pick_device
+
+    gpus = torch.cuda.device_count()
+    if pick_device(device_name or "auto").type == "cuda" and devices > gpus:
+        raise UserError(f"--devices {devices} starts one process per GPU, and this machine has {gpus}. "
+                        f"Use --devices {gpus}, or --device cpu for {devices} CPU processes.")
+
+
 def launch(devices: int, argv: list[str]):
     """Replace this process with torchrun running the same transferkit command on `devices` local
     processes (one machine; --standalone rendezvous). `argv` loses its --devices option."""
