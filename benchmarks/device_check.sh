@@ -12,7 +12,10 @@ python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm._
 tests=$1 bench=$2 bench_args=$3; shift 3
 if [ "$tests" -gt 0 ]; then
   [ $# -gt 0 ] || set -- -m cuda tests/test_cuda.py
-  timeout "$tests" python3 -m pytest -q -p no:cacheprovider "$@" 2>&1 | tee "$OUT/tests.log" | tail -40
+  # into a file, not a pipe: a test's leftover child processes would hold a pipe open past the timeout
+  TRANSFERKIT_TEST_FAILURES=$OUT/failures.log timeout -k 5 "$tests" python3 -m pytest -q -p no:cacheprovider "$@" \
+    >"$OUT/tests.log" 2>&1
+  tail -40 "$OUT/tests.log"
 fi
 if [ "$bench" -gt 0 ]; then
   timeout "$bench" python3 benchmarks/gpu.py --timm-train .peer/timm_train.py --out "$OUT" $bench_args 2>&1 \

@@ -36,6 +36,15 @@ def make_folder(root: Path, per_class: int, size: int = 40, seed: int = 0, split
     return root
 
 
+def pytest_runtest_logreport(report):
+    """TRANSFERKIT_TEST_FAILURES=FILE: each failure's traceback is appended to FILE when it happens, so a
+    run cut off by a time limit (a lent GPU machine's call) still tells what failed and why."""
+    path = os.environ.get("TRANSFERKIT_TEST_FAILURES")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):  # xdist: the controller writes
+        with open(path, "a") as out:
+            out.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def feature_cache_in_tmp(tmp_path_factory):
     """Cached features go to a folder of this test session, never to ~/.cache."""
