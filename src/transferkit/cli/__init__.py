@@ -228,13 +228,13 @@ def predict(
 def _split_inputs(model: Path, split: str, prep):
     from transferkit.core.config import TrainConfig
     from transferkit.core.errors import UserError
-    from transferkit.data.sources import load_data
+    from transferkit.data.sources import config_data
 
     run = next((p for p in (model, model.parent) if (p / "config.yaml").is_file()), None)
     if run is None:
         raise UserError(f"--split needs a run directory (with config.yaml and split.json); '{model}' is not one.")
     config = TrainConfig.load(run / "config.yaml")
-    data = load_data(config.data, split_file=str(run / "split.json"))
+    data = config_data(config, run / "split.json")
     by_class: dict[str, list] = {}
     for sample in data.splits.get(split) or []:
         by_class.setdefault(sample[1], []).append(sample)

@@ -15,7 +15,7 @@ TRAIN = [
     ("config", Optional[Path],
      typer.Option(None, "--config", help="YAML config (e.g. a run's config.yaml); flags override it.")),
     ("resume", Optional[Path], typer.Option(None, "--resume", help="Continue runs/NAME from its last.ckpt.")),
-    ("model", Optional[str], typer.Option(None, help="timm model name (default efficientnet_lite0).")),
+    ("model", Optional[str], typer.Option(None, help="Images: a timm model name (default efficientnet_lite0); text: a Hugging Face encoder name or folder (default all-minilm-l6-v2).")),
     ("weights", Optional[str], typer.Option(None, help="auto | imagenet | none | PATH (default auto).")),
     ("strategy", Optional[str],
      typer.Option(None, help="linear-probe | finetune | gradual | lp-ft | full | scratch (default finetune).")),
@@ -56,6 +56,9 @@ TRAIN = [
     ("class_weights", Optional[str],
      typer.Option(None, help="none | auto: inverse-frequency loss weights (default none).")),
     ("sampler", Optional[str], typer.Option(None, help="shuffle | balanced (default shuffle).")),
+    ("text_column", Optional[str], typer.Option(None, help="Text data: the column of texts (default text).")),
+    ("label_column", Optional[str], typer.Option(None, help="Text data: the column of labels (default label).")),
+    ("max_length", Optional[int], typer.Option(None, help="Text: tokens per text at most (default 128).")),
     ("patience", Optional[int], typer.Option(None, help="Early-stopping patience in epochs, 0 = off (default 0).")),
     ("select", Optional[str], typer.Option(None, help="Which epoch is best: auto | val (source val accuracy) | "
                                                       "target-entropy (label-free, needs --target).")),

@@ -51,6 +51,7 @@ def validate(config) -> None:
     _range("batch_size", config.batch_size, 1)
     _range("unfreeze_groups", config.unfreeze_groups, 1)
     _range("head_hidden", config.head_hidden, 1)
+    _range("max_length", config.max_length, 8, 8192)
     if config.lr != "auto":
         if isinstance(config.lr, str):
             raise UserError(f"lr must be a positive number or 'auto'; got '{config.lr}'.")

@@ -22,8 +22,10 @@ from transferkit.core.checks import (  # noqa: F401 (the choices, importable fro
 
 
 SECTIONS = {
-    "data": ("data", "val_fraction", "test_fraction", "shots", "split_file", "bad_files", "augment", "sampler"),
-    "model": ("model", "weights", "head", "head_hidden", "head_dropout", "in_chans", "img_size", "trust_checkpoint"),
+    "data": ("data", "val_fraction", "test_fraction", "shots", "split_file", "bad_files", "augment", "sampler",
+             "text_column", "label_column"),
+    "model": ("model", "weights", "head", "head_hidden", "head_dropout", "in_chans", "img_size", "max_length",
+              "trust_checkpoint"),
     "strategy": ("strategy", "unfreeze_groups", "backbone_lr_mult", "layer_decay", "lr_min", "gradual_every",
                  "lp_epochs", "ft_lr_scale", "plan", "epochs", "patience", "select"),
     "optim": ("optimizer", "lr", "weight_decay", "momentum", "warmup_epochs", "batch_size", "accumulate",
@@ -63,6 +65,10 @@ class TrainConfig:
     """none | basic (random resized crop + flip) | strong (basic + TrivialAugment)."""
     sampler: str = "shuffle"
     """shuffle | balanced: draw training images with probability 1/class size (with replacement)."""
+    text_column: str = "text"
+    """Text data (.csv/.tsv/.jsonl): the column holding each text."""
+    label_column: str = "label"
+    """Text data: the column holding each text's class (a `split` column, if any, says train/val/test)."""
     # --- model: the model and its input ---
     model: str = "efficientnet_lite0"
     """Any timm model name; efficientnet_lite0/1/2 have ImageNet weights that work offline."""
@@ -78,6 +84,8 @@ class TrainConfig:
     """Input channels: 3 converts every image to RGB; 1 keeps grayscale and adapts the stem."""
     img_size: int | None = None
     """Training/eval resolution in pixels; default from the dataset (builtins) or the backbone."""
+    max_length: int = 128
+    """Text: tokens per text at most (longer texts are cut); batches are padded to their longest text."""
     trust_checkpoint: bool = False
     """Allow --weights/--resume files that need full unpickling (can run code: only files you trust)."""
     # --- strategy: what trains, when, for how long ---

@@ -31,7 +31,7 @@ def make_loader(data: Data, split: str, transform, config: TrainConfig, shuffle:
     dataset = reader(data, split, transform, config, images, min_side)
     common = dict(num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed),
                   pin_memory=torch.cuda.is_available(), persistent_workers=config.workers > 0,
-                  worker_init_fn=_init_worker)
+                  worker_init_fn=_init_worker, collate_fn=getattr(dataset, "collate", None))
     if not shuffle:
         return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=d.shard(len(dataset)),
                                            **common)

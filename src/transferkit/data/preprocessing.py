@@ -1,5 +1,6 @@
 """What a model expects of an image: size, mean/std, interpolation, crop, channels. Read from the
-backbone's pretrained config (see `models.classifier`), saved in every run and bundle.
+backbone's pretrained config (see `models.classifier`), saved in every run and bundle. A text model's:
+its tokenizer and a maximum length.
 """
 
 from __future__ import annotations
@@ -28,9 +29,47 @@ class Preprocessing:
         """(mean, std): what `Runtime.batch` normalises uint8 batches with."""
         return tuple(self.mean), tuple(self.std)
 
+    def example_shape(self, batch: int) -> tuple[int, ...]:
+        """The shape of a batch of `batch` inputs (what a precision probe times)."""
+        return batch, self.in_chans, self.img_size, self.img_size
+
+    def describe(self) -> str:
+        return f"{self.img_size}px"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+
+@dataclass
+class TextPreprocessing:
+    """What a text goes through: the encoder's own tokenizer (its tokenizer.json, carried whole so a bundle
+    needs nothing else), cut at `max_length` tokens; batches are padded with `pad_id`."""
+
+    max_length: int
+    pad_id: int
+    tokenizer: str
+    """The tokenizers library's JSON of the encoder's tokenizer."""
+    kind: str = "text"
+    img_size = resize = mean_std = None  # no pixels: the image-only steps (caches, resizing) see None
+
+    def example_shape(self, batch: int) -> None:
+        return None  # token ids: precision auto decides without timing (see models.precision.Workload)
+
+    def describe(self) -> str:
+        return f"at most {self.max_length} tokens"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TextPreprocessing:
+        return cls(**d)
+
+
+def preprocessing_from_dict(d: dict) -> Preprocessing | TextPreprocessing:
+    """The preprocessing a model.json or run records (text carries kind: text)."""
+    return TextPreprocessing.from_dict(d) if d.get("kind") == "text" else Preprocessing.from_dict(d)

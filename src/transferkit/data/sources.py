@@ -2,7 +2,8 @@
 
 A spec string resolves to a source: a folder (`train/ val/ test/` subfolders of class
 folders, or class folders alone), a CSV file (`path,label[,split]`), `builtin:NAME`
-(see `transferkit.data.builtin`) or `cifar10:DIR` (the CIFAR-10 python batches). Splits that
+(see `transferkit.data.builtin`) or `cifar10:DIR` (the CIFAR-10 python batches); or text (see
+`texts`): a .csv/.tsv/.jsonl table of texts and labels, or class folders of .txt files. Splits that
 the source does not define are carved from its training images, stratified and seeded.
 The class index is fixed from the training split; val/test map by name.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.core.errors import UserError
-from transferkit.data import builtin, check
+from transferkit.data import builtin, check, texts
 from transferkit.data.images import EXTENSIONS, from_array, is_image_file, open_image
 from transferkit.data.sampling import seeded
 
@@ -32,21 +33,25 @@ Splits = dict[str, list[Sample]]
 
 @dataclass
 class Data:
-    """A resolved data source: samples per split, the class index, and how to read images."""
+    """A resolved data source: samples per split, the class index, and how to read its samples."""
 
     spec: str
     splits: Splits
     classes: list[str]
     how: str
     """How the split was made, as recorded in split.json."""
-    arrays: dict[str, np.ndarray] | None = field(default=None, repr=False)
-    """In-memory images by ref (builtin, cifar10); None when refs are file paths."""
+    arrays: dict[str, np.ndarray] | dict[str, str] | None = field(default=None, repr=False)
+    """In-memory samples by ref (builtin and cifar10 images, every text); None when refs are image files."""
     default_img_size: int | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) for every file left out: unreadable, hidden, unsupported, leaked, empty folders."""
+    kind: str = "image"
+    """image | text: which task reads it (see `models.task`)."""
 
     def read(self, ref: str, in_chans: int = 3, min_side: int | None = None):
-        """Return the sample `ref` as a PIL image in the model's mode (see open_image for min_side)."""
+        """The sample `ref`: a text, or a PIL image in the model's mode (see open_image for min_side)."""
+        if self.kind == "text":
+            return self.arrays[ref]
         if self.arrays is not None:
             return from_array(self.arrays[ref], in_chans)
         return open_image(ref, in_chans, min_side)
@@ -64,15 +69,20 @@ class Data:
 
 
 def load_data(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1,
-              shots: int | None = None, split_file: str | None = None, bad_files: str = "skip") -> Data:
+              shots: int | None = None, split_file: str | None = None, bad_files: str = "skip",
+              text_column: str = "text", label_column: str = "label") -> Data:
     """Resolve `spec`, drop unusable files, complete its splits, apply few-shot selection and fix
     the classes. Files are scanned (see `transferkit.data.check`) unless the split comes from a
-    split file, which lists files an earlier scan accepted; `bad_files="error"` refuses any."""
+    split file, which lists files an earlier scan accepted; `bad_files="error"` refuses any.
+    `text_column`, `label_column`: the columns of a text table."""
     if not spec:
         raise UserError("No data given. Pass a folder of class folders, a .csv file, "
                         "builtin:faces|textures|digits|fontdigits, or cifar10:DIR.")
     skipped: list[tuple[str, str]] = []
-    splits, arrays, default_size, how = _resolve(spec, skipped)
+    splits, arrays, default_size, how, kind = _resolve(spec, skipped, text_column, label_column)
+    if kind == "text":
+        texts.check_classes(splits, spec)
+        check.enforce(skipped, bad_files, spec)
     if split_file:
         splits, how = _read_split_file(split_file, spec), f"reused from {split_file}"
     else:
@@ -105,7 +115,18 @@ def load_data(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fract
         how += f"; {shots}-shot train (seed {seed})"
     splits = {s: splits.get(s, []) for s in SPLITS}
     return Data(spec=spec, splits=splits, classes=classes, how=how, arrays=arrays,
-                default_img_size=default_size, skipped=skipped)
+                default_img_size=default_size, skipped=skipped, kind=kind)
+
+
+def config_data(config, run_split: str | Path | None = None) -> Data:
+    """The data a TrainConfig names, split as it says; `run_split`: a run's split.json instead (its
+    classes and samples, as that run saw them)."""
+    columns = {"text_column": config.text_column, "label_column": config.label_column}
+    if run_split is not None:
+        return load_data(config.data, split_file=str(run_split), **columns)
+    return load_data(config.data, seed=config.seed, val_fraction=config.val_fraction,
+                     test_fraction=config.test_fraction, shots=config.shots, split_file=config.split_file,
+                     bad_files=config.bad_files, **columns)
 
 
 def stratified_split(samples: list[Sample], val_fraction: float, test_fraction: float, seed: int) -> Splits:
@@ -148,24 +169,37 @@ def few_shot(train: list[Sample], shots: int, seed: int, spec: str) -> list[Samp
     return kept
 
 
-def _resolve(spec: str, skipped: list) -> tuple[Splits, dict | None, int | None, str]:
+def _resolve(spec: str, skipped: list, text_column: str, label_column: str
+             ) -> tuple[Splits, dict | None, int | None, str, str]:
+    """(splits, in-memory samples or None, default image size, how the split was made, kind)."""
     if spec.startswith("builtin:"):
-        arrays, splits = builtin.load(spec.split(":", 1)[1])
-        return splits, arrays, builtin.DEFAULT_IMG_SIZE, "fixed builtin split"
+        name = spec.split(":", 1)[1]
+        arrays, splits = builtin.load(name)
+        kind = "text" if name in builtin.TEXT_NAMES else "image"
+        return splits, arrays, builtin.DEFAULT_IMG_SIZE if kind == "image" else None, "fixed builtin split", kind
     if spec.startswith("cifar10:"):
         splits, arrays = _cifar10(Path(spec.split(":", 1)[1]).expanduser())
-        return splits, arrays, None, "CIFAR-10 train/test batches"
+        return splits, arrays, None, "CIFAR-10 train/test batches", "image"
     path = Path(spec).expanduser()
-    if path.suffix.lower() == ".csv":
+    if path.suffix.lower() in texts.TABLES:
         if not path.is_file():
-            raise UserError(f"CSV file '{path}' does not exist.")
-        return _csv(path), None, None, f"CSV {path}"
+            raise UserError(f"{path.suffix[1:].upper()} file '{path}' does not exist.")
+        if texts.is_text_table(path, text_column):
+            splits, by_ref = texts.read_table(path, text_column, label_column, skipped)
+            return splits, by_ref, None, f"text table {path}", "text"
+        return _csv(path), None, None, f"CSV {path}", "image"
     if path.is_dir():
-        return _folder(path, skipped)
+        if texts.is_text_folder(path):
+            splits, by_ref = texts.read_folder(path, skipped)
+            if not splits["train"]:
+                raise UserError(f"No usable .txt files in '{path}' (expected DIR/CLASS/*.txt).")
+            return splits, by_ref, None, "text class folders", "text"
+        return (*_folder(path, skipped), "image")
     raise UserError(
         f"Data '{spec}' not found. Give a folder of class folders (DIR/cat/*.jpg, optionally under "
         "train/ val/ test/), a .csv file with path,label[,split] rows, builtin:faces|textures|digits|fontdigits, "
-        "or cifar10:DIR."
+        "or cifar10:DIR; for text, a .csv/.tsv/.jsonl with text and label columns, class folders of .txt files "
+        "or builtin:fortunes."
     )
 
 
@@ -314,3 +348,14 @@ class ImageDataset:
             return self.transform(image), self.class_to_idx[label], i
         with seeded(seed):
             return self.transform(image), self.class_to_idx[label], i
+
+
+class TextDataset(ImageDataset):
+    """A split's texts as (token ids, class index, sample index) items; `transform` is a `texts.TokenIds`.
+    `collate` pads a batch to its longest text (the loaders use it)."""
+
+    def __init__(self, data: Data, split: str, transform):
+        super().__init__(data, split, transform)
+
+    def collate(self, batch):
+        return texts.collate(batch, self.transform.pad_id)

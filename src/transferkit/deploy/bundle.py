@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from transferkit.core.errors import UserError
-from transferkit.models.classifier import Classifier, rebuild_classifier
+from transferkit.models.classifier import Classifier
+from transferkit.models.task import rebuild
 
 FORMAT_VERSION = 1
 
@@ -58,7 +59,7 @@ def load_bundle(path: str | Path) -> tuple[Classifier, dict]:
 
     directory = bundle_dir(path)
     meta = read_meta(directory)
-    model = rebuild_classifier(meta["architecture"])
+    model = rebuild(meta["architecture"])
     try:
         load_model(model, str(directory / "model.safetensors"))
     except Exception as err:  # safetensors raises several types for damaged or mismatched files

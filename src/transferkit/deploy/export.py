@@ -154,9 +154,9 @@ def _parity_samples(run_dir: Path):
     if run is None:
         return None, []
     from transferkit.core.config import TrainConfig
-    from transferkit.data.sources import load_data
+    from transferkit.data.sources import config_data
 
-    data = load_data(TrainConfig.load(run / "config.yaml").data, split_file=str(run / "split.json"))
+    data = config_data(TrainConfig.load(run / "config.yaml"), run / "split.json")
     return data, next((data.splits[s] for s in ("val", "test", "train") if data.splits.get(s)), [])[:PARITY_IMAGES]
 
 

@@ -73,7 +73,7 @@ def build_report(run_dir: str | Path, device: str = "cpu", data=None) -> Path:
     """Write run_dir/report.html (and calibration.json); returns the HTML path. `data`: the run's Data when the
     caller has it (train), else read again from the run's split.json."""
     from transferkit.core.config import TrainConfig
-    from transferkit.data.sources import load_data
+    from transferkit.data.sources import config_data
     from transferkit.deploy.predictor import load
 
     run_dir = Path(run_dir)
@@ -83,7 +83,7 @@ def build_report(run_dir: str | Path, device: str = "cpu", data=None) -> Path:
     if not (run_dir / "best" / "model.json").is_file():
         raise UserError(f"'{run_dir}' has no best/ model yet; train it first (or resume it).")
     config = TrainConfig.load(run_dir / "config.yaml")
-    data = data or load_data(config.data, split_file=str(run_dir / "split.json"))
+    data = data or config_data(config, run_dir / "split.json")
     meta = json.loads((run_dir / "best" / "model.json").read_text())
     if meta["classes"] != data.classes:
         raise UserError(f"The classes in '{run_dir}/split.json' differ from those of the model in '{run_dir}/best'.")

@@ -14,8 +14,8 @@ from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
 from transferkit.core.machine import default_workers, pick_device
 from transferkit.data.loaders import make_loader
-from transferkit.data.preprocessing import Preprocessing
-from transferkit.data.sources import load_data
+from transferkit.data.preprocessing import preprocessing_from_dict
+from transferkit.data.sources import config_data
 from transferkit.data.target import labelled_set
 from transferkit.deploy.bundle import load_bundle
 from transferkit.deploy.predictor import Predictor, sample_batches
@@ -42,7 +42,7 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
         config = config.replace(batch_size=batch_size)
     model, meta = load_bundle(run)
     spec, split = data, split if data is None else "test"
-    data = load_data(config.data, split_file=str(run / "split.json")) if spec is None \
+    data = config_data(config, run / "split.json") if spec is None \
         else labelled_set(spec, meta["classes"], "--data")
     if split not in data.splits or not data.splits[split]:
         raise UserError(f"Run '{run}' has no images in split '{split}'.")
@@ -50,12 +50,12 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
         raise UserError(f"The classes in '{run}/split.json' differ from those of the model in '{run}/best'.")
     device = pick_device(device)  # this machine's workers, not the run's
     config = config.replace(workers=default_workers(data.arrays is not None, device.type == "cuda"))
-    prep = Preprocessing.from_dict(meta["preprocessing"])
+    prep = preprocessing_from_dict(meta["preprocessing"])
     workload = Workload.of(model, config.model, prep, config.batch_size, config.channels_last)
     serve = inference_runtime(precision, device, workload, meta.get("precision"))
     rt = replace(resolve_runtime(config.replace(precision="fp32"), serve.device, config.workers),
                  precision=serve.precision, reasons=serve.reasons, normalize=prep.mean_std)
-    task = task_for(config)
+    task = task_for(data)
     loader = make_loader(data, split, task.transform(prep, config, False, rt.normalizes_on_device), config,
                          min_side=prep.resize, reader=task.dataset)
     with rt.threads_applied():

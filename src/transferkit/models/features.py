@@ -24,9 +24,9 @@ from transferkit.core.config import TrainConfig
 from transferkit.core.distributed import Dist, fill_shared
 from transferkit.core.machine import cache_root
 from transferkit.data.cachefiles import data_digest, readable_npy
+from transferkit.data.loaders import read_images
 from transferkit.data.sampling import EpochSampler
-from transferkit.data.sources import Data, ImageDataset
-from transferkit.data.transforms import eval_transform, train_transform
+from transferkit.data.sources import Data
 from transferkit.models.fuse import fold_batchnorm
 from transferkit.models.runtime import Runtime
 
@@ -41,10 +41,11 @@ def backbone_digest(backbone: torch.nn.Module) -> str:
 
 def cached_features(backbone: torch.nn.Module, data: Data, split: str, transform, transform_id: dict, config,
                     rt: Runtime, report, views: int = 0, min_side: int | None = None, d: Dist = Dist(),
-                    stats: dict | None = None) -> np.ndarray:
+                    stats: dict | None = None, reader=None) -> np.ndarray:
     """Features of `split` as an array (N, D), or (views, N, D) with augmented views; computed on a miss,
     each rank extracting its share. `min_side`: the decode hint of open_image (part of `transform_id`);
-    `stats`: its "feature_cache_hits" or "feature_cache_misses" count goes up by one."""
+    `stats`: its "feature_cache_hits" or "feature_cache_misses" count goes up by one; `reader`: the task's
+    `dataset` (default: images)."""
     key_fields = {"backbone": backbone_digest(backbone), "data": data_digest(data, split), "split": split,
                   "transform": transform_id, "in_chans": config.in_chans, "views": views,
                   "seed": config.seed if views else None, "precision": rt.precision["infer"]}
@@ -58,7 +59,7 @@ def cached_features(backbone: torch.nn.Module, data: Data, split: str, transform
         return np.load(path, mmap_mode="r")
     n = len(data.splits[split])
     rows = d.shard(n)
-    mine = [extract(backbone, data, split, transform, config, rt, report, view, min_side, rows)
+    mine = [extract(backbone, data, split, transform, config, rt, report, view, min_side, rows, reader)
             for view in (range(views) if views else [None])]
     dim = next(x for x in d.gather(mine[0].shape[-1] if rows else None) if x is not None)
 
@@ -74,10 +75,10 @@ def cached_features(backbone: torch.nn.Module, data: Data, split: str, transform
 
 @torch.inference_mode()
 def extract(backbone: torch.nn.Module, data: Data, split: str, transform, config, rt: Runtime, report,
-            view: int | None, min_side: int | None, rows: list[int]) -> np.ndarray:
+            view: int | None, min_side: int | None, rows: list[int], reader=None) -> np.ndarray:
     """One pass of the backbone over `rows` of a split in eval mode; `view` seeds the augmentation of
     each image."""
-    dataset = ImageDataset(data, split, transform, config.in_chans, min_side=min_side)
+    dataset = (reader or read_images)(data, split, transform, config, min_side=min_side)
     sampler = rows
     if view is not None:  # in order, each image under its own seed for this view
         seeded = EpochSampler(len(dataset), config.seed + 7919, shuffle=False)
@@ -85,7 +86,8 @@ def extract(backbone: torch.nn.Module, data: Data, split: str, transform, config
         keys = list(seeded)
         sampler = [keys[i] for i in rows]
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
-                                         num_workers=config.workers, generator=torch.Generator())
+                                         num_workers=config.workers, generator=torch.Generator(),
+                                         collate_fn=getattr(dataset, "collate", None))
     # (its own generator: a cache miss must not draw from the run's random stream)
     was_training = backbone.training
     net = None
@@ -123,25 +125,27 @@ class FeatureLoader:
             yield torch.from_numpy(np.array(rows, dtype=np.float32)), self.labels[index], torch.from_numpy(index)
 
 
-def feature_loaders(model, data: Data, prep, config: TrainConfig, rt: Runtime, report, image_loader,
+def feature_loaders(model, data: Data, prep, config: TrainConfig, rt: Runtime, report, image_loader, task,
                     d: Dist = Dist(), stats: dict | None = None):
-    """(train, val) loaders over cached backbone features, in the image loader's batch order; the ranks
-    extract their shares of the features together. `stats`: cache hits and misses (see cached_features)."""
+    """(train, val) loaders over cached backbone features, in the sample loader's batch order; the ranks
+    extract their shares of the features together. `task` makes the transforms and datasets (see
+    `models.task`); `stats`: cache hits and misses (see cached_features)."""
     labels = {s: [data.classes.index(label) for _, label in data.splits[s]] for s in ("train", "val")}
-    plain, normalize = {"eval": prep.to_dict()}, not rt.normalizes_on_device
+    on_device = rt.normalizes_on_device
+    plain, evaluated = {"eval": prep.to_dict()}, task.transform(prep, config, False, on_device)
     if config.feature_views:
-        transform = train_transform(prep, config.augment, normalize)
+        transform = task.transform(prep, config, True, on_device)
         transform_id = {"train": prep.to_dict(), "augment": config.augment}
     else:
-        transform, transform_id = eval_transform(prep, normalize=normalize), plain
+        transform, transform_id = evaluated, plain
     train = FeatureLoader(cached_features(model.backbone, data, "train", transform, transform_id, config, rt,
-                                          report, config.feature_views, prep.resize, d, stats),
+                                          report, config.feature_views, prep.resize, d, stats, task.dataset),
                           labels["train"], image_loader.batch_sampler)
     val = None
     if labels["val"]:
         shard = d.shard(len(labels["val"]))
         batches = [shard[i : i + config.batch_size] for i in range(0, len(shard), config.batch_size)]
-        val = FeatureLoader(cached_features(model.backbone, data, "val", eval_transform(prep, normalize=normalize),
-                                            plain, config, rt, report, min_side=prep.resize, d=d, stats=stats),
+        val = FeatureLoader(cached_features(model.backbone, data, "val", evaluated, plain, config, rt, report,
+                                            min_side=prep.resize, d=d, stats=stats, reader=task.dataset),
                             labels["val"], batches)
     return train, val

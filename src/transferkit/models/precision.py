@@ -88,10 +88,11 @@ class Workload:
     channels_last: bool = True
 
     @classmethod
-    def of(cls, model: nn.Module, name: str, prep, batch: int, channels_last: bool = True) -> Workload:
-        """`model` (called `name`) on batches of `batch` images shaped as its preprocessing `prep` makes them."""
-        return cls(model, f"{name} {prep.in_chans}ch", (batch, prep.in_chans, prep.img_size, prep.img_size),
-                   channels_last)
+    def of(cls, model: nn.Module, name: str, prep, batch: int, channels_last: bool = True) -> Workload | None:
+        """`model` (called `name`) on batches of `batch` images shaped as its preprocessing `prep` makes them;
+        None for inputs a probe cannot make up (token ids): auto then decides without timing."""
+        shape = prep.example_shape(batch)
+        return None if shape is None else cls(model, f"{name} {shape[1]}ch", shape, channels_last)
 
 
 def choose(requested: str, device: torch.device, kind: str, workload: Workload | None = None,

@@ -1,9 +1,10 @@
 """The task seam: what one kind of input needs, behind one small interface — the backbone family that
 encodes it (with a new head), its preprocessing, what reads a split's samples, and how a batch of them
-reaches the device. The recipe and the loop speak to a `Task` only, so another kind of input (text)
-plugs in beside images without branches on the modality in the loop.
+reaches the device. The recipe and the loop speak to a `Task` only, so another kind of input plugs in
+beside images without branches on the modality in the loop.
 
-Images are the one task so far (`ImageTask`); `train(task=...)` takes another.
+Two tasks: images (`ImageTask`) and text (`TextTask`); the data says which (`Data.kind`), and a bundle's
+model.json records it (`architecture.task`). `train(task=...)` takes another.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from torch import nn
 
 from transferkit.core.config import TrainConfig
 from transferkit.data.loaders import read_images
-from transferkit.data.preprocessing import Preprocessing
+from transferkit.data.preprocessing import Preprocessing, TextPreprocessing
+from transferkit.data.sources import Data, TextDataset
+from transferkit.data.texts import TokenIds
 from transferkit.data.transforms import eval_transform, train_transform
-from transferkit.models.classifier import build_classifier
+from transferkit.models.classifier import build_classifier, rebuild_classifier
 from transferkit.models.runtime import Runtime
 
 
@@ -40,6 +43,9 @@ class Task(Protocol):
 
     def move(self, inputs, rt: Runtime) -> torch.Tensor:
         """A collated batch of inputs as the model's input on `rt.device`."""
+
+    def rebuild(self, record: dict) -> nn.Module:
+        """An untrained classifier with the structure of `record` (a bundle's architecture)."""
 
 
 class ImageTask:
@@ -67,7 +73,47 @@ class ImageTask:
     def move(self, inputs, rt: Runtime) -> torch.Tensor:
         return rt.batch(inputs)
 
+    def rebuild(self, record: dict) -> nn.Module:
+        return rebuild_classifier(record)
 
-def task_for(config: TrainConfig) -> Task:
-    """The task a config trains: images (the only kind so far)."""
-    return ImageTask()
+
+class TextTask:
+    """Text: a transformers encoder (see `models.text`), the encoder's tokenizer as the transform (no
+    augmentation), texts held in memory, batches of token ids padded to their longest text."""
+
+    name = "text"
+
+    def build(self, config: TrainConfig, num_classes: int, default_size: int | None):
+        from transferkit.models.text import build_text_classifier
+
+        c = config
+        return build_text_classifier(c.model, "none" if c.strategy == "scratch" else c.weights, num_classes,
+                                     c.max_length, c.head, c.head_hidden, c.head_dropout)
+
+    def transform(self, prep: TextPreprocessing, config: TrainConfig, train: bool, on_device: bool,
+                  resized: bool = False):
+        return TokenIds(prep.tokenizer, prep.max_length, prep.pad_id)
+
+    def dataset(self, data, split: str, transform, config: TrainConfig, images=None, min_side: int | None = None):
+        return TextDataset(data, split, transform)
+
+    def move(self, inputs, rt: Runtime) -> torch.Tensor:
+        return rt.batch(inputs)
+
+    def rebuild(self, record: dict) -> nn.Module:
+        from transferkit.models.text import rebuild_text_classifier
+
+        return rebuild_text_classifier(record)
+
+
+TASKS = {"image": ImageTask, "text": TextTask}
+
+
+def task_for(data: Data) -> Task:
+    """The task that reads `data`: text or images."""
+    return TASKS[data.kind]()
+
+
+def rebuild(record: dict) -> nn.Module:
+    """An untrained classifier for a bundle's architecture record, by the task that made it."""
+    return TASKS[record.get("task", "image")]().rebuild(record)

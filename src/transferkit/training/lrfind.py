@@ -88,7 +88,7 @@ def find_lr(config, steps: int = 100, start: float = 1e-7, end: float = 1.0) -> 
 
     from transferkit.core.machine import default_workers, pick_device, seed_everything
     from transferkit.data.loaders import make_loader
-    from transferkit.data.sources import load_data
+    from transferkit.data.sources import config_data
     from transferkit.models.classifier import layer_groups
     from transferkit.models.runtime import Runtime
     from transferkit.models.task import task_for
@@ -96,9 +96,8 @@ def find_lr(config, steps: int = 100, start: float = 1e-7, end: float = 1.0) -> 
 
     seed_everything(config.seed)
     device = pick_device(config.device)
-    data = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction,
-                     test_fraction=config.test_fraction, shots=config.shots, split_file=config.split_file)
-    task = task_for(config)
+    data = config_data(config)
+    task = task_for(data)
     model, _, prep = task.build(config, len(data.classes), data.default_img_size)
     config = config.replace(lr=1e-3, lr_min=None, workers=config.workers if config.workers is not None
                             else default_workers(data.arrays is not None, device.type == "cuda"))

@@ -127,7 +127,7 @@ class EpochLoop:
         if head_only:
             tick = time.perf_counter()
             train_loader, val_loader = feature_loaders(model, self.r.data, self.r.prep, c, self.r.rt, self.r.report,
-                                                       self.r.loaders["train"], self.r.d, self.r.cache_s)
+                                                       self.r.loaders["train"], self.r.task, self.r.d, self.r.cache_s)
             self.r.cache_s["feature_cache_s"] += time.perf_counter() - tick
             self.r.report.info(f"[transferkit] backbone features ready in {time.perf_counter() - tick:.1f} s "
                              f"(cache {cache_root(c) / 'features'})")

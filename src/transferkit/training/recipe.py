@@ -29,7 +29,7 @@ from transferkit.core.version import __version__
 from transferkit.data.check import write_skipped
 from transferkit.data.imagecache import cached_images
 from transferkit.data.loaders import make_loader
-from transferkit.data.sources import load_data
+from transferkit.data.sources import config_data
 from transferkit.deploy.bundle import load_bundle, save_bundle
 from transferkit.evaluation.passes import evaluate_loader
 from transferkit.evaluation.report import build_report, confusion_png, save_predictions
@@ -104,7 +104,7 @@ class Recipe:
         else:
             config = config.replace(**overrides) if config is not None else TrainConfig.from_dict(overrides)
         self.config, self.report, self.on_epoch, self.extra_loss = config, report, on_epoch, extra_loss
-        self.task, self.score_test = task or task_for(config), score_test
+        self.task, self.score_test = task, score_test
         self.started = time.perf_counter()
         # time to build or open caches, and the feature cache's hits and misses (splits read or extracted)
         self.cache_s = {"image_cache_s": 0.0, "feature_cache_s": 0.0, "feature_cache_hits": 0,
@@ -119,13 +119,14 @@ class Recipe:
         self.device = rank_device or pick_device(self.config.device)
 
     def build_data(self) -> None:
-        """The classes and the split: a resumed run's own (few-shot selection included), else a new one."""
+        """The classes and the split: a resumed run's own (few-shot selection included), else a new one; the
+        task that reads them (images or text)."""
         c = self.config
         if self.state is not None:
-            self.data = load_data(c.data, split_file=str(Path(self.resume) / "split.json"))
+            self.data = config_data(c, Path(self.resume) / "split.json")
         else:
-            self.data = load_data(c.data, seed=c.seed, val_fraction=c.val_fraction, test_fraction=c.test_fraction,
-                                  shots=c.shots, split_file=c.split_file, bad_files=c.bad_files)
+            self.data = config_data(c)
+        self.task = self.task or task_for(self.data)
 
     def build_model(self) -> None:
         """The task's encoder + new head, its preprocessing and layer groups; the loader workers for this data."""
@@ -147,7 +148,8 @@ class Recipe:
             run_dir = make_run_dir(Path(c.runs_dir), c.name or default_name(c), auto=c.name is None,
                                    overwrite=c.overwrite) if d.main else None
             self.run_dir = Path(d.gather(str(run_dir))[0])  # rank 0 picked it
-            c = c.replace(img_size=self.prep.img_size, workers=self.workers, name=self.run_dir.name)
+            c = c.replace(model=self.record["model"], img_size=self.prep.img_size, workers=self.workers,
+                          name=self.run_dir.name)
             if c.lr_scaling != "none" and c.lr != "auto":  # config.yaml keeps the LR actually used
                 scaled = distributed.scaled_lr(c.lr, c.batch_size, c.lr_scaling, c.lr_base_batch)
                 self.report.info(f"[transferkit] lr {c.lr:g} scaled ({c.lr_scaling}, batch {c.batch_size} "
@@ -185,7 +187,7 @@ class Recipe:
         splits = "/".join(str(len(data.splits[s])) for s in ("train", "val", "test"))
         self.report.info(
             f"[transferkit] {run_dir}: {c.model} ({self.record['weights']}), {c.strategy}, {len(data.classes)} "
-            f"classes, train/val/test = {splits} ({data.how}), {self.prep.img_size}px, {len(self.groups)} layer "
+            f"classes, train/val/test = {splits} ({data.how}), {self.prep.describe()}, {len(self.groups)} layer "
             f"groups, {self.device} {self.rt.describe_precision()}"
             + (f", {self.workers} loader workers" if self.workers else "") + (", compiled" if self.rt.compile else "")
             + (f"; {d.world} processes, global batch {c.batch_size} = {self.setting['micro_batch']} x {d.world} x "

@@ -21,7 +21,7 @@ from transferkit.core.distributed import Dist
 from transferkit.core.errors import UserError
 from transferkit.core.machine import default_workers, pick_device, seed_everything
 from transferkit.core.progress import Reporter
-from transferkit.data.sources import Data, load_data
+from transferkit.data.sources import Data, config_data
 from transferkit.data.transforms import eval_transform
 from transferkit.evaluation.transferability import logme
 from transferkit.models.classifier import layer_groups
@@ -58,8 +58,7 @@ def rank(data: str, models: list[str], *, img_sizes: list[int] | None = None, co
         resolve_arch(name)  # an unknown name fails here, naming the model, before any work
     base = (config or TrainConfig()).replace(data=data, strategy="linear-probe", feature_views=0)
     report = report or Reporter(silent=True)
-    source = load_data(base.data, seed=base.seed, val_fraction=base.val_fraction, test_fraction=base.test_fraction,
-                       shots=base.shots, split_file=base.split_file, bad_files=base.bad_files)
+    source = config_data(base)
     labels = [source.classes.index(label) for _, label in source.splits["train"]]
     candidates = [(name, size) for name in models for size in (img_sizes or [base.img_size])]
     rows = []
@@ -87,7 +86,7 @@ def score_candidate(config: TrainConfig, data: Data, labels: list[int], report: 
     tick = time.perf_counter()
     device = pick_device(config.device)
     seed_everything(config.seed)  # as train does before building: a weights=none backbone matches too
-    model, _, prep = task_for(config).build(config, len(data.classes), data.default_img_size)
+    model, _, prep = task_for(data).build(config, len(data.classes), data.default_img_size)
     workers = config.workers if config.workers is not None \
         else default_workers(data.arrays is not None, device.type == "cuda")
     config = config.replace(img_size=prep.img_size, workers=workers)

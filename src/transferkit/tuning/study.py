@@ -35,7 +35,7 @@ from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
 from transferkit.core.machine import machine_cores
 from transferkit.core.progress import Reporter
-from transferkit.data.sources import load_data
+from transferkit.data.sources import config_data
 from transferkit.training.preempt import Preempted
 from transferkit.training.recipe import train
 from transferkit.tuning.space import Dimension, draw, space_for
@@ -272,9 +272,7 @@ def _fixed_split(config: TrainConfig, path: Path) -> Path:
     validation images never move between trials, and test images never reach training."""
     if path.is_file():
         return path
-    data = load_data(config.data, seed=config.seed, val_fraction=config.val_fraction,
-                     test_fraction=config.test_fraction, shots=config.shots, split_file=config.split_file,
-                     bad_files=config.bad_files)
+    data = config_data(config)
     if not data.splits["val"]:
         raise UserError(f"'{config.data}' has no validation images, and trials are scored on them: raise "
                         "--val-fraction above 0, or add a val/ folder.")
