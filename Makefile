@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml
 	# the torch pair first, pinned, so no other package pulls a different build
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	@# builtin:fortunes (the text demo and tests) reads Debian's fortunes package: installed where apt can
+	@test -f /usr/share/games/fortunes/computers || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes >/dev/null) \
+	  || echo "note: could not install fortunes; builtin:fortunes and its tests are unavailable" >&2
 	touch $(STAMP)
 
 install: $(STAMP)

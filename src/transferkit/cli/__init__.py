@@ -189,7 +189,8 @@ def evaluate(
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="A run directory or a bundle folder (model.json + model.safetensors)."),
-    inputs: Optional[list[str]] = typer.Argument(None, help="Image files and/or folders."),
+    inputs: Optional[list[str]] = typer.Argument(None, help="Image files and/or folders; for a text model, texts, "
+                                                               ".txt files or .csv/.tsv/.jsonl tables (column text)."),
     split: Optional[str] = typer.Option(None, help="Predict the run's own saved split (train|val|test) instead."),
     limit: Optional[int] = typer.Option(None, help="At most this many inputs."),
     top_k: int = typer.Option(5, help="Classes to show per image."),
@@ -199,7 +200,7 @@ def predict(
     backend: str = typer.Option("torch", help="torch | onnx (the run's export/model.onnx, via onnxruntime)."),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 only where measured faster here)."),
 ) -> None:
-    """Top-k class predictions for images, with class names."""
+    """Top-k class predictions for images or texts, with class names."""
     from transferkit.core.errors import UserError
     from transferkit.deploy.predictor import load
 
@@ -210,14 +211,13 @@ def predict(
     if split:
         items, truth = _split_inputs(model, split, clf.preprocessing)
     elif inputs:
-        from transferkit.deploy.predictor import expand_inputs
-
-        items = expand_inputs(inputs)
+        items = clf.named_inputs(inputs)
     else:
-        raise UserError("Nothing to predict: give image files or folders, or --split test.")
+        raise UserError("Nothing to predict: give image files or folders (texts, .txt files or tables for a text "
+                        "model), or --split test.")
     items = items[:limit] if limit else items
-    names = [it[0] for it in items] if split else items
-    results = clf.predict([it[1] for it in items] if split else items, top_k=top_k, tta=tta)
+    names = [it[0] for it in items]
+    results = clf.predict([it[1] for it in items], top_k=top_k, tta=tta)
     for r, name, true in zip(results, names, truth or [None] * len(results)):
         r["input"] = name
         if true is not None:

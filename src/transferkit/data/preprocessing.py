@@ -54,7 +54,7 @@ class TextPreprocessing:
     tokenizer: str
     """The tokenizers library's JSON of the encoder's tokenizer."""
     kind: str = "text"
-    img_size = resize = mean_std = None  # no pixels: the image-only steps (caches, resizing) see None
+    img_size = resize = mean_std = in_chans = None  # no pixels: the image-only steps (caches, resizing) see None
 
     def example_shape(self, batch: int) -> None:
         return None  # token ids: precision auto decides without timing (see models.precision.Workload)

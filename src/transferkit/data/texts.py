@@ -99,6 +99,28 @@ def read_folder(root: Path, skipped: list) -> tuple[Splits, dict[str, str]]:
     return splits, texts
 
 
+def read_texts(path: Path, text_column: str = "text") -> list[tuple[str, str]]:
+    """(name, text) of every text in a .txt file (one) or a table (each row's `text_column`, label or not)."""
+    if path.suffix.lower() == ".txt":
+        try:
+            return [(str(path), path.read_bytes().decode("utf-8").strip())]
+        except UnicodeDecodeError as err:
+            raise UserError(f"'{path}' is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                            f"{err.start}).") from None
+    rows = _jsonl_rows(path) if path.suffix.lower() == ".jsonl" else _delimited_rows(path)
+    out = []
+    for n, row in rows:
+        if text_column not in row:
+            raise UserError(f"'{path}' has no column '{text_column}'{did_you_mean(text_column, sorted(row))}; "
+                            f"its columns: {', '.join(sorted(row))}.")
+        text = str(row[text_column] or "")
+        bad = _bad_bytes(text)
+        if bad:
+            raise UserError(f"Row {n} of '{path}' is {bad}.")
+        out.append((f"{path}:{n}", text))
+    return out
+
+
 def check_classes(splits: Splits, spec: str) -> None:
     """Every class needs two texts or more: one to learn from and one to check on."""
     counts: dict[str, int] = {}

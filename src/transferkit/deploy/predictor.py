@@ -12,7 +12,7 @@ from PIL import Image
 
 from transferkit.core.errors import UserError
 from transferkit.data.images import from_array, is_image_file, open_image, to_mode
-from transferkit.data.preprocessing import Preprocessing
+from transferkit.data.preprocessing import Preprocessing, preprocessing_from_dict
 from transferkit.data.transforms import eval_transform
 from transferkit.deploy.bundle import load_bundle
 from transferkit.models.fuse import fold_batchnorm
@@ -48,7 +48,7 @@ class Predictor:
     faster on this machine for this model (see `precision`); fp32 is what an export is checked against."""
 
     def __init__(self, model: torch.nn.Module, meta: dict, device: str = "cpu", precision: str = "auto"):
-        prep = Preprocessing.from_dict(meta["preprocessing"])
+        prep = preprocessing_from_dict(meta["preprocessing"])
         arch = meta.get("architecture", {})
         workload = Workload.of(model, arch.get("model", arch.get("arch", "model")), prep, 32)
         self.runtime = inference_runtime(precision, torch.device(device), workload, meta.get("precision"))
@@ -111,16 +111,63 @@ class Predictor:
 
     def predict(self, inputs, top_k: int = 5, batch_size: int = 32, tta: str = "none") -> list[dict]:
         """Top-k predictions per input: {'input', 'label', 'score', 'top_k': [{'label', 'score'}]}."""
-        items = expand_inputs(inputs)
-        probs = self.predict_proba(items, batch_size, tta)
+        named = self.named_inputs(inputs)
+        probs = self.predict_proba([item for _, item in named], batch_size, tta)
         k = min(top_k, len(self.classes))
         results = []
-        for item, p in zip(items, probs):
+        for (name, _), p in zip(named, probs):
             order = np.argsort(-p)[:k]
             top = [{"label": self.classes[i], "score": float(p[i])} for i in order]
-            name = item if isinstance(item, str) else f"<{type(item).__name__}>"
             results.append({"input": name, "label": top[0]["label"], "score": top[0]["score"], "top_k": top})
         return results
+
+    def named_inputs(self, inputs) -> list[tuple[str, object]]:
+        """(name, input) of each input after expanding folders."""
+        return [(x if isinstance(x, str) else f"<{type(x).__name__}>", x) for x in expand_inputs(inputs)]
+
+
+class TextPredictor(Predictor):
+    """The same interface for a text model: inputs are strings, .txt files (one text each) or tables
+    (.csv/.tsv/.jsonl: the text column of every row, see `expand_texts`)."""
+
+    def _set_meta(self, meta: dict) -> None:
+        from transferkit.data.texts import TokenIds
+
+        self.meta, self.classes = meta, meta["classes"]
+        self.preprocessing = preprocessing_from_dict(meta["preprocessing"])
+        self.transform = TokenIds(self.preprocessing.tokenizer, self.preprocessing.max_length,
+                                  self.preprocessing.pad_id)
+
+    def _batches(self, inputs, batch_size: int, transforms: list):
+        texts = [text for _, text in expand_texts(inputs)]
+        for start in range(0, len(texts), batch_size):
+            yield [self.transform.batch(texts[start : start + batch_size])]
+
+    def predict_proba(self, inputs, batch_size: int = 32, tta: str = "none") -> np.ndarray:
+        if tta != "none":
+            raise UserError(f"tta '{tta}' flips and crops images; a text model takes tta none.")
+        return super().predict_proba(inputs, batch_size)
+
+    def named_inputs(self, inputs) -> list[tuple[str, str]]:
+        return expand_texts(inputs)
+
+
+def expand_texts(inputs, text_column: str = "text") -> list[tuple[str, str]]:
+    """(name, text) pairs: a .txt file is one text, a .csv/.tsv/.jsonl table one per row of its
+    `text_column`, any other string the text itself (named by its first 60 characters)."""
+    from transferkit.data.texts import TABLES, read_texts
+
+    out = []
+    for item in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+        path = Path(item) if isinstance(item, (str, Path)) and len(str(item)) < 4096 else None
+        if path is not None and path.suffix.lower() in TABLES + (".txt",) and path.is_file():
+            out += read_texts(path, text_column)
+        elif isinstance(item, str):
+            out.append((item[:60] + ("..." if len(item) > 60 else ""), item))
+        else:
+            raise UserError(f"A text model predicts strings, .txt files and .csv/.tsv/.jsonl tables; got "
+                            f"{type(item).__name__}.")
+    return out
 
 
 def sample_batches(data, samples: list, prep: Preprocessing, size: int = 64):
@@ -164,4 +211,5 @@ def load(path: str | Path, device: str = "cpu", backend: str = "torch", precisio
     if backend != "torch":
         raise UserError(f"backend must be torch or onnx; got '{backend}'.")
     model, meta = load_bundle(path)
-    return Predictor(model, meta, device, precision)
+    kind = TextPredictor if meta["architecture"].get("task") == "text" else Predictor
+    return kind(model, meta, device, precision)
