@@ -105,7 +105,7 @@ def build_report(run_dir: str | Path, device: str = "cpu", data=None) -> Path:
         preds = probs.argmax(1)
         metrics = classification_metrics(test_labels, preds, data.classes)
         sections += [_confusion(metrics, data.classes), _per_class(metrics),
-                     _top_losses(probs, test_labels, test_refs, data, meta["preprocessing"]["in_chans"])]
+                     _top_losses(probs, test_labels, test_refs, data, meta["preprocessing"].get("in_chans"))]
         val_logits, val_labels, _ = split_logits(run_dir, "val", data, model)
         calibration = _calibration(test_logits, test_labels, val_logits, val_labels)
         sections.append(_calibration_section(calibration, test_logits, test_labels))
@@ -158,23 +158,30 @@ def _per_class(metrics: dict) -> str:
                                         f"<th>support</th></tr>{rows}</table>")
 
 
-def _top_losses(probs: np.ndarray, labels: np.ndarray, refs: list[str], data, in_chans: int) -> str:
+def _top_losses(probs: np.ndarray, labels: np.ndarray, refs: list[str], data, in_chans: int | None) -> str:
     wrong = np.flatnonzero(probs.argmax(1) != labels)
     wrong = wrong[np.argsort(-probs[wrong].max(1))][:TOP_LOSSES]
     if not len(wrong):
-        return _section("Most confidently wrong (test)", "<p>No test image is misclassified.</p>")
+        return _section("Most confidently wrong (test)", "<p>No test sample is misclassified.</p>")
     figures = []
     for i in wrong:
         true, pred = data.classes[labels[i]], data.classes[int(probs[i].argmax())]
-        image = data.read(refs[i], in_chans)
-        image.thumbnail((128, 128))
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
         figures.append(f'<figure class="top-loss" data-true="{html.escape(true)}" data-pred="{html.escape(pred)}">'
-                       f'{_img(buffer.getvalue())}<figcaption>true {html.escape(true)}<br>predicted '
+                       f'{_sample(data, refs[i], in_chans)}<figcaption>true {html.escape(true)}<br>predicted '
                        f'{html.escape(pred)} ({probs[i].max():.2f})<br><small>{html.escape(Path(refs[i]).name)}'
                        f'</small></figcaption></figure>')
     return _section("Most confidently wrong (test)", f'<div class="grid">{"".join(figures)}</div>')
+
+
+def _sample(data, ref: str, in_chans: int | None) -> str:
+    """A test sample as the page shows it: a 128 px thumbnail, or the text (its first 400 characters)."""
+    sample = data.read(ref, in_chans)
+    if isinstance(sample, str):
+        return f'<blockquote class="text">{html.escape(sample[:400] + ("..." if len(sample) > 400 else ""))}</blockquote>'
+    sample.thumbnail((128, 128))
+    buffer = io.BytesIO()
+    sample.save(buffer, format="PNG")
+    return _img(buffer.getvalue())
 
 
 def _calibration(test_logits, test_labels, val_logits, val_labels) -> dict:
@@ -348,6 +355,8 @@ td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 10px; }}
 figure {{ margin: 0; width: 140px; font-size: 12px; }}
 figure img {{ max-width: 128px; }}
+figure:has(blockquote.text) {{ width: 300px; }}
+blockquote.text {{ margin: 0 0 4px; white-space: pre-wrap; font-size: 12px; }}
 pre {{ background: #f6f6f6; padding: 8px; overflow-x: auto; }}
 </style></head>
 <body><h1>{title}</h1>

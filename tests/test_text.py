@@ -1,0 +1,134 @@
+"""Text classification: the tables and folders it reads, builtin:fortunes, and the same recipe as images
+(linear probe on cached embeddings, fine-tuning, predict) on the bundled MiniLM-L6 encoder."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import transferkit
+from transferkit.core.errors import UserError
+from transferkit.data import builtin
+from transferkit.data.sources import load_data
+
+needs_fortunes = pytest.mark.skipif(
+    not any(all((Path(f) / t).is_file() for t in builtin.FORTUNE_TOPICS) for f in builtin.FORTUNES),
+    reason="builtin:fortunes needs Debian's fortunes package (`make` and .ci/run install it)")
+
+
+def _write_table(path: Path, rows: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    return path
+
+
+def test_a_csv_with_bad_rows_keeps_the_good_ones_and_lists_the_rest(tmp_path):
+    table = _write_table(tmp_path / "reviews.csv", [
+        b"text,label,split",
+        b"the food was cold,food,train", b"a tasty soup,food,train", b"great pasta,food,test",
+        b"my laptop crashed,tech,train", b"\"the disk, full again\",tech,train", b"new cpu,tech,val",
+        b"caf\xe9 au lait,food,train",  # Latin-1, not UTF-8
+        b",tech,train",  # empty text
+        b"no label here,,train",
+        b"odd split,tech,holdout",
+    ])
+    data = load_data(str(table))
+    assert data.kind == "text" and data.classes == ["food", "tech"]
+    assert {s: len(v) for s, v in data.splits.items()} == {"train": 4, "val": 1, "test": 1}
+    assert data.read(data.splits["train"][3][0]) == "the disk, full again"  # quoted comma kept
+    reasons = {ref.rsplit(":", 1)[1]: why for ref, why in data.skipped}
+    assert reasons == {"8": "not UTF-8 (byte 0xe9)", "9": "empty text", "10": "empty label",
+                       "11": "split 'holdout' is not train, val or test"}
+    with pytest.raises(UserError, match="4 file\\(s\\) of .* cannot be used"):
+        load_data(str(table), bad_files="error")
+
+
+def test_text_tables_say_what_is_wrong(tmp_path):
+    lonely = _write_table(tmp_path / "lonely.csv", [b"text,label", b"a,x", b"b,x", b"c,y"])
+    with pytest.raises(UserError, match="Class\\(es\\) 'y' of .* have a single text"):
+        load_data(str(lonely))
+    named = _write_table(tmp_path / "named.tsv", [b"sentence\tlabel", b"a\tx", b"b\tx"])
+    with pytest.raises(UserError, match="has no column 'text'.*its columns: label, sentence. Name yours with "
+                                        "--text-column"):
+        load_data(str(named))
+    assert load_data(str(named), text_column="sentence").splits["train"]
+    lines = _write_table(tmp_path / "t.jsonl", [json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}).encode()
+                                                 for i in range(6)] + [b"{not json"])
+    with pytest.raises(UserError, match="Line 7 of .* is not JSON"):
+        load_data(str(lines))
+    # a CSV without the text column stays the image CSV (path,label)
+    with pytest.raises(UserError, match="Data .* has no usable training images"):
+        load_data(str(_write_table(tmp_path / "images.csv", [b"path,label", b"missing.png,cat"])))
+
+
+def test_folders_of_txt_files_are_text_and_bad_files_are_listed(tmp_path):
+    for label, texts in {"pos": ["good", "fine", "great"], "neg": ["bad", "awful"]}.items():
+        (tmp_path / "d" / label).mkdir(parents=True)
+        for i, text in enumerate(texts):
+            (tmp_path / "d" / label / f"{i}.txt").write_text(text)
+    (tmp_path / "d" / "neg" / "latin.txt").write_bytes(b"mauvais caf\xe9")
+    data = load_data(str(tmp_path / "d"), val_fraction=0.0, test_fraction=0.0)
+    assert data.kind == "text" and sorted(data.read(r) for r, _ in data.splits["train"]) == \
+        ["awful", "bad", "fine", "good", "great"]
+    assert [(Path(p).name, why) for p, why in data.skipped] == [("latin.txt", "not UTF-8 (byte 0xe9 at offset 11)")]
+
+
+@needs_fortunes
+def test_builtin_fortunes_is_a_fixed_real_split():
+    data = load_data("builtin:fortunes")
+    assert data.kind == "text" and data.classes == list(builtin.FORTUNE_TOPICS)
+    assert {s: len(v) for s, v in data.splits.items()} == {"train": 472, "val": 67, "test": 135}
+    assert data.splits == load_data("builtin:fortunes", seed=5).splits  # the seed never moves it
+    assert all(data.read(ref).strip() for ref, _ in data.splits["test"])
+
+
+def _text_run(tmp_path, name, **overrides):
+    return transferkit.train(**{"data": "builtin:fortunes", "shots": 8, "epochs": 2, "batch_size": 8,
+                                "max_length": 48, "quiet": True, "html_report": False, "workers": 0,
+                                "runs_dir": str(tmp_path / "runs"), "name": name, **overrides})
+
+
+@needs_fortunes
+def test_linear_probe_on_cached_embeddings_learns_and_predict_agrees(tmp_path):
+    run = _text_run(tmp_path, "lp", strategy="linear-probe", epochs=4, lr=1e-2)
+    test = run.metrics["test"]
+    assert test["n"] == 135 and test["accuracy"] >= 0.45  # 5 classes: chance 0.2 (measured 0.56, 8 shots)
+    assert run.metrics["feature_cache_misses"] == 2 and run.config.model == "all-minilm-l6-v2"
+    meta = json.loads((run.best / "model.json").read_text())
+    assert meta["architecture"]["task"] == "text" and meta["preprocessing"]["max_length"] == 48
+
+    predictor = transferkit.load(run.dir)
+    data = load_data("builtin:fortunes")
+    texts = [data.read(ref) for ref, _ in data.splits["test"]]
+    truth = [data.classes.index(label) for _, label in data.splits["test"]]
+    probs = predictor.predict_proba(texts)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert (probs.argmax(1) == np.array(truth)).mean() == pytest.approx(test["accuracy"])  # same texts, same answers
+    top = predictor.predict(["The compiler rejected my program again."], top_k=2)[0]
+    assert top["input"].startswith("The compiler") and len(top["top_k"]) == 2 and top["label"] in data.classes
+
+
+@needs_fortunes
+def test_finetune_trains_the_top_blocks_and_the_bundle_reloads_it(tmp_path):
+    from transferkit.deploy.bundle import load_bundle
+    from transferkit.models.classifier import layer_groups
+    from transferkit.models.text import build_text_classifier
+
+    run = _text_run(tmp_path, "ft", strategy="finetune", epochs=1, lr=1e-4)
+    model, _ = load_bundle(run.best)
+    groups = layer_groups(model.backbone)
+    assert len(groups) == 7 and groups[0][0].startswith("encoder.embeddings")  # embeddings + 6 blocks
+    fresh = build_text_classifier("all-minilm-l6-v2", "auto", 5, 48, "linear", 8, 0.0)[0]
+    after, before = model.backbone.state_dict(), fresh.backbone.state_dict()
+    changed = {k.split(".")[3] for k in after if k.startswith("encoder.encoder.layer.")
+               and not torch.equal(after[k], before[k])}
+    assert changed == {"3", "4", "5"}  # finetune: the top half of the blocks
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("encoder.embeddings"))
+    assert run.metrics["test"]["n"] == 135
+
+
+def test_an_image_backbone_on_text_is_refused(tmp_path):
+    table = _write_table(tmp_path / "t.csv", [b"text,label"] + [f"text {i},{'ab'[i % 2]}".encode() for i in range(8)])
+    with pytest.raises(UserError, match="'resnet50' is an image backbone, and this data is text"):
+        transferkit.train(data=str(table), model="resnet50", runs_dir=str(tmp_path / "runs"), quiet=True)
