@@ -7,7 +7,8 @@ import json
 import torch
 
 import transferkit
-from transferkit.models.task import ImageTask, Task, task_for
+from transferkit.data.sources import load_data
+from transferkit.models.task import ImageTask, Task, TextTask, task_for
 
 from test_resume import assert_same_weights, weights
 
@@ -105,7 +106,8 @@ class DictBatches(ImageTask):
 
 def test_a_task_with_its_own_batches_plugs_in_and_trains_what_the_image_task_trains(shapes_dir, tiny):
     common = {**tiny, "data": str(shapes_dir), "strategy": "finetune", "batch_size": 4, "epochs": 2}
-    assert isinstance(task_for(transferkit.TrainConfig()), Task) and isinstance(DictBatches(), Task)
+    data = load_data(str(shapes_dir))
+    assert isinstance(task_for(data), ImageTask) and isinstance(DictBatches(), Task) and isinstance(TextTask(), Task)
     images = transferkit.train(name="images", **common)
     task = DictBatches()
     dicts = transferkit.train(name="dicts", task=task, **common)

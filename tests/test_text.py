@@ -12,6 +12,7 @@ import transferkit
 from transferkit.core.errors import UserError
 from transferkit.data import builtin
 from transferkit.data.sources import load_data
+from transferkit.deploy.export import export
 
 needs_fortunes = pytest.mark.skipif(
     not any(all((Path(f) / t).is_file() for t in builtin.FORTUNE_TOPICS) for f in builtin.FORTUNES),
@@ -108,6 +109,17 @@ def test_linear_probe_on_cached_embeddings_learns_and_predict_agrees(tmp_path):
     top = predictor.predict(["The compiler rejected my program again."], top_k=2)[0]
     assert top["input"].startswith("The compiler") and len(top["top_k"]) == 2 and top["label"] in data.classes
 
+    # ONNX: token ids in (batch and length dynamic), the tokenizer beside it, the same logits
+    result = export(run.dir)
+    assert result["max_abs_logit_diff"] <= 1e-4 and result["top1_agreement"] == 1.0 and result["images"] == 32
+    folder = run.dir / "export"
+    assert json.loads((folder / "model.json").read_text())["input"]["name"] == "input_ids"
+    assert (folder / "tokenizer.json").read_text() == meta["preprocessing"]["tokenizer"]
+    onnx = transferkit.load(run.dir, backend="onnx")
+    np.testing.assert_allclose(onnx.predict_proba(texts[:9]), probs[:9], atol=1e-5)
+    with pytest.raises(UserError, match="A text model exports to ONNX without --with-preprocessing"):
+        export(run.dir, with_preprocessing=True)
+
 
 @needs_fortunes
 def test_finetune_trains_the_top_blocks_and_the_bundle_reloads_it(tmp_path):
@@ -132,3 +144,55 @@ def test_an_image_backbone_on_text_is_refused(tmp_path):
     table = _write_table(tmp_path / "t.csv", [b"text,label"] + [f"text {i},{'ab'[i % 2]}".encode() for i in range(8)])
     with pytest.raises(UserError, match="'resnet50' is an image backbone, and this data is text"):
         transferkit.train(data=str(table), model="resnet50", runs_dir=str(tmp_path / "runs"), quiet=True)
+
+
+@needs_fortunes
+def test_gradual_unfreezes_a_block_an_epoch_and_sigterm_then_resume_is_bit_identical(tmp_path):
+    """20 training texts, batch 8: 3 steps an epoch; the signal lands in epoch 2. The encoder's dropout draws
+    from the random streams the checkpoint restores."""
+    from test_resume import SignalAt, assert_same_weights, weights
+    from transferkit.training.preempt import Preempted
+
+    common = {"strategy": "gradual", "epochs": 3, "shots": 4, "deterministic": True, "lr": 1e-4}
+    whole = _text_run(tmp_path, "whole", **common)
+    rows = [json.loads(line) for line in (whole.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [len(r["groups"]) for r in rows] == [0, 1, 2]  # the head, then the top block, then the next
+    with pytest.raises(Preempted):
+        _text_run(tmp_path, "cut", report=SignalAt(5), **common)
+    resumed = transferkit.train(resume=tmp_path / "runs" / "cut", quiet=True)
+    assert_same_weights(weights(whole.dir), weights(resumed.dir))
+
+
+@needs_fortunes
+def test_two_processes_fine_tune_a_text_model(tmp_path):
+    import subprocess
+
+    from test_distributed import _torchrun
+    from transferkit.models.text import build_text_classifier
+
+    flags = ["--strategy", "finetune", "--epochs", "1", "--shots", "4", "--batch-size", "8", "--max-length", "32",
+             "--workers", "0", "--quiet", "--no-report", "--runs-dir", str(tmp_path / "runs")]
+    out = subprocess.run(_torchrun("builtin:fortunes", "--name", "two", *flags), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs" / "two" / "metrics.json").read_text())
+    assert metrics["runtime"]["processes"] == 2 and metrics["test"]["n"] == 135
+    trained = torch.load(tmp_path / "runs" / "two" / "last.ckpt", weights_only=True)["model"]
+    fresh = build_text_classifier("all-minilm-l6-v2", "auto", 5, 32, "linear", 8, 0.0)[0].state_dict()
+    top, bottom = "backbone.encoder.encoder.layer.5.output.dense.weight", "backbone.encoder.embeddings.word_embeddings.weight"
+    assert not torch.equal(trained[top], fresh[top]) and torch.equal(trained[bottom], fresh[bottom])
+
+
+def test_layer_decay_steps_down_the_transformer_blocks():
+    from transferkit.core.config import TrainConfig
+    from transferkit.models.classifier import layer_groups
+    from transferkit.models.text import build_text_classifier
+    from transferkit.training.strategy import apply_phase, make_plan, param_groups
+
+    model = build_text_classifier("all-minilm-l6-v2", "auto", 3, 32, "linear", 8, 0.0)[0]
+    groups = layer_groups(model.backbone)
+    (phase,) = make_plan(TrainConfig(strategy="full", layer_decay=0.5, epochs=1), len(groups))
+    apply_phase(model, groups, phase)
+    lrs = {round(g["lr"], 12) for g in param_groups(model, groups, phase, 1.0, 0.0)}
+    assert lrs == {0.5 ** k for k in range(8)}  # head 1, block 5 x0.5, ..., embeddings x0.5^7
+    assert [len(g) for g in groups] == [5] + [16] * 6  # embeddings (3 tables + LayerNorm), 16 tensors a block

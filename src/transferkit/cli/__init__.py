@@ -311,7 +311,7 @@ def export(
     from transferkit.deploy.export import export as run_export
 
     result = run_export(run, format, out, tolerance, with_preprocessing=with_preprocessing)
-    typer.echo(f"{result['path']}: parity on {result['images']} images: max |logit diff| "
+    typer.echo(f"{result['path']}: parity on {result['images']} inputs: max |logit diff| "
                f"{result['max_abs_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.3f}")
 
 

@@ -18,6 +18,7 @@ class Preprocessing:
     interpolation: str
     crop_pct: float
     in_chans: int
+    kind = "image"  # (not a field: model.json files keep their keys)
 
     @property
     def resize(self) -> int:

@@ -63,7 +63,7 @@ class Data:
         return out
 
     def save_split(self, path: Path) -> None:
-        payload = {"spec": self.spec, "how": self.how, "classes": self.classes,
+        payload = {"spec": self.spec, "kind": self.kind, "how": self.how, "classes": self.classes,
                    "splits": {k: [list(s) for s in v] for k, v in self.splits.items()}}
         Path(path).write_text(json.dumps(payload, indent=1))
 

@@ -2,7 +2,8 @@
 
 `transferkit export runs/NAME --format onnx|torchscript` writes runs/NAME/export/model.onnx (or
 model.pt) with model.json beside it (classes, preprocessing, input and output names). The
-batch dimension is dynamic. After writing, the exported file is run (onnxruntime for ONNX,
+batch dimension is dynamic. A text model (ONNX only) takes token ids, (batch, tokens) both dynamic, with
+0 after each text's end; its tokenizer.json is written beside it (the tokenizers library reads it). After writing, the exported file is run (onnxruntime for ONNX,
 torch.jit.load for TorchScript) on validation images next to the PyTorch model: the largest
 |logit difference| and the top-1 agreement are printed and stored in model.json; a difference
 above the tolerance or any top-1 disagreement is an error.
@@ -11,13 +12,14 @@ above the tolerance or any top-1 disagreement is an error.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from transferkit.core.errors import UserError
-from transferkit.data.preprocessing import Preprocessing
+from transferkit.data.preprocessing import Preprocessing, TextPreprocessing, preprocessing_from_dict
 from transferkit.data.transforms import eval_transform
 from transferkit.deploy.bundle import load_bundle
 
@@ -41,17 +43,17 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     run_dir = Path(run_dir)
     model, meta = load_bundle(run_dir)
     model.eval()
-    prep = Preprocessing.from_dict(meta["preprocessing"])
+    prep = preprocessing_from_dict(meta["preprocessing"])
+    given = INPUTS[prep.kind](run_dir, prep, format, with_preprocessing)
     out = Path(out) if out else (run_dir if (run_dir / "config.yaml").is_file() else run_dir.parent) / "export"
     out.mkdir(parents=True, exist_ok=True)
     path = out / ("model.onnx" if format == "onnx" else "model.pt")
-    example = torch.randn(2, prep.in_chans, prep.img_size, prep.img_size)
     if format == "onnx":
         _require("onnx", "onnxscript", "onnxruntime")
-        torch.onnx.export(model, (example,), str(path), input_names=["pixels" if with_preprocessing else "images"],
-                          output_names=["logits"],
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
-                          opset_version=opset, dynamo=True, external_data=False, verbose=False)
+        dims = {axis: torch.export.Dim(name, min=low, max=high) for axis, (name, low, high) in given.dims.items()}
+        torch.onnx.export(model, (given.example,), str(path), input_names=[given.name], output_names=["logits"],
+                          dynamic_shapes={"x": dims}, opset_version=opset, dynamo=True, external_data=False,
+                          verbose=False)
         if with_preprocessing:
             import onnx
             from onnx.compose import merge_models
@@ -62,9 +64,11 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
         run = _onnx_runner(path)
     else:
         with torch.no_grad():
-            scripted = torch.jit.trace(model, example)
+            scripted = torch.jit.trace(model, given.example)
         scripted.save(str(path))
         run = _torchscript_runner(path)
+    for name, text in given.files.items():
+        (out / name).write_text(text)
     if with_preprocessing:  # raw decoded images, one at a time (sizes differ), against `predict` on them
         from transferkit.deploy.predictor import Predictor
 
@@ -72,7 +76,7 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
         want = Predictor(model, meta, precision="fp32").predict_logits(images)
         got = np.concatenate([run(np.asarray(image)[None]) for image in images])
     else:
-        batch = parity_batch(run_dir, prep)
+        batch = given.parity
         with torch.no_grad():
             want = model(batch).numpy()
         got = np.concatenate([run(batch[i : i + 8].numpy()) for i in range(0, len(batch), 8)])
@@ -80,15 +84,8 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
               "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean()), "tolerance": tolerance,
               "against": "transferkit predict in fp32 on the same images" if with_preprocessing
               else "the PyTorch model in fp32", "precision": "fp32"}
-    if with_preprocessing:
-        given = {"name": "images", "dtype": "uint8", "shape": ["batch", "height", "width", prep.in_chans],
-                 "note": "decoded images, all of one call the same size; resize, crop and normalization inside"}
-    else:
-        given = {"name": "images", "dtype": "float32", "shape": ["batch", prep.in_chans, prep.img_size, prep.img_size],
-                 "note": "RGB scaled to 0..1, resized so the short side is preprocessing.img_size / crop_pct, "
-                         "center-cropped, then normalized with mean and std"}
     record = {"format": format, "file": path.name, "classes": meta["classes"], "preprocessing": prep.to_dict(),
-              "with_preprocessing": with_preprocessing, "input": given,
+              "with_preprocessing": with_preprocessing, "input": given.record, "files": sorted(given.files),
               "output": {"name": "logits", "shape": ["batch", len(meta["classes"])]},
               "opset": opset if format == "onnx" else None, "parity": parity,
               "architecture": meta["architecture"]}
@@ -98,6 +95,52 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
                         f"max |logit diff| {parity['max_abs_logit_diff']:.2e} (tolerance {tolerance:g}), top-1 "
                         f"agreement {parity['top1_agreement']:.3f}. Do not deploy it; report this with the model name.")
     return {"path": str(path), **parity}
+
+
+@dataclass
+class ModelInput:
+    """What an export takes: its input's name, an example for tracing, the dynamic axes
+    ({axis: (name, min, max)}), the batch the parity check runs, the record for model.json, and files
+    written beside the export."""
+
+    name: str
+    example: torch.Tensor
+    dims: dict
+    parity: torch.Tensor
+    record: dict
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def image_input(run_dir: Path, prep: Preprocessing, format: str, with_preprocessing: bool) -> ModelInput:
+    c, s = prep.in_chans, prep.img_size
+    if with_preprocessing:
+        record = {"name": "images", "dtype": "uint8", "shape": ["batch", "height", "width", c],
+                  "note": "decoded images, all of one call the same size; resize, crop and normalization inside"}
+    else:
+        record = {"name": "images", "dtype": "float32", "shape": ["batch", c, s, s],
+                  "note": "RGB scaled to 0..1, resized so the short side is preprocessing.img_size / crop_pct, "
+                          "center-cropped, then normalized with mean and std"}
+    return ModelInput("pixels" if with_preprocessing else "images", torch.randn(2, c, s, s),
+                      {0: ("batch", 1, 4096)}, parity_batch(run_dir, prep), record)
+
+
+def text_input(run_dir: Path, prep: TextPreprocessing, format: str, with_preprocessing: bool) -> ModelInput:
+    from transferkit.data.texts import TokenIds
+
+    if with_preprocessing or format != "onnx":
+        raise UserError("A text model exports to ONNX without --with-preprocessing: it takes token ids, and "
+                        "its tokenizer.json is written beside it.")
+    tokens = TokenIds(prep.tokenizer, prep.max_length, prep.pad_id)
+    data, samples = _parity_samples(run_dir)
+    texts = [data.read(ref) for ref, _ in samples] or ["A text to check the export with.", "And a second one."]
+    record = {"name": "input_ids", "dtype": "int64", "shape": ["batch", "tokens"],
+              "note": f"tokenizer.json's ids, at most {prep.max_length} per text, padded with {prep.pad_id} "
+                      "(the padding is what the model masks)"}
+    return ModelInput("input_ids", tokens.batch(texts[:2]), {0: ("batch", 1, 4096), 1: ("tokens", 2, 512)},
+                      tokens.batch(texts), record, {"tokenizer.json": prep.tokenizer})
+
+
+INPUTS = {"image": image_input, "text": text_input}
 
 
 def preprocessing_graph(prep: Preprocessing, opset: int, ir_version: int):

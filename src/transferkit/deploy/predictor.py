@@ -192,7 +192,11 @@ class OnnxPredictor(Predictor):
         self.device, self.precision = "cpu", "fp32"
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {"images": batch.numpy().astype(np.float32)})[0])
+        return torch.from_numpy(self.session.run(None, {self.session.get_inputs()[0].name: batch.numpy()})[0])
+
+
+class OnnxTextPredictor(OnnxPredictor, TextPredictor):
+    """A text model's ONNX export: the tokenizer from its model.json, the ids to onnxruntime."""
 
 
 def load(path: str | Path, device: str = "cpu", backend: str = "torch", precision: str = "auto") -> Predictor:
@@ -207,7 +211,8 @@ def load(path: str | Path, device: str = "cpu", backend: str = "torch", precisio
         if found is None or not found.with_name("model.json").is_file():
             raise UserError(f"No ONNX export with its model.json at '{path}': run `transferkit export {path} "
                             "--format onnx` first.")
-        return OnnxPredictor(found)
+        task = json.loads(found.with_name("model.json").read_text()).get("architecture", {}).get("task")
+        return (OnnxTextPredictor if task == "text" else OnnxPredictor)(found)
     if backend != "torch":
         raise UserError(f"backend must be torch or onnx; got '{backend}'.")
     model, meta = load_bundle(path)

@@ -27,6 +27,8 @@ from transferkit.models.runtime import Runtime
 @runtime_checkable
 class Task(Protocol):
     name: str
+    unused: tuple[str, ...]
+    """Config fields that mean nothing to this task's inputs: a tuner leaves them out of its space."""
 
     def build(self, config: TrainConfig, num_classes: int, default_size: int | None
               ) -> tuple[nn.Module, dict, Preprocessing]:
@@ -53,6 +55,7 @@ class ImageTask:
     uint8 or float batches (see `Runtime.batch`)."""
 
     name = "image"
+    unused = ()
 
     def build(self, config: TrainConfig, num_classes: int, default_size: int | None):
         c = config
@@ -82,6 +85,7 @@ class TextTask:
     augmentation), texts held in memory, batches of token ids padded to their longest text."""
 
     name = "text"
+    unused = ("mixup", "cutmix", "augment", "img_size", "in_chans")
 
     def build(self, config: TrainConfig, num_classes: int, default_size: int | None):
         from transferkit.models.text import build_text_classifier

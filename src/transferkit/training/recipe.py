@@ -236,6 +236,8 @@ class Recipe:
             weight = (n.sum() / (len(n) * n)).to(self.device)
         self.loss_fn = self.hard_loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=c.label_smoothing)
         self.mixer = None
+        if (c.mixup or c.cutmix) and "mixup" in self.task.unused:
+            raise UserError(f"--mixup and --cutmix blend images; this data is {self.task.name}: leave them at 0.")
         if c.mixup or c.cutmix:  # soft targets; timm's Mixup applies the label smoothing itself
             from timm.data import Mixup
 

@@ -36,6 +36,7 @@ from transferkit.core.errors import UserError
 from transferkit.core.machine import machine_cores
 from transferkit.core.progress import Reporter
 from transferkit.data.sources import config_data
+from transferkit.models.task import TASKS
 from transferkit.training.preempt import Preempted
 from transferkit.training.recipe import train
 from transferkit.tuning.space import Dimension, draw, space_for
@@ -88,7 +89,9 @@ def tune(config: TrainConfig | None = None, trials: int = 16, *, fixed=None,
     threads = config.threads if config.threads is not None or workers == 1 else max(1, machine_cores() // workers)
     base = config.replace(split_file=str(split), runs_dir=str(folder / "trials"), name=None, overwrite=True,
                           quiet=True, html_report=False, threads=threads)
-    dims = space_for(search, fixed, base) + _ranked(models, top_k, fixed, base, folder, report)
+    kind = json.loads(split.read_text()).get("kind", "image")  # a text study searches no image settings
+    dims = space_for(search, fixed | set(TASKS[kind].unused), base) + _ranked(models, top_k, fixed, base, folder,
+                                                                             report)
     plan = Plan(base, dims, trials, storage or f"sqlite:///{folder / 'study.db'}",
                 study or name, seeds_per_trial, pruner, heartbeat, timeout, shared=storage is not None)
     report.info(f"[transferkit] study '{plan.study}' in {folder} ({_redact(plan.storage)}): {trials} trials, "
