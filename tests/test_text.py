@@ -54,6 +54,9 @@ def test_text_tables_say_what_is_wrong(tmp_path):
                                         "--text-column"):
         load_data(str(named))
     assert load_data(str(named), text_column="sentence").splits["train"]
+    other = _write_table(tmp_path / "other.csv", [b"sentence,label", b"a,x", b"b,x"])
+    with pytest.raises(UserError, match="has columns sentence, label but no 'text' column.*--text-column"):
+        load_data(str(other))
     lines = _write_table(tmp_path / "t.jsonl", [json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}).encode()
                                                  for i in range(6)] + [b"{not json"])
     with pytest.raises(UserError, match="Line 7 of .* is not JSON"):

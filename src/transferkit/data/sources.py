@@ -184,7 +184,7 @@ def _resolve(spec: str, skipped: list, text_column: str, label_column: str
     if path.suffix.lower() in texts.TABLES:
         if not path.is_file():
             raise UserError(f"{path.suffix[1:].upper()} file '{path}' does not exist.")
-        if texts.is_text_table(path, text_column):
+        if texts.is_text_table(path, text_column, label_column):
             splits, by_ref = texts.read_table(path, text_column, label_column, skipped)
             return splits, by_ref, None, f"text table {path}", "text"
         return _csv(path), None, None, f"CSV {path}", "image"

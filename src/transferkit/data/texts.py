@@ -11,6 +11,7 @@ Texts live in memory, addressed by refs (`FILE:ROW` or the .txt file's path), li
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -22,18 +23,25 @@ TABLES = (".csv", ".tsv", ".jsonl")
 Splits = dict[str, list[tuple[str, str]]]
 
 
-def is_text_table(path: Path, text_column: str) -> bool:
-    """.tsv and .jsonl are always text; a .csv when its header names `text_column`."""
+def is_text_table(path: Path, text_column: str, label_column: str = "label") -> bool:
+    """.tsv and .jsonl are always text; a .csv when its header names `text_column`. A header with the label
+    column but neither the text column nor `path` is a text table whose text column has another name."""
     if path.suffix.lower() != ".csv":
         return path.suffix.lower() in TABLES
     with path.open(newline="", encoding="utf-8", errors="replace") as fh:
-        header = next(csv.reader(fh), [])
-    return text_column in [c.strip() for c in header]
+        header = [c.strip() for c in next(csv.reader(fh), [])]
+    if label_column in header and text_column not in header and "path" not in header:
+        raise UserError(f"'{path}' has columns {', '.join(header)} but no '{text_column}' column for its texts"
+                        f"{did_you_mean(text_column, header)}: name it with --text-column (an image CSV has "
+                        "path,label columns).")
+    return text_column in header
 
 
-def is_text_folder(root: Path) -> bool:
-    """Class folders (under train/ or not) whose files are .txt."""
-    files = [f for f in root.rglob("*") if f.is_file() and not f.name.startswith(".")]
+def is_text_folder(root: Path, look: int = 50) -> bool:
+    """Class folders (under train/ or not) whose files are mostly .txt, judged on the first `look` files
+    (an image folder of a million files is not walked twice)."""
+    found = (f for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
+    files = list(itertools.islice(found, look))
     return bool(files) and sum(f.suffix.lower() == ".txt" for f in files) > len(files) / 2
 
 

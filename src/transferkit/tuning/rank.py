@@ -22,7 +22,6 @@ from transferkit.core.errors import UserError
 from transferkit.core.machine import default_workers, pick_device, seed_everything
 from transferkit.core.progress import Reporter
 from transferkit.data.sources import Data, config_data
-from transferkit.data.transforms import eval_transform
 from transferkit.evaluation.transferability import logme
 from transferkit.models.classifier import layer_groups
 from transferkit.models.features import cached_features
@@ -86,7 +85,8 @@ def score_candidate(config: TrainConfig, data: Data, labels: list[int], report: 
     tick = time.perf_counter()
     device = pick_device(config.device)
     seed_everything(config.seed)  # as train does before building: a weights=none backbone matches too
-    model, _, prep = task_for(data).build(config, len(data.classes), data.default_img_size)
+    task = task_for(data)
+    model, _, prep = task.build(config, len(data.classes), data.default_img_size)
     workers = config.workers if config.workers is not None \
         else default_workers(data.arrays is not None, device.type == "cuda")
     config = config.replace(img_size=prep.img_size, workers=workers)
@@ -94,10 +94,10 @@ def score_candidate(config: TrainConfig, data: Data, labels: list[int], report: 
     rt = runtime_for(config, model, prep, plan, device, workers, Dist(), report)
     rt.prepare(model)
     # feature_loaders' train split without feature_views: eval transform, identified by the preprocessing
-    transform = eval_transform(prep, normalize=not rt.normalizes_on_device)
+    transform = task.transform(prep, config, False, rt.normalizes_on_device)
     with rt.threads_applied():
         features = cached_features(model.backbone, data, "train", transform, {"eval": prep.to_dict()}, config, rt,
-                                   report, min_side=prep.resize)
+                                   report, min_side=prep.resize, reader=task.dataset)
     score = logme(features, np.asarray(labels))
     return {"model": config.model, "img_size": prep.img_size, "logme": score,
             "seconds": time.perf_counter() - tick, "n_train": len(labels), "feature_dim": int(features.shape[1])}
