@@ -84,7 +84,8 @@ def trained(arm: str, seed: int, epochs: int, work: Path) -> dict:
     from transferkit.core.progress import Reporter
 
     run = transferkit.train(data="builtin:fortunes", strategy=arm, epochs=epochs, seed=seed, quiet=True,
-                            html_report=False, runs_dir=str(work), name=f"{arm}-{seed}", cache_dir=str(work / "cache"),
+                            html_report=False, runs_dir=str(work), name=f"{arm}-{seed}",
+                            cache_dir=str(work / f"cache-{arm}-{seed}"),  # each run pays its own embedding pass
                             report=Reporter(silent=True))
     rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     train_s = sum(r["epoch_s"] for r in rows) + run.metrics["feature_cache_s"]
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--out", default=str(HERE))
+    parser.add_argument("--keep", action="store_true", help="keep the other arms' rows of OUT/text.json")
     parser.add_argument("--child", nargs=4, metavar=("ARM", "SEED", "EPOCHS", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -162,8 +164,12 @@ def main() -> None:
 
     meta = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}", "seeds": args.seeds,
             "epochs": args.epochs, "date": time.strftime("%Y-%m-%d")}
-    lines = summary(rows)
     out = Path(args.out)
+    if args.keep and (out / "text.json").is_file():
+        kept = json.loads((out / "text.json").read_text())["rows"]
+        rows = [r for r in kept if r["arm"] not in args.arms.split(",")] + rows
+        rows.sort(key=lambda r: ARMS.index(r["arm"]))
+    lines = summary(rows)
     (out / "text.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": lines}, indent=1))
     (out / "text.md").write_text(markdown(lines, meta))
     print(markdown(lines, meta))

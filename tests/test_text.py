@@ -111,6 +111,14 @@ def test_linear_probe_on_cached_embeddings_learns_and_predict_agrees(tmp_path):
     assert (probs.argmax(1) == np.array(truth)).mean() == pytest.approx(test["accuracy"])  # same texts, same answers
     top = predictor.predict(["The compiler rejected my program again."], top_k=2)[0]
     assert top["input"].startswith("The compiler") and len(top["top_k"]) == 2 and top["label"] in data.classes
+    # files: a .txt is one text, a table one per row of its text column (a label column may be there or not)
+    (tmp_path / "one.txt").write_text(texts[0])
+    lines = [t.replace('"', "'").replace("\n", " ") for t in texts[1:3]]  # one row a line: rows 2 and 3
+    _write_table(tmp_path / "more.csv", [b"id,text"] + [f'{i},"{t}"'.encode() for i, t in enumerate(lines)])
+    named = predictor.predict([str(tmp_path / "one.txt"), str(tmp_path / "more.csv")], top_k=1)
+    assert [r["input"] for r in named] == [str(tmp_path / "one.txt"), f"{tmp_path / 'more.csv'}:2",
+                                           f"{tmp_path / 'more.csv'}:3"]
+    assert named[0]["score"] == pytest.approx(float(probs[0].max()), abs=1e-5)
 
     # ONNX: token ids in (batch and length dynamic), the tokenizer beside it, the same logits
     result = export(run.dir)
@@ -122,6 +130,13 @@ def test_linear_probe_on_cached_embeddings_learns_and_predict_agrees(tmp_path):
     np.testing.assert_allclose(onnx.predict_proba(texts[:9]), probs[:9], atol=1e-5)
     with pytest.raises(UserError, match="A text model exports to ONNX without --with-preprocessing"):
         export(run.dir, with_preprocessing=True)
+
+    # the report shows the most confidently misclassified texts themselves
+    from transferkit.evaluation.report import TOP_LOSSES, build_report
+
+    page = build_report(run.dir, "cpu").read_text()
+    wrong = [t for t, p, y in zip(texts, probs.argmax(1), truth) if p != y]
+    assert page.count('<blockquote class="text">') == min(len(wrong), TOP_LOSSES)
 
 
 @needs_fortunes
@@ -199,3 +214,17 @@ def test_layer_decay_steps_down_the_transformer_blocks():
     lrs = {round(g["lr"], 12) for g in param_groups(model, groups, phase, 1.0, 0.0)}
     assert lrs == {0.5 ** k for k in range(8)}  # head 1, block 5 x0.5, ..., embeddings x0.5^7
     assert [len(g) for g in groups] == [5] + [16] * 6  # embeddings (3 tables + LayerNorm), 16 tensors a block
+
+
+def test_a_text_study_leaves_image_settings_out_and_training_refuses_mixup(tmp_path):
+    from transferkit.core.config import TrainConfig
+    from transferkit.models.task import TASKS
+    from transferkit.tuning.space import space_for
+
+    fields = {d.field for d in space_for(None, set(TASKS["text"].unused), TrainConfig())}
+    assert "mixup" not in fields and {"strategy", "lr"} <= fields
+    assert "mixup" in {d.field for d in space_for(None, set(TASKS["image"].unused), TrainConfig())}
+    table = _write_table(tmp_path / "t.csv", [b"text,label"] + [f"text {i},{'ab'[i % 2]}".encode() for i in range(8)])
+    with pytest.raises(UserError, match="--mixup and --cutmix blend images; this data is text"):
+        transferkit.train(data=str(table), strategy="finetune", mixup=0.2, runs_dir=str(tmp_path / "runs"),
+                          quiet=True)
