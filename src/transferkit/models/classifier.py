@@ -7,12 +7,15 @@ groups come from timm's `group_matcher`, so no code here names a model family.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
 from transferkit.core.errors import UserError
 from transferkit.data.preprocessing import Preprocessing
-from transferkit.models.weights import load_pretrained, resolve_arch
+from transferkit.models.weights import (bundled_file, load_pretrained, resolve_arch, torchvision_file,
+                                        torchvision_preprocessing)
 
 
 class Classifier(nn.Module):
@@ -47,6 +50,9 @@ def create_backbone(model: str, weights: str, in_chans: int, img_size: int | Non
     import timm
 
     arch = resolve_arch(model)
+    found = torchvision_file(arch) if weights in ("auto", "imagenet") and bundled_file(arch) is None else None
+    if found is not None:  # torchvision's weights: timm's tag for them, so the preprocessing is theirs too
+        arch = f"{arch}.{found[1]}"
     kwargs = {"in_chans": in_chans}
     cfg = timm.models.get_pretrained_cfg(arch)
     if cfg is not None and cfg.fixed_input_size and img_size is not None:
@@ -97,6 +103,9 @@ def build_classifier(model: str, weights: str, num_classes: int, *, in_chans: in
     backbone, arch, source = create_backbone(model, weights, in_chans, img_size, drop_path, trust)
     backbone.reset_classifier(0)
     prep = preprocessing_for(backbone, in_chans, img_size)
+    if source.startswith("torch hub cache"):  # torchvision's weights: torchvision's transforms
+        tv = torchvision_preprocessing(arch)
+        prep = replace(prep, **{**tv, "img_size": img_size or tv["img_size"]})
     features = feature_dim(backbone, in_chans, prep.img_size)
     record = {"model": model, "arch": arch, "weights": source, "num_classes": num_classes,
               "in_chans": in_chans, "features": features, "head": head, "head_hidden": head_hidden,

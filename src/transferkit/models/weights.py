@@ -26,6 +26,15 @@ ALIASES = {f"efficientnet_lite{i}": f"tf_efficientnet_lite{i}" for i in range(3)
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
+TORCHVISION = tuple(f"resnet{d}" for d in (18, 34, 50, 101)) + tuple(
+    f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")) + ("densenet121",)
+"""torchvision's classic classifiers that timm builds under the same name with the same forward: their
+torchvision weights (timm's `tv_in1k`/`tv2_in1k` tags) are looked for in the torch hub cache."""
+TORCHVISION_FILTERS = {"vgg": ("timm.models.vgg", "_filter_fn"),
+                       "densenet": ("timm.models.densenet", "_filter_torchvision_pretrained")}
+"""timm's own converters from torchvision's state-dict layout (VGG's classifier as convolutions; DenseNet's
+old `norm.1` keys)."""
+
 
 def resolve_arch(name: str) -> str:
     """Map a user model name to a timm architecture, failing with a suggestion if unknown."""
@@ -65,6 +74,48 @@ def cached_file(arch: str) -> Path | None:
         if isinstance(found, str):
             return Path(found)
     return None
+
+
+def hub_checkpoints() -> Path:
+    """The torch hub cache torchvision downloads weights to: $TORCH_HOME/hub/checkpoints (~/.cache/torch)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def torchvision_file(name: str) -> tuple[Path, str] | None:
+    """(the newest torchvision ImageNet weights file of `name` in the torch hub cache, timm's tag for those
+    weights), or None."""
+    if name not in TORCHVISION:
+        return None
+    for version, file in reversed(torchvision_files(name)):
+        if (hub_checkpoints() / file).is_file():
+            return hub_checkpoints() / file, "tv2_in1k" if version.endswith("V2") else "tv_in1k"
+    return None
+
+
+def torchvision_files(name: str) -> list[tuple[str, str]]:
+    """(version, file name) of torchvision's ImageNet weights for `name`, oldest first."""
+    from torchvision.models import get_model_weights
+
+    return [(w.name, w.url.rsplit("/", 1)[1]) for w in get_model_weights(name) if w.name.startswith("IMAGENET1K_V")]
+
+
+def torchvision_preprocessing(arch: str) -> dict:
+    """torchvision's eval transforms for the weights a tv tag stands for, as Preprocessing fields."""
+    from torchvision.models import get_model_weights
+
+    base, _, tag = arch.partition(".")
+    t = get_model_weights(base)["IMAGENET1K_V2" if tag == "tv2_in1k" else "IMAGENET1K_V1"].transforms()
+    return {"img_size": t.crop_size[0], "crop_pct": t.crop_size[0] / t.resize_size[0],
+            "interpolation": t.interpolation.value, "mean": tuple(t.mean), "std": tuple(t.std)}
+
+
+def from_torchvision(state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """`state` in timm's layout when it is in torchvision's (a timm-layout state passes unchanged)."""
+    family = next((f for f in TORCHVISION_FILTERS if arch.startswith(f)), None)
+    if family is None:
+        return state
+    module, function = TORCHVISION_FILTERS[family]
+    return getattr(importlib.import_module(module), function)(dict(state))
 
 
 def torch_load(path: Path, what: str, trust: bool = False):
@@ -134,13 +185,20 @@ def load_pretrained(model: torch.nn.Module, arch: str, weights: str, in_chans: i
                                   loose_in_chans=_first_conv_keys(arch))
             _load_into(model, state, arch, in_chans, str(bundled))
             return f"bundled {bundled.name}"
+        base, _, tag = arch.partition(".")
+        found = torchvision_file(base) if tag in ("", "tv_in1k", "tv2_in1k") else None  # timm's other tags: theirs
+        if found is not None:
+            _load_into(model, read_state_dict(found[0]), arch, in_chans, str(found[0]))
+            return f"torch hub cache {found[0]}"
         cached = cached_file(arch)
         if cached is None and weights == "imagenet":
             cached = _download(arch)
         if cached is None:
+            looked = f", none of {', '.join(f for _, f in torchvision_files(base))} in the torch hub cache " \
+                     f"{hub_checkpoints()}" if base in TORCHVISION else ""
             raise UserError(
                 f"No pretrained weights for '{arch}' on this machine (none bundled, none in the "
-                "Hugging Face cache). Either pass --weights PATH to a .safetensors/.pth file, run once "
+                f"Hugging Face cache{looked}). Either pass --weights PATH to a .safetensors/.pth file, run once "
                 "with --weights imagenet on a machine with internet (it caches them), or use a model "
                 "with bundled weights: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2."
             )
@@ -176,6 +234,7 @@ def _load_into(model: torch.nn.Module, state: dict, arch: str, in_chans: int, na
     from timm.models import adapt_input_conv
 
     cfg = _pretrained_cfg(arch)
+    state = from_torchvision(state, arch)
     for key in _first_conv_keys(arch):
         if key in state and state[key].shape[1] != in_chans:
             state[key] = adapt_input_conv(in_chans, state[key])
@@ -268,13 +327,14 @@ def available_models(pattern: str | None = None) -> list[dict]:
         names = sorted({*timm.list_models(glob), *fnmatch.filter(ALIASES, glob)})
     else:
         repos = _cached_hub_repos()
-        names = list(ALIASES) + sorted(
+        names = list(ALIASES) + [n for n in TORCHVISION if torchvision_file(n)] + sorted(
             m for m in timm.list_models(pretrained=True)
             if _pretrained_cfg(m).get("hf_hub_id") in repos and cached_file(m) is not None)
     rows = []
     for name in names:
         arch = ALIASES.get(name, name)
-        offline = "bundled" if bundled_file(arch) else "cached" if cached_file(arch) else ""
+        offline = "bundled" if bundled_file(arch) else "torch hub" if torchvision_file(arch) else \
+            "cached" if cached_file(arch) else ""
         rows.append({"name": name, "arch": arch, "offline": offline,
                      "pretrained": bool(timm.list_models(arch, pretrained=True)) or bool(offline)})
     return rows
