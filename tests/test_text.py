@@ -158,10 +158,12 @@ def test_finetune_trains_the_top_blocks_and_the_bundle_reloads_it(tmp_path):
     assert run.metrics["test"]["n"] == 135
 
 
-def test_an_image_backbone_on_text_is_refused(tmp_path):
+def test_an_image_backbone_or_a_weights_file_on_text_is_refused(tmp_path):
     table = _write_table(tmp_path / "t.csv", [b"text,label"] + [f"text {i},{'ab'[i % 2]}".encode() for i in range(8)])
     with pytest.raises(UserError, match="'resnet50' is an image backbone, and this data is text"):
         transferkit.train(data=str(table), model="resnet50", runs_dir=str(tmp_path / "runs"), quiet=True)
+    with pytest.raises(UserError, match="--weights w.pt: a weights file is for image backbones.*as --model"):
+        transferkit.train(data=str(table), weights="w.pt", runs_dir=str(tmp_path / "runs"), quiet=True)
 
 
 @needs_fortunes

@@ -199,6 +199,10 @@ class OnnxTextPredictor(OnnxPredictor, TextPredictor):
     """A text model's ONNX export: the tokenizer from its model.json, the ids to onnxruntime."""
 
 
+PREDICTORS = {"image": (Predictor, OnnxPredictor), "text": (TextPredictor, OnnxTextPredictor)}
+"""By a bundle's `architecture.task`: the predictor of its PyTorch model, and of its ONNX export."""
+
+
 def load(path: str | Path, device: str = "cpu", backend: str = "torch", precision: str = "auto") -> Predictor:
     """Load a bundle (or a run directory's best/) for prediction; backend "onnx" loads the run's
     export/model.onnx (or an export folder, or the .onnx file) instead (fp32, whatever `precision`)."""
@@ -211,10 +215,9 @@ def load(path: str | Path, device: str = "cpu", backend: str = "torch", precisio
         if found is None or not found.with_name("model.json").is_file():
             raise UserError(f"No ONNX export with its model.json at '{path}': run `transferkit export {path} "
                             "--format onnx` first.")
-        task = json.loads(found.with_name("model.json").read_text()).get("architecture", {}).get("task")
-        return (OnnxTextPredictor if task == "text" else OnnxPredictor)(found)
+        task = json.loads(found.with_name("model.json").read_text()).get("architecture", {}).get("task", "image")
+        return PREDICTORS[task][1](found)
     if backend != "torch":
         raise UserError(f"backend must be torch or onnx; got '{backend}'.")
     model, meta = load_bundle(path)
-    kind = TextPredictor if meta["architecture"].get("task") == "text" else Predictor
-    return kind(model, meta, device, precision)
+    return PREDICTORS[meta["architecture"].get("task", "image")][0](model, meta, device, precision)

@@ -88,6 +88,9 @@ def build_text_classifier(model: str, weights: str, num_classes: int, max_length
     if is_image_model(name):
         raise UserError(f"'{model}' is an image backbone, and this data is text. Use a text encoder: {DEFAULT} "
                         "(bundled), a Hugging Face encoder name, or a local folder.")
+    if weights not in ("auto", "imagenet", "none"):
+        raise UserError(f"--weights {weights}: a weights file is for image backbones. A text encoder's weights come "
+                        "with it: give its folder (what save_pretrained writes) as --model.")
     source, where = encoder_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
