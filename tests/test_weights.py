@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 from transferkit.core.errors import UserError
 from transferkit.models.classifier import create_backbone, preprocessing_for
 from transferkit.data.transforms import eval_transform
-from transferkit.models.weights import bundled_file, load_pretrained, read_state_dict, remap_ordered
+from transferkit.models.layouts import remap_ordered
+from transferkit.models.weights import bundled_file, load_pretrained, locate_weights, read_state_dict
 
 CAT_CLASSES = {281, 282, 283, 285}  # tabby, tiger cat, Persian, Egyptian cat
 
@@ -22,8 +23,8 @@ CAT_CLASSES = {281, 282, 283, 285}  # tabby, tiger cat, Persian, Egyptian cat
 def test_bundled_lite0_is_imagenet_trained(size):
     from skimage.data import chelsea
 
-    model, arch, source = create_backbone("efficientnet_lite0", "auto", 3, None)
-    assert arch == "tf_efficientnet_lite0" and source.startswith("bundled")
+    model, arch, found = create_backbone("efficientnet_lite0", "auto", 3, None)
+    assert arch == "tf_efficientnet_lite0" and str(found).startswith("bundled")
     prep = preprocessing_for(model, 3, size)
     assert prep.mean == (0.5, 0.5, 0.5) and prep.std == (0.5, 0.5, 0.5)  # TF-style, from timm's config
     x = eval_transform(prep)(Image.fromarray(chelsea())).unsqueeze(0)
@@ -64,7 +65,7 @@ def test_pickled_code_in_a_weights_file_is_refused(tmp_path):
     torch.save({"model": _Sentinel(str(sentinel))}, bad)
     model = timm.create_model("test_efficientnet")
     with pytest.raises(UserError, match="pickled Python objects"):
-        load_pretrained(model, "test_efficientnet", str(bad), 3)
+        load_pretrained(model, "test_efficientnet", locate_weights("test_efficientnet", str(bad)), 3)
     assert not sentinel.exists()
 
 
@@ -72,15 +73,17 @@ def test_user_safetensors_with_another_head_loads_the_backbone(tmp_path):
     donor = timm.create_model("test_efficientnet", num_classes=7)
     save_file({k: v.contiguous() for k, v in donor.state_dict().items()}, tmp_path / "w.safetensors")
     model = timm.create_model("test_efficientnet")  # 1000-class head
-    source = load_pretrained(model, "test_efficientnet", str(tmp_path / "w.safetensors"), 3)
-    assert source.startswith("file")
+    found = locate_weights("test_efficientnet", str(tmp_path / "w.safetensors"))
+    load_pretrained(model, "test_efficientnet", found, 3)
+    assert str(found) == f"file {tmp_path / 'w.safetensors'}"
     assert torch.equal(model.conv_stem.weight, donor.conv_stem.weight)
 
 
 def test_weights_for_another_architecture_are_an_error(tmp_path):
     torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "r.pth")
     with pytest.raises(UserError, match="do not match model 'test_efficientnet'"):
-        load_pretrained(timm.create_model("test_efficientnet"), "test_efficientnet", str(tmp_path / "r.pth"), 3)
+        load_pretrained(timm.create_model("test_efficientnet"), "test_efficientnet",
+                        locate_weights("test_efficientnet", str(tmp_path / "r.pth")), 3)
 
 
 def test_auto_without_weights_says_how_to_get_them():
@@ -101,7 +104,7 @@ def test_auto_finds_weights_in_the_hugging_face_cache(tmp_path):
     code = (
         "import torch, json; from transferkit.models.classifier import create_backbone;"
         "m, arch, src = create_backbone('test_efficientnet', 'auto', 3, None);"
-        "print(json.dumps({'src': src, 'sum': m.conv_stem.weight.sum().item()}))"
+        "print(json.dumps({'src': str(src), 'sum': m.conv_stem.weight.sum().item()}))"
     )
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

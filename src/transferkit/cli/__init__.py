@@ -273,7 +273,7 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
-    from transferkit.models.weights import available_models
+    from transferkit.models.weights import available_models, classic_models
 
     rows = available_models(pattern)
     table = Table(title="models usable offline here" if not pattern else f"timm models matching '{pattern}'")
@@ -283,6 +283,12 @@ def models(
         table.add_row(r["name"], r["arch"], r["offline"] or "-", "yes" if r["pretrained"] else "no")
     Console(width=120).print(table)
     if not pattern:
+        classics = Table(title="torchvision's names (weights from the torch hub cache, as torchvision saves them)")
+        for col in ("model", "timm architecture", "weights here", "--weights imagenet fetches"):
+            classics.add_column(col)
+        for r in classic_models():
+            classics.add_row(r["name"], r["arch"], str(r["file"]) if r["file"] else "-", r["download"])
+        Console(width=160).print(classics)
         typer.echo("Any timm model trains with --weights none; `transferkit models PATTERN` searches all of them.")
 
 

