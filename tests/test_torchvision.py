@@ -12,8 +12,14 @@ import transferkit
 from transferkit.core.errors import UserError
 from transferkit.deploy.export import export
 from transferkit.models.classifier import build_classifier, layer_groups
-from transferkit.models.tvmodels import (tagged, torchvision_file, torchvision_files, torchvision_preprocessing,
-                                         torchvision_weights)
+from transferkit.models.tvmodels import (
+    CLASSICS,
+    tagged,
+    torchvision_file,
+    torchvision_files,
+    torchvision_preprocessing,
+    torchvision_weights,
+)
 
 FAMILIES = ("resnet18", "densenet121", "vgg11", "inception_v3", "mobilenet_v2", "mobilenet_v3_small",
             "mobilenet_v3_large", "efficientnet_b0")
@@ -62,7 +68,7 @@ def test_hub_cache_weights_give_torchvision_features(hub, name):
     reference = _features_of(reference)
     model, record, prep = build_classifier(name, "auto", 10)
     version = torchvision_weights(name)[-1][0]
-    assert record["weights"] == f"torch hub cache {file}" and record["arch"] == tagged(name, version)
+    assert record["weights"] == f"torch hub cache {file}" and record["arch"] == tagged(CLASSICS[name].arch, version)
     transforms = torchvision.models.get_model_weights(name)[version].transforms()
     assert (prep.img_size, prep.resize, prep.interpolation) == (
         transforms.crop_size[0], transforms.resize_size[0], transforms.interpolation.value)
@@ -84,14 +90,14 @@ def test_hub_cache_weights_give_torchvision_features(hub, name):
                                   "inception_v3"])
 def test_train_finds_torchvision_weights_and_says_where_they_are_missing(hub, shapes_dir, tiny, name, capsys):
     tiny = {**tiny, "quiet": False, "img_size": 80 if name == "inception_v3" else 32}  # inception: >= 75 px
-    with pytest.raises(UserError, match=f"none of {torchvision_files(name)[0]}.* in the torch hub cache {hub}"):
+    with pytest.raises(UserError, match=f"none of {torchvision_files(name)[-1]}.* in the torch hub cache {hub}"):
         transferkit.train(data=str(shapes_dir), model=name, **tiny)
     _, file = _torchvision_in_cache(name, hub)
     run = transferkit.train(data=str(shapes_dir), model=name, name="tv", **tiny)
     meta = json.loads((run.best / "model.json").read_text())
     assert meta["architecture"]["weights"] == f"torch hub cache {file}"
     assert f"{name} (torch hub cache {file})" in capsys.readouterr().err
-    assert meta["architecture"]["arch"] == tagged(name, torchvision_weights(name)[-1][0])
+    assert meta["architecture"]["arch"] == tagged(CLASSICS[name].arch, torchvision_weights(name)[-1][0])
     assert run.metrics["test"]["accuracy"] is not None
     if name == "inception_v3":  # its auxiliary head is not in the model, so not in the export (ONNX: ~15 s a model)
         exported = export(run.dir, "onnx")  # raises if ONNX Runtime disagrees with PyTorch beyond 1e-4
@@ -108,7 +114,7 @@ def test_the_newest_torchvision_weights_win_and_bring_their_transforms(hub):
     assert torchvision_file("resnet50.tv_in1k") == (hub / "resnet50-0676ba61.pth", "IMAGENET1K_V1")
     v2 = torchvision_preprocessing("resnet50", "IMAGENET1K_V2")
     assert (v2["img_size"], round(224 / v2["crop_pct"])) == (224, 232)  # V2: resize 232, crop 224
-    assert torchvision_file("resnet50.a1_in1k") is None and torchvision_file("mobilenet_v2") is None
+    assert torchvision_file("resnet50.a1_in1k") is None and torchvision_file("tv_mobilenet_v2") is None
     assert tagged("resnet50", "IMAGENET1K_V2") == "resnet50.tv2_in1k" and tagged("efficientnet_b0", "IMAGENET1K_V1") \
         == "efficientnet_b0"  # timm's efficientnet_b0 has no tag for torchvision's weights: the same architecture
 
@@ -131,14 +137,46 @@ def test_imagenet_downloads_torchvision_weights_into_the_hub_cache(hub, tmp_path
     monkeypatch.setattr(tvmodels, "torchvision_weights", lambda name: [("IMAGENET1K_V1", bad.as_uri())])
     with pytest.raises(UserError, match="Could not download torchvision's weights for 'mobilenet_v3_small'"):
         build_classifier("mobilenet_v3_small", "imagenet", 3)
+    urls = {v: (tmp_path / f"{v}.pth").as_uri() for v in ("IMAGENET1K_V1", "IMAGENET1K_V2")}
+    for v in urls:
+        (tmp_path / f"{v}.pth").write_bytes(served.read_bytes())
+    monkeypatch.setattr(tvmodels, "torchvision_weights", lambda name: list(urls.items()))
+    _, record, _ = build_classifier("mobilenet_v3_small.tv_in1k", "imagenet", 3)  # the tag picks the version
+    assert record["weights"] == f"torch hub cache {hub / 'IMAGENET1K_V1.pth'}"
 
 
 def test_a_torchvision_file_under_another_name_says_which_name_it_is_for(hub, tmp_path):
     _, file = _torchvision_in_cache("mobilenet_v2", tmp_path)
     with pytest.raises(UserError, match="torchvision's mobilenet_v2 weights: use --model mobilenet_v2"):
         build_classifier("mobilenetv2_100", str(file), 3)
-    model, record, _ = build_classifier("mobilenet_v2", str(file), 3, in_chans=1)  # --weights FILE, 1 channel
-    assert record["weights"] == f"file {file}" and model.backbone.conv_stem.weight.shape[1] == 1
+    with pytest.raises(UserError, match="torchvision's mobilenet_v2 weights: use --model mobilenet_v2"):
+        build_classifier("mobilenet_v3_small", str(file), 3)  # in-order families check the layout first
+
+
+def test_torchvision_files_given_by_path_with_one_channel_sorted_keys_or_other_classes(hub, tmp_path):
+    """--weights FILE: torchvision's file by its own name brings torchvision's transforms (as auto does), also
+    for a 1-channel model; a torchvision-layout safetensors file (keys come back sorted) and a torchvision model
+    fine-tuned for other classes load the same backbone."""
+    from safetensors.torch import save_file
+
+    reference, file = _torchvision_in_cache("mobilenet_v2", tmp_path)
+    model, record, prep = build_classifier("mobilenet_v2", str(file), 3, in_chans=1)
+    assert record["weights"] == f"file {file}" and record["arch"] == "tv_mobilenet_v2.tv2_in1k"
+    assert model.backbone.conv_stem.weight.shape[1] == 1 and len(prep.mean) == 1 and prep.resize == 232
+    want = build_classifier("mobilenet_v2", str(file), 3)[0].backbone.state_dict()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "sorted.safetensors")
+    reference.classifier[1] = torch.nn.Linear(1280, 7)
+    torch.save(reference.state_dict(), tmp_path / "seven.pth")
+    for other in ("sorted.safetensors", "seven.pth"):
+        got = build_classifier("mobilenet_v2", str(tmp_path / other), 3)[0].backbone.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_tags_timm_does_not_have_are_named_with_the_ones_it_has(hub):
+    with pytest.raises(UserError, match="no weights tagged 'tv2_in1k' for resnet18; its tags: .*tv_in1k"):
+        build_classifier("resnet18.tv2_in1k", "none", 3)
+    _torchvision_in_cache("resnet50", hub, version=0)  # only V1 here: resnet50.tv_in1k finds it, plain resnet50 too
+    assert build_classifier("resnet50.tv_in1k", "auto", 3)[1]["arch"] == "resnet50.tv_in1k"
 
 
 def test_unknown_names_suggest_the_torchvision_name():

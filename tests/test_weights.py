@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from transferkit.core.errors import UserError
-from transferkit.models.classifier import create_backbone, preprocessing_for
 from transferkit.data.transforms import eval_transform
+from transferkit.models.classifier import create_backbone, preprocessing_for
 from transferkit.models.layouts import remap_ordered
 from transferkit.models.weights import bundled_file, load_pretrained, locate_weights, read_state_dict
 

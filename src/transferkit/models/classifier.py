@@ -8,8 +8,6 @@ classic names are timm architectures too (see tvmodels).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
@@ -53,7 +51,7 @@ def create_backbone(model: str, weights: str, in_chans: int, img_size: int | Non
     arch = resolve_arch(model)
     found = locate_weights(arch, weights)
     if found.version is not None:  # torchvision's weights: timm's tag for them, if it has one
-        arch = tagged(arch.split(".")[0], found.version)
+        arch = tagged(arch, found.version)
     kwargs = {"in_chans": in_chans}
     cfg = timm.models.get_pretrained_cfg(arch)
     if cfg is not None and cfg.fixed_input_size and img_size is not None:
@@ -70,17 +68,19 @@ def create_backbone(model: str, weights: str, in_chans: int, img_size: int | Non
     return backbone, arch, found
 
 
-def preprocessing_for(backbone: nn.Module, in_chans: int, img_size: int | None) -> Preprocessing:
-    """Preprocessing from the backbone's pretrained config; `img_size` overrides its resolution."""
+def preprocessing_for(backbone: nn.Module, in_chans: int, img_size: int | None,
+                      weights: dict | None = None) -> Preprocessing:
+    """Preprocessing from the backbone's pretrained config, or `weights`' own (Preprocessing fields: torchvision's
+    transforms for its weights); `img_size` overrides the resolution."""
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=backbone)
-    mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
-    if in_chans == 1 and len(mean) == 3:
-        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
-    return Preprocessing(img_size=img_size or cfg["input_size"][-1], mean=mean, std=std,
-                         interpolation=cfg.get("interpolation", "bilinear"),
-                         crop_pct=float(cfg.get("crop_pct", 0.875)), in_chans=in_chans)
+    fields = {"img_size": cfg["input_size"][-1], "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+              "interpolation": cfg.get("interpolation", "bilinear"), "crop_pct": float(cfg.get("crop_pct", 0.875)),
+              **(weights or {})}
+    if in_chans == 1 and len(fields["mean"]) == 3:
+        fields["mean"], fields["std"] = (sum(fields["mean"]) / 3,), (sum(fields["std"]) / 3,)
+    return Preprocessing(**{**fields, "img_size": img_size or fields["img_size"]}, in_chans=in_chans)
 
 
 def feature_dim(backbone: nn.Module, in_chans: int, img_size: int) -> int:
@@ -103,10 +103,8 @@ def build_classifier(model: str, weights: str, num_classes: int, *, in_chans: in
     """
     backbone, arch, found = create_backbone(model, weights, in_chans, img_size, drop_path, trust)
     backbone.reset_classifier(0)
-    prep = preprocessing_for(backbone, in_chans, img_size)
-    if found.version is not None:  # torchvision's weights: torchvision's transforms
-        tv = torchvision_preprocessing(arch.split(".")[0], found.version)
-        prep = replace(prep, **{**tv, "img_size": img_size or tv["img_size"]})
+    prep = preprocessing_for(backbone, in_chans, img_size,  # torchvision's weights: torchvision's transforms
+                             torchvision_preprocessing(arch, found.version) if found.version else None)
     features = feature_dim(backbone, in_chans, prep.img_size)
     record = {"model": model, "arch": arch, "weights": str(found), "num_classes": num_classes,
               "in_chans": in_chans, "features": features, "head": head, "head_hidden": head_hidden,

