@@ -197,7 +197,9 @@ def predict(
     format: str = typer.Option("table", "--format", help="table | json | csv."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
     tta: str = typer.Option("none", help="none | flip | flip-crop: average over augmented views."),
-    backend: str = typer.Option("torch", help="torch | onnx (the run's export/model.onnx, via onnxruntime)."),
+    backend: str = typer.Option(
+        "torch", help="torch | onnx | tflite | tflite-fp16 | tflite-int8 (the run's export, run by onnxruntime or "
+                      "the LiteRT interpreter)."),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 only where measured faster here)."),
 ) -> None:
     """Top-k class predictions for images or texts, with class names."""
@@ -306,19 +308,32 @@ def report(
 @app.command()
 def export(
     run: Path = typer.Argument(..., help="A run directory or a bundle folder."),
-    format: str = typer.Option("onnx", "--format", help="onnx | torchscript."),
+    format: str = typer.Option("onnx", "--format", help="onnx | torchscript | tflite."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default RUN/export)."),
     tolerance: Optional[float] = typer.Option(
-        None, help="Largest |logit difference| the parity check accepts (default 1e-4; 0.05 with preprocessing)."),
+        None, help="Largest |logit difference| the parity check accepts (default 1e-4; 1e-3 for tflite; 0.05 with "
+                   "preprocessing); with --fp16/--int8 the largest test-accuracy drop (default 0.02)."),
     with_preprocessing: bool = typer.Option(
         False, "--with-preprocessing", help="ONNX: take uint8 HxWx3 images; resize, crop, normalize in the graph."),
+    fp16: bool = typer.Option(False, "--fp16", help="TFLite: float16 weights (half the file)."),
+    int8: bool = typer.Option(False, "--int8", help="TFLite: int8 weights and activations, calibrated on train images."),
+    calibration: int = typer.Option(100, help="--int8: how many train images calibrate the ranges."),
 ) -> None:
-    """Export the best model (dynamic batch) with model.json beside it, then check it against PyTorch."""
+    """Export the best model with model.json beside it, then check it against PyTorch."""
+    from transferkit.core.errors import UserError
     from transferkit.deploy.export import export as run_export
 
-    result = run_export(run, format, out, tolerance, with_preprocessing=with_preprocessing)
-    typer.echo(f"{result['path']}: parity on {result['images']} inputs: max |logit diff| "
-               f"{result['max_abs_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.3f}")
+    if fp16 and int8:
+        raise UserError("--fp16 and --int8 exclude each other: pick one.")
+    result = run_export(run, format, out, tolerance, with_preprocessing=with_preprocessing,
+                        quantize="fp16" if fp16 else "int8" if int8 else "none", calibration=calibration)
+    line = (f"{result['path']}: parity on {result['images']} inputs: max |logit diff| "
+            f"{result['max_abs_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.3f}")
+    if "test_accuracy" in result:
+        acc = result["test_accuracy"]
+        line += (f"; test accuracy {acc['pytorch']:.3f} (PyTorch) -> {acc['export']:.3f} ({result['precision']}), change "
+                 f"{acc['change']:+.3f} on {acc['images']} images")
+    typer.echo(line)
 
 
 @app.command()

@@ -1,12 +1,13 @@
-"""Export a run's best model to ONNX or TorchScript, then check the export against PyTorch.
+"""Export a run's best model to ONNX, TorchScript or TFLite, then check the export against PyTorch.
 
-`transferkit export runs/NAME --format onnx|torchscript` writes runs/NAME/export/model.onnx (or
-model.pt) with model.json beside it (classes, preprocessing, input and output names). The
-batch dimension is dynamic. A text model (ONNX only) takes token ids, (batch, tokens) both dynamic, with
-0 after each text's end; its tokenizer.json is written beside it (the tokenizers library reads it). After writing, the exported file is run (onnxruntime for ONNX,
-torch.jit.load for TorchScript) on validation images next to the PyTorch model: the largest
-|logit difference| and the top-1 agreement are printed and stored in model.json; a difference
-above the tolerance or any top-1 disagreement is an error.
+`transferkit export runs/NAME --format onnx|torchscript|tflite` writes runs/NAME/export/model.onnx (or model.pt,
+model.tflite; model_fp16/model_int8.tflite with --fp16/--int8) with model.json beside it (classes, preprocessing,
+input and output names). ONNX and TorchScript take a dynamic batch, TFLite one image. A text model (ONNX only)
+takes token ids, (batch, tokens) both dynamic, with 0 after each text's end; its tokenizer.json is written beside
+it (the tokenizers library reads it). After writing, the exported file is run (onnxruntime, torch.jit.load, the
+LiteRT interpreter) on validation images next to the PyTorch model: the largest |logit difference| and the top-1
+agreement are printed and stored in model.json; a difference above the tolerance or any top-1 disagreement is an
+error. An int8 model is judged by its test-split accuracy against the PyTorch model's instead.
 """
 
 from __future__ import annotations
@@ -22,24 +23,46 @@ from transferkit.core.errors import UserError
 from transferkit.data.preprocessing import Preprocessing, TextPreprocessing, preprocessing_from_dict
 from transferkit.data.transforms import eval_transform
 from transferkit.deploy.bundle import load_bundle
+from transferkit.deploy.runners import onnx_runner, torchscript_runner
+from transferkit.deploy.tflite import QUANTIZE, tflite_file, tflite_runner, write_tflite
 
-FORMATS = ("onnx", "torchscript")
 PARITY_IMAGES = 32
+CALIBRATION_IMAGES = 100
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a format's writer gets: the model, its input, the run's preprocessing, and the options."""
+
+    model: torch.nn.Module
+    given: "ModelInput"
+    prep: Preprocessing | TextPreprocessing
+    run_dir: Path
+    opset: int = 18
+    with_preprocessing: bool = False
+    quantize: str = "none"
+    calibration: int = CALIBRATION_IMAGES
 
 
 def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = None, tolerance: float | None = None,
-           opset: int = 18, with_preprocessing: bool = False) -> dict:
+           opset: int = 18, with_preprocessing: bool = False, quantize: str = "none",
+           calibration: int = CALIBRATION_IMAGES) -> dict:
     """Write the export and its model.json; returns the parity record. Raises UserError on a failed check.
 
     `with_preprocessing` (ONNX): the graph takes uint8 (batch, H, W, C) images and resizes, crops and
     normalizes them itself (see `preprocessing_graph`); the check then compares it with `predict` on the
-    same decoded images. Default tolerance: 1e-4, or 0.05 with preprocessing (ONNX's antialiased cubic
-    resize and PIL's differ by up to a gray level)."""
+    same decoded images. `quantize` (TFLite): fp16 weights, or int8 calibrated on `calibration` train images.
+    Default tolerance: 1e-4 on logits; 1e-3 for TFLite (XNNPACK's kernels sum in another order: 2.4e-4 seen on a
+    trained lite0); 0.05 with preprocessing (ONNX's antialiased cubic resize and PIL's differ by up to a gray
+    level); fp16 and int8 are judged by what they cost: the test-split accuracy may drop by 0.02 at most."""
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}; got '{format}'.")
     if with_preprocessing and format != "onnx":
         raise UserError("--with-preprocessing is available for --format onnx only.")
-    tolerance = tolerance if tolerance is not None else 5e-2 if with_preprocessing else 1e-4
+    if quantize not in QUANTIZE or (quantize != "none" and format != "tflite"):
+        raise UserError(f"--fp16 and --int8 are for --format tflite; got quantize '{quantize}' with '{format}'.")
+    tolerance = tolerance if tolerance is not None else 0.02 if quantize != "none" else \
+        5e-2 if with_preprocessing else 1e-3 if format == "tflite" else 1e-4
     run_dir = Path(run_dir)
     model, meta = load_bundle(run_dir)
     model.eval()
@@ -47,28 +70,11 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     given = INPUTS[prep.kind](run_dir, prep, format, with_preprocessing)
     out = Path(out) if out else (run_dir if (run_dir / "config.yaml").is_file() else run_dir.parent) / "export"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / ("model.onnx" if format == "onnx" else "model.pt")
-    if format == "onnx":
-        _require("onnx", "onnxscript", "onnxruntime")
-        dims = {axis: torch.export.Dim(name, min=low, max=high) for axis, (name, low, high) in given.dims.items()}
-        torch.onnx.export(model, (given.example,), str(path), input_names=[given.name], output_names=["logits"],
-                          dynamic_shapes={"x": dims}, opset_version=opset, dynamo=True, external_data=False,
-                          verbose=False)
-        if with_preprocessing:
-            import onnx
-            from onnx.compose import merge_models
-
-            net = onnx.load(str(path))
-            pre = preprocessing_graph(prep, opset, net.ir_version)
-            onnx.save(merge_models(pre, net, io_map=[("pre_pixels", "pixels")]), str(path))
-        run = _onnx_runner(path)
-    else:
-        with torch.no_grad():
-            scripted = torch.jit.trace(model, given.example)
-        scripted.save(str(path))
-        run = _torchscript_runner(path)
-    for name, text in given.files.items():
-        (out / name).write_text(text)
+    name, write = FORMATS[format]
+    path = out / (tflite_file(quantize) if format == "tflite" else name)
+    run = write(Job(model, given, prep, run_dir, opset, with_preprocessing, quantize, calibration), path)
+    for file, text in given.files.items():
+        (out / file).write_text(text)
     if with_preprocessing:  # raw decoded images, one at a time (sizes differ), against `predict` on them
         from transferkit.deploy.predictor import Predictor
 
@@ -83,18 +89,93 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     parity = {"images": len(got), "max_abs_logit_diff": float(np.abs(got - want).max()),
               "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean()), "tolerance": tolerance,
               "against": "transferkit predict in fp32 on the same images" if with_preprocessing
-              else "the PyTorch model in fp32", "precision": "fp32"}
+              else "the PyTorch model in fp32", "precision": {"none": "fp32"}.get(quantize, quantize)}
+    if quantize != "none":  # judged by what it costs: accuracy on the test split, against the PyTorch model's
+        parity["test_accuracy"] = test_accuracy(run_dir, model, prep, meta["classes"], run)
     record = {"format": format, "file": path.name, "classes": meta["classes"], "preprocessing": prep.to_dict(),
               "with_preprocessing": with_preprocessing, "input": given.record, "files": sorted(given.files),
               "output": {"name": "logits", "shape": ["batch", len(meta["classes"])]},
               "opset": opset if format == "onnx" else None, "parity": parity,
               "architecture": meta["architecture"]}
     (out / "model.json").write_text(json.dumps(record, indent=1))
-    if parity["max_abs_logit_diff"] > tolerance or parity["top1_agreement"] < 1.0:
-        raise UserError(f"The {format} export at '{path}' disagrees with {parity['against']} on {len(got)} images: "
-                        f"max |logit diff| {parity['max_abs_logit_diff']:.2e} (tolerance {tolerance:g}), top-1 "
-                        f"agreement {parity['top1_agreement']:.3f}. Do not deploy it; report this with the model name.")
+    _check(parity, format, path)
     return {"path": str(path), **parity}
+
+
+def _check(parity: dict, format: str, path: Path) -> None:
+    """A failed parity check is an error that says by how much."""
+    tolerance, accuracy = parity["tolerance"], parity.get("test_accuracy")
+    if accuracy is not None:
+        if accuracy["change"] < -tolerance:
+            raise UserError(f"The {parity['precision']} {format} export at '{path}' loses {-accuracy['change']:.3f} test accuracy "
+                            f"({accuracy['pytorch']:.3f} -> {accuracy['export']:.3f} on {accuracy['images']} images; "
+                            f"tolerance {tolerance:g}). Calibrate on more images (--calibration) or ship fp32/fp16.")
+        return
+    if parity["max_abs_logit_diff"] > tolerance or parity["top1_agreement"] < 1.0:
+        raise UserError(f"The {format} export at '{path}' disagrees with {parity['against']} on {parity['images']} "
+                        f"images: max |logit diff| {parity['max_abs_logit_diff']:.2e} (tolerance {tolerance:g}), top-1 "
+                        f"agreement {parity['top1_agreement']:.3f}. Do not deploy it; report this with the model name.")
+
+
+def test_accuracy(run_dir: Path, model: torch.nn.Module, prep: Preprocessing, classes: list[str], run) -> dict:
+    """Top-1 accuracy of the PyTorch model (fp32) and of the export on the run's test split."""
+    from transferkit.deploy.predictor import sample_batches
+
+    data, samples = _split_samples(run_dir, ("test",), None)
+    if not samples:
+        return {"images": 0, "pytorch": float("nan"), "export": float("nan"), "change": 0.0}
+    transform, right = eval_transform(prep), np.zeros(2)
+    for start, images in zip(range(0, len(samples), 64), sample_batches(data, samples, prep)):
+        batch = torch.stack([transform(image) for image in images])
+        labels = np.array([classes.index(label) for _, label in samples[start : start + 64]])
+        with torch.no_grad():
+            right[0] += (model(batch).numpy().argmax(1) == labels).sum()
+        right[1] += (run(batch.numpy()).argmax(1) == labels).sum()
+    pytorch, exported = right / len(samples)
+    return {"images": len(samples), "pytorch": float(pytorch), "export": float(exported),
+            "change": float(exported - pytorch)}
+
+
+def _onnx(job: Job, path: Path):
+    _require("onnx", "onnxscript", "onnxruntime")
+    given = job.given
+    dims = {axis: torch.export.Dim(name, min=low, max=high) for axis, (name, low, high) in given.dims.items()}
+    torch.onnx.export(job.model, (given.example,), str(path), input_names=[given.name], output_names=["logits"],
+                      dynamic_shapes={"x": dims}, opset_version=job.opset, dynamo=True, external_data=False,
+                      verbose=False)
+    if job.with_preprocessing:
+        import onnx
+        from onnx.compose import merge_models
+
+        net = onnx.load(str(path))
+        pre = preprocessing_graph(job.prep, job.opset, net.ir_version)
+        onnx.save(merge_models(pre, net, io_map=[("pre_pixels", "pixels")]), str(path))
+    return onnx_runner(path)
+
+
+def _torchscript(job: Job, path: Path):
+    with torch.no_grad():
+        scripted = torch.jit.trace(job.model, job.given.example)
+    scripted.save(str(path))
+    return torchscript_runner(path)
+
+
+def _tflite(job: Job, path: Path):
+    if job.prep.kind != "image":
+        raise UserError("TFLite export is for image models; export a text model with --format onnx.")
+    calibration = None
+    if job.quantize == "int8":
+        data, samples = _split_samples(job.run_dir, ("train", "val"), job.calibration)
+        transform = eval_transform(job.prep)
+        calibration = torch.stack([transform(data.read(ref, job.prep.in_chans, job.prep.resize))
+                                   for ref, _ in samples]) if samples else job.given.parity
+    write_tflite(job.model, job.given.example, path, job.quantize, calibration)
+    return tflite_runner(path)
+
+
+FORMATS = {"onnx": ("model.onnx", _onnx), "torchscript": ("model.pt", _torchscript),
+           "tflite": ("model.tflite", _tflite)}
+"""Each format: its file name and its writer, which writes the file and returns a runner (numpy in, logits out)."""
 
 
 @dataclass
@@ -191,8 +272,9 @@ def preprocessing_graph(prep: Preprocessing, opset: int, ir_version: int):
     return model
 
 
-def _parity_samples(run_dir: Path):
-    """(data, up to 32 samples): the run's validation split, else test, else train; (None, []) for a bare bundle."""
+def _split_samples(run_dir: Path, splits: tuple[str, ...], limit: int | None):
+    """(data, up to `limit` samples of the first of `splits` the run has); (None, []) for a bare bundle. Calibration
+    draws from the train split with a fixed seed, so a re-export is the same file."""
     run = next((p for p in (run_dir, run_dir.parent) if (p / "split.json").is_file()), None)
     if run is None:
         return None, []
@@ -200,7 +282,16 @@ def _parity_samples(run_dir: Path):
     from transferkit.data.sources import config_data
 
     data = config_data(TrainConfig.load(run / "config.yaml"), run / "split.json")
-    return data, next((data.splits[s] for s in ("val", "test", "train") if data.splits.get(s)), [])[:PARITY_IMAGES]
+    samples = next((data.splits[s] for s in splits if data.splits.get(s)), [])
+    if limit is not None and splits[0] == "train" and len(samples) > limit:
+        picked = np.random.default_rng(0).choice(len(samples), limit, replace=False)
+        samples = [samples[i] for i in sorted(picked)]
+    return data, samples[:limit]
+
+
+def _parity_samples(run_dir: Path):
+    """(data, up to 32 samples): the run's validation split, else test, else train; (None, []) for a bare bundle."""
+    return _split_samples(run_dir, ("val", "test", "train"), PARITY_IMAGES)
 
 
 def parity_batch(run_dir: Path, prep: Preprocessing) -> torch.Tensor:
@@ -223,24 +314,6 @@ def parity_images(run_dir: Path, prep: Preprocessing) -> list:
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 256, (prep.resize + 17, prep.resize + 5, 3), dtype=np.uint8))
             for _ in range(4)]
-
-
-def _onnx_runner(path: Path):
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
-
-
-def _torchscript_runner(path: Path):
-    scripted = torch.jit.load(str(path))
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return scripted(torch.from_numpy(x)).numpy()
-
-    return run
 
 
 def _require(*modules: str) -> None:

@@ -15,6 +15,7 @@ from transferkit.data.images import from_array, is_image_file, open_image, to_mo
 from transferkit.data.preprocessing import Preprocessing, preprocessing_from_dict
 from transferkit.data.transforms import eval_transform
 from transferkit.deploy.bundle import load_bundle
+from transferkit.deploy.runners import BACKENDS
 from transferkit.models.fuse import fold_batchnorm
 from transferkit.models.precision import Workload
 from transferkit.models.runtime import inference_runtime
@@ -176,48 +177,48 @@ def sample_batches(data, samples: list, prep: Preprocessing, size: int = 64):
         yield [data.read(ref, prep.in_chans, prep.resize) for ref, _ in samples[start : start + size]]
 
 
-class OnnxPredictor(Predictor):
-    """The same interface over an exported model.onnx (`transferkit export`), run by onnxruntime:
-    preprocessing, TTA and top-k as in Predictor, no PyTorch model involved."""
+class ExportedPredictor(Predictor):
+    """The same interface over an exported model (`transferkit export`): ONNX through onnxruntime, TFLite through
+    the LiteRT interpreter. Preprocessing, TTA and top-k as in Predictor, no PyTorch model involved."""
 
-    def __init__(self, path: Path):
-        import onnxruntime
-
+    def __init__(self, path: Path, backend: str):
         record = json.loads(path.with_name("model.json").read_text())
-        if record.get("with_preprocessing"):
+        if record.get("with_preprocessing") and path.suffix == ".onnx":
             raise UserError(f"'{path}' was exported --with-preprocessing (it takes uint8 images); --backend onnx "
                             "needs a plain export: transferkit export RUN --format onnx.")
         self._set_meta(record)
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.device, self.precision = "cpu", "fp32"
+        self.run = BACKENDS[backend][1](path)
+        self.device, self.precision = "cpu", {"tflite-fp16": "fp16", "tflite-int8": "int8"}.get(backend, "fp32")
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.session.get_inputs()[0].name: batch.numpy()})[0])
+        return torch.from_numpy(self.run(batch.numpy()))
 
 
-class OnnxTextPredictor(OnnxPredictor, TextPredictor):
+class ExportedTextPredictor(ExportedPredictor, TextPredictor):
     """A text model's ONNX export: the tokenizer from its model.json, the ids to onnxruntime."""
 
 
-PREDICTORS = {"image": (Predictor, OnnxPredictor), "text": (TextPredictor, OnnxTextPredictor)}
-"""By a bundle's `architecture.task`: the predictor of its PyTorch model, and of its ONNX export."""
+PREDICTORS = {"image": (Predictor, ExportedPredictor), "text": (TextPredictor, ExportedTextPredictor)}
+"""By a bundle's `architecture.task`: the predictor of its PyTorch model, and of its exports."""
 
 
 def load(path: str | Path, device: str = "cpu", backend: str = "torch", precision: str = "auto") -> Predictor:
-    """Load a bundle (or a run directory's best/) for prediction; backend "onnx" loads the run's
-    export/model.onnx (or an export folder, or the .onnx file) instead (fp32, whatever `precision`)."""
+    """Load a bundle (or a run directory's best/) for prediction; another backend (see runners.BACKENDS: onnx,
+    tflite, tflite-fp16, tflite-int8) loads the run's export of that kind instead (a run, its export folder or the
+    file), whatever `precision`."""
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"precision must be auto, bf16 or fp32; got '{precision}'.")
-    if backend == "onnx":
-        path = Path(path)
-        found = next((p for p in (path, path / "model.onnx", path / "export" / "model.onnx",
-                                  path.parent / "export" / "model.onnx") if p.is_file() and p.suffix == ".onnx"), None)
+    if backend in BACKENDS:
+        path, file = Path(path), BACKENDS[backend][0]
+        found = next((p for p in (path, path / file, path / "export" / file, path.parent / "export" / file)
+                      if p.is_file() and p.name == file), None)
         if found is None or not found.with_name("model.json").is_file():
-            raise UserError(f"No ONNX export with its model.json at '{path}': run `transferkit export {path} "
-                            "--format onnx` first.")
+            how = {"onnx": "--format onnx", "tflite": "--format tflite", "tflite-fp16": "--format tflite --fp16",
+                   "tflite-int8": "--format tflite --int8"}[backend]
+            raise UserError(f"No {file} with its model.json at '{path}': run `transferkit export {path} {how}` first.")
         task = json.loads(found.with_name("model.json").read_text()).get("architecture", {}).get("task", "image")
-        return PREDICTORS[task][1](found)
+        return PREDICTORS[task][1](found, backend)
     if backend != "torch":
-        raise UserError(f"backend must be torch or onnx; got '{backend}'.")
+        raise UserError(f"backend must be torch, {', '.join(BACKENDS)}; got '{backend}'.")
     model, meta = load_bundle(path)
     return PREDICTORS[meta["architecture"].get("task", "image")][0](model, meta, device, precision)
