@@ -14,10 +14,10 @@ from transferkit.deploy.export import export
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One lite0 run on the builtin digits at 48 px (int8 needs a model with some margin: on a 32 px, 70 % model
-    static int8 lost 7 points, on this one, 80 %, it gained 1.4)."""
+    """One lite0 linear probe on the builtin digits at 48 px, 93 % on test (int8 needs a model with some margin:
+    a 32 px fine-tune at 70 % lost 7 points to static int8; this one moves 0.3)."""
     runs = tmp_path_factory.mktemp("tflite")
-    return transferkit.train(data="builtin:digits", epochs=4, img_size=48, batch_size=32,
+    return transferkit.train(data="builtin:digits", strategy="linear-probe", img_size=48, batch_size=32,
                              runs_dir=str(runs), quiet=True, workers=0, html_report=False)
 
 
@@ -49,7 +49,7 @@ def test_int8_reports_its_test_accuracy_change_and_is_a_quarter_of_the_size(run)
     record = json.loads((run.dir / "export" / "model.json").read_text())
     accuracy = record["parity"]["test_accuracy"]
     assert record["file"] == "model_int8.tflite" and accuracy["images"] > 300
-    assert accuracy["change"] >= -0.02 and accuracy["pytorch"] > 0.5  # within 2 points of the PyTorch model
+    assert accuracy["change"] >= -0.02 and accuracy["pytorch"] > 0.8  # within 2 points of the PyTorch model
     int8 = run.dir / "export" / "model_int8.tflite"
     assert int8.stat().st_size < 0.4 * (run.dir / "export" / "model.tflite").stat().st_size
     proba = transferkit.load(run.dir, backend="tflite-int8").predict_proba(_test_images(run, 8))

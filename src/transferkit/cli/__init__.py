@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -11,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from transferkit.cli import options, tuning
+from transferkit.cli import deploy, options, tuning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained image models on your own data, offline-first.")
@@ -50,6 +48,8 @@ train.__signature__ = options.signature(options.TRAIN)  # the options, one row e
 app.command()(train)
 app.command()(tuning.tune)
 app.command()(tuning.rank)
+app.command()(deploy.predict)
+app.command()(deploy.export)
 
 
 @app.command()
@@ -187,87 +187,6 @@ def evaluate(
 
 
 @app.command()
-def predict(
-    model: Path = typer.Argument(..., help="A run directory or a bundle folder (model.json + model.safetensors)."),
-    inputs: Optional[list[str]] = typer.Argument(None, help="Image files and/or folders; for a text model, texts, "
-                                                               ".txt files or .csv/.tsv/.jsonl tables (column text)."),
-    split: Optional[str] = typer.Option(None, help="Predict the run's own saved split (train|val|test) instead."),
-    limit: Optional[int] = typer.Option(None, help="At most this many inputs."),
-    top_k: int = typer.Option(5, help="Classes to show per image."),
-    format: str = typer.Option("table", "--format", help="table | json | csv."),
-    device: str = typer.Option("cpu", help="cpu | cuda."),
-    tta: str = typer.Option("none", help="none | flip | flip-crop: average over augmented views."),
-    backend: str = typer.Option(
-        "torch", help="torch | onnx | tflite | tflite-fp16 | tflite-int8 (the run's export, run by onnxruntime or "
-                      "the LiteRT interpreter)."),
-    precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 only where measured faster here)."),
-) -> None:
-    """Top-k class predictions for images or texts, with class names."""
-    from transferkit.core.errors import UserError
-    from transferkit.deploy.predictor import load
-
-    if format not in ("table", "json", "csv"):
-        raise UserError(f"--format must be table, json or csv; got '{format}'.")
-    clf = load(model, device=device, backend=backend, precision=precision)
-    truth: list[str | None] = []
-    if split:
-        items, truth = _split_inputs(model, split, clf.preprocessing)
-    elif inputs:
-        items = clf.named_inputs(inputs)
-    else:
-        raise UserError("Nothing to predict: give image files or folders (texts, .txt files or tables for a text "
-                        "model), or --split test.")
-    items = items[:limit] if limit else items
-    names = [it[0] for it in items]
-    results = clf.predict([it[1] for it in items], top_k=top_k, tta=tta)
-    for r, name, true in zip(results, names, truth or [None] * len(results)):
-        r["input"] = name
-        if true is not None:
-            r["true"] = true
-    _print_predictions(results, format)
-
-
-def _split_inputs(model: Path, split: str, prep):
-    from transferkit.core.config import TrainConfig
-    from transferkit.core.errors import UserError
-    from transferkit.data.sources import config_data
-
-    run = next((p for p in (model, model.parent) if (p / "config.yaml").is_file()), None)
-    if run is None:
-        raise UserError(f"--split needs a run directory (with config.yaml and split.json); '{model}' is not one.")
-    config = TrainConfig.load(run / "config.yaml")
-    data = config_data(config, run / "split.json")
-    by_class: dict[str, list] = {}
-    for sample in data.splits.get(split) or []:
-        by_class.setdefault(sample[1], []).append(sample)
-    # interleave the classes so that --limit shows a few of each
-    samples = [s for group in itertools.zip_longest(*by_class.values()) for s in group if s is not None]
-    return [(ref, data.read(ref, prep.in_chans, prep.resize)) for ref, _ in samples], [label for _, label in samples]
-
-
-def _print_predictions(results: list[dict], format: str) -> None:
-    if format == "json":
-        typer.echo(json.dumps(results, indent=1))
-    elif format == "csv":
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["input", "label", "score", *(["true"] if "true" in results[0] else []), "top_k"])
-        for r in results:
-            writer.writerow([r["input"], r["label"], f"{r['score']:.6f}", *([r["true"]] if "true" in r else []),
-                             ";".join(f"{t['label']}:{t['score']:.4f}" for t in r["top_k"])])
-    else:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table()
-        for col in ("input", "prediction", "score", *(["true"] if results and "true" in results[0] else []), "top-k"):
-            table.add_column(col)
-        for r in results:
-            table.add_row(r["input"], r["label"], f"{r['score']:.3f}", *([r["true"]] if "true" in r else []),
-                          ", ".join(f"{t['label']} {t['score']:.2f}" for t in r["top_k"][1:]))
-        Console(width=160).print(table)
-
-
-@app.command()
 def models(
     pattern: Optional[str] = typer.Argument(None, help="Substring or glob of timm names (e.g. resnet, 'vit_*')."),
 ) -> None:
@@ -303,37 +222,6 @@ def report(
     from transferkit.evaluation.report import build_report
 
     typer.echo(str(build_report(run, device)))
-
-
-@app.command()
-def export(
-    run: Path = typer.Argument(..., help="A run directory or a bundle folder."),
-    format: str = typer.Option("onnx", "--format", help="onnx | torchscript | tflite."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default RUN/export)."),
-    tolerance: Optional[float] = typer.Option(
-        None, help="Largest |logit difference| the parity check accepts (default 1e-4; 1e-3 for tflite; 0.05 with "
-                   "preprocessing); with --fp16/--int8 the largest test-accuracy drop (default 0.02)."),
-    with_preprocessing: bool = typer.Option(
-        False, "--with-preprocessing", help="ONNX: take uint8 HxWx3 images; resize, crop, normalize in the graph."),
-    fp16: bool = typer.Option(False, "--fp16", help="TFLite: float16 weights (half the file)."),
-    int8: bool = typer.Option(False, "--int8", help="TFLite: int8 weights and activations, calibrated on train images."),
-    calibration: int = typer.Option(100, help="--int8: how many train images calibrate the ranges."),
-) -> None:
-    """Export the best model with model.json beside it, then check it against PyTorch."""
-    from transferkit.core.errors import UserError
-    from transferkit.deploy.export import export as run_export
-
-    if fp16 and int8:
-        raise UserError("--fp16 and --int8 exclude each other: pick one.")
-    result = run_export(run, format, out, tolerance, with_preprocessing=with_preprocessing,
-                        quantize="fp16" if fp16 else "int8" if int8 else "none", calibration=calibration)
-    line = (f"{result['path']}: parity on {result['images']} inputs: max |logit diff| "
-            f"{result['max_abs_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.3f}")
-    if "test_accuracy" in result:
-        acc = result["test_accuracy"]
-        line += (f"; test accuracy {acc['pytorch']:.3f} (PyTorch) -> {acc['export']:.3f} ({result['precision']}), change "
-                 f"{acc['change']:+.3f} on {acc['images']} images")
-    typer.echo(line)
 
 
 @app.command()

@@ -24,7 +24,7 @@ from transferkit.data.preprocessing import Preprocessing, TextPreprocessing, pre
 from transferkit.data.transforms import eval_transform
 from transferkit.deploy.bundle import load_bundle
 from transferkit.deploy.runners import onnx_runner, torchscript_runner
-from transferkit.deploy.tflite import QUANTIZE, tflite_file, tflite_runner, write_tflite
+from transferkit.deploy.tflite import QUANTIZE, tflite_runner, write_tflite
 
 PARITY_IMAGES = 32
 CALIBRATION_IMAGES = 100
@@ -71,7 +71,7 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     out = Path(out) if out else (run_dir if (run_dir / "config.yaml").is_file() else run_dir.parent) / "export"
     out.mkdir(parents=True, exist_ok=True)
     name, write = FORMATS[format]
-    path = out / (tflite_file(quantize) if format == "tflite" else name)
+    path = out / (name if quantize == "none" else name.replace(".", f"_{quantize}."))  # model_int8.tflite
     run = write(Job(model, given, prep, run_dir, opset, with_preprocessing, quantize, calibration), path)
     for file, text in given.files.items():
         (out / file).write_text(text)
@@ -91,7 +91,7 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
               "against": "transferkit predict in fp32 on the same images" if with_preprocessing
               else "the PyTorch model in fp32", "precision": {"none": "fp32"}.get(quantize, quantize)}
     if quantize != "none":  # judged by what it costs: accuracy on the test split, against the PyTorch model's
-        parity["test_accuracy"] = test_accuracy(run_dir, model, prep, meta["classes"], run)
+        parity["test_accuracy"] = split_accuracy(run_dir, model, prep, meta["classes"], run)
     record = {"format": format, "file": path.name, "classes": meta["classes"], "preprocessing": prep.to_dict(),
               "with_preprocessing": with_preprocessing, "input": given.record, "files": sorted(given.files),
               "output": {"name": "logits", "shape": ["batch", len(meta["classes"])]},
@@ -117,7 +117,7 @@ def _check(parity: dict, format: str, path: Path) -> None:
                         f"agreement {parity['top1_agreement']:.3f}. Do not deploy it; report this with the model name.")
 
 
-def test_accuracy(run_dir: Path, model: torch.nn.Module, prep: Preprocessing, classes: list[str], run) -> dict:
+def split_accuracy(run_dir: Path, model: torch.nn.Module, prep: Preprocessing, classes: list[str], run) -> dict:
     """Top-1 accuracy of the PyTorch model (fp32) and of the export on the run's test split."""
     from transferkit.deploy.predictor import sample_batches
 
@@ -166,9 +166,12 @@ def _tflite(job: Job, path: Path):
     calibration = None
     if job.quantize == "int8":
         data, samples = _split_samples(job.run_dir, ("train", "val"), job.calibration)
+        if not samples:
+            raise UserError(f"--int8 calibrates on the run's train images, and '{job.run_dir}' is a bundle without "
+                            "its run: export from the run directory (the one with split.json).")
         transform = eval_transform(job.prep)
         calibration = torch.stack([transform(data.read(ref, job.prep.in_chans, job.prep.resize))
-                                   for ref, _ in samples]) if samples else job.given.parity
+                                   for ref, _ in samples])
     write_tflite(job.model, job.given.example, path, job.quantize, calibration)
     return tflite_runner(path)
 

@@ -22,10 +22,6 @@ QUANTIZE = ("none", "fp16", "int8")
 MODULES = ("litert_torch", "ai_edge_litert", "ai_edge_quantizer")
 
 
-def tflite_file(quantize: str) -> str:
-    return "model.tflite" if quantize == "none" else f"model_{quantize}.tflite"
-
-
 def require() -> None:
     """A clear error naming the extra when the LiteRT packages are missing."""
     import importlib.util
