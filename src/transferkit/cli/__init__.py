@@ -245,7 +245,8 @@ def inspect(
 
 def main() -> None:
     """Console entry point: user errors print one message and exit 2, never a traceback."""
-    from transferkit.core.errors import UserError
+    from transferkit.core.errors import DiskFull, UserError
+    from transferkit.core.files import disk_full, is_disk_full
     from transferkit.training.preempt import Preempted
 
     try:
@@ -255,7 +256,12 @@ def main() -> None:
         code = done.code
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
-        code = 2
+        code = err.exit_code
+    except OSError as err:  # a write outside atomic_write (metrics, report, caches) that found the disk full
+        if not is_disk_full(err):
+            raise
+        typer.echo(f"error: {disk_full(Path(err.filename or '.'), 0, at_least=True)}", err=True)
+        code = DiskFull.exit_code
     except Preempted as stop:
         typer.echo(f"stopped: {stop}", err=True)
         code = stop.exit_code

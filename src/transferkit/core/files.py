@@ -1,18 +1,78 @@
-"""Writes that survive a crash: to a temp file, fsynced, renamed over the target, folder fsynced.
+"""Writes that survive a crash and a full disk: to a temp file, fsynced, renamed over the target, folder fsynced.
+
+A write that fails leaves the previous file as it was and no temp file behind; a full disk is a `DiskFull`
+error that names the file, the bytes it needed and the bytes free.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 
+from transferkit.core.errors import DiskFull
 
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, fsync the temp file, then rename it over `path` (and fsync the folder)."""
+FULL = ("No space left on device", "os error 28", "unexpected pos", "PytorchStreamWriter failed writing file")
+"""How a full disk reads when it is not an OSError: safetensors' Rust error, torch's zip writer."""
+
+
+def atomic_write(path: Path, write, size: int | None = None) -> None:
+    """Call `write(tmp_path)`, fsync the temp file, then rename it over `path` (and fsync the folder).
+
+    `size`: the bytes the file will take, where known, for the message if the disk is full."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    durable_replace(tmp, path)
+    free = shutil.disk_usage(path.parent).free  # before the write: what it had to fit in
+    full = False
+    try:
+        write(tmp)
+        durable_replace(tmp, path)
+    except BaseException as err:
+        if not is_disk_full(err):
+            tmp.unlink(missing_ok=True)
+            raise
+        full = True  # raised below, outside this block: the failed writer (and its open file) is let go first
+    if full:
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        raise disk_full(path, size or written, free, at_least=size is None)
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err`, or what caused it, is the disk (or the user's quota) being full."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(sign in str(err) for sign in FULL):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full(path: Path, needed: int, free: int | None = None, at_least: bool = False) -> DiskFull:
+    """The error for a write of `needed` bytes to `path` that found the disk full (`free`: bytes free when it began;
+    by default, now)."""
+    if free is None:
+        folder = next((p for p in (Path(path).parent, *Path(path).parents) if p.exists()), Path("."))
+        free = shutil.disk_usage(folder).free
+    need = f"needed {'more than ' if at_least else ''}{_size(needed)}" if needed else "could not finish"
+    return DiskFull(f"The disk is full: writing '{path}' {need} and {_size(free)} were free there. The previous {Path(path).name}, if any, is intact and no "
+                    "temporary file is left. Free some space (old runs, the feature cache: --cache-dir), or write "
+                    "the run elsewhere with --runs-dir, then continue with --resume.")
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list (what torch.save or safetensors will write, near enough)."""
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return obj.numel() * obj.element_size() if hasattr(obj, "element_size") else 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB ({n:,} bytes)"
 
 
 def durable_replace(tmp: Path, path: Path) -> None:

@@ -20,13 +20,13 @@ def save_bundle(directory: Path, model: Classifier, meta: dict) -> None:
     """Write weights, then metadata, each atomically (temp file, fsync, rename): a crash leaves whole files."""
     from safetensors.torch import save_file
 
-    from transferkit.core.files import atomic_write
+    from transferkit.core.files import atomic_write, tensor_bytes
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # contiguous copies: safetensors stores row-major tensors (a channels_last model has NHWC strides)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, str(tmp)))
+    atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, str(tmp)), size=tensor_bytes(state))
     text = json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1)
     atomic_write(directory / "model.json", lambda tmp: tmp.write_text(text))
 

@@ -17,7 +17,7 @@ import torch
 
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
-from transferkit.core.files import atomic_write
+from transferkit.core.files import atomic_write, tensor_bytes
 from transferkit.models.weights import torch_load
 from transferkit.training.strategy import Phase, make_plan
 
@@ -31,7 +31,7 @@ Everything else (model, weights, data, classes, strategy, LRs...) would make a d
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp), size=tensor_bytes(state))
 
 
 def get_rng_state() -> dict:

@@ -1,0 +1,94 @@
+"""A full disk, on a real small filesystem: a tmpfs mounted in a private mount namespace (`unshare -m`, as root,
+which CI is). The run directory lives on it; the data, the caches and the reference run do not."""
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_resume import assert_same_weights, weights
+
+
+def _can_mount() -> str | None:
+    """Why a private tmpfs cannot be made here, or None."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return "needs root and unshare(1) to mount a private tmpfs"
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return None if probe.returncode == 0 else f"unshare -m cannot mount a tmpfs here: {probe.stderr.decode()[:200]}"
+
+
+pytestmark = pytest.mark.skipif(_can_mount() is not None, reason=str(_can_mount()))
+
+
+def _train(*args: str) -> str:
+    return shlex.join([sys.executable, "-m", "transferkit", "train", *args])
+
+
+def _in_tmpfs(mount: Path, size: int, steps: list[str]) -> list[subprocess.CompletedProcess]:
+    """Mount a tmpfs of `size` bytes at `mount` in a private namespace and run each shell step there; a step may
+    grow it (`mount -o remount,size=...`). Returns each step's result (exit code, output); what is left on the
+    tmpfs is copied to mount.with_suffix('.left') for the checks."""
+    mount.mkdir(parents=True, exist_ok=True)
+    left = mount.with_suffix(".left")
+    logs = [mount.with_name(f"{mount.name}.step{i}") for i in range(len(steps))]
+    script = [f"mount -t tmpfs -o size={size} tmpfs {mount}"]
+    script += [f"({step}) > {log}.out 2>&1; echo $? > {log}.rc" for step, log in zip(steps, logs)]
+    script += [f"cp -a {mount} {left}"]
+    subprocess.run(["unshare", "-m", "sh", "-c", "\n".join(script)], check=True, timeout=600)
+    return [subprocess.CompletedProcess(step, int(Path(f"{log}.rc").read_text()), Path(f"{log}.out").read_text())
+            for step, log in zip(steps, logs)]
+
+
+def _sizes(run: Path) -> tuple[int, int, int]:
+    """(best/ bundle, last.ckpt, everything else) in bytes, of a finished run."""
+    best = sum(f.stat().st_size for f in (run / "best").iterdir())
+    last = (run / "last.ckpt").stat().st_size
+    other = sum(f.stat().st_size for f in run.rglob("*") if f.is_file()) - best - last
+    return best, last, other
+
+
+def _temporary(run: Path) -> list[str]:
+    return [str(f) for f in run.rglob("*.tmp")]
+
+
+def test_disk_full_at_a_later_checkpoint_keeps_the_last_and_resume_finishes_the_same(shapes_dir, tmp_path):
+    flags = ["--img-size", "32", "--epochs", "2", "--batch-size", "8", "--workers", "0", "--strategy", "full",
+             "--quiet", "--no-report", "--cache-dir", str(tmp_path / "cache")]
+    reference = subprocess.run(shlex.split(_train(str(shapes_dir), "--name", "whole", "--runs-dir",
+                                                  str(tmp_path / "runs"), *flags)), capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    best, last, other = _sizes(tmp_path / "runs" / "whole")
+    assert best < last  # the checkpoint holds the optimizer's moments too
+    # room for epoch 1's best/ and last.ckpt, then epoch 2's best/ (written first), not its last.ckpt
+    size = other + best + last + (best + last) // 2
+    mount = tmp_path / "small"
+    run = mount / "runs" / "cut"
+    failed, resumed = _in_tmpfs(mount, size, [
+        _train(str(shapes_dir), "--name", "cut", "--runs-dir", str(mount / "runs"), *flags),
+        f"mount -o remount,size={4 * size} {mount} && " + _train("--resume", str(run), "--quiet"),
+    ])
+    assert failed.returncode == 74, failed.stdout[-2000:]
+    assert f"The disk is full: writing '{run / 'last.ckpt'}' needed" in failed.stdout
+    assert "Traceback" not in failed.stdout and "--resume" in failed.stdout
+    assert resumed.returncode == 0, resumed.stdout[-2000:]
+    left = mount.with_suffix(".left") / "runs" / "cut"
+    assert _temporary(left) == []
+    assert_same_weights(weights(tmp_path / "runs" / "whole"), weights(left))
+
+
+def test_disk_full_at_the_first_bundle_says_what_it_needed_and_leaves_nothing_half_written(shapes_dir, tmp_path):
+    mount = tmp_path / "small"
+    failed, = _in_tmpfs(mount, 2 * 2**20, [  # 2 MB: the config and split fit, lite0's 13 MB bundle does not
+        _train(str(shapes_dir), "--name", "cut", "--runs-dir", str(mount / "runs"), "--img-size", "32", "--epochs",
+               "1", "--workers", "0", "--quiet", "--no-report", "--cache-dir", str(tmp_path / "cache")),
+    ])
+    assert failed.returncode == 74, failed.stdout[-2000:]
+    bundle = mount / "runs" / "cut" / "best" / "model.safetensors"
+    assert f"The disk is full: writing '{bundle}' needed 1" in failed.stdout and "bytes) were free there" in failed.stdout
+    assert "Traceback" not in failed.stdout
+    left = mount.with_suffix(".left") / "runs" / "cut"
+    assert _temporary(left) == [] and not (left / "best" / "model.safetensors").exists()
