@@ -66,6 +66,7 @@ def test_tflite_mistakes_are_named(run, tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "litert_torch" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "litert_torch" else real(name, *a))
     with pytest.raises(transferkit.UserError, match=r"pip install 'transferkit\[tf\]'"):
         export(run.dir, "tflite")

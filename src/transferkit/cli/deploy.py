@@ -102,7 +102,8 @@ def export(
     with_preprocessing: bool = typer.Option(
         False, "--with-preprocessing", help="ONNX: take uint8 HxWx3 images; resize, crop, normalize in the graph."),
     fp16: bool = typer.Option(False, "--fp16", help="TFLite: float16 weights (half the file)."),
-    int8: bool = typer.Option(False, "--int8", help="TFLite: int8 weights and activations, calibrated on train images."),
+    int8: bool = typer.Option(
+        False, "--int8", help="TFLite: int8 weights and activations, calibrated on train images."),
     calibration: int = typer.Option(100, help="--int8: how many train images calibrate the ranges."),
 ) -> None:
     """Export the best model with model.json beside it, then check it against PyTorch."""
@@ -117,6 +118,6 @@ def export(
             f"{result['max_abs_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.3f}")
     if "test_accuracy" in result:
         acc = result["test_accuracy"]
-        line += (f"; test accuracy {acc['pytorch']:.3f} (PyTorch) -> {acc['export']:.3f} ({result['precision']}), change "
-                 f"{acc['change']:+.3f} on {acc['images']} images")
+        line += (f"; test accuracy {acc['pytorch']:.3f} (PyTorch) -> {acc['export']:.3f} ({result['precision']}), "
+                 f"change {acc['change']:+.3f} on {acc['images']} images")
     typer.echo(line)

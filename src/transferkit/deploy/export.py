@@ -107,9 +107,10 @@ def _check(parity: dict, format: str, path: Path) -> None:
     tolerance, accuracy = parity["tolerance"], parity.get("test_accuracy")
     if accuracy is not None:
         if accuracy["change"] < -tolerance:
-            raise UserError(f"The {parity['precision']} {format} export at '{path}' loses {-accuracy['change']:.3f} test accuracy "
-                            f"({accuracy['pytorch']:.3f} -> {accuracy['export']:.3f} on {accuracy['images']} images; "
-                            f"tolerance {tolerance:g}). Calibrate on more images (--calibration) or ship fp32/fp16.")
+            raise UserError(f"The {parity['precision']} {format} export at '{path}' loses {-accuracy['change']:.3f} "
+                            f"test accuracy ({accuracy['pytorch']:.3f} -> {accuracy['export']:.3f} on "
+                            f"{accuracy['images']} images; tolerance {tolerance:g}). Calibrate on more images "
+                            "(--calibration) or ship fp32/fp16.")
         return
     if parity["max_abs_logit_diff"] > tolerance or parity["top1_agreement"] < 1.0:
         raise UserError(f"The {format} export at '{path}' disagrees with {parity['against']} on {parity['images']} "
