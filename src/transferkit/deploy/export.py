@@ -125,10 +125,11 @@ def split_accuracy(run_dir: Path, model: torch.nn.Module, prep: Preprocessing, c
     data, samples = _split_samples(run_dir, ("test",), None)
     if not samples:
         return {"images": 0, "pytorch": float("nan"), "export": float("nan"), "change": 0.0}
-    transform, right = eval_transform(prep), np.zeros(2)
-    for start, images in zip(range(0, len(samples), 64), sample_batches(data, samples, prep)):
+    transform, right, start = eval_transform(prep), np.zeros(2), 0
+    for images in sample_batches(data, samples, prep):
         batch = torch.stack([transform(image) for image in images])
-        labels = np.array([classes.index(label) for _, label in samples[start : start + 64]])
+        labels = np.array([classes.index(label) for _, label in samples[start : start + len(images)]])
+        start += len(images)
         with torch.no_grad():
             right[0] += (model(batch).numpy().argmax(1) == labels).sum()
         right[1] += (run(batch.numpy()).argmax(1) == labels).sum()
@@ -166,13 +167,11 @@ def _tflite(job: Job, path: Path):
         raise UserError("TFLite export is for image models; export a text model with --format onnx.")
     calibration = None
     if job.quantize == "int8":
-        data, samples = _split_samples(job.run_dir, ("train", "val"), job.calibration)
+        data, samples = _split_samples(job.run_dir, ("train", "val"), job.calibration, draw=True)
         if not samples:
             raise UserError(f"--int8 calibrates on the run's train images, and '{job.run_dir}' is a bundle without "
                             "its run: export from the run directory (the one with split.json).")
-        transform = eval_transform(job.prep)
-        calibration = torch.stack([transform(data.read(ref, job.prep.in_chans, job.prep.resize))
-                                   for ref, _ in samples])
+        calibration = _preprocessed(data, samples, job.prep)
     write_tflite(job.model, job.given.example, path, job.quantize, calibration)
     return tflite_runner(path)
 
@@ -276,9 +275,10 @@ def preprocessing_graph(prep: Preprocessing, opset: int, ir_version: int):
     return model
 
 
-def _split_samples(run_dir: Path, splits: tuple[str, ...], limit: int | None):
-    """(data, up to `limit` samples of the first of `splits` the run has); (None, []) for a bare bundle. Calibration
-    draws from the train split with a fixed seed, so a re-export is the same file."""
+def _split_samples(run_dir: Path, splits: tuple[str, ...], limit: int | None, draw: bool = False):
+    """(data, up to `limit` samples of the first of `splits` the run has); (None, []) for a bare bundle. `draw`: the
+    `limit` samples drawn over the whole split with a fixed seed (calibration: a re-export is the same file), not
+    the first ones."""
     run = next((p for p in (run_dir, run_dir.parent) if (p / "split.json").is_file()), None)
     if run is None:
         return None, []
@@ -287,7 +287,7 @@ def _split_samples(run_dir: Path, splits: tuple[str, ...], limit: int | None):
 
     data = config_data(TrainConfig.load(run / "config.yaml"), run / "split.json")
     samples = next((data.splits[s] for s in splits if data.splits.get(s)), [])
-    if limit is not None and splits[0] == "train" and len(samples) > limit:
+    if draw and limit is not None and len(samples) > limit:
         picked = np.random.default_rng(0).choice(len(samples), limit, replace=False)
         samples = [samples[i] for i in sorted(picked)]
     return data, samples[:limit]
@@ -302,10 +302,15 @@ def parity_batch(run_dir: Path, prep: Preprocessing) -> torch.Tensor:
     """Up to 32 validation images of the run, preprocessed; random tensors for a bare bundle."""
     data, samples = _parity_samples(run_dir)
     if samples:
-        transform = eval_transform(prep)
-        return torch.stack([transform(data.read(ref, prep.in_chans, prep.resize)) for ref, _ in samples])
+        return _preprocessed(data, samples, prep)
     return torch.randn(PARITY_IMAGES, prep.in_chans, prep.img_size, prep.img_size,
                        generator=torch.Generator().manual_seed(0))
+
+
+def _preprocessed(data, samples: list, prep: Preprocessing) -> torch.Tensor:
+    """The images of (ref, label) samples, decoded and preprocessed as `predict` does, in one batch."""
+    transform = eval_transform(prep)
+    return torch.stack([transform(data.read(ref, prep.in_chans, prep.resize)) for ref, _ in samples])
 
 
 def parity_images(run_dir: Path, prep: Preprocessing) -> list:

