@@ -137,3 +137,37 @@ def test_check_command_lists_problems_and_exits_1(messy_dir, tmp_path):
     out = CliRunner().invoke(app, ["check", str(clean)])
     assert out.exit_code == 0, out.output
     assert "0 file(s) left out" not in out.output and "usable: train 16, val 2, test 2" in out.output
+
+
+def test_a_one_image_class_is_named_and_macro_f1_covers_the_classes_present(tmp_path, tiny, capsys):
+    root = make_folder(tmp_path / "odd", per_class=10)
+    (root / "triangle").mkdir()
+    shutil.copy(root / "circle" / "0.png", root / "triangle" / "0.png")
+    run = transferkit.train(data=str(root), strategy="linear-probe", name="odd", **tiny)
+    said = capsys.readouterr().err
+    assert "warning: class 'triangle' has 1 image(s), too few for every split: none in val and test " \
+           "(not validated and not scored)" in said, said
+    test = run.metrics["test"]
+    assert test["absent"] == ["triangle"] and set(test["per_class"]) == {"circle", "square"}
+    assert test["macro_f1"] == pytest.approx(np.mean([m["f1"] for m in test["per_class"].values()]))
+    assert "(no test images for triangle)" in said
+
+
+def test_links_are_named_by_their_own_path_and_links_out_of_the_folder_are_listed_or_refused(tmp_path):
+    root = make_folder(tmp_path / "linked", per_class=10)
+    outside = tmp_path / "elsewhere.png"
+    shutil.copy(root / "circle" / "0.png", outside)
+    (root / "circle" / "link.png").symlink_to(outside)
+    (root / "square" / "inside.png").symlink_to(root / "square" / "0.png")  # inside the folder: nothing to say
+    followed = load_data(str(root))
+    link = str(root / "circle" / "link.png")
+    assert followed.outside_links == [(link, str(outside))]
+    refs = {ref for split in followed.splits.values() for ref, _ in split}
+    assert link in refs and str(outside) not in refs
+    out = CliRunner().invoke(app, ["check", str(root)])
+    assert f"link outside the folder (followed; --outside-links refuse leaves it out): {link} -> {outside}" \
+        in out.output, out.output
+    refused = load_data(str(root), outside_links="refuse")
+    assert link not in {ref for split in refused.splits.values() for ref, _ in split}
+    assert [(p, r) for p, r in refused.skipped if p == link] == [
+        (link, f"link to '{outside}', outside the data folder (--outside-links refuse)")]

@@ -93,3 +93,20 @@ def test_disk_full_at_the_first_bundle_says_what_it_needed_and_leaves_nothing_ha
     assert "Traceback" not in failed.stdout
     left = mount.with_suffix(".left") / "runs" / "cut"
     assert _temporary(left) == [] and not (left / "best" / "model.safetensors").exists()
+
+
+def test_a_feature_cache_that_does_not_fit_is_kept_in_memory_and_the_run_ends_as_usual(shapes_dir, tmp_path):
+    flags = ["--img-size", "32", "--epochs", "2", "--batch-size", "8", "--workers", "0", "--strategy", "linear-probe",
+             "--quiet", "--no-report", "--runs-dir", str(tmp_path / "runs")]
+    reference = subprocess.run(shlex.split(_train(str(shapes_dir), "--name", "whole", *flags, "--cache-dir",
+                                                  str(tmp_path / "cache"))), capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    mount = tmp_path / "small"
+    run, = _in_tmpfs(mount, 16 * 2**10, [  # 16 kB: not the 12 x 1280 float32 train features (60 kB)
+        _train(str(shapes_dir), "--name", "cut", *flags, "--cache-dir", str(mount / "cache")),
+    ])
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert f"warning: cannot write the cache file '{mount / 'cache' / 'features'}/" in run.stdout
+    assert "the disk is full: it needs" in run.stdout and "Traceback" not in run.stdout
+    assert _temporary(mount.with_suffix(".left")) == []
+    assert_same_weights(weights(tmp_path / "runs" / "whole"), weights(tmp_path / "runs" / "cut"))

@@ -7,7 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from typer.testing import CliRunner
+
 import transferkit
+from transferkit.cli import app
 
 
 def _head(run):
@@ -130,12 +133,36 @@ def test_image_cache_gives_the_pixels_of_direct_decoding(tmp_path):
         assert torch.equal(direct[i][0], cached[i][0])
 
 
-def test_cache_hit_and_miss_train_identically(shapes_dir, tiny, tmp_path):
-    """Building a cache must not move the run's random streams: a miss and a hit end the same."""
+def test_cache_hit_miss_and_rebuild_of_damaged_caches_train_identically(shapes_dir, tiny, tmp_path, capsys):
+    """Building a cache must not move the run's random streams: a miss and a hit end the same. A feature cache
+    cut short and an image cache with one flipped byte (same size) are named, built again, and change nothing."""
+    cache = tmp_path / "cache"
     common = {**tiny, "data": str(shapes_dir), "strategy": "lp-ft", "epochs": 2, "head_dropout": 0.3,
-              "cache_dir": str(tmp_path / "cache")}
+              "cache_dir": str(cache)}
     miss = transferkit.train(name="miss", **common)
+    (features,) = [p for p in (cache / "features").glob("*.npy") if '"split": "train"' in p.with_suffix(".json")
+                   .read_text()]
+    images = max((cache / "images").glob("*.npy"), key=lambda p: p.stat().st_size)  # the train split's
+    with open(features, "r+b") as fh:
+        fh.truncate(features.stat().st_size - 100)
+    with open(images, "r+b") as fh:
+        fh.seek(images.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    capsys.readouterr()
+    rebuilt = transferkit.train(name="rebuilt", **common)
+    said = capsys.readouterr().err
+    assert f"cache file '{features}' is truncated or damaged" in said, said
+    assert f"cache file '{images}' is corrupt: its checksum differs" in said, said
     hit = transferkit.train(name="hit", **common)
+    assert "warning: cache file" not in capsys.readouterr().err
     a = torch.load(miss.dir / "last.ckpt", weights_only=True)["model"]
-    b = torch.load(hit.dir / "last.ckpt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for run in (rebuilt, hit):
+        b = torch.load(run.dir / "last.ckpt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    listed = CliRunner().invoke(app, ["cache", "--cache-dir", str(cache)])
+    assert f"{cache / 'features'}: 4 file(s)" in listed.output, listed.output  # train and val: .npy and .json
+    cleared = CliRunner().invoke(app, ["cache", "--cache-dir", str(cache), "--clear"])
+    assert cleared.exit_code == 0 and "freed" in cleared.output
+    assert not (cache / "features").exists() and not (cache / "images").exists()

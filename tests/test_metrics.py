@@ -16,11 +16,16 @@ def test_metrics_equal_scikit_learns(seed):
     preds = np.where(rng.random(50) < 0.6, labels, rng.integers(0, max(n_classes - 1, 1), 50))  # and rarely predicted
     got = classification_metrics(labels, preds, classes)
     idx = list(range(n_classes))
+    present = sorted(set(labels.tolist()))  # macro-F1 and per-class scores: over the classes with images here
     p, r, f, s = precision_recall_fscore_support(labels, preds, labels=idx, zero_division=0)
     assert got["confusion_matrix"] == confusion_matrix(labels, preds, labels=idx).tolist()
     assert got["accuracy"] == pytest.approx(np.mean(labels == preds))
-    assert got["macro_f1"] == pytest.approx(f1_score(labels, preds, labels=idx, average="macro", zero_division=0))
-    for i, c in enumerate(classes):
+    assert got["macro_f1"] == pytest.approx(f1_score(labels, preds, labels=present, average="macro", zero_division=0))
+    assert list(got["per_class"]) == [classes[i] for i in present]
+    assert got["absent"] == [c for i, c in enumerate(classes) if i not in present]
+    assert (seed % 2 == 1) == bool(got["absent"])
+    for i in present:
+        c = classes[i]
         assert [got["per_class"][c][k] for k in ("precision", "recall", "f1")] == pytest.approx([p[i], r[i], f[i]])
         assert got["per_class"][c]["support"] == s[i]
 

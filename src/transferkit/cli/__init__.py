@@ -76,6 +76,10 @@ def check(
         Console(width=160).print(table)
     sizes = ", ".join(f"{s} {len(found.splits[s])}" for s in ("train", "val", "test"))
     typer.echo(f"usable: {sizes} images in {len(found.classes)} classes ({found.how})")
+    for link, target in found.outside_links:
+        typer.echo(f"link outside the folder (followed; --outside-links refuse leaves it out): {link} -> {target}")
+    for name, splits in found.missing().items():
+        typer.echo(f"class '{name}' has no images in {' and '.join(splits)}")
     if any(reason != HIDDEN for _, reason in found.skipped):
         raise typer.Exit(1)
 
@@ -177,6 +181,8 @@ def evaluate(
     for cls, m in metrics["per_class"].items():
         table.add_row(cls, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     Console().print(table)
+    if metrics.get("absent"):
+        typer.echo(f"no images in this split for {', '.join(metrics['absent'])}: not scored, not in macro-F1")
     typer.echo(f"confusion matrix (rows true, cols predicted): {metrics['confusion_matrix']}")
     if "tta" in metrics:
         t = metrics["tta"]
@@ -222,6 +228,35 @@ def report(
     from transferkit.evaluation.report import build_report
 
     typer.echo(str(build_report(run, device)))
+
+
+@app.command()
+def cache(
+    cache_dir: Optional[str] = typer.Option(None, help="Cache folder (default ~/.cache/transferkit)."),
+    clear: bool = typer.Option(False, "--clear", help="Remove the cached features, decoded images and timings."),
+) -> None:
+    """What the cache folder holds (backbone features, decoded images, precision timings); --clear empties it.
+    Every cache is rebuilt when needed: clearing loses time, never results."""
+    import shutil
+    from types import SimpleNamespace
+
+    from transferkit.core.files import bytes_text
+    from transferkit.core.machine import cache_root
+    from transferkit.data.cachefiles import KINDS, cache_usage
+
+    root = cache_root(SimpleNamespace(cache_dir=cache_dir))
+    usage = cache_usage(root)
+    for kind, (files, size) in usage.items():
+        typer.echo(f"{root / kind}: {files} file(s), {bytes_text(size)}")
+    if not usage:
+        typer.echo(f"{root}: empty")
+    if clear:
+        for kind in KINDS:
+            if (root / kind).is_dir():
+                shutil.rmtree(root / kind)
+            else:
+                (root / kind).unlink(missing_ok=True)
+        typer.echo(f"cleared: {bytes_text(sum(size for _, size in usage.values()))} freed")
 
 
 @app.command()

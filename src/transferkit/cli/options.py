@@ -82,6 +82,8 @@ TRAIN = [
     ("nan_skip_limit", Optional[int], typer.Option(None, help="nan-policy skip: most steps skipped (default 10).")),
     ("grad_clip", Optional[float], typer.Option(None, help="Clip the gradient norm to this (default off).")),
     ("bad_files", Optional[str], typer.Option(None, help="skip | error: unreadable or leaked files (default skip).")),
+    ("outside_links", Optional[str],
+     typer.Option(None, help="follow | refuse: image files linking outside the data folder (default follow).")),
     ("deterministic", bool, typer.Option(False, "--deterministic", help="torch.use_deterministic_algorithms.")),
     ("trust_checkpoint", bool,
      typer.Option(False, "--trust-checkpoint", help="Allow pickled --weights/--resume files (they can run code).")),

@@ -14,12 +14,14 @@ SAMPLERS = ("shuffle", "balanced")
 DEVICES = ("auto", "cpu", "cuda")
 NAN_POLICIES = ("stop", "skip")
 BAD_FILES = ("skip", "error")
+OUTSIDE_LINKS = ("follow", "refuse")
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCALINGS = ("none", "linear", "sqrt")
 ADAPTS = ("auto", "dann", "cdan", "mcc", "coral", "none")
 SELECTS = ("auto", "val", "target-entropy")
 CHOICES = {"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "head": HEADS, "augment": AUGMENTS, "device": DEVICES,
            "class_weights": CLASS_WEIGHTS, "sampler": SAMPLERS, "nan_policy": NAN_POLICIES, "bad_files": BAD_FILES,
+           "outside_links": OUTSIDE_LINKS,
            "precision": PRECISIONS, "lr_scaling": LR_SCALINGS, "adapt": ADAPTS,
            "select": SELECTS}
 """Each option with a fixed set of values, and that set."""

@@ -22,8 +22,8 @@ from transferkit.core.checks import (  # noqa: F401 (the choices, importable fro
 
 
 SECTIONS = {
-    "data": ("data", "val_fraction", "test_fraction", "shots", "split_file", "bad_files", "augment", "sampler",
-             "text_column", "label_column"),
+    "data": ("data", "val_fraction", "test_fraction", "shots", "split_file", "bad_files", "outside_links", "augment",
+             "sampler", "text_column", "label_column"),
     "model": ("model", "weights", "head", "head_hidden", "head_dropout", "in_chans", "img_size", "max_length",
               "trust_checkpoint"),
     "strategy": ("strategy", "unfreeze_groups", "backbone_lr_mult", "layer_decay", "lr_min", "gradual_every",
@@ -61,6 +61,9 @@ class TrainConfig:
     """Reuse the split.json of an earlier run instead of making a new split."""
     bad_files: str = "skip"
     """skip: leave out unreadable/leaked files and list them in skipped.txt; error: refuse to train."""
+    outside_links: str = "follow"
+    """Image files that are links to outside the data folder: follow (as torchvision does; listed in a
+    warning) | refuse (left out, listed in skipped.txt)."""
     augment: str = "basic"
     """none | basic (random resized crop + flip) | strong (basic + TrivialAugment)."""
     sampler: str = "shuffle"

@@ -26,15 +26,11 @@ import datetime
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from transferkit.core.errors import UserError
-from transferkit.core.files import durable_replace
 
 
 @dataclass(frozen=True)
@@ -149,29 +145,6 @@ def teardown(d: Dist) -> None:
 def loss_scale(local: int, step_total: int, d: Dist) -> float:
     """Factor on a rank's mean loss so that DDP's average of gradients is the global batch's mean."""
     return local * d.world / step_total
-
-
-def fill_shared(d: Dist, path: Path, shape: tuple[int, ...], dtype, fill: Callable[[np.ndarray, list[int]], None],
-                rows: int | None = None) -> np.ndarray:
-    """Build the .npy at `path` together: each rank fills its share of the `rows` items (default shape[0];
-    every world-th) through `fill(array, its_rows)`; rank 0 creates the file, then fsyncs and renames it
-    into place. Returns a read-only memory map. The folder must be shared by the ranks (one machine, or
-    a shared --cache-dir)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    n = shape[0] if rows is None else rows
-    if d.main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
-    d.barrier()
-    array = np.load(tmp, mmap_mode="r+")
-    fill(array, d.shard(n))
-    array.flush()
-    del array
-    d.barrier()
-    if d.main:
-        durable_replace(tmp, path)
-    d.barrier()
-    return np.load(path, mmap_mode="r")
 
 
 def ddp_wrap(module: torch.nn.Module, d: Dist, device: torch.device) -> torch.nn.Module:

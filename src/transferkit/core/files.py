@@ -56,11 +56,11 @@ def disk_full(path: Path, needed: int, free: int | None = None, at_least: bool =
     if free is None:
         folder = next((p for p in (Path(path).parent, *Path(path).parents) if p.exists()), Path("."))
         free = shutil.disk_usage(folder).free
-    need = f"needed {'more than ' if at_least else ''}{_size(needed)}" if needed else "could not finish"
-    return DiskFull(f"The disk is full: writing '{path}' {need} and {_size(free)} were free there. The previous "
-                    f"{Path(path).name}, if any, is intact and no temporary file is left. Free some space (old runs, "
-                    "the feature cache: --cache-dir), or write the run elsewhere with --runs-dir; then continue with "
-                    "--resume (or run again where no last.ckpt was written yet).")
+    need = f"needed {'more than ' if at_least else ''}{bytes_text(needed)}" if needed else "could not finish"
+    return DiskFull(f"The disk is full: writing '{path}' {need} and {bytes_text(free)} were free there. The previous "
+                    f"{Path(path).name}, if any, is intact and no temporary file is left. Free some space (old runs; "
+                    "the caches: `transferkit cache --clear`), or write the run elsewhere with --runs-dir; then "
+                    "continue with --resume (or run again where no last.ckpt was written yet).")
 
 
 def tensor_bytes(obj) -> int:
@@ -72,7 +72,7 @@ def tensor_bytes(obj) -> int:
     return obj.numel() * obj.element_size() if hasattr(obj, "element_size") else 0
 
 
-def _size(n: int) -> str:
+def bytes_text(n: int) -> str:
     return f"{n / 2**20:.1f} MB ({n:,} bytes)"
 
 

@@ -10,6 +10,7 @@ findings without training.
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from pathlib import Path
 
@@ -60,6 +61,28 @@ def drop_unreadable(splits: dict[str, list], skipped: list[Skipped]) -> dict[str
                 skipped.append((sample[0], reason))
         out[split] = kept
     return out
+
+
+def links_outside(splits: dict[str, list], root: Path, skipped: list[Skipped], refuse: bool
+                  ) -> tuple[dict[str, list], list[tuple[str, str]]]:
+    """Samples whose file is reached through a link (of the file or of a folder on its way) that leaves `root`:
+    returned as (path, target) pairs; with `refuse`, also moved from the splits to `skipped`."""
+    inside = os.path.realpath(root)
+    found: list[tuple[str, str]] = []
+    out = {}
+    for split, samples in splits.items():
+        kept = []
+        for sample in samples:
+            target = os.path.realpath(sample[0])
+            if os.path.commonpath([inside, target]) != inside:
+                found.append((sample[0], target))
+                if refuse:
+                    skipped.append((sample[0], f"link to '{target}', outside the data folder (--outside-links "
+                                               "refuse)"))
+                    continue
+            kept.append(sample)
+        out[split] = kept
+    return out, found
 
 
 def drop_leaks(splits: dict[str, list], skipped: list[Skipped]) -> dict[str, list]:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
-from transferkit.core.distributed import Dist, fill_shared
+from transferkit.core.distributed import Dist
 from transferkit.core.machine import cache_root
-from transferkit.data.cachefiles import data_digest, readable_npy
+from transferkit.data.cachefiles import build_cache, data_digest, open_cache
 from transferkit.data.preprocessing import Preprocessing
 from transferkit.data.sources import Data, ImageDataset
 from transferkit.data.transforms import interpolation
@@ -46,8 +46,9 @@ def cached_images(data: Data, split: str, prep: Preprocessing, config, report, d
                   "in_chans": config.in_chans}
     key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = cache_root(config) / "images" / f"{key}.npy"
-    if d.gather(readable_npy(path))[0]:  # rank 0 decides for all
-        return np.load(path, mmap_mode="r")
+    found = open_cache(path, report.info) if d.main else None
+    if d.gather(found is not None)[0]:  # rank 0 decides for all
+        return found if d.main else np.load(path, mmap_mode="r")
     dataset = ImageDataset(data, split, decode_transform(prep), config.in_chans, min_side=prep.resize)
 
     def fill(array: np.ndarray, rows: list[int]) -> None:
@@ -59,4 +60,4 @@ def cached_images(data: Data, split: str, prep: Preprocessing, config, report, d
             array[index.numpy()] = images.permute(0, 2, 3, 1).numpy()
             report.batch(0.0, 0.0, 0.0)
 
-    return fill_shared(d, path, (len(dataset), size, size, config.in_chans), np.uint8, fill)
+    return build_cache(d, path, (len(dataset), size, size, config.in_chans), np.uint8, fill, key_fields, report.info)

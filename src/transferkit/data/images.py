@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,11 @@ from PIL import Image, ImageOps
 from transferkit.core.errors import UserError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def file_ref(path: Path) -> str:
+    """A file's own absolute path: a link is named by itself, not by where it points."""
+    return os.path.abspath(path)
 
 
 def is_image_file(path: Path) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 
 from transferkit.core.errors import UserError
 from transferkit.data import builtin, check, texts
-from transferkit.data.images import EXTENSIONS, from_array, is_image_file, open_image
+from transferkit.data.images import EXTENSIONS, file_ref, from_array, is_image_file, open_image
 from transferkit.data.sampling import seeded
 
 SPLITS = ("train", "val", "test")
@@ -45,6 +45,8 @@ class Data:
     default_img_size: int | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
     """(path, reason) for every file left out: unreadable, hidden, unsupported, leaked, empty folders."""
+    outside_links: list[tuple[str, str]] = field(default_factory=list)
+    """(path, target) for every image file reached through a link that leaves the data folder."""
     kind: str = "image"
     """image | text: which task reads it (see `models.task`)."""
 
@@ -62,6 +64,12 @@ class Data:
             out[label] += 1
         return out
 
+    def missing(self) -> dict[str, list[str]]:
+        """{class: the non-empty evaluation splits (val, test) that have none of its images}."""
+        have = {s: {label for _, label in self.splits[s]} for s in ("val", "test") if self.splits[s]}
+        out = {c: [s for s in have if c not in have[s]] for c in self.classes}
+        return {c: splits for c, splits in out.items() if splits}
+
     def save_split(self, path: Path) -> None:
         payload = {"spec": self.spec, "kind": self.kind, "how": self.how, "classes": self.classes,
                    "splits": {k: [list(s) for s in v] for k, v in self.splits.items()}}
@@ -70,16 +78,20 @@ class Data:
 
 def load_data(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1,
               shots: int | None = None, split_file: str | None = None, bad_files: str = "skip",
-              text_column: str = "text", label_column: str = "label") -> Data:
+              outside_links: str = "follow", text_column: str = "text", label_column: str = "label") -> Data:
     """Resolve `spec`, drop unusable files, complete its splits, apply few-shot selection and fix
     the classes. Files are scanned (see `transferkit.data.check`) unless the split comes from a
     split file, which lists files an earlier scan accepted; `bad_files="error"` refuses any.
+    `outside_links`: follow | refuse image files linking outside a data folder (listed either way).
     `text_column`, `label_column`: the columns of a text table."""
     if not spec:
         raise UserError("No data given. Pass a folder of class folders, a .csv file, "
                         "builtin:faces|textures|digits|fontdigits, or cifar10:DIR.")
     skipped: list[tuple[str, str]] = []
     splits, arrays, default_size, how, kind = _resolve(spec, skipped, text_column, label_column)
+    outside = []
+    if kind == "image" and arrays is None and Path(spec).is_dir():
+        splits, outside = check.links_outside(splits, Path(spec), skipped, refuse=outside_links == "refuse")
     if kind == "text":
         texts.check_classes(splits, spec)
         check.enforce(skipped, bad_files, spec)
@@ -115,7 +127,7 @@ def load_data(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fract
         how += f"; {shots}-shot train (seed {seed})"
     splits = {s: splits.get(s, []) for s in SPLITS}
     return Data(spec=spec, splits=splits, classes=classes, how=how, arrays=arrays,
-                default_img_size=default_size, skipped=skipped, kind=kind)
+                default_img_size=default_size, skipped=skipped, kind=kind, outside_links=outside)
 
 
 def config_data(config, run_split: str | Path | None = None) -> Data:
@@ -126,7 +138,7 @@ def config_data(config, run_split: str | Path | None = None) -> Data:
         return load_data(config.data, split_file=str(run_split), **columns)
     return load_data(config.data, seed=config.seed, val_fraction=config.val_fraction,
                      test_fraction=config.test_fraction, shots=config.shots, split_file=config.split_file,
-                     bad_files=config.bad_files, **columns)
+                     bad_files=config.bad_files, outside_links=config.outside_links, **columns)
 
 
 def stratified_split(samples: list[Sample], val_fraction: float, test_fraction: float, seed: int) -> Splits:
@@ -213,15 +225,15 @@ def _images_by_class(root: Path, skipped: list) -> list[Sample]:
                 continue
             hidden = any(part.startswith(".") for part in file.relative_to(class_dir).parts)
             if hidden:
-                skipped.append((str(file.resolve()), check.HIDDEN))
+                skipped.append((file_ref(file), check.HIDDEN))
             elif not is_image_file(file):
-                skipped.append((str(file.resolve()), f"unsupported format '{file.suffix or file.name}' "
+                skipped.append((file_ref(file), f"unsupported format '{file.suffix or file.name}' "
                                                      f"(images: {' '.join(EXTENSIONS)})"))
             else:
-                samples.append((str(file.resolve()), class_dir.name))
+                samples.append((file_ref(file), class_dir.name))
                 found += 1
         if not found:
-            skipped.append((str(class_dir.resolve()), "empty class folder (no images); class left out"))
+            skipped.append((file_ref(class_dir), "empty class folder (no images); class left out"))
     return samples
 
 
@@ -257,7 +269,7 @@ def _csv(path: Path) -> Splits:
         split = row[2].strip().lower() if len(row) > 2 and row[2].strip() else "train"
         if split not in SPLIT_ALIASES:
             raise UserError(f"Row {n} of '{path}' has split '{row[2]}'; use train, val or test.")
-        splits[SPLIT_ALIASES[split]].append((str(file.resolve()), row[1].strip()))
+        splits[SPLIT_ALIASES[split]].append((file_ref(file), row[1].strip()))
     if not splits["train"]:
         raise UserError(f"CSV file '{path}' has no training rows (path,label[,split]).")
     return splits

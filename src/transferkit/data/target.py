@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transferkit.core.errors import UserError
 from transferkit.data import check
-from transferkit.data.images import EXTENSIONS, is_image_file
+from transferkit.data.images import EXTENSIONS, file_ref, is_image_file
 from transferkit.data.sources import SPLITS, Data, load_data
 
 UNLABELLED = ""
@@ -30,12 +30,12 @@ def load_target(spec: str, source: Data, say=lambda note: print(note, file=sys.s
         files = []
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
             if any(part.startswith(".") for part in file.relative_to(path).parts):
-                skipped.append((str(file.resolve()), check.HIDDEN))
+                skipped.append((file_ref(file), check.HIDDEN))
             elif not is_image_file(file):
-                skipped.append((str(file.resolve()), f"unsupported format '{file.suffix or file.name}' "
+                skipped.append((file_ref(file), f"unsupported format '{file.suffix or file.name}' "
                                                      f"(images: {' '.join(EXTENSIONS)})"))
             else:
-                files.append((str(file.resolve()), UNLABELLED))
+                files.append((file_ref(file), UNLABELLED))
         refs, arrays = [ref for ref, _ in check.drop_unreadable({"train": files}, skipped)["train"]], None
     else:
         raise UserError(f"Target '{spec}' not found: give a folder of unlabelled images (subfolders are read, "

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from transferkit.core.errors import UserError, did_you_mean
+from transferkit.data.images import file_ref
 
 TABLES = (".csv", ".tsv", ".jsonl")
 Splits = dict[str, list[tuple[str, str]]]
@@ -53,7 +54,7 @@ def read_table(path: Path, text_column: str, label_column: str, skipped: list) -
     columns: set[str] = set()
     for n, row in rows:
         columns |= set(row)
-        ref = f"{path.resolve()}:{n}"
+        ref = f"{file_ref(path)}:{n}"
         if text_column not in row or label_column not in row:
             continue
         text, label, split = (str(row.get(k) if row.get(k) is not None else "").strip()
@@ -93,7 +94,7 @@ def read_folder(root: Path, skipped: list) -> tuple[Splits, dict[str, str]]:
     for split, folder in parts.items():
         for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for file in sorted(f for f in class_dir.rglob("*.txt") if f.is_file() and not f.name.startswith(".")):
-                ref = str(file.resolve())
+                ref = file_ref(file)
                 try:
                     text = file.read_bytes().decode("utf-8").strip()
                 except UnicodeDecodeError as err:

@@ -154,8 +154,11 @@ Rows: true class; columns: predicted.</p>
 def _per_class(metrics: dict) -> str:
     rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
                    f"<td>{m['f1']:.3f}</td><td>{m['support']}</td></tr>" for c, m in metrics["per_class"].items())
+    absent = metrics.get("absent") or []
+    note = (f"<p>No test images for {', '.join(map(html.escape, absent))}: not scored, and not in macro-F1.</p>"
+            if absent else "")
     return _section("Per class (test)", "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>"
-                                        f"<th>support</th></tr>{rows}</table>")
+                                        f"<th>support</th></tr>{rows}</table>{note}")
 
 
 def _top_losses(probs: np.ndarray, labels: np.ndarray, refs: list[str], data, in_chans: int | None) -> str:

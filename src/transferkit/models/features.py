@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from transferkit.core.config import TrainConfig
-from transferkit.core.distributed import Dist, fill_shared
+from transferkit.core.distributed import Dist
 from transferkit.core.machine import cache_root
-from transferkit.data.cachefiles import data_digest, readable_npy
+from transferkit.data.cachefiles import build_cache, data_digest, open_cache
 from transferkit.data.loaders import read_images
 from transferkit.data.sampling import EpochSampler
 from transferkit.data.sources import Data
@@ -51,12 +51,13 @@ def cached_features(backbone: torch.nn.Module, data: Data, split: str, transform
                   "seed": config.seed if views else None, "precision": rt.precision["infer"]}
     key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = cache_root(config) / "features" / f"{key}.npy"
-    hit = d.gather(readable_npy(path))[0]  # rank 0 decides for all
+    found = open_cache(path, report.info) if d.main else None
+    hit = d.gather(found is not None)[0]  # rank 0 decides for all
     if stats is not None:
         key = "feature_cache_hits" if hit else "feature_cache_misses"
         stats[key] = stats.get(key, 0) + 1
     if hit:
-        return np.load(path, mmap_mode="r")
+        return found if d.main else np.load(path, mmap_mode="r")
     n = len(data.splits[split])
     rows = d.shard(n)
     mine = [extract(backbone, data, split, transform, config, rt, report, view, min_side, rows, reader)
@@ -67,10 +68,8 @@ def cached_features(backbone: torch.nn.Module, data: Data, split: str, transform
         for view, part in enumerate(mine):
             (array[view] if views else array)[rows] = part
 
-    array = fill_shared(d, path, (views, n, dim) if views else (n, dim), np.float32, fill, rows=n)
-    if d.main:
-        path.with_suffix(".json").write_text(json.dumps(key_fields, indent=1))
-    return array
+    return build_cache(d, path, (views, n, dim) if views else (n, dim), np.float32, fill, key_fields, report.info,
+                       rows=n)
 
 
 @torch.inference_mode()

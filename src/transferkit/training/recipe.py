@@ -29,7 +29,7 @@ from transferkit.core.version import __version__
 from transferkit.data.check import write_skipped
 from transferkit.data.imagecache import cached_images
 from transferkit.data.loaders import make_loader
-from transferkit.data.sources import config_data
+from transferkit.data.sources import SPLITS, config_data
 from transferkit.deploy.bundle import load_bundle, save_bundle
 from transferkit.evaluation.passes import evaluate_loader
 from transferkit.evaluation.report import build_report, confusion_png, save_predictions
@@ -195,12 +195,22 @@ class Recipe:
         if data.skipped:
             self.report.info(f"[transferkit] warning: skipped {len(data.skipped)} file(s), e.g. {data.skipped[0][0]}"
                              f": {data.skipped[0][1]}; the full list is in {run_dir / 'skipped.txt'}")
+        if data.outside_links:
+            link, target = data.outside_links[0]
+            self.report.info(f"[transferkit] warning: {len(data.outside_links)} image file(s) are links to outside "
+                             f"{c.data}, e.g. {link} -> {target}; followed (--outside-links refuse leaves them out)")
         counts = data.counts("train")
         if max(counts.values()) >= 10 * min(counts.values()) and c.class_weights == "none" \
                 and c.sampler == "shuffle":
             self.report.info(f"[transferkit] warning: classes are imbalanced (largest {max(counts.values())}, "
                              f"smallest {min(counts.values())} training images); consider --class-weights auto or "
                              "--sampler balanced")
+        for name, splits in data.missing().items():
+            total = sum(data.counts(s)[name] for s in SPLITS)
+            what = " and ".join({"val": "not validated", "test": "not scored"}[s] for s in splits)
+            self.report.info(f"[transferkit] warning: class '{name}' has {total} image(s), too few for every split: "
+                             f"none in {' and '.join(splits)} ({what}); add images to it, or give val/ and test/ "
+                             "folders")
 
     def _save_config(self) -> None:
         self.config.save(self.run_dir / "config.yaml")
@@ -336,7 +346,7 @@ class Recipe:
                 board.confusion(confusion_png(test, self.data.classes), self.progress.epoch)
                 board.close()
             recall = ", ".join(f"{c} {m['recall']:.2f}" for c, m in list(test["per_class"].items())[:20]) \
-                if test else ""
+                + (f" (no test images for {', '.join(test['absent'])})" if test.get("absent") else "") if test else ""
             self.report.info(f"[transferkit] best epoch {best['epoch']}; test "
                              + (f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} "
                                 f"images; recall {recall}" if test else "not scored (asked not to)"
