@@ -88,6 +88,8 @@ def test_disk_full_at_the_first_bundle_says_what_it_needed_and_leaves_nothing_ha
     ])
     assert failed.returncode == 74, failed.stdout[-2000:]
     bundle = mount / "runs" / "cut" / "best" / "model.safetensors"
+    assert "warning: this run may write " in failed.stdout and f"to {mount / 'runs' / 'cut'} and " \
+        in failed.stdout, failed.stdout  # told before training
     assert f"The disk is full: writing '{bundle}' needed 1" in failed.stdout
     assert "bytes) were free there" in failed.stdout
     assert "Traceback" not in failed.stdout

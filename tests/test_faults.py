@@ -1,5 +1,6 @@
 """Fault injection on real processes: SIGTERM, SIGKILL mid-write, NaN losses."""
 
+import json
 import math
 import os
 import signal
@@ -175,3 +176,32 @@ def test_ctrl_c_to_the_process_group_with_loader_workers_exits_130(shapes_dir, t
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "SIGINT received" in err
+
+
+def test_a_fault_between_the_bundles_two_files_leaves_the_previous_bundle_whole(tmp_path, monkeypatch):
+    import errno
+
+    import transferkit.core.files as files
+    from transferkit.core.errors import DiskFull
+    from transferkit.deploy.bundle import bundle_dir, save_bundle
+
+    best = tmp_path / "run" / "best"
+    first = torch.nn.Linear(3, 2)
+    save_bundle(best, first, {"epoch": 1})
+    real = files.atomic_write
+
+    def json_finds_the_disk_full(path, write, size=None, shown=None):
+        def failing(tmp):
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+        real(path, failing if Path(path).name == "model.json" else write, size, shown)
+
+    monkeypatch.setattr(files, "atomic_write", json_finds_the_disk_full)
+    with pytest.raises(DiskFull, match=f"writing '{best / 'model.json'}'"):
+        save_bundle(best, torch.nn.Linear(3, 2), {"epoch": 2})  # its weights were written, its metadata not
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best"]  # no temp folder left
+    assert json.loads((best / "model.json").read_text())["epoch"] == 1
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(best / "model.safetensors")["weight"], first.weight.detach())
+    os.replace(best, best.with_name(".best.old"))  # a crash between save_bundle's two renames
+    assert bundle_dir(tmp_path / "run") == best.with_name(".best.old")

@@ -17,10 +17,11 @@ FULL = ("No space left on device", "os error 28", "unexpected pos", "PytorchStre
 """How a full disk reads when it is not an OSError: safetensors' Rust error, torch's zip writer."""
 
 
-def atomic_write(path: Path, write, size: int | None = None) -> None:
+def atomic_write(path: Path, write, size: int | None = None, shown: Path | None = None) -> None:
     """Call `write(tmp_path)`, fsync the temp file, then rename it over `path` (and fsync the folder).
 
-    `size`: the bytes the file will take, where known, for the message if the disk is full."""
+    `size`: the bytes the file will take, where known, for the message if the disk is full; `shown`: the file
+    that message names (default `path`; a file written into a temp folder names where it is going)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     free = shutil.disk_usage(path.parent).free  # before the write: what it had to fit in
@@ -36,7 +37,7 @@ def atomic_write(path: Path, write, size: int | None = None) -> None:
     if full:
         written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
-        raise disk_full(path, size or written, free, at_least=size is None)
+        raise disk_full(shown or path, size or written, free, at_least=size is None)
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -72,8 +73,10 @@ def tensor_bytes(obj) -> int:
     return obj.numel() * obj.element_size() if hasattr(obj, "element_size") else 0
 
 
-def bytes_text(n: int) -> str:
-    return f"{n / 2**20:.1f} MB ({n:,} bytes)"
+def bytes_text(n: int, exact: bool = True) -> str:
+    """'13.1 MB (13,736,245 bytes)'; GB from 10 GB on; `exact` False: without the bytes."""
+    unit, scale = ("GB", 2**30) if n >= 10 * 2**30 else ("MB", 2**20)
+    return f"{n / scale:.1f} {unit}" + (f" ({n:,} bytes)" if exact else "")
 
 
 def durable_replace(tmp: Path, path: Path) -> None:

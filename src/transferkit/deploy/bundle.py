@@ -7,6 +7,8 @@ classes, preprocessing, the strategy that trained it, and its metrics.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from transferkit.core.errors import UserError
@@ -17,24 +19,43 @@ FORMAT_VERSION = 1
 
 
 def save_bundle(directory: Path, model: Classifier, meta: dict) -> None:
-    """Write weights, then metadata, each atomically (temp file, fsync, rename): a crash leaves whole files."""
+    """Write the bundle whole or not at all: weights and metadata into a sibling temp folder (each file fsynced),
+    which then takes the folder's place (the old one moved aside, then removed). A fault while writing (a crash,
+    a full disk) leaves the previous bundle as it was and no temp folder."""
     from safetensors.torch import save_file
 
     from transferkit.core.files import atomic_write, tensor_bytes
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    fresh, old = _beside(directory, "tmp"), _beside(directory, "old")
+    shutil.rmtree(fresh, ignore_errors=True)  # what an earlier crash left
+    fresh.mkdir(parents=True)
     # contiguous copies: safetensors stores row-major tensors (a channels_last model has NHWC strides)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(directory / "model.safetensors", lambda tmp: save_file(state, str(tmp)), size=tensor_bytes(state))
     text = json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1)
-    atomic_write(directory / "model.json", lambda tmp: tmp.write_text(text))
+    try:
+        atomic_write(fresh / "model.safetensors", lambda tmp: save_file(state, str(tmp)), size=tensor_bytes(state),
+                     shown=directory / "model.safetensors")
+        atomic_write(fresh / "model.json", lambda tmp: tmp.write_text(text), shown=directory / "model.json")
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(fresh, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _beside(directory: Path, kind: str) -> Path:
+    return directory.with_name(f".{directory.name}.{kind}")
 
 
 def bundle_dir(path: str | Path) -> Path:
-    """Accept a bundle folder or a run folder (whose `best/` is the bundle)."""
+    """Accept a bundle folder or a run folder (whose `best/` is the bundle; or the previous one, moved aside, when
+    a crash came between the two renames of save_bundle)."""
     path = Path(path)
-    for candidate in (path, path / "best"):
+    for candidate in (path, path / "best", _beside(path / "best", "old")):
         if (candidate / "model.json").is_file() and (candidate / "model.safetensors").is_file():
             return candidate
     raise UserError(

@@ -27,7 +27,7 @@ from transferkit.core.machine import cache_root, default_workers, pick_device, s
 from transferkit.core.progress import Reporter
 from transferkit.core.version import __version__
 from transferkit.data.check import write_skipped
-from transferkit.data.imagecache import cached_images
+from transferkit.data.imagecache import cache_size, cached_images
 from transferkit.data.loaders import make_loader
 from transferkit.data.sources import SPLITS, config_data
 from transferkit.deploy.bundle import load_bundle, save_bundle
@@ -35,6 +35,7 @@ from transferkit.evaluation.passes import evaluate_loader
 from transferkit.evaluation.report import build_report, confusion_png, save_predictions
 from transferkit.models.classifier import layer_groups
 from transferkit.models.task import Task, task_for
+from transferkit.training import budget
 from transferkit.training.adapt import adaptation_for, select_rule
 from transferkit.training.board import Board
 from transferkit.training.checkpoint import load_resume, resumed_plan, set_rng_state
@@ -83,6 +84,7 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     recipe.build_model()
     recipe.plan_phases()
     recipe.prepare_runtime()
+    recipe.check_budget()
     recipe.write_run_files()
     recipe.build_loaders()
     recipe.build_losses()
@@ -205,12 +207,35 @@ class Recipe:
             self.report.info(f"[transferkit] warning: classes are imbalanced (largest {max(counts.values())}, "
                              f"smallest {min(counts.values())} training images); consider --class-weights auto or "
                              "--sampler balanced")
+        for warning in self.budget_warnings:
+            self.report.info(warning)
         for name, splits in data.missing().items():
             total = sum(data.counts(s)[name] for s in SPLITS)
             what = " and ".join({"val": "not validated", "test": "not scored"}[s] for s in splits)
             self.report.info(f"[transferkit] warning: class '{name}' has {total} image(s), too few for every split: "
                              f"none in {' and '.join(splits)} ({what}); add images to it, or give val/ and test/ "
                              "folders")
+
+    def check_budget(self) -> None:
+        """Whether what the run writes will fit on its disks, and a CPU training step in memory (see `budget`):
+        the estimates go to runtime.json, the warnings to the log after the run's header."""
+        c, model = self.config, self.model
+        self.budget_warnings = []
+        if not self.d.main:
+            return
+        dim = next(m for m in model.head.modules() if isinstance(m, nn.Linear)).in_features
+        needs = budget.disk_needs(model, c, self.data, self.plan, cache_size(self.prep), dim)
+        warnings = budget.disk_warnings(needs, self.run_dir, cache_root(c))
+        estimate = {"disk": needs}
+        trains_backbone = any(p.groups for p in self.plan)
+        if self.device.type == "cpu" and self.data.kind == "image" and not self.rt.compile:
+            micro = self.setting["micro_batch"]
+            example = self.rt.batch(torch.zeros(1, c.in_chans, self.prep.img_size, self.prep.img_size))
+            estimate["step_memory"] = budget.step_memory(model, example, micro, c.optimizer, trains_backbone)
+            estimate["memory_available"] = budget.available_memory()
+            warnings.append(budget.memory_warning(estimate["step_memory"], micro, estimate["memory_available"]))
+        self.budget_warnings = [w for w in warnings if w]
+        self.setting["estimates"] = estimate
 
     def _save_config(self) -> None:
         self.config.save(self.run_dir / "config.yaml")
