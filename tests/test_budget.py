@@ -34,8 +34,8 @@ def test_a_step_too_large_for_the_memory_is_named_before_training(shapes_dir, ti
 
 def test_disk_needs_grow_with_what_the_run_keeps():
     from transferkit.core.config import TrainConfig
-    from transferkit.training.strategy import make_plan
     from transferkit.data.sources import Data
+    from transferkit.training.strategy import make_plan
 
     model = nn.Sequential()
     model.add_module("backbone", nn.Linear(10, 10))

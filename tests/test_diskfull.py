@@ -80,35 +80,40 @@ def test_disk_full_at_a_later_checkpoint_keeps_the_last_and_resume_finishes_the_
     assert_same_weights(weights(tmp_path / "runs" / "whole"), weights(left))
 
 
-def test_disk_full_at_the_first_bundle_says_what_it_needed_and_leaves_nothing_half_written(shapes_dir, tmp_path):
-    mount = tmp_path / "small"
-    failed, = _in_tmpfs(mount, 2 * 2**20, [  # 2 MB: the config and split fit, lite0's 13 MB bundle does not
-        _train(str(shapes_dir), "--name", "cut", "--runs-dir", str(mount / "runs"), "--img-size", "32", "--epochs",
-               "1", "--workers", "0", "--quiet", "--no-report", "--cache-dir", str(tmp_path / "cache")),
-    ])
-    assert failed.returncode == 74, failed.stdout[-2000:]
-    bundle = mount / "runs" / "cut" / "best" / "model.safetensors"
-    assert "warning: this run may write " in failed.stdout and f"to {mount / 'runs' / 'cut'} and " \
-        in failed.stdout, failed.stdout  # told before training
-    assert f"The disk is full: writing '{bundle}' needed 1" in failed.stdout
-    assert "bytes) were free there" in failed.stdout
-    assert "Traceback" not in failed.stdout
-    left = mount.with_suffix(".left") / "runs" / "cut"
-    assert _temporary(left) == [] and not (left / "best" / "model.safetensors").exists()
-
-
-def test_a_feature_cache_that_does_not_fit_is_kept_in_memory_and_the_run_ends_as_usual(shapes_dir, tmp_path):
+def test_disk_full_at_the_first_bundle_or_at_the_feature_cache(shapes_dir, tmp_path):
+    """The first best/ finds the disk full: exit 74, nothing half-written, and the same command with --overwrite
+    after space is freed trains the undisturbed run. The feature cache finds it full: kept in memory, same run."""
     flags = ["--img-size", "32", "--epochs", "2", "--batch-size", "8", "--workers", "0", "--strategy", "linear-probe",
-             "--quiet", "--no-report", "--runs-dir", str(tmp_path / "runs")]
-    reference = subprocess.run(shlex.split(_train(str(shapes_dir), "--name", "whole", *flags, "--cache-dir",
-                                                  str(tmp_path / "cache"))), capture_output=True, text=True)
+             "--quiet", "--no-report"]
+    reference = subprocess.run(shlex.split(_train(str(shapes_dir), "--name", "whole", *flags, "--runs-dir",
+                                                  str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"))),
+                               capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr[-2000:]
+    whole = weights(tmp_path / "runs" / "whole")
+
     mount = tmp_path / "small"
-    run, = _in_tmpfs(mount, 16 * 2**10, [  # 16 kB: not the 12 x 1280 float32 train features (60 kB)
-        _train(str(shapes_dir), "--name", "cut", *flags, "--cache-dir", str(mount / "cache")),
+    command = _train(str(shapes_dir), "--name", "cut", *flags, "--runs-dir", str(mount / "runs"), "--cache-dir",
+                     str(tmp_path / "cache"))
+    failed, again = _in_tmpfs(mount, 2 * 2**20, [  # 2 MB: the config and split fit, lite0's 13 MB bundle does not
+        command, f"mount -o remount,size={64 * 2**20} {mount} && {command} --overwrite"])
+    assert failed.returncode == 74, failed.stdout[-2000:]
+    run = mount / "runs" / "cut"
+    assert "warning: this run may write " in failed.stdout and f"to {run} and " in failed.stdout  # told first
+    assert f"The disk is full: writing '{run / 'best' / 'model.safetensors'}' needed 1" in failed.stdout
+    assert "bytes) were free there" in failed.stdout and "--overwrite" in failed.stdout
+    assert "Traceback" not in failed.stdout
+    assert again.returncode == 0, again.stdout[-2000:]
+    left = mount.with_suffix(".left") / "runs" / "cut"
+    assert _temporary(left) == []
+    assert_same_weights(whole, weights(left))
+
+    mount = tmp_path / "tiny"
+    kept, = _in_tmpfs(mount, 16 * 2**10, [  # 16 kB: not the 12 x 1280 float32 train features (60 kB)
+        _train(str(shapes_dir), "--name", "kept", *flags, "--runs-dir", str(tmp_path / "runs"), "--cache-dir",
+               str(mount / "cache")),
     ])
-    assert run.returncode == 0, run.stdout[-2000:]
-    assert f"warning: cannot write the cache file '{mount / 'cache' / 'features'}/" in run.stdout
-    assert "the disk is full: it needs" in run.stdout and "Traceback" not in run.stdout
+    assert kept.returncode == 0, kept.stdout[-2000:]
+    assert f"warning: cannot write the cache file '{mount / 'cache' / 'features'}/" in kept.stdout
+    assert "the disk is full: it needs" in kept.stdout and "Traceback" not in kept.stdout
     assert _temporary(mount.with_suffix(".left")) == []
-    assert_same_weights(weights(tmp_path / "runs" / "whole"), weights(tmp_path / "runs" / "cut"))
+    assert_same_weights(whole, weights(tmp_path / "runs" / "kept"))

@@ -61,7 +61,7 @@ def disk_full(path: Path, needed: int, free: int | None = None, at_least: bool =
     return DiskFull(f"The disk is full: writing '{path}' {need} and {bytes_text(free)} were free there. The previous "
                     f"{Path(path).name}, if any, is intact and no temporary file is left. Free some space (old runs; "
                     "the caches: `transferkit cache --clear`), or write the run elsewhere with --runs-dir; then "
-                    "continue with --resume (or run again where no last.ckpt was written yet).")
+                    "continue with --resume (where no last.ckpt was written yet: the same command with --overwrite).")
 
 
 def tensor_bytes(obj) -> int:

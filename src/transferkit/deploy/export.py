@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from transferkit.core.errors import UserError
+from transferkit.core.files import atomic_write
 from transferkit.data.preprocessing import Preprocessing, TextPreprocessing, preprocessing_from_dict
 from transferkit.data.transforms import eval_transform
 from transferkit.deploy.bundle import load_bundle
@@ -70,9 +71,11 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     given = INPUTS[prep.kind](run_dir, prep, format, with_preprocessing)
     out = Path(out) if out else (run_dir if (run_dir / "config.yaml").is_file() else run_dir.parent) / "export"
     out.mkdir(parents=True, exist_ok=True)
-    name, write = FORMATS[format]
+    name, write, runner = FORMATS[format]
     path = out / (name if quantize == "none" else name.replace(".", f"_{quantize}."))  # model_int8.tflite
-    run = write(Job(model, given, prep, run_dir, opset, with_preprocessing, quantize, calibration), path)
+    job = Job(model, given, prep, run_dir, opset, with_preprocessing, quantize, calibration)
+    atomic_write(path, lambda tmp: write(job, tmp))  # a fault (a full disk) leaves the previous export
+    run = runner(path)
     for file, text in given.files.items():
         (out / file).write_text(text)
     if with_preprocessing:  # raw decoded images, one at a time (sizes differ), against `predict` on them
@@ -152,14 +155,12 @@ def _onnx(job: Job, path: Path):
         net = onnx.load(str(path))
         pre = preprocessing_graph(job.prep, job.opset, net.ir_version)
         onnx.save(merge_models(pre, net, io_map=[("pre_pixels", "pixels")]), str(path))
-    return onnx_runner(path)
 
 
 def _torchscript(job: Job, path: Path):
     with torch.no_grad():
         scripted = torch.jit.trace(job.model, job.given.example)
     scripted.save(str(path))
-    return torchscript_runner(path)
 
 
 def _tflite(job: Job, path: Path):
@@ -173,12 +174,11 @@ def _tflite(job: Job, path: Path):
                             "its run: export from the run directory (the one with split.json).")
         calibration = _preprocessed(data, samples, job.prep)
     write_tflite(job.model, job.given.example, path, job.quantize, calibration)
-    return tflite_runner(path)
 
 
-FORMATS = {"onnx": ("model.onnx", _onnx), "torchscript": ("model.pt", _torchscript),
-           "tflite": ("model.tflite", _tflite)}
-"""Each format: its file name and its writer, which writes the file and returns a runner (numpy in, logits out)."""
+FORMATS = {"onnx": ("model.onnx", _onnx, onnx_runner), "torchscript": ("model.pt", _torchscript, torchscript_runner),
+           "tflite": ("model.tflite", _tflite, tflite_runner)}
+"""Each format: its file name, its writer (job, path) and its runner (path -> numpy in, logits out)."""
 
 
 @dataclass

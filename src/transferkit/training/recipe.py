@@ -224,13 +224,14 @@ class Recipe:
         if not self.d.main:
             return
         dim = next(m for m in model.head.modules() if isinstance(m, nn.Linear)).in_features
-        needs = budget.disk_needs(model, c, self.data, self.plan, cache_size(self.prep), dim)
+        image = self.data.kind == "image"
+        needs = budget.disk_needs(model, c, self.data, self.plan, cache_size(self.prep) if image else 0, dim)
         warnings = budget.disk_warnings(needs, self.run_dir, cache_root(c))
         estimate = {"disk": needs}
         trains_backbone = any(p.groups for p in self.plan)
-        if self.device.type == "cpu" and self.data.kind == "image" and not self.rt.compile:
+        if self.device.type == "cpu" and image and not self.rt.compile:
             micro = self.setting["micro_batch"]
-            example = self.rt.batch(torch.zeros(1, c.in_chans, self.prep.img_size, self.prep.img_size))
+            example = torch.zeros(1, c.in_chans, self.prep.img_size, self.prep.img_size)  # any memory format
             estimate["step_memory"] = budget.step_memory(model, example, micro, c.optimizer, trains_backbone)
             estimate["memory_available"] = budget.available_memory()
             warnings.append(budget.memory_warning(estimate["step_memory"], micro, estimate["memory_available"]))
