@@ -89,3 +89,14 @@ def test_bad_config_key_and_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     out = _cli("train", str(tmp_path / "empty"))
     assert out.returncode == 2 and "No images found" in out.stderr
+
+
+def test_a_full_disk_outside_atomic_writes_ends_with_one_message_and_exit_74():
+    """A write transferkit does not make itself (a tuning study's SQLite file, the report) that finds the disk
+    full ends like the others: one message, exit code 74, no traceback."""
+    script = ("import sqlite3, transferkit.cli as cli\n"
+              "def full(): raise sqlite3.OperationalError('database or disk is full')\n"
+              "cli.app = full\ncli.main()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 74, out.stderr
+    assert out.stderr.startswith("error: The disk is full") and "Traceback" not in out.stderr

@@ -292,22 +292,21 @@ def main() -> None:
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         code = err.exit_code
-    except OSError as err:  # a write outside atomic_write (metrics, report, caches) that found the disk full
-        if not is_disk_full(err):
-            raise
-        typer.echo(f"error: {disk_full(Path(err.filename or '.'), 0, at_least=True)}", err=True)
-        code = DiskFull.exit_code
     except Preempted as stop:
         typer.echo(f"stopped: {stop}", err=True)
         code = stop.exit_code
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         code = 130
-    except RuntimeError as err:  # torch.OutOfMemoryError outside training steps (those say more; see loop)
-        if type(err).__name__ != "OutOfMemoryError":
+    except Exception as err:
+        if type(err).__name__ == "OutOfMemoryError":  # outside training steps (those say more; see loop)
+            typer.echo(f"error: out of GPU memory ({str(err).splitlines()[0]}); use a smaller --batch-size", err=True)
+            code = 2
+        elif is_disk_full(err):  # a write outside atomic_write (metrics, report, a study's database) found it full
+            typer.echo(f"error: {disk_full(Path(getattr(err, 'filename', None) or '.'), 0, at_least=True)}", err=True)
+            code = DiskFull.exit_code
+        else:
             raise
-        typer.echo(f"error: out of GPU memory ({str(err).splitlines()[0]}); use a smaller --batch-size", err=True)
-        code = 2
     finally:  # leave torchrun's process group cleanly (only a command that trained can have joined one)
         if "transferkit.core.distributed" in sys.modules:
             from transferkit.core import distributed

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from transferkit.core.errors import DiskFull
 
-FULL = ("No space left on device", "os error 28", "unexpected pos", "PytorchStreamWriter failed writing file")
-"""How a full disk reads when it is not an OSError: safetensors' Rust error, torch's zip writer."""
+FULL = ("No space left on device", "os error 28", "unexpected pos", "PytorchStreamWriter failed writing file",
+        "database or disk is full")
+"""How a full disk reads when it is not an OSError: safetensors' Rust error, torch's zip writer, SQLite (a tuning
+study's storage)."""
 
 
 def atomic_write(path: Path, write, size: int | None = None, shown: Path | None = None) -> None:
