@@ -194,6 +194,12 @@ class Recipe:
             + (f", {self.workers} loader workers" if self.workers else "") + (", compiled" if self.rt.compile else "")
             + (f"; {d.world} processes, global batch {c.batch_size} = {self.setting['micro_batch']} x {d.world} x "
                f"{c.accumulate} accumulated" if d.on or c.accumulate > 1 else ""))
+        self._warn()
+
+    def _warn(self) -> None:
+        """What the user should know before training: files left out, links out of the folder, imbalance, the
+        budget's shortfalls, classes missing from a split."""
+        c, data, run_dir = self.config, self.data, self.run_dir
         if data.skipped:
             self.report.info(f"[transferkit] warning: skipped {len(data.skipped)} file(s), e.g. {data.skipped[0][0]}"
                              f": {data.skipped[0][1]}; the full list is in {run_dir / 'skipped.txt'}")
