@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from transferkit.core.files import bytes_text, tensor_bytes
+from transferkit.core.machine import cache_root
+from transferkit.data.imagecache import cache_size
 
 ACTIVATIONS = 1.0
 """A training step's peak memory growth over the sum of its layers' outputs at that batch. Measured (2-core AMD
@@ -29,6 +31,24 @@ against 3.06 GB summed; lite0 96 px batch 64 1.03 against 1.12; resnet50 128 px 
 sum counts in-place activations twice and backward frees as it goes: it stays on the safe side."""
 REPORT_BYTES = 2 * 2**20
 """report.html (its PNGs inline), metrics and the other small files of a run, generously."""
+
+
+def estimate(model: nn.Module, config, data, plan, prep, run_dir: Path, micro_batch: int, memory: bool
+             ) -> tuple[dict, list[str]]:
+    """(the run's estimates, for runtime.json; the warnings they call for). `memory`: a step's memory too (image
+    models; on a CPU, where nothing else would warn before the kernel kills the run)."""
+    dim = next(m for m in model.head.modules() if isinstance(m, nn.Linear)).in_features
+    image = data.kind == "image"
+    needs = disk_needs(model, config, data, plan, cache_size(prep) if image else 0, dim)
+    warnings = disk_warnings(needs, run_dir, cache_root(config))
+    out = {"disk": needs}
+    if memory and image:
+        example = torch.zeros(1, config.in_chans, prep.img_size, prep.img_size)  # any memory format
+        trains_backbone = any(p.groups for p in plan)
+        out["step_memory"] = step_memory(model, example, micro_batch, config.optimizer, trains_backbone)
+        out["memory_available"] = available_memory()
+        warnings.append(memory_warning(out["step_memory"], micro_batch, out["memory_available"]))
+    return out, [w for w in warnings if w]
 
 
 def disk_needs(model: nn.Module, config, data, plan, cache_side: int, feature_dim: int) -> dict[str, dict[str, int]]:

@@ -27,7 +27,7 @@ from transferkit.core.machine import cache_root, default_workers, pick_device, s
 from transferkit.core.progress import Reporter
 from transferkit.core.version import __version__
 from transferkit.data.check import write_skipped
-from transferkit.data.imagecache import cache_size, cached_images
+from transferkit.data.imagecache import cached_images
 from transferkit.data.loaders import make_loader
 from transferkit.data.sources import SPLITS, config_data
 from transferkit.deploy.bundle import load_bundle, save_bundle
@@ -225,24 +225,12 @@ class Recipe:
     def check_budget(self) -> None:
         """Whether what the run writes will fit on its disks, and a CPU training step in memory (see `budget`):
         the estimates go to runtime.json, the warnings to the log after the run's header."""
-        c, model = self.config, self.model
         self.budget_warnings = []
-        if not self.d.main:
-            return
-        dim = next(m for m in model.head.modules() if isinstance(m, nn.Linear)).in_features
-        image = self.data.kind == "image"
-        needs = budget.disk_needs(model, c, self.data, self.plan, cache_size(self.prep) if image else 0, dim)
-        warnings = budget.disk_warnings(needs, self.run_dir, cache_root(c))
-        estimate = {"disk": needs}
-        trains_backbone = any(p.groups for p in self.plan)
-        if self.device.type == "cpu" and image and not self.rt.compile:
-            micro = self.setting["micro_batch"]
-            example = torch.zeros(1, c.in_chans, self.prep.img_size, self.prep.img_size)  # any memory format
-            estimate["step_memory"] = budget.step_memory(model, example, micro, c.optimizer, trains_backbone)
-            estimate["memory_available"] = budget.available_memory()
-            warnings.append(budget.memory_warning(estimate["step_memory"], micro, estimate["memory_available"]))
-        self.budget_warnings = [w for w in warnings if w]
-        self.setting["estimates"] = estimate
+        if self.d.main:
+            memory = self.device.type == "cpu" and not self.rt.compile  # a compiled model would compile for it
+            self.setting["estimates"], self.budget_warnings = budget.estimate(
+                self.model, self.config, self.data, self.plan, self.prep, self.run_dir, self.setting["micro_batch"],
+                memory)
 
     def _save_config(self) -> None:
         self.config.save(self.run_dir / "config.yaml")
