@@ -166,3 +166,27 @@ def test_cache_hit_miss_and_rebuild_of_damaged_caches_train_identically(shapes_d
     cleared = CliRunner().invoke(app, ["cache", "--cache-dir", str(cache), "--clear"])
     assert cleared.exit_code == 0 and "freed" in cleared.output
     assert not (cache / "features").exists() and not (cache / "images").exists()
+
+
+@pytest.mark.parametrize("fails", ["record", "rename"])
+def test_a_cache_filled_but_not_sealed_is_kept_in_memory(tmp_path, monkeypatch, fails):
+    """The disk fills after the rows are written, while the record or the rename is: the run keeps the
+    filled rows in memory, says so, and leaves no temp file and no cache file behind."""
+    import errno
+    from transferkit.core.distributed import Dist
+    from transferkit.data import cachefiles
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cachefiles, "atomic_write" if fails == "record" else "durable_replace", full)
+    said = []
+    path = tmp_path / "features" / "key.npy"
+
+    def fill(array, rows):
+        array[rows] = np.arange(len(rows) * 3, dtype=np.float32).reshape(-1, 3)
+
+    kept = cachefiles.build_cache(Dist(), path, (4, 3), np.float32, fill, {"key": 1}, said.append)
+    assert np.array_equal(kept, np.arange(12, dtype=np.float32).reshape(4, 3))
+    assert len(said) == 1 and "cannot write the cache file" in said[0] and "the disk is full" in said[0]
+    assert sorted(p.name for p in path.parent.iterdir() if p.suffix == ".npy" or p.name.endswith(".tmp")) == []

@@ -60,7 +60,10 @@ def open_cache(path: Path, say: Callable[[str], None]) -> np.ndarray | None:
         return None
     problem = _problem(path)
     if problem is None:
-        return np.load(path, mmap_mode="r")
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            problem = f"does not open as an array ({err})"
     say(f"[transferkit] warning: cache file '{path}' {problem}; building it again")
     return None
 
@@ -76,10 +79,6 @@ def _problem(path: Path) -> str | None:
         return f"is truncated or damaged: {found:,} bytes where {size:,} were written"
     if checksum(path) != digest:
         return "is corrupt: its checksum differs from the one recorded when it was written"
-    try:
-        np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as err:
-        return f"does not open as an array ({err})"
     return None
 
 
@@ -105,22 +104,21 @@ def build_cache(d: Dist, path: Path, shape: tuple[int, ...], dtype, fill: Fill, 
             return np.load(path, mmap_mode="r")
         kept = np.array(np.load(tmp, mmap_mode="r"))  # filled, but could not be recorded: keep it in memory
         d.barrier()
-        if d.main:
-            tmp.unlink(missing_ok=True)
     else:
         kept = _in_memory(d, shape, dtype, fill, n, axis=0 if rows is None else 1)
+    if d.main:
+        tmp.unlink(missing_ok=True)
     say(f"[transferkit] warning: cannot write the cache file '{path}' ({problem}); this run keeps it in memory "
         f"and goes on. To cache it for later runs, {ADVICE}.")
     return kept
 
 
 def _attempt(tmp: Path, step: Callable[[], None], needed: int) -> str | None:
-    """None when `step` wrote its file, else why not (the temp file removed)."""
+    """None when `step` wrote its file, else why not (the temp file is left to the caller)."""
     try:
         step()
         return None
     except (OSError, DiskFull) as err:
-        tmp.unlink(missing_ok=True)
         if isinstance(err, DiskFull) or is_disk_full(err):
             free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
             return f"the disk is full: it needs {bytes_text(needed)} and {bytes_text(free)} are free there"
