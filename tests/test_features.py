@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from typer.testing import CliRunner
 
 import transferkit
@@ -46,10 +45,10 @@ MAX_REL_L2 = {"fp32": (1e-4, 1e-4), "bf16": (0.25, 0.6)}
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_cache_holds_what_the_backbone_computes_at_the_run_precision(shapes_dir, tiny, tmp_path, precision):
-    from transferkit.data.sources import ImageDataset, load_data
     from transferkit.data.preprocessing import Preprocessing
-    from transferkit.models.runtime import Runtime
+    from transferkit.data.sources import ImageDataset, load_data
     from transferkit.data.transforms import eval_transform
+    from transferkit.models.runtime import Runtime
 
     cache = tmp_path / "cache"
     run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", name="p", cache_dir=str(cache),
@@ -106,10 +105,10 @@ def test_feature_views_cache_distinct_augmented_views(shapes_dir, tiny, tmp_path
 
 def test_image_cache_gives_the_pixels_of_direct_decoding(tmp_path):
     from transferkit.core.config import TrainConfig
-    from transferkit.data.sources import ImageDataset, load_data
+    from transferkit.core.progress import Reporter
     from transferkit.data.imagecache import cache_size, cached_images
     from transferkit.data.preprocessing import Preprocessing
-    from transferkit.core.progress import Reporter
+    from transferkit.data.sources import ImageDataset, load_data
     from transferkit.data.transforms import eval_transform
 
     root = tmp_path / "photos"
@@ -173,6 +172,7 @@ def test_a_cache_filled_but_not_sealed_is_kept_in_memory(tmp_path, monkeypatch, 
     """The disk fills after the rows are written, while the record or the rename is: the run keeps the
     filled rows in memory, says so, and leaves no temp file and no cache file behind."""
     import errno
+
     from transferkit.core.distributed import Dist
     from transferkit.data import cachefiles
 
