@@ -23,8 +23,8 @@ def predict(
     device: str = typer.Option("cpu", help="cpu | cuda."),
     tta: str = typer.Option("none", help="none | flip | flip-crop: average over augmented views."),
     backend: str = typer.Option(
-        "torch", help="torch | onnx | tflite | tflite-fp16 | tflite-int8 (the run's export, run by onnxruntime or "
-                      "the LiteRT interpreter)."),
+        "torch", help="torch | onnx | tflite | tflite-fp16 | tflite-int8 | saved_model (the run's export, run by "
+                      "onnxruntime, the LiteRT interpreter or TensorFlow)."),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 only where measured faster here)."),
 ) -> None:
     """Top-k class predictions for images or texts, with class names."""
@@ -94,10 +94,10 @@ def _print_predictions(results: list[dict], format: str) -> None:
 
 def export(
     run: Path = typer.Argument(..., help="A run directory or a bundle folder."),
-    format: str = typer.Option("onnx", "--format", help="onnx | torchscript | tflite."),
+    format: str = typer.Option("onnx", "--format", help="onnx | torchscript | tflite | saved_model."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default RUN/export)."),
     tolerance: Optional[float] = typer.Option(
-        None, help="Largest |logit difference| the parity check accepts (default 1e-4; 1e-3 for tflite; 0.05 with "
+        None, help="Largest |logit difference| the parity check accepts (default 1e-4; 1e-3 for tflite and saved_model; 0.05 with "
                    "preprocessing); with --fp16/--int8 the largest test-accuracy drop (default 0.02)."),
     with_preprocessing: bool = typer.Option(
         False, "--with-preprocessing", help="ONNX: take uint8 HxWx3 images; resize, crop, normalize in the graph."),

@@ -33,13 +33,27 @@ def atomic_write(path: Path, write, size: int | None = None, shown: Path | None 
         durable_replace(tmp, path)
     except BaseException as err:
         if not is_disk_full(err):
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
             raise
         full = True  # raised below, outside this block: the failed writer (and its open file) is let go first
     if full:
-        written = tmp.stat().st_size if tmp.exists() else 0
-        tmp.unlink(missing_ok=True)
+        written = sum(f.stat().st_size for f in _files(tmp))
+        _remove(tmp)
         raise disk_full(shown or path, size or written, free, at_least=size is None)
+
+
+def _files(path: Path) -> list[Path]:
+    """The file at `path`, or every file under the folder at `path`; none when nothing is there."""
+    if path.is_dir():
+        return [f for f in path.rglob("*") if f.is_file()]
+    return [path] if path.exists() else []
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -82,13 +96,34 @@ def bytes_text(n: int, exact: bool = True) -> str:
 
 
 def durable_replace(tmp: Path, path: Path) -> None:
-    """fsync `tmp`, rename it over `path`, fsync the folder (so the rename itself survives a crash)."""
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """fsync `tmp` (a file, or every file in a folder), rename it over `path`, fsync the folder (so the rename
+    itself survives a crash). A folder takes the place of the old one as `replace_folder` says."""
+    for file in _files(tmp):
+        with open(file, "rb") as fh:
+            os.fsync(fh.fileno())
+    if tmp.is_dir():
+        replace_folder(tmp, path)
+    else:
+        os.replace(tmp, path)
     if hasattr(os, "O_DIRECTORY"):  # POSIX
         fd = os.open(path.parent, os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def replace_folder(fresh: Path, directory: Path) -> None:
+    """Put the folder `fresh` in the place of `directory`: the old one moved aside to `.NAME.old` (where a crash
+    between the two renames leaves it whole), then removed."""
+    old = aside(directory, "old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(fresh, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def aside(directory: Path, kind: str) -> Path:
+    """The hidden sibling `.NAME.KIND` of a folder: where it is built (tmp) or the previous one waits (old)."""
+    return directory.with_name(f".{directory.name}.{kind}")

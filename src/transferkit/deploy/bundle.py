@@ -7,11 +7,11 @@ classes, preprocessing, the strategy that trained it, and its metrics.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from transferkit.core.errors import UserError
+from transferkit.core.files import aside, replace_folder
 from transferkit.models.classifier import Classifier
 from transferkit.models.task import rebuild
 
@@ -27,7 +27,7 @@ def save_bundle(directory: Path, model: Classifier, meta: dict) -> None:
     from transferkit.core.files import atomic_write, tensor_bytes
 
     directory = Path(directory)
-    fresh, old = _beside(directory, "tmp"), _beside(directory, "old")
+    fresh = aside(directory, "tmp")
     shutil.rmtree(fresh, ignore_errors=True)  # what an earlier crash left
     fresh.mkdir(parents=True)
     # contiguous copies: safetensors stores row-major tensors (a channels_last model has NHWC strides)
@@ -40,22 +40,14 @@ def save_bundle(directory: Path, model: Classifier, meta: dict) -> None:
     except BaseException:
         shutil.rmtree(fresh, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(fresh, directory)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _beside(directory: Path, kind: str) -> Path:
-    return directory.with_name(f".{directory.name}.{kind}")
+    replace_folder(fresh, directory)
 
 
 def bundle_dir(path: str | Path) -> Path:
     """Accept a bundle folder or a run folder (whose `best/` is the bundle; or the previous one, moved aside, when
     a crash came between the two renames of save_bundle)."""
     path = Path(path)
-    for candidate in (path, path / "best", _beside(path / "best", "old")):
+    for candidate in (path, path / "best", aside(path / "best", "old")):
         if (candidate / "model.json").is_file() and (candidate / "model.safetensors").is_file():
             return candidate
     raise UserError(

@@ -1,11 +1,13 @@
-"""Export a run's best model to ONNX, TorchScript or TFLite, then check the export against PyTorch.
+"""Export a run's best model to ONNX, TorchScript, TFLite or a TensorFlow SavedModel, then check the export against
+PyTorch.
 
-`transferkit export runs/NAME --format onnx|torchscript|tflite` writes runs/NAME/export/model.onnx (or model.pt,
-model.tflite; model_fp16/model_int8.tflite with --fp16/--int8) with model.json beside it (classes, preprocessing,
-input and output names). ONNX and TorchScript take a dynamic batch, TFLite one image. A text model (ONNX only)
+`transferkit export runs/NAME --format onnx|torchscript|tflite|saved_model` writes runs/NAME/export/model.onnx (or
+model.pt, model.tflite, the folder saved_model/; model_fp16/model_int8.tflite with --fp16/--int8) with model.json
+beside it (classes, preprocessing, input and output names). ONNX, TorchScript and the SavedModel (NHWC) take a
+dynamic batch, TFLite one image. A text model (ONNX only)
 takes token ids, (batch, tokens) both dynamic, with 0 after each text's end; its tokenizer.json is written beside
 it (the tokenizers library reads it). After writing, the exported file is run (onnxruntime, torch.jit.load, the
-LiteRT interpreter) on validation images next to the PyTorch model: the largest |logit difference| and the top-1
+LiteRT interpreter, TensorFlow in a child process) on validation images next to the PyTorch model: the largest |logit difference| and the top-1
 agreement are printed and stored in model.json; a difference above the tolerance or any top-1 disagreement is an
 error. An int8 model is judged by its test-split accuracy against the PyTorch model's instead.
 """
@@ -25,6 +27,7 @@ from transferkit.data.preprocessing import Preprocessing, TextPreprocessing, pre
 from transferkit.data.transforms import eval_transform
 from transferkit.deploy.bundle import load_bundle
 from transferkit.deploy.runners import onnx_runner, torchscript_runner
+from transferkit.deploy.savedmodel import saved_model_runner
 from transferkit.deploy.tflite import QUANTIZE, tflite_runner, write_tflite
 
 PARITY_IMAGES = 32
@@ -53,8 +56,8 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     `with_preprocessing` (ONNX): the graph takes uint8 (batch, H, W, C) images and resizes, crops and
     normalizes them itself (see `preprocessing_graph`); the check then compares it with `predict` on the
     same decoded images. `quantize` (TFLite): fp16 weights, or int8 calibrated on `calibration` train images.
-    Default tolerance: 1e-4 on logits; 1e-3 for TFLite (XNNPACK's kernels sum in another order: 2.4e-4 seen on a
-    trained lite0); 0.05 with preprocessing (ONNX's antialiased cubic resize and PIL's differ by up to a gray
+    Default tolerance: 1e-4 on logits; 1e-3 for TFLite and SavedModel (XNNPACK's and TensorFlow's kernels sum in
+    another order: 2.4e-4 seen on a trained lite0); 0.05 with preprocessing (ONNX's antialiased cubic resize and PIL's differ by up to a gray
     level); fp16 and int8 are judged by what they cost: the test-split accuracy may drop by 0.02 at most."""
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}; got '{format}'.")
@@ -63,7 +66,7 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     if quantize not in QUANTIZE or (quantize != "none" and format != "tflite"):
         raise UserError(f"--fp16 and --int8 are for --format tflite; got quantize '{quantize}' with '{format}'.")
     tolerance = tolerance if tolerance is not None else 0.02 if quantize != "none" else \
-        5e-2 if with_preprocessing else 1e-3 if format == "tflite" else 1e-4
+        5e-2 if with_preprocessing else 1e-3 if format in ("tflite", "saved_model") else 1e-4
     run_dir = Path(run_dir)
     model, meta = load_bundle(run_dir)
     model.eval()
@@ -163,6 +166,19 @@ def _torchscript(job: Job, path: Path):
     scripted.save(str(path))
 
 
+def _saved_model(job: Job, folder: Path):
+    if job.prep.kind != "image":
+        raise UserError("SavedModel export is for image models; export a text model with --format onnx.")
+    import tempfile
+
+    from transferkit.deploy.savedmodel import require, write_saved_model
+
+    require()
+    with tempfile.TemporaryDirectory() as tmp:
+        _onnx(job, Path(tmp) / "model.onnx")
+        write_saved_model(Path(tmp) / "model.onnx", folder)
+
+
 def _tflite(job: Job, path: Path):
     if job.prep.kind != "image":
         raise UserError("TFLite export is for image models; export a text model with --format onnx.")
@@ -177,7 +193,8 @@ def _tflite(job: Job, path: Path):
 
 
 FORMATS = {"onnx": ("model.onnx", _onnx, onnx_runner), "torchscript": ("model.pt", _torchscript, torchscript_runner),
-           "tflite": ("model.tflite", _tflite, tflite_runner)}
+           "tflite": ("model.tflite", _tflite, tflite_runner),
+           "saved_model": ("saved_model", _saved_model, saved_model_runner)}
 """Each format: its file name, its writer (job, path) and its runner (path -> numpy in, logits out)."""
 
 
@@ -201,7 +218,8 @@ def image_input(run_dir: Path, prep: Preprocessing, format: str, with_preprocess
         record = {"name": "images", "dtype": "uint8", "shape": ["batch", "height", "width", c],
                   "note": "decoded images, all of one call the same size; resize, crop and normalization inside"}
     else:
-        record = {"name": "images", "dtype": "float32", "shape": ["batch", c, s, s],
+        record = {"name": "images", "dtype": "float32", "shape": ["batch", s, s, c] if format == "saved_model"
+                  else ["batch", c, s, s],
                   "note": "RGB scaled to 0..1, resized so the short side is preprocessing.img_size / crop_pct, "
                           "center-cropped, then normalized with mean and std"}
     return ModelInput("pixels" if with_preprocessing else "images", torch.randn(2, c, s, s),

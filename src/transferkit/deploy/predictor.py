@@ -179,7 +179,8 @@ def sample_batches(data, samples: list, prep: Preprocessing, size: int = 64):
 
 class ExportedPredictor(Predictor):
     """The same interface over an exported model (`transferkit export`): ONNX through onnxruntime, TFLite through
-    the LiteRT interpreter. Preprocessing, TTA and top-k as in Predictor, no PyTorch model involved."""
+    the LiteRT interpreter, a SavedModel through TensorFlow in a child process. Preprocessing, TTA and top-k as in
+    Predictor, no PyTorch model involved."""
 
     def __init__(self, path: Path, backend: str):
         record = json.loads(path.with_name("model.json").read_text())
@@ -204,17 +205,17 @@ PREDICTORS = {"image": (Predictor, ExportedPredictor), "text": (TextPredictor, E
 
 def load(path: str | Path, device: str = "cpu", backend: str = "torch", precision: str = "auto") -> Predictor:
     """Load a bundle (or a run directory's best/) for prediction; another backend (see runners.BACKENDS: onnx,
-    tflite, tflite-fp16, tflite-int8) loads the run's export of that kind instead (a run, its export folder or the
+    tflite, tflite-fp16, tflite-int8, saved_model) loads the run's export of that kind instead (a run, its export folder or the
     file), whatever `precision`."""
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"precision must be auto, bf16 or fp32; got '{precision}'.")
     if backend in BACKENDS:
         path, file = Path(path), BACKENDS[backend][0]
         found = next((p for p in (path, path / file, path / "export" / file, path.parent / "export" / file)
-                      if p.is_file() and p.name == file), None)
+                      if p.exists() and p.name == file), None)
         if found is None or not found.with_name("model.json").is_file():
             how = {"onnx": "--format onnx", "tflite": "--format tflite", "tflite-fp16": "--format tflite --fp16",
-                   "tflite-int8": "--format tflite --int8"}[backend]
+                   "tflite-int8": "--format tflite --int8", "saved_model": "--format saved_model"}[backend]
             raise UserError(f"No {file} with its model.json at '{path}': run `transferkit export {path} {how}` first.")
         task = json.loads(found.with_name("model.json").read_text()).get("architecture", {}).get("task", "image")
         return PREDICTORS[task][1](found, backend)

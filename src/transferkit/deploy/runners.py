@@ -8,6 +8,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from transferkit.deploy.savedmodel import saved_model_runner
 from transferkit.deploy.tflite import tflite_runner
 
 
@@ -30,5 +31,6 @@ def torchscript_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 
 BACKENDS = {"onnx": ("model.onnx", onnx_runner), "tflite": ("model.tflite", tflite_runner),
-            "tflite-fp16": ("model_fp16.tflite", tflite_runner), "tflite-int8": ("model_int8.tflite", tflite_runner)}
+            "tflite-fp16": ("model_fp16.tflite", tflite_runner), "tflite-int8": ("model_int8.tflite", tflite_runner),
+            "saved_model": ("saved_model", saved_model_runner)}
 """`predict --backend`: the export file it runs (in the run's export/ folder) and how."""
