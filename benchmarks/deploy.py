@@ -1,11 +1,12 @@
 """Deployment formats side by side: one trained lite0, exported to every format transferkit writes.
 
 `python benchmarks/deploy.py [--size 96] [--epochs 3]` trains tf_efficientnet_lite0 (bundled weights) on
-builtin:digits at SIZE px, exports it (ONNX, TorchScript, TFLite fp32/fp16/int8), and writes
-benchmarks/deploy.json and deploy.md with, per format: file size; latency at batch 1 (median of 50 calls after 5
+builtin:digits at SIZE px, exports it (ONNX, TorchScript, TFLite fp32/fp16/int8, TensorFlow SavedModel), and
+writes benchmarks/deploy.json and deploy.md with, per format: file size (the SavedModel: its folder); latency at batch 1 (median of 50 calls after 5
 warm-up calls); img/s at batch 32 (TFLite takes one image a call: 32 calls); top-1 agreement with PyTorch eager
 fp32 and test accuracy, both on the whole test split. Every runner gets the same preprocessed tensors, so the
-figures are the model's alone (no decoding); PyTorch eager runs the bundle's model as `predict` does not (no
+figures are the model's alone (no decoding; the SavedModel's include the pipe to its TensorFlow child process,
+the way transferkit runs it); PyTorch eager runs the bundle's model as `predict` does not (no
 BatchNorm folding, fp32), the reference the exports are checked against.
 """
 
@@ -37,6 +38,10 @@ def _timed(run, x: np.ndarray, calls: int) -> float:
     return statistics.median(times)
 
 
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=96)
@@ -50,6 +55,7 @@ def main() -> None:
     from transferkit.deploy.bundle import load_bundle
     from transferkit.deploy.export import export
     from transferkit.deploy.runners import onnx_runner, torchscript_runner
+    from transferkit.deploy.savedmodel import saved_model_runner
     from transferkit.deploy.tflite import tflite_runner
     from transferkit.models.precision import cpu_name
 
@@ -73,7 +79,8 @@ def main() -> None:
                                         ("ONNX Runtime", "onnx", "none", onnx_runner),
                                         ("TFLite fp32", "tflite", "none", tflite_runner),
                                         ("TFLite fp16", "tflite", "fp16", tflite_runner),
-                                        ("TFLite int8", "tflite", "int8", tflite_runner)):
+                                        ("TFLite int8", "tflite", "int8", tflite_runner),
+                                        ("TensorFlow SavedModel", "saved_model", "none", saved_model_runner)):
         start = time.perf_counter()
         result = export(run.dir, fmt, quantize=quantize, tolerance=1.0)  # measured here, not refused
         path = Path(result["path"])
@@ -82,7 +89,7 @@ def main() -> None:
     rows = []
     for name, (run_fn, path, seconds) in arms.items():
         got = np.concatenate([run_fn(x[i : i + 32]) for i in range(0, len(x), 32)]).argmax(1)
-        rows.append({"format": name, "file_mb": round(path.stat().st_size / 2**20, 2), "export_s": seconds,
+        rows.append({"format": name, "file_mb": round(_size(path) / 2**20, 2), "export_s": seconds,
                      "latency_ms_b1": round(1000 * _timed(run_fn, x[:1], 50), 2),
                      "img_s_b32": round(32 / _timed(run_fn, x[:32], 10), 1),
                      "top1_agreement": round(float((got == want).mean()), 4),
