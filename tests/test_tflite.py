@@ -1,5 +1,4 @@
-"""TensorFlow exports: LiteRT (TFLite) fp32 parity with PyTorch, int8 judged by its test accuracy, the SavedModel
-(through onnx2tf, run by TensorFlow in a child process), and predict on the exports."""
+"""LiteRT (TFLite) export: fp32 parity with PyTorch, int8 judged by its test accuracy, and predict on the exports."""
 
 import json
 from pathlib import Path
@@ -72,33 +71,3 @@ def test_tflite_mistakes_are_named(run, tmp_path, monkeypatch):
     with pytest.raises(transferkit.UserError, match=r"pip install 'transferkit\[tf\]'"):
         export(run.dir, "tflite")
 
-
-def test_saved_model_agrees_with_pytorch_on_any_batch_and_predict_runs_it(run):
-    result = export(run.dir, "saved_model")
-    folder = Path(result["path"])
-    assert folder.name == "saved_model" and (folder / "saved_model.pb").is_file() and not list(folder.glob("*.tflite"))
-    assert result["max_abs_logit_diff"] <= 1e-3 and result["top1_agreement"] == 1.0 and result["images"] == 32
-    record = json.loads((run.dir / "export" / "model.json").read_text())
-    assert record["format"] == "saved_model" and record["input"]["shape"] == ["batch", 48, 48, 3]  # NHWC
-    images = _test_images(run)
-    served, torch_clf = transferkit.load(run.dir, backend="saved_model"), transferkit.load(run.dir, precision="fp32")
-    want = torch_clf.predict_proba(images)
-    got = served.predict_proba(images)  # batches of the predictor's size, the last one shorter
-    assert len(images) > 300 and (got.argmax(1) == want.argmax(1)).mean() >= 0.99 and np.abs(got - want).max() < 1e-3
-    one = np.concatenate([served.predict_proba([image]) for image in images[:3]])  # a batch of one image each
-    assert np.abs(one - want[:3]).max() < 1e-3  # no row depends on another (a global mean over the batch did)
-    flip = served.predict_proba(images[:8], tta="flip")
-    assert np.abs(flip - torch_clf.predict_proba(images[:8], tta="flip")).max() < 1e-3
-
-
-def test_saved_model_mistakes_are_named(run, tmp_path, monkeypatch):
-    with pytest.raises(transferkit.UserError, match="transferkit export .* --format saved_model"):
-        transferkit.load(tmp_path, backend="saved_model")
-    with pytest.raises(transferkit.UserError, match="--with-preprocessing is available for --format onnx only"):
-        export(run.dir, "saved_model", with_preprocessing=True)
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx2tf" else real(name, *a))
-    with pytest.raises(transferkit.UserError, match=r"needs onnx2tf: pip install 'transferkit\[savedmodel\]'"):
-        export(run.dir, "saved_model")

@@ -100,7 +100,7 @@ def export(
         None, help="Largest |logit difference| the parity check accepts (default 1e-4; 1e-3 for tflite and saved_model; 0.05 with "
                    "preprocessing); with --fp16/--int8 the largest test-accuracy drop (default 0.02)."),
     with_preprocessing: bool = typer.Option(
-        False, "--with-preprocessing", help="ONNX: take uint8 HxWx3 images; resize, crop, normalize in the graph."),
+        False, "--with-preprocessing", help="ONNX, SavedModel: take uint8 HxWx3 images; resize, crop, normalize in the graph."),
     fp16: bool = typer.Option(False, "--fp16", help="TFLite: float16 weights (half the file)."),
     int8: bool = typer.Option(
         False, "--int8", help="TFLite: int8 weights and activations, calibrated on train images."),

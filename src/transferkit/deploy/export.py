@@ -15,7 +15,7 @@ error. An int8 model is judged by its test-split accuracy against the PyTorch mo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,7 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
            calibration: int = CALIBRATION_IMAGES) -> dict:
     """Write the export and its model.json; returns the parity record. Raises UserError on a failed check.
 
-    `with_preprocessing` (ONNX): the graph takes uint8 (batch, H, W, C) images and resizes, crops and
+    `with_preprocessing` (ONNX, SavedModel): the graph takes uint8 (batch, H, W, C) images and resizes, crops and
     normalizes them itself (see `preprocessing_graph`); the check then compares it with `predict` on the
     same decoded images. `quantize` (TFLite): fp16 weights, or int8 calibrated on `calibration` train images.
     Default tolerance: 1e-4 on logits; 1e-3 for TFLite and SavedModel (XNNPACK's and TensorFlow's kernels sum in
@@ -61,8 +61,8 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     level); fp16 and int8 are judged by what they cost: the test-split accuracy may drop by 0.02 at most."""
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}; got '{format}'.")
-    if with_preprocessing and format != "onnx":
-        raise UserError("--with-preprocessing is available for --format onnx only.")
+    if with_preprocessing and format not in ("onnx", "saved_model"):
+        raise UserError("--with-preprocessing is available for --format onnx and saved_model.")
     if quantize not in QUANTIZE or (quantize != "none" and format != "tflite"):
         raise UserError(f"--fp16 and --int8 are for --format tflite; got quantize '{quantize}' with '{format}'.")
     tolerance = tolerance if tolerance is not None else 0.02 if quantize != "none" else \
@@ -174,9 +174,12 @@ def _saved_model(job: Job, folder: Path):
     from transferkit.deploy.savedmodel import require, write_saved_model
 
     require()
+    prep = job.prep
+    steps = {"resize": prep.resize, "img_size": prep.img_size, "mean": list(prep.mean), "std": list(prep.std)}
+    plain = replace(job, with_preprocessing=False, given=replace(job.given, name="images"))  # TensorFlow adds it
     with tempfile.TemporaryDirectory() as tmp:
-        _onnx(job, Path(tmp) / "model.onnx")
-        write_saved_model(Path(tmp) / "model.onnx", folder)
+        _onnx(plain, Path(tmp) / "model.onnx")
+        write_saved_model(Path(tmp) / "model.onnx", folder, steps if job.with_preprocessing else None)
 
 
 def _tflite(job: Job, path: Path):

@@ -184,9 +184,9 @@ class ExportedPredictor(Predictor):
 
     def __init__(self, path: Path, backend: str):
         record = json.loads(path.with_name("model.json").read_text())
-        if record.get("with_preprocessing") and path.suffix == ".onnx":
-            raise UserError(f"'{path}' was exported --with-preprocessing (it takes uint8 images); --backend onnx "
-                            "needs a plain export: transferkit export RUN --format onnx.")
+        if record.get("with_preprocessing") and record.get("file") == path.name:
+            raise UserError(f"'{path}' was exported --with-preprocessing (it takes uint8 images); --backend {backend} "
+                            f"needs a plain export: transferkit export RUN --format {record['format']}.")
         self._set_meta(record)
         self.run = BACKENDS[backend][1](path)
         self.device, self.precision = "cpu", {"tflite-fp16": "fp16", "tflite-int8": "int8"}.get(backend, "fp32")

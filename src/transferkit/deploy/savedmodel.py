@@ -1,19 +1,20 @@
-"""TensorFlow SavedModel export: onnx2tf converts the ONNX export; a child process that has TensorFlow and not
-torch runs it.
+"""TensorFlow SavedModel export: onnx2tf converts the ONNX export, in a child process that has TensorFlow and
+not torch (the two crash in one process: a segfault with TensorFlow 2.21 beside torch 2.14); another child runs it.
 
 Why this route: litert-torch (the TFLite route) writes flatbuffers without TensorFlow and has no SavedModel;
 onnx2tf is the maintained ONNX-to-TensorFlow converter. Its releases from 1.29 pin exact versions of TensorFlow,
 NumPy and ONNX that clash with this environment; 1.28.8 is the last without pins, and converts with TensorFlow
 2.21 and NumPy 2. It turns a mean over negative axes ([-1, -2], as torch.onnx writes a global average pool) into
 a mean over the batch when it moves the graph to NHWC, so the axes are made positive first. The SavedModel takes
-NHWC float images (TensorFlow's layout: onnx2tf moves the transposes into the graph's start), batch dynamic.
-TensorFlow and torch in one process crash (a segfault with TensorFlow 2.21 beside torch 2.14), so the SavedModel
-runs in a child process (`python -m transferkit.deploy.tfserve`), arrays going through its stdin and stdout.
+NHWC float images (TensorFlow's layout: onnx2tf moves the transposes into the graph's start), batch dynamic; with
+preprocessing, uint8 images of any size. `tfserve convert` writes it, `tfserve serve` runs it, arrays going
+through the child's stdin and stdout.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -41,21 +42,21 @@ def require() -> None:
                         "(onnx2tf 1.28.8 with TensorFlow, tf-keras and ONNX).")
 
 
-def write_saved_model(onnx_path: Path, folder: Path) -> None:
-    """Convert the ONNX file at `onnx_path` into a SavedModel in `folder` (a new folder)."""
+def write_saved_model(onnx_path: Path, folder: Path, preprocessing: dict | None = None) -> None:
+    """Convert the ONNX file at `onnx_path` into a SavedModel in `folder` (a new folder) whose signature takes
+    `images` and gives `logits`; with `preprocessing` ({resize, img_size, mean, std}), uint8 images of any size."""
     require()
     positive_axes(onnx_path)
+    command = [sys.executable, "-m", "transferkit.deploy.tfserve", "convert", str(onnx_path), str(folder),
+               json.dumps(preprocessing or {})]
     with tempfile.TemporaryFile() as log:
-        done = subprocess.run([sys.executable, "-m", "onnx2tf", "-i", str(onnx_path), "-o", str(folder), "-nuo"],
-                              stdout=log, stderr=subprocess.STDOUT, env=QUIET)
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=QUIET)
         log.seek(0)
         said = log.read().decode(errors="replace")
-    if done.returncode != 0 or not (folder / "saved_model.pb").is_file():  # onnx2tf logs some failures and exits 0
-        tail = "\n".join(line for line in said.splitlines() if "TensorSpec" not in line)[-2000:]
-        raise UserError(f"onnx2tf could not convert '{onnx_path.name}' to a SavedModel (exit {done.returncode}); "
-                        f"its last words:\n{tail}")
-    for byproduct in folder.glob("*.tflite"):  # onnx2tf writes TFLite files too; --format tflite makes ours
-        byproduct.unlink()
+    if done.returncode != 0 or not (folder / "saved_model.pb").is_file():
+        raise UserError(f"onnx2tf and TensorFlow could not write the SavedModel '{folder}' (exit {done.returncode}); "
+                        "their last words:\n" + "\n".join(line for line in said.splitlines()[-40:]
+                                                          if "TensorSpec" not in line))
 
 
 def positive_axes(onnx_path: Path) -> None:
@@ -82,7 +83,7 @@ def positive_axes(onnx_path: Path) -> None:
 
 def saved_model_runner(folder: Path) -> Callable[[np.ndarray], np.ndarray]:
     """(batch, C, H, W) float32 -> (batch, classes) float32 logits, run by TensorFlow in a child process that
-    lives as long as the runner."""
+    lives as long as the runner; a SavedModel with preprocessing takes (batch, H, W, C) uint8 images as they are."""
     require()
     return _Child(Path(folder))
 
@@ -90,13 +91,15 @@ def saved_model_runner(folder: Path) -> Callable[[np.ndarray], np.ndarray]:
 class _Child:
     def __init__(self, folder: Path):
         self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen([sys.executable, "-m", "transferkit.deploy.tfserve", str(folder)],
+        self.process = subprocess.Popen([sys.executable, "-m", "transferkit.deploy.tfserve", "serve", str(folder)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=QUIET)
         weakref.finalize(self, _end, self.process, self.log)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         try:
-            send(self.process.stdin, np.ascontiguousarray(batch.transpose(0, 2, 3, 1), np.float32))
+            if batch.dtype != np.uint8:  # NCHW, as the other exports take it, to TensorFlow's NHWC
+                batch = np.ascontiguousarray(batch.transpose(0, 2, 3, 1), np.float32)
+            send(self.process.stdin, batch)
             return receive(self.process.stdout)
         except (OSError, EOFError):
             self.process.wait()
@@ -106,7 +109,10 @@ class _Child:
 
 
 def _end(process: subprocess.Popen, log) -> None:
-    process.stdin.close()  # the child ends at the end of its input
+    try:
+        process.stdin.close()  # the child ends at the end of its input
+    except OSError:  # it had stopped already
+        pass
     process.wait()
     log.close()
 
