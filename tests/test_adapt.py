@@ -69,7 +69,7 @@ def run(tmp_path, source, name, **overrides):
                                 "runs_dir": str(tmp_path / "runs"), "name": name, **overrides})
 
 
-@pytest.mark.parametrize("method,strategy,head", [("dann", "finetune", "linear"), ("cdan", "lp-ft", "linear"),
+@pytest.mark.parametrize("method,strategy,head", [("dann-mcc", "finetune", "linear"), ("cdan", "lp-ft", "linear"),
                                                   ("mcc", "linear-probe", "bottleneck"), ("coral", "full", "mlp")])
 def test_an_adapted_run_records_target_metrics_and_ships_a_normal_bundle(tmp_path, domains, method, strategy, head):
     """Each method with a strategy: a frozen backbone adapts its trainable bottleneck (linear-probe)."""
@@ -80,7 +80,7 @@ def test_an_adapted_run_records_target_metrics_and_ships_a_normal_bundle(tmp_pat
     assert len(rows) == 2
     for row in rows:
         assert 0.0 <= row["target_accuracy"] <= 1.0 and row["adapt_loss"] > 0
-        assert (row["domain_accuracy"] is not None) == (method in ("dann", "cdan"))
+        assert (row["domain_accuracy"] is not None) == (method in ("dann-mcc", "cdan"))
         assert 0.0 <= row["target_entropy"] <= math.log(2) + 1e-6
         assert row["proxy_a_distance"] is None  # 2 source val images: too few to tell the domains apart
     state = torch.load(done.dir / "last.ckpt", weights_only=False)

@@ -51,7 +51,7 @@ TRAIN = [
     ("target_eval", Optional[str],
      typer.Option(None, help="Labelled target images for measuring only (class folders); never trained on.")),
     ("adapt", Optional[str],
-     typer.Option(None, help="With --target: dann | cdan | mcc | coral | none (default auto: dann).")),
+     typer.Option(None, help="With --target: dann | cdan | mcc | dann-mcc | coral | none (default auto: dann-mcc).")),
     ("adapt_weight", Optional[float], typer.Option(None, help="Weight of the adaptation loss (default 1).")),
     ("class_weights", Optional[str],
      typer.Option(None, help="none | auto: inverse-frequency loss weights (default none).")),

@@ -17,7 +17,7 @@ BAD_FILES = ("skip", "error")
 OUTSIDE_LINKS = ("follow", "refuse")
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCALINGS = ("none", "linear", "sqrt")
-ADAPTS = ("auto", "dann", "cdan", "mcc", "coral", "none")
+ADAPTS = ("auto", "dann", "cdan", "mcc", "dann-mcc", "coral", "none")
 SELECTS = ("auto", "val", "target-entropy")
 CHOICES = {"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "head": HEADS, "augment": AUGMENTS, "device": DEVICES,
            "class_weights": CLASS_WEIGHTS, "sampler": SAMPLERS, "nan_policy": NAN_POLICIES, "bad_files": BAD_FILES,

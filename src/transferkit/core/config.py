@@ -159,7 +159,7 @@ class TrainConfig:
     """Labelled target images for measuring only (class folders): their labels never reach a loss or the
     checkpoint choice."""
     adapt: str = "auto"
-    """With a target: dann | cdan | mcc | coral | none (source only); auto picks the measured default."""
+    """With a target: dann | cdan | mcc | dann-mcc | coral | none (source only); auto picks the measured default."""
     adapt_weight: float = 1.0
     """Weight of the adaptation loss against the classification loss."""
     # --- runtime: how it runs on this machine ---

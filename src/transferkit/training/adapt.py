@@ -12,6 +12,8 @@ and target and returns the method's loss:
   outer product, the predictions detached), through the same reversal.
 - mcc (Jin et al. 2020): minimum class confusion of the target predictions (temperature 2.5,
   entropy-weighted); no discriminator.
+- dann-mcc: both terms summed, the discriminator's on the features and MCC's on the target predictions (MCC's
+  paper reports it adding to DANN).
 - coral (Sun and Saenko 2016): the distance between source and target feature covariances.
 
 The discriminator trains with the model (its parameters join the optimizer at the head's LR; with several
@@ -41,7 +43,7 @@ from transferkit.data.target import labelled_set, load_target
 from transferkit.evaluation.domain import POINTS, mean_entropy, pca_2d, proxy_a_distance
 from transferkit.evaluation.passes import evaluate_loader
 
-DEFAULT = "dann"
+DEFAULT = "dann-mcc"
 """What `--adapt auto` runs."""
 SELECT = "target-entropy"
 """What `--select auto` uses with a target: the label-free checkpoint rule measured best (benchmarks/adapt.md)."""
@@ -101,7 +103,7 @@ class Adaptation:
         self.layer = last_linear(model)
         self.layer.register_forward_hook(self._keep)
         inputs = self.layer.in_features * num_classes if method == "cdan" else self.layer.in_features
-        self.discriminator = discriminator(inputs).to(device) if method in ("dann", "cdan") else None
+        self.discriminator = discriminator(inputs).to(device) if method in ("dann", "cdan", "dann-mcc") else None
         # with several processes its gradients are averaged over the ranks, as the model's are
         self.judge = ddp_wrap(self.discriminator, d, device) if self.discriminator is not None else None
         self.last = None  # that layer's input and output (the logits) in the latest training forward
@@ -147,10 +149,16 @@ class Adaptation:
             return class_confusion(lt)
         if self.method == "coral":
             return coral(fs, ft)
+        if self.method == "dann-mcc":
+            return self._domain_loss(fs, ft) + class_confusion(lt)
         if self.method == "cdan":  # features x predictions, the predictions a fixed condition
             ps, pt = F.softmax(ls, 1).detach(), F.softmax(lt, 1).detach()
             fs, ft = torch.bmm(ps.unsqueeze(2), fs.unsqueeze(1)).flatten(1), \
                 torch.bmm(pt.unsqueeze(2), ft.unsqueeze(1)).flatten(1)
+        return self._domain_loss(fs, ft)
+
+    def _domain_loss(self, fs, ft) -> torch.Tensor:
+        """The discriminator's loss on source and target rows, through the gradient reversal."""
         features = GradientReverse.apply(torch.cat([fs, ft]), reversal_coefficient(self.step / self.total_steps))
         domain = self.judge(features).squeeze(1)
         truth = torch.cat([torch.ones(len(fs)), torch.zeros(len(ft))]).to(domain.device)
