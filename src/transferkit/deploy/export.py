@@ -4,12 +4,12 @@ PyTorch.
 `transferkit export runs/NAME --format onnx|torchscript|tflite|saved_model` writes runs/NAME/export/model.onnx (or
 model.pt, model.tflite, the folder saved_model/; model_fp16/model_int8.tflite with --fp16/--int8) with model.json
 beside it (classes, preprocessing, input and output names). ONNX, TorchScript and the SavedModel (NHWC) take a
-dynamic batch, TFLite one image. A text model (ONNX only)
-takes token ids, (batch, tokens) both dynamic, with 0 after each text's end; its tokenizer.json is written beside
-it (the tokenizers library reads it). After writing, the exported file is run (onnxruntime, torch.jit.load, the
-LiteRT interpreter, TensorFlow in a child process) on validation images next to the PyTorch model: the largest |logit difference| and the top-1
-agreement are printed and stored in model.json; a difference above the tolerance or any top-1 disagreement is an
-error. An int8 model is judged by its test-split accuracy against the PyTorch model's instead.
+dynamic batch, TFLite one image. A text model (ONNX only) takes token ids, (batch, tokens) both dynamic, with 0
+after each text's end; its tokenizer.json is written beside it (the tokenizers library reads it). After writing,
+the exported file is run (onnxruntime, torch.jit.load, the LiteRT interpreter, TensorFlow in a child process) on
+validation images next to the PyTorch model: the largest |logit difference| and the top-1 agreement are printed
+and stored in model.json; a difference above the tolerance or any top-1 disagreement is an error. An int8 model
+is judged by its test-split accuracy against the PyTorch model's instead.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     normalizes them itself (see `preprocessing_graph`); the check then compares it with `predict` on the
     same decoded images. `quantize` (TFLite): fp16 weights, or int8 calibrated on `calibration` train images.
     Default tolerance: 1e-4 on logits; 1e-3 for TFLite and SavedModel (XNNPACK's and TensorFlow's kernels sum in
-    another order: 2.4e-4 seen on a trained lite0); 0.05 with preprocessing (ONNX's antialiased cubic resize and PIL's differ by up to a gray
-    level); fp16 and int8 are judged by what they cost: the test-split accuracy may drop by 0.02 at most."""
+    another order: 2.4e-4 seen on a trained lite0); 0.05 with preprocessing (ONNX's or TensorFlow's antialiased
+    cubic resize and PIL's differ by up to a gray level); fp16 and int8 are judged by what they cost: the
+    test-split accuracy may drop by 0.02 at most."""
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}; got '{format}'.")
     if with_preprocessing and format not in ("onnx", "saved_model"):

@@ -205,8 +205,8 @@ PREDICTORS = {"image": (Predictor, ExportedPredictor), "text": (TextPredictor, E
 
 def load(path: str | Path, device: str = "cpu", backend: str = "torch", precision: str = "auto") -> Predictor:
     """Load a bundle (or a run directory's best/) for prediction; another backend (see runners.BACKENDS: onnx,
-    tflite, tflite-fp16, tflite-int8, saved_model) loads the run's export of that kind instead (a run, its export folder or the
-    file), whatever `precision`."""
+    tflite, tflite-fp16, tflite-int8, saved_model) loads the run's export of that kind instead (a run, its export
+    folder or the file), whatever `precision`."""
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"precision must be auto, bf16 or fp32; got '{precision}'.")
     if backend in BACKENDS:
