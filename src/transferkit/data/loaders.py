@@ -11,6 +11,7 @@ import torch
 
 from transferkit.core.config import TrainConfig
 from transferkit.core.distributed import Dist
+from transferkit.core.machine import pick_device
 from transferkit.data.sampling import EpochSampler, StepBatches
 from transferkit.data.sources import Data, ImageDataset
 
@@ -30,7 +31,7 @@ def make_loader(data: Data, split: str, transform, config: TrainConfig, shuffle:
     makes the dataset (a task's `dataset`); `images`: the split's decoded-image cache."""
     dataset = reader(data, split, transform, config, images, min_side)
     common = dict(num_workers=config.workers, generator=torch.Generator().manual_seed(config.seed),
-                  pin_memory=torch.cuda.is_available(), persistent_workers=config.workers > 0,
+                  pin_memory=pick_device(config.device).type == "cuda", persistent_workers=config.workers > 0,
                   worker_init_fn=_init_worker, collate_fn=getattr(dataset, "collate", None))
     if not shuffle:
         return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=d.shard(len(dataset)),

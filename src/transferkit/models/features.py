@@ -89,6 +89,7 @@ def extract(backbone: torch.nn.Module, data: Data, split: str, transform, config
                                          collate_fn=getattr(dataset, "collate", None))
     # (its own generator: a cache miss must not draw from the run's random stream)
     was_training = backbone.training
+    backbone.eval()  # fold_batchnorm hands back the backbone itself where folding is off by more than its rtol
     net = None
     out = []
     report.start_epoch(f"features {split}" + (f" view {view + 1}" if view is not None else ""), len(loader))
