@@ -143,7 +143,13 @@ def _read(cache_file: Path | None) -> dict:
 
 def measure(workload: Workload, kind: str, reps: int = 3) -> dict[str, float]:
     """Time `kind` work on a copy of the model (the model itself, its BN statistics and gradients stay
-    untouched): one warm-up batch per precision, then `reps` rounds alternating the two, best of each."""
+    untouched, and so do the random streams: the first run to measure trains as the runs that read the cache):
+    one warm-up batch per precision, then `reps` rounds alternating the two, best of each."""
+    with torch.random.fork_rng(devices=[]):
+        return _measure(workload, kind, reps)
+
+
+def _measure(workload: Workload, kind: str, reps: int) -> dict[str, float]:
     net = copy.deepcopy(workload.model)
     x = torch.randn(workload.shape)
     if workload.channels_last:
