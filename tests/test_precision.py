@@ -59,7 +59,7 @@ def test_native_bf16_takes_the_faster_side_of_each_kind_once(monkeypatch, worklo
 
 
 def test_the_probe_times_both_precisions_on_a_copy(workload):
-    """...and leaves the random streams where they were: on a Zen 4 the run that measured (a cache miss) once
+    """...and leaves the random streams where they were: on an AMD Zen 5 (avx512_bf16) the run that measured
     drew other dropout masks than the runs that read the timings."""
     before = {k: v.clone() for k, v in workload.model.state_dict().items()}
     workload.model.train()  # dropout draws: the train probe runs the model as training does
