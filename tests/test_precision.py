@@ -146,3 +146,17 @@ def test_a_run_in_bf16_checks_its_model_against_fp32_and_predict_follows_the_che
     assert fp32_run.metrics["precision_check"] == {"train": "fp32", "infer": "fp32"}
     assert transferkit.load(fp32_run.dir).precision == "fp32"  # never checked: not served in bf16
     assert transferkit.load(fp32_run.dir, precision="bf16").precision == "bf16"  # asked for
+
+
+def test_the_serving_check_runs_fp32_again_and_reuses_the_bf16_logits_the_run_computed():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    images = torch.randn(8, 3, 2, 2)
+    with torch.no_grad():
+        known = model(images).numpy()
+    known[[1, 6]] = -known[[1, 6]]  # the run's "bf16" top-1 differs from fp32 on rows 1 and 6
+    loader = [(images[:5], None, torch.arange(5)), (images[5:], None, torch.arange(5, 8))]
+    assert precision.agreement_counts(model, [(loader, known)], lambda x: x) == (6, 8)
+    shuffled = [(images[[4, 1, 0]], None, torch.tensor([4, 1, 0]))]  # rows found by the loader's index
+    assert precision.agreement_counts(model, [(shuffled, known)], lambda x: x) == (2, 3)
+    assert precision.agreement_counts(model, [(loader, None)], lambda x: x)[1] == 8  # no logits: bf16 runs here

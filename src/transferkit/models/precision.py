@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -182,16 +183,27 @@ def _measure(workload: Workload, kind: str, reps: int) -> dict[str, float]:
 
 
 @torch.inference_mode()
-def agreement_counts(model: nn.Module, batches, to_device) -> tuple[int, int]:
-    """(images whose top-1 is the same in bf16 autocast as in fp32, images) over `batches` of images."""
+def agreement_counts(model: nn.Module, scored, to_device) -> tuple[int, int]:
+    """(images whose top-1 is the same in bf16 autocast as in fp32, images) over `scored`, (loader, logits)
+    pairs: the model runs in fp32 with BatchNorm folded, as predict serves it, and in bf16 only where
+    `logits` (the split's bf16 logits, in split order; rows picked by the loader's index) is None."""
+    from transferkit.models.fuse import fold_batchnorm
+
     same = total = 0
+    net = None
     model.eval()
-    for images in batches:
-        images = to_device(images)
-        fp32 = model(images).argmax(1)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16):
-            bf16 = model(images).argmax(1)
-        same, total = same + int((fp32 == bf16).sum()), total + len(images)
+    for loader, known in scored:
+        for images, _, index in loader:
+            images = to_device(images)
+            if net is None:
+                net = fold_batchnorm(model, images[:2])
+            fp32 = net(images).argmax(1).cpu()
+            if known is None:
+                with torch.autocast(images.device.type, dtype=torch.bfloat16):
+                    bf16 = net(images).argmax(1).cpu()
+            else:
+                bf16 = torch.from_numpy(known[np.asarray(index)].argmax(1))
+            same, total = same + int((fp32 == bf16).sum()), total + len(images)
     return same, total
 
 

@@ -29,14 +29,15 @@ def runtime_for(config: TrainConfig, model, prep, plan: list[Phase], device, wor
     return replace(rt, precision=precision, reasons=reasons, normalize=prep.mean_std)
 
 
-def serving_check(model, loaders, rt: Runtime, d: Dist, report: Reporter, move=None) -> dict:
+def serving_check(model, scored, rt: Runtime, d: Dist, report: Reporter, move=None) -> dict:
     """The run's precisions, and where inference ran in bf16, the share of val + test images whose top-1 is
-    the same in bf16 as in fp32 (saved in the bundle: auto serves bf16 only above precision.AGREEMENT)."""
+    the same in bf16 as in fp32 (saved in the bundle: auto serves bf16 only above precision.AGREEMENT).
+    `scored`: (loader, logits) per split, `logits` the bf16 logits that the best epoch's validation and the
+    test pass already computed (None: computed here), so only the fp32 side runs again."""
     out = dict(rt.precision)
     if rt.precision["infer"] != "bf16":
         return out
-    same, total = d.sum(list(agreement_counts(model, (images for loader in loaders for images, _, _ in loader),
-                                              move or rt.batch)))
+    same, total = d.sum(list(agreement_counts(model, scored, move or rt.batch)))
     if total:
         out.update(bf16_top1_agreement=same / total, images=int(total))
         report.info(f"[transferkit] bf16 top-1 agrees with fp32 on {same / total:.1%} of {int(total)} val+test "

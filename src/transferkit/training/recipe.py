@@ -346,7 +346,9 @@ class Recipe:
             self.test_metrics = evaluate_loader(self.shipped, self.loaders["test"], self.eval_loss, rt,
                                                 self.data.classes, d, fold=True, move=self.move)
             self.test_logits = self.test_metrics.pop("logits")
-        self.checked = serving_check(self.shipped, [self.loaders[s] for s in scored], rt, d, self.report, self.move)
+        known = {"val": p.best_val_logits, "test": self.test_logits}
+        self.checked = serving_check(self.shipped, [(self.loaders[s], known[s]) for s in scored], rt, d, self.report,
+                                     self.move)
         self.metrics = {"test": self.test_metrics, "best": p.best, "select": self.select, "epochs_run": p.epoch,
                         "trainable_params": count_trainable(self.model), "nan_skipped_steps": p.nan_skipped,
                         "skipped_files": len(self.data.skipped), **self.cache_s, "runtime": self.setting,
