@@ -83,7 +83,9 @@ def test_a_worker_killed_mid_trial_is_failed_retried_and_the_study_completes(pos
         except KeyError:  # the study is not created yet
             continue
         running = next((t for t in trials if t.state == optuna.trial.TrialState.RUNNING
-                        and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")), None)
+                        and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
+                        # its training started: all parameters drawn (a kill before them left none to retry with)
+                        and (tmp_path / "killed" / "trials" / f"{t.number:04d}" / "config.yaml").is_file()), None)
     assert running is not None, victim.communicate()[0] if victim.poll() is not None else "no trial started"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
