@@ -28,8 +28,12 @@ import numpy as np
 from transferkit.core.errors import UserError
 
 MODULES = ("onnx2tf", "tensorflow", "tf_keras", "onnx_graphsurgeon", "sng4onnx", "psutil", "onnx", "onnxruntime")
-QUIET = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-"""The child's environment: TensorFlow's C++ log off, no GPU probing (the export runs on the CPU)."""
+
+
+def quiet() -> dict[str, str]:
+    """A TensorFlow child's environment, as this process's is now: TensorFlow's C++ log off, no GPU probing
+    (the export and its runner work on the CPU)."""
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def require() -> None:
@@ -50,7 +54,7 @@ def write_saved_model(onnx_path: Path, folder: Path, preprocessing: dict | None 
     command = [sys.executable, "-m", "transferkit.deploy.tfserve", "convert", str(onnx_path), str(folder),
                json.dumps(preprocessing or {})]
     with tempfile.TemporaryFile() as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=QUIET)
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=quiet())
         log.seek(0)
         said = log.read().decode(errors="replace")
     if done.returncode != 0 or not (folder / "saved_model.pb").is_file():
@@ -92,7 +96,7 @@ class _Child:
     def __init__(self, folder: Path):
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen([sys.executable, "-m", "transferkit.deploy.tfserve", "serve", str(folder)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=QUIET)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=quiet())
         weakref.finalize(self, _end, self.process, self.log)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
