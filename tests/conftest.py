@@ -71,10 +71,11 @@ def _share_the_cores_among_xdist_workers() -> None:
 _share_the_cores_among_xdist_workers()  # before anything imports torch
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def cpu_unless_marked_cuda(request):
-    """The suite's tests are CPU tests (their tolerances are fp32 on a CPU); those marked `cuda` are the GPU's.
-    On a machine with a GPU, `device auto` in an unmarked test, and in the processes it starts, finds none."""
+    """The suite's tests are CPU tests (their tolerances are fp32 on a CPU); modules marked `cuda` are the GPU's.
+    On a machine with a GPU, `device auto` in an unmarked module, its module fixtures included, and in the
+    processes they start, finds none."""
     import torch
 
     if request.node.get_closest_marker("cuda") or not torch.cuda.is_available():
