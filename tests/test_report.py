@@ -3,7 +3,9 @@
 import base64
 import io
 import json
+import re
 from html.parser import HTMLParser
+from xml.etree import ElementTree
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from transferkit.deploy.export import export
 from transferkit.evaluation.report import build_report
 
 from conftest import make_folder
+
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 class _Page(HTMLParser):
@@ -59,6 +63,13 @@ def test_report_html_is_self_contained_and_consistent(weak_run):
     assert wrong > 0 and len(parser.top_losses) == min(16, wrong)
     assert all(true != pred for true, pred in parser.top_losses)
     assert "Calibration" in page and "Learning curves" in page
+    charts = [ElementTree.fromstring(svg) for svg in re.findall(r"<svg .*?</svg>", page, re.S)]  # each parses as XML
+    assert len(charts) == 3  # loss, accuracy, reliability
+    epochs = len((weak_run.dir / "metrics.jsonl").read_text().splitlines())
+    for chart in charts[:2]:  # train and val: one marker per epoch each
+        series = chart.findall(f"{SVG}g[@class='series']")
+        assert [g.get("data-name") for g in series] == ["train", "val"]
+        assert all(len(g.findall(f"{SVG}circle")) == epochs for g in series)
     calibration = json.loads((weak_run.dir / "calibration.json").read_text())
     assert calibration["temperature"] > 0 and 0 <= calibration["ece_test"] <= 1
 

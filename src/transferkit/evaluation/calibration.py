@@ -1,4 +1,4 @@
-"""Calibration: expected calibration error, temperature scaling, reliability diagrams.
+"""Calibration: expected calibration error, temperature scaling, reliability diagram bins.
 
 A classifier is calibrated when, among images it predicts with confidence p, a fraction p is
 right. ECE bins the top-class confidence into equal-width bins and averages |accuracy -
@@ -50,25 +50,3 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
     opt.step(closure)
     return float(log_t.detach().exp())
-
-
-def reliability_png(curves: dict[str, list[dict]], title: str) -> bytes:
-    """A reliability diagram (accuracy against confidence per bin) for each named set of bins."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfect")
-    for name, bins in curves.items():
-        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label=name)
-    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1.02), title=title)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()

@@ -1,4 +1,4 @@
-"""runs/NAME/report.html: one self-contained page to open in a browser (images embedded).
+"""runs/NAME/report.html: one self-contained page to open in a browser (charts as inline SVG, images embedded).
 
 It holds the config and data summary, learning curves with the strategy's phases shaded, the
 test confusion matrix, per-class precision/recall/F1, the most confidently wrong test images
@@ -23,9 +23,9 @@ from transferkit.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
     reliability,
-    reliability_png,
     softmax,
 )
+from transferkit.evaluation.charts import Series, chart
 from transferkit.evaluation.domain import POINTS
 from transferkit.evaluation.metrics import classification_metrics
 
@@ -95,7 +95,7 @@ def build_report(run_dir: str | Path, device: str = "cpu", data=None) -> Path:
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     how = (meta.get("data") or {}).get("how", data.how)  # as trained, not "reused from split.json"
-    sections = [_summary(run_dir, config, data, how), _section("Learning curves", _img(_curves_png(rows)))]
+    sections = [_summary(run_dir, config, data, how), _section("Learning curves", _curves(rows))]
     if any("adapt_loss" in r for r in rows):
         sections.append(_adaptation(run_dir, rows))
     test_logits, test_labels, test_refs = split_logits(run_dir, "test", data, model)
@@ -143,12 +143,20 @@ Data: {html.escape(str(config.data))} ({html.escape(how)}).</p>
 
 def _confusion(metrics: dict, classes: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
-    body = "".join(f"<tr><th>{html.escape(c)}</th>" + "".join(f'<td class="count">{v}</td>' for v in row) + "</tr>"
+    top = max(max(row, default=0) for row in metrics["confusion_matrix"]) or 1
+    body = "".join(f"<tr><th>{html.escape(c)}</th>" + "".join(_count_cell(v, top) for v in row) + "</tr>"
                    for c, row in zip(classes, metrics["confusion_matrix"]))
     return _section("Confusion matrix (test)", f"""
 <p>Accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} on {metrics['n']} images.
 Rows: true class; columns: predicted.</p>
-<table id="confusion"><tr><th></th>{head}</tr>{body}</table>{_img(confusion_png(metrics, classes))}""")
+<table id="confusion"><tr><th></th>{head}</tr>{body}</table>""")
+
+
+def _count_cell(count: int, top: int) -> str:
+    """A confusion-matrix cell shaded by its count, as a heat map (white text on the darker half)."""
+    share = count / top
+    colour = "color: white; " if share > 0.5 else ""
+    return f'<td class="count" style="{colour}background: rgba(31, 119, 180, {share:.2f})">{count}</td>'
 
 
 def _per_class(metrics: dict) -> str:
@@ -207,7 +215,7 @@ def _calibration_section(cal: dict, logits, labels) -> str:
                  f"{cal['ece_test_scaled']:.4f}. It never changes the predicted class.</p>")
     else:
         text += "<p>No validation split: no temperature fitted.</p>"
-    return _section("Calibration", text + _img(reliability_png(curves, "reliability (test)")))
+    return _section("Calibration", text + _reliability_chart(curves, "reliability (test)"))
 
 
 def build_compare_report(result: dict, out: Path) -> Path:
@@ -248,89 +256,61 @@ def _adaptation(run_dir: Path, rows: list[dict]) -> str:
         table += [("target accuracy at the picked epoch", _fmt(by_epoch[picked]["target_accuracy"])),
                   ("oracle pick (needs target labels)", f"epoch {oracle['epoch']}: {_fmt(oracle['target_accuracy'])}")]
     cells = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in table)
-    body = f"<table>{cells}</table>{_img(_adaptation_png(rows))}"
+    body = f"<table>{cells}</table>{_adaptation_charts(rows)}"
     points = run_dir / POINTS
     if points.is_file():
-        body += _img(_pca_png(json.loads(points.read_text())))
+        body += _pca_charts(json.loads(points.read_text()))
     return _section("Domain adaptation", body)
 
 
-def _adaptation_png(rows: list[dict]) -> bytes:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+def _adaptation_charts(rows: list[dict]) -> str:
     epochs = [r["epoch"] for r in rows]
-    for ax, keys in zip(axes, (("val_accuracy", "target_accuracy", "domain_accuracy"),
-                               ("target_entropy", "proxy_a_distance", "adapt_loss"))):
-        for key in keys:
-            if any(r.get(key) is not None for r in rows):
-                ax.plot(epochs, [r.get(key) for r in rows], marker="o", label=key.replace("val_", "source val "))
-        ax.set(xlabel="epoch", xticks=epochs)
-        ax.legend(fontsize=8)
-    return _png(fig)
+    panels = []
+    for keys in (("val_accuracy", "target_accuracy", "domain_accuracy"),
+                 ("target_entropy", "proxy_a_distance", "adapt_loss")):
+        series = [Series(key.replace("val_", "source val "), epochs, [r.get(key) for r in rows]) for key in keys
+                  if any(r.get(key) is not None for r in rows)]
+        panels.append(chart(series, "epoch", "", integer_x=True))
+    return _row(panels)
 
 
-def _pca_png(points: dict) -> bytes:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(points), figsize=(5 * len(points), 4), squeeze=False)
-    for ax, when in zip(axes[0], [when for when in ("before", "after") if when in points]):
-        for domain, colour in (("source", "C0"), ("target", "C1")):
-            xy = np.asarray(points[when][domain]).reshape(-1, 2)
-            ax.scatter(xy[:, 0], xy[:, 1], s=6, alpha=0.5, color=colour, label=domain)
+def _pca_charts(points: dict) -> str:
+    panels = []
+    for when in [when for when in ("before", "after") if when in points]:
+        series = [Series(domain, *np.asarray(points[when][domain], dtype=float).reshape(-1, 2).T.tolist(), "points")
+                  for domain in ("source", "target")]
         distance = points[when].get("proxy_a_distance")
-        ax.set_title(f"features {when} training (PCA)" + (f", proxy A-distance {distance:.2f}" if distance is not None
-                                                            else ""), fontsize=9)
-        ax.legend(fontsize=8)
-    return _png(fig)
+        panels.append(chart(series, "PC 1", "PC 2", f"features {when} training (PCA)"
+                            + (f", proxy A-distance {distance:.2f}" if distance is not None else ""), size=(420, 340)))
+    return _row(panels)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=100)
-    _pyplot().close(fig)
-    return buffer.getvalue()
-
-
-def _curves_png(rows: list[dict]) -> bytes:
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+def _curves(rows: list[dict]) -> str:
+    """Train and val loss and accuracy per epoch, one shaded band per phase, named at its top left."""
     epochs = [r["epoch"] for r in rows]
-    for ax, key in zip(axes, ("loss", "accuracy")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in rows], marker="o", label="train")
+    bands = []
+    for phase, group in itertools.groupby(rows, key=lambda r: r["phase"]):
+        group = list(group)
+        bands.append((group[0]["epoch"] - 0.5, group[-1]["epoch"] + 0.5, phase))
+    panels = []
+    for key in ("loss", "accuracy"):
+        series = [Series("train", epochs, [r[f"train_{key}"] for r in rows])]
         if any(r.get(f"val_{key}") is not None for r in rows):
-            ax.plot(epochs, [r.get(f"val_{key}") for r in rows], marker="o", label="val")
-        for n, (phase, group) in enumerate(itertools.groupby(rows, key=lambda r: r["phase"])):
-            group = list(group)  # one shaded band per phase, named at its top left
-            ax.axvspan(group[0]["epoch"] - 0.5, group[-1]["epoch"] + 0.5, color=f"C{2 + n % 2}", alpha=0.1)
-            ax.annotate(phase, (group[0]["epoch"] - 0.4, 0.98), xycoords=("data", "axes fraction"), va="top",
-                        fontsize=8)
-        ax.set(xlabel="epoch", ylabel=key)
-        ax.legend(fontsize=8)
-    return _png(fig)
+            series.append(Series("val", epochs, [r.get(f"val_{key}") for r in rows]))
+        panels.append(chart(series, "epoch", key, bands=bands, integer_x=True))
+    return _row(panels)
 
 
-def confusion_png(metrics: dict, classes: list[str]) -> bytes:
-    plt = _pyplot()
-    cm = np.array(metrics["confusion_matrix"])
-    size = min(12, 2 + 0.5 * len(classes))
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true")
-    ax.set_xticklabels(classes, rotation=45, ha="right")
-    ax.set_yticklabels(classes)
-    if len(classes) <= 30:
-        for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    return _png(fig)
+def _reliability_chart(curves: dict[str, list[dict]], title: str) -> str:
+    """A reliability diagram (accuracy against confidence per bin) for each named set of bins."""
+    series = [Series("perfect", [0, 1], [0, 1], "dashed", "#888")]
+    series += [Series(name, [b["confidence"] for b in bins], [b["accuracy"] for b in bins])
+               for name, bins in curves.items()]
+    return chart(series, "confidence", "accuracy", title, xlim=(0, 1), ylim=(0, 1.02), size=(360, 340))
+
+
+def _row(charts: list[str]) -> str:
+    return f'<div class="charts">{"".join(charts)}</div>'
 
 
 def _img(png: bytes) -> str:
@@ -356,6 +336,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px;
 table {{ border-collapse: collapse; margin: 0.5em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 10px; }}
+.charts {{ display: flex; flex-wrap: wrap; gap: 16px; }}
 figure {{ margin: 0; width: 140px; font-size: 12px; }}
 figure img {{ max-width: 128px; }}
 figure:has(blockquote.text) {{ width: 300px; }}

@@ -32,13 +32,32 @@ class Board:
             if row.get(key) is not None:
                 self.writer.add_scalar(f"epoch/{key}", row[key], row["epoch"])
 
-    def confusion(self, png: bytes, epoch: int) -> None:
+    def confusion(self, metrics: dict, classes: list[str], epoch: int) -> None:
+        """The test confusion matrix as an image (matplotlib, counts in the cells up to 30 classes)."""
         import io
 
+        import matplotlib
         import numpy as np
         from PIL import Image
 
-        image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cm = np.array(metrics["confusion_matrix"])
+        size = min(12, 2 + 0.5 * len(classes))
+        fig, ax = plt.subplots(figsize=(size, size))
+        ax.imshow(cm, cmap="Blues")
+        ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true")
+        ax.set_xticklabels(classes, rotation=45, ha="right")
+        ax.set_yticklabels(classes)
+        if len(classes) <= 30:
+            for (i, j), v in np.ndenumerate(cm):
+                ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+        plt.close(fig)
+        image = np.asarray(Image.open(buffer).convert("RGB"))
         self.writer.add_image("test/confusion_matrix", image, epoch, dataformats="HWC")
 
     def close(self) -> None:

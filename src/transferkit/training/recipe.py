@@ -32,7 +32,7 @@ from transferkit.data.loaders import make_loader
 from transferkit.data.sources import SPLITS, config_data
 from transferkit.deploy.bundle import load_bundle, save_bundle
 from transferkit.evaluation.passes import evaluate_loader
-from transferkit.evaluation.report import build_report, confusion_png, save_predictions
+from transferkit.evaluation.report import build_report, save_predictions
 from transferkit.models.classifier import layer_groups
 from transferkit.models.task import Task, task_for
 from transferkit.training import budget
@@ -365,7 +365,7 @@ class Recipe:
                         {**self.meta, "metrics": {"best": best, "test": _headline(test)}, "precision": self.checked})
             if self.board is not None and test is not None:
                 board = Board(run_dir / "tensorboard")
-                board.confusion(confusion_png(test, self.data.classes), self.progress.epoch)
+                board.confusion(test, self.data.classes, self.progress.epoch)
                 board.close()
             recall = ", ".join(f"{c} {m['recall']:.2f}" for c, m in list(test["per_class"].items())[:20]) \
                 + (f" (no test images for {', '.join(test['absent'])})" if test.get("absent") else "") if test else ""
