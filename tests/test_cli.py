@@ -100,3 +100,26 @@ def test_a_full_disk_outside_atomic_writes_ends_with_one_message_and_exit_74():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 74, out.stderr
     assert out.stderr.startswith("error: The disk is full") and "Traceback" not in out.stderr
+
+
+def test_loading_pauses_the_collector_for_imports_and_freezes_what_they_made():
+    import gc
+
+    from transferkit.cli.startup import loading
+
+    made = []
+    try:
+        with loading():
+            assert not gc.isenabled()
+            made.extend([i] for i in range(1000))  # 1000 tracked objects, as imports make
+        assert gc.isenabled() and gc.get_freeze_count() >= 1000
+        with pytest.raises(ImportError), loading():  # a failed import leaves the collector as it found it
+            import transferkit_no_such_module  # noqa: F401
+        assert gc.isenabled()
+        gc.disable()
+        with loading():
+            pass
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()
+        gc.unfreeze()

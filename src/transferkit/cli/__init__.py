@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from transferkit.cli import deploy, options, tuning
+from transferkit.cli.startup import loading
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained image models on your own data, offline-first.")
@@ -20,10 +21,11 @@ def train(**flags) -> None:
 
     SIGTERM or Ctrl-C saves last.ckpt and exits (143 / 130); `--resume runs/NAME` continues."""
     config, resume, devices = flags.pop("config"), flags.pop("resume"), flags.pop("devices")  # the rest: fields
-    from transferkit.core import distributed
-    from transferkit.core.config import TrainConfig
-    from transferkit.core.errors import UserError
-    from transferkit.training.recipe import train as run_training
+    with loading():
+        from transferkit.core import distributed
+        from transferkit.core.config import TrainConfig
+        from transferkit.core.errors import UserError
+        from transferkit.training.recipe import train as run_training
 
     if devices > 1 and not distributed.from_environment().on:
         distributed.check_gpus(devices, flags["device"])
@@ -63,8 +65,9 @@ def check(
     from rich.console import Console
     from rich.table import Table
 
-    from transferkit.data.check import HIDDEN
-    from transferkit.data.sources import load_data
+    with loading():
+        from transferkit.data.check import HIDDEN
+        from transferkit.data.sources import load_data
 
     found = load_data(data, seed=seed, bad_files="skip")
     table = Table(title=f"{data}: {len(found.skipped)} file(s) left out")
@@ -100,8 +103,9 @@ def lr_find_command(
     plot: Path = typer.Option(Path("lr_find.png"), help="Where to write the loss-vs-LR plot."),
 ) -> None:
     """LR range test: sweep the LR exponentially, plot the smoothed loss, suggest an LR."""
-    from transferkit.core.config import TrainConfig
-    from transferkit.training.lrfind import RULE, find_lr
+    with loading():
+        from transferkit.core.config import TrainConfig
+        from transferkit.training.lrfind import RULE, find_lr
 
     flags = {k: v for k, v in dict(data=data, model=model, weights=weights, strategy=strategy, img_size=img_size,
                                    batch_size=batch_size, shots=shots).items() if v is not None}
@@ -130,9 +134,10 @@ def compare(
     from rich.console import Console
     from rich.table import Table
 
-    from transferkit.core.config import TrainConfig
-    from transferkit.core.errors import UserError
-    from transferkit.training.compare import compare as run_compare
+    with loading():
+        from transferkit.core.config import TrainConfig
+        from transferkit.core.errors import UserError
+        from transferkit.training.compare import compare as run_compare
 
     try:
         shot_list = [int(s) for s in shots.split(",")] if shots else None
@@ -165,7 +170,8 @@ def evaluate(
     data: Optional[str] = typer.Option(None, help="Score every image of this labelled set (class folders) instead."),
 ) -> None:
     """Re-run the best model of RUN on a saved split (or any labelled folder) and print its metrics."""
-    from transferkit.evaluation.runs import evaluate as run_evaluate
+    with loading():
+        from transferkit.evaluation.runs import evaluate as run_evaluate
 
     metrics = run_evaluate(run, split=split, device=device, tta=tta, precision=precision, data=data)
     if format == "json":
@@ -200,7 +206,8 @@ def models(
     from rich.console import Console
     from rich.table import Table
 
-    from transferkit.models.weights import available_models, classic_models
+    with loading():
+        from transferkit.models.weights import available_models, classic_models
 
     rows = available_models(pattern)
     table = Table(title="models usable offline here" if not pattern else f"timm models matching '{pattern}'")
@@ -225,7 +232,8 @@ def report(
     device: str = typer.Option("cpu", help="cpu | cuda."),
 ) -> None:
     """(Re)build RUN/report.html: curves, confusion matrix, per-class scores, top losses, calibration."""
-    from transferkit.evaluation.report import build_report
+    with loading():
+        from transferkit.evaluation.report import build_report
 
     typer.echo(str(build_report(run, device)))
 
@@ -265,7 +273,8 @@ def inspect(
     img_size: Optional[int] = typer.Option(None, help="Resolution (default: the model's pretrained one)."),
 ) -> None:
     """Layer groups with parameter counts, what each strategy trains, features, preprocessing, weights here."""
-    from transferkit.training.describe import describe
+    with loading():
+        from transferkit.training.describe import describe
 
     info = describe(model, img_size)
     typer.echo(f"{info['model']} (timm {info['arch']}): {info['features']} features, head "

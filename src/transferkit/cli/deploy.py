@@ -11,6 +11,8 @@ from typing import Optional
 
 import typer
 
+from transferkit.cli.startup import loading
+
 
 def predict(
     model: Path = typer.Argument(..., help="A run directory or a bundle folder (model.json + model.safetensors)."),
@@ -28,8 +30,9 @@ def predict(
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 only where measured faster here)."),
 ) -> None:
     """Top-k class predictions for images or texts, with class names."""
-    from transferkit.core.errors import UserError
-    from transferkit.deploy.predictor import load
+    with loading():
+        from transferkit.core.errors import UserError
+        from transferkit.deploy.predictor import load
 
     if format not in ("table", "json", "csv"):
         raise UserError(f"--format must be table, json or csv; got '{format}'.")
@@ -107,8 +110,9 @@ def export(
     calibration: int = typer.Option(100, help="--int8: how many train images calibrate the ranges."),
 ) -> None:
     """Export the best model with model.json beside it, then check it against PyTorch."""
-    from transferkit.core.errors import UserError
-    from transferkit.deploy.export import export as run_export
+    with loading():
+        from transferkit.core.errors import UserError
+        from transferkit.deploy.export import export as run_export
 
     if fp16 and int8:
         raise UserError("--fp16 and --int8 exclude each other: pick one.")

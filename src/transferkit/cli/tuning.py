@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from transferkit.cli import options
+from transferkit.cli.startup import loading
 
 TOGGLES = ("feature_cache", "image_cache", "channels_last", "compile", "html_report")
 """Switches whose False is a choice (--no-feature-cache), not "not given"."""
@@ -20,11 +21,12 @@ def tune(**flags) -> None:
     Options given here are fixed for every trial; the rest of the search space is the default one or the
     `search:` section of --config. Writes runs/NAME/best.yaml (`transferkit train --config` it), best.json,
     study.json and report.html. Running the same command again continues the study."""
-    from transferkit.core.config import TrainConfig
-    from transferkit.core.errors import UserError
-    from transferkit.core.progress import Reporter
-    from transferkit.tuning.space import read_search
-    from transferkit.tuning.study import tune as run_tune
+    with loading():
+        from transferkit.core.config import TrainConfig
+        from transferkit.core.errors import UserError
+        from transferkit.core.progress import Reporter
+        from transferkit.tuning.space import read_search
+        from transferkit.tuning.study import tune as run_tune
 
     own = {k: flags.pop(k) for k in ("config", "trials", "timeout", "seeds_per_trial", "pruner", "storage", "study",
                                      "workers", "heartbeat", "models", "top_k")}
@@ -72,10 +74,11 @@ def rank(
     from rich.console import Console
     from rich.table import Table
 
-    from transferkit.core.config import TrainConfig
-    from transferkit.core.errors import UserError
-    from transferkit.core.progress import Reporter
-    from transferkit.tuning.rank import rank as run_rank
+    with loading():
+        from transferkit.core.config import TrainConfig
+        from transferkit.core.errors import UserError
+        from transferkit.core.progress import Reporter
+        from transferkit.tuning.rank import rank as run_rank
 
     try:
         sizes = [int(s) for s in img_sizes.split(",")] if img_sizes else None
