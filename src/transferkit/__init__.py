@@ -6,12 +6,15 @@
     study = transferkit.tune(data="path/to/images", trials=16)   # runs/tune-images/best.yaml
 
 Heavy modules (torch, timm) load on first use, so `import transferkit` and the CLI's
-`--help` stay fast.
+`--help` stay fast; timm and torchvision load without TorchDynamo, which only `--compile` needs.
 """
 
 from __future__ import annotations
 
+from transferkit.core.imports import defer_dynamo
 from transferkit.core.version import __version__
+
+defer_dynamo()  # timm and torchvision load without TorchDynamo, which only --compile uses (see core.imports)
 
 __all__ = ["Preempted", "TrainConfig", "UserError", "evaluate", "load", "rank", "train", "tune", "__version__"]
 

@@ -21,7 +21,7 @@ def train(**flags) -> None:
 
     SIGTERM or Ctrl-C saves last.ckpt and exits (143 / 130); `--resume runs/NAME` continues."""
     config, resume, devices = flags.pop("config"), flags.pop("resume"), flags.pop("devices")  # the rest: fields
-    with loading():
+    with loading(trains=True):
         from transferkit.core import distributed
         from transferkit.core.config import TrainConfig
         from transferkit.core.errors import UserError
@@ -103,7 +103,7 @@ def lr_find_command(
     plot: Path = typer.Option(Path("lr_find.png"), help="Where to write the loss-vs-LR plot."),
 ) -> None:
     """LR range test: sweep the LR exponentially, plot the smoothed loss, suggest an LR."""
-    with loading():
+    with loading(trains=True):
         from transferkit.core.config import TrainConfig
         from transferkit.training.lrfind import RULE, find_lr
 
@@ -134,7 +134,7 @@ def compare(
     from rich.console import Console
     from rich.table import Table
 
-    with loading():
+    with loading(trains=True):
         from transferkit.core.config import TrainConfig
         from transferkit.core.errors import UserError
         from transferkit.training.compare import compare as run_compare

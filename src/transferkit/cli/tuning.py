@@ -21,7 +21,7 @@ def tune(**flags) -> None:
     Options given here are fixed for every trial; the rest of the search space is the default one or the
     `search:` section of --config. Writes runs/NAME/best.yaml (`transferkit train --config` it), best.json,
     study.json and report.html. Running the same command again continues the study."""
-    with loading():
+    with loading(trains=True):
         from transferkit.core.config import TrainConfig
         from transferkit.core.errors import UserError
         from transferkit.core.progress import Reporter

@@ -74,4 +74,5 @@ def set_deterministic(on: bool) -> None:
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     configure_cuda(deterministic=on)  # flags only: harmless without CUDA
-    torch.use_deterministic_algorithms(on)
+    if on != torch.are_deterministic_algorithms_enabled():  # setting it imports torch._inductor and TorchDynamo
+        torch.use_deterministic_algorithms(on)
