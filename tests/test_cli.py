@@ -123,3 +123,10 @@ def test_loading_pauses_the_collector_for_imports_and_freezes_what_they_made():
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_heap_sets_glibcs_thresholds_in_a_fresh_process():
+    code = ("import torch; from transferkit.cli.startup import keep_heap; assert keep_heap(); "
+            "x = torch.randn(64, 96, 48, 48); assert torch.equal(x.clone(), x)")  # 56 MB blocks still allocate
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

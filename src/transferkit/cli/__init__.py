@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from transferkit.cli import deploy, options, tuning
-from transferkit.cli.startup import loading
+from transferkit.cli.startup import keep_heap, loading
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune pretrained image models on your own data, offline-first.")
@@ -293,6 +293,7 @@ def main() -> None:
     from transferkit.core.files import disk_full, is_disk_full
     from transferkit.training.preempt import Preempted
 
+    keep_heap()
     try:
         app()
         code = 0
