@@ -205,3 +205,25 @@ def test_a_fault_between_the_bundles_two_files_leaves_the_previous_bundle_whole(
     assert torch.equal(load_file(best / "model.safetensors")["weight"], first.weight.detach())
     os.replace(best, best.with_name(".best.old"))  # a crash between save_bundle's two renames
     assert bundle_dir(tmp_path / "run") == best.with_name(".best.old")
+
+
+def test_a_full_disk_while_rewriting_metrics_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    """metrics.json, the report and calibration.json go through files.write_text: half a file is never left."""
+    import errno
+
+    from transferkit.core import files
+    from transferkit.core.errors import DiskFull
+
+    path = tmp_path / "metrics.json"
+    path.write_text('{"epoch": 1}')
+    real = Path.write_text
+
+    def half_then_full(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    with pytest.raises(DiskFull, match="metrics.json"):
+        files.write_text(path, '{"epoch": 2, "best": 0.5}')
+    monkeypatch.undo()
+    assert path.read_text() == '{"epoch": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

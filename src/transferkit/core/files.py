@@ -42,6 +42,11 @@ def atomic_write(path: Path, write, size: int | None = None, shown: Path | None 
         raise disk_full(shown or path, size or written, free, at_least=size is None)
 
 
+def write_text(path: Path, text: str, shown: Path | None = None) -> None:
+    """`path.write_text(text)` through `atomic_write`: a crash or a full disk leaves the old file or none."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), size=len(text.encode()), shown=shown)
+
+
 def _files(path: Path) -> list[Path]:
     """The file at `path`, or every file under the folder at `path`; none when nothing is there."""
     if path.is_dir():

@@ -24,7 +24,7 @@ def save_bundle(directory: Path, model: Classifier, meta: dict) -> None:
     a full disk) leaves the previous bundle as it was and no temp folder."""
     from safetensors.torch import save_file
 
-    from transferkit.core.files import atomic_write, tensor_bytes
+    from transferkit.core.files import atomic_write, tensor_bytes, write_text
 
     directory = Path(directory)
     fresh = aside(directory, "tmp")
@@ -36,7 +36,7 @@ def save_bundle(directory: Path, model: Classifier, meta: dict) -> None:
     try:
         atomic_write(fresh / "model.safetensors", lambda tmp: save_file(state, str(tmp)), size=tensor_bytes(state),
                      shown=directory / "model.safetensors")
-        atomic_write(fresh / "model.json", lambda tmp: tmp.write_text(text), shown=directory / "model.json")
+        write_text(fresh / "model.json", text, shown=directory / "model.json")
     except BaseException:
         shutil.rmtree(fresh, ignore_errors=True)
         raise

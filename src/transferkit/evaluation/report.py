@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.core.errors import UserError
+from transferkit.core.files import write_text
 from transferkit.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
@@ -111,10 +112,10 @@ def build_report(run_dir: str | Path, device: str = "cpu", data=None) -> Path:
         sections.append(_calibration_section(calibration, test_logits, test_labels))
     else:
         sections.append(_section("Test", "<p>This run has no test split.</p>"))
-    (run_dir / "calibration.json").write_text(json.dumps(calibration, indent=1))
+    write_text(run_dir / "calibration.json", json.dumps(calibration, indent=1))
     page = _PAGE.format(title=html.escape(f"transferkit report: {run_dir.name}"), body="\n".join(sections))
     out = run_dir / "report.html"
-    out.write_text(page, encoding="utf-8")
+    write_text(out, page)
     return out
 
 
@@ -238,7 +239,7 @@ def build_compare_report(result: dict, out: Path) -> Path:
             _section("Arms", "<table><tr><th>strategy</th><th>shots</th><th>seed</th><th>test accuracy</th>"
                              f"<th>best epoch</th><th>run</th></tr>{arms}</table>")]
     page = _PAGE.format(title=html.escape(f"transferkit compare: {out.name}"), body="\n".join(body))
-    (out / "report.html").write_text(page, encoding="utf-8")
+    write_text(out / "report.html", page)
     return out / "report.html"
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from transferkit.core import distributed
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
+from transferkit.core.files import write_text
 from transferkit.core.machine import cache_root, default_workers, pick_device, seed_everything, set_deterministic
 from transferkit.core.progress import Reporter
 from transferkit.core.version import __version__
@@ -319,7 +320,7 @@ class Recipe:
                                  state["top"], state["nan_skipped"])
         if d.main:
             rows = (run_dir / "metrics.jsonl").read_text().splitlines()
-            (run_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows[: self.progress.epoch]))
+            write_text(run_dir / "metrics.jsonl", "".join(r + "\n" for r in rows[: self.progress.epoch]))
             prune_top(run_dir, self.progress.top)
         if self.extra_loss is not None and state.get("extra") is not None:
             self.extra_loss.load_state_dict(state["extra"])
@@ -359,7 +360,7 @@ class Recipe:
         result line, then report.html."""
         d, run_dir, test, best = self.d, self.run_dir, self.test_metrics, self.progress.best
         if d.main:
-            (run_dir / "metrics.json").write_text(json.dumps(self.metrics, indent=1))
+            write_text(run_dir / "metrics.json", json.dumps(self.metrics, indent=1))
             save_predictions(run_dir, {"test": self.test_logits, "val": self.progress.best_val_logits})
             save_bundle(run_dir / "best", self.shipped,
                         {**self.meta, "metrics": {"best": best, "test": _headline(test)}, "precision": self.checked})
