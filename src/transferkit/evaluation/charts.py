@@ -79,9 +79,11 @@ def chart(series: list[Series], xlabel: str, ylabel: str, title: str = "", xlim:
                f'{html.escape(ylabel)}</text>')
     if title:
         out.append(f'<text x="{LEFT + plot_w / 2:.1f}" y="{TOP - 8}" text-anchor="middle">{html.escape(title)}</text>')
+    drawn = []  # every point in px, for the legend to avoid
     for n, s in enumerate(series):
         colour = _colour(s, n)
         points = [(sx(x), sy(y)) if _finite(y) else None for x, y in zip(s.xs, s.ys)]
+        drawn += filter(None, points)
         out.append(f'<g class="series" data-name="{html.escape(s.name)}">')
         if s.style == "points":
             out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2" fill="{colour}" fill-opacity="0.5"/>'
@@ -93,7 +95,6 @@ def chart(series: list[Series], xlabel: str, ylabel: str, title: str = "", xlim:
             if s.style == "line":
                 out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"/>' for x, y in filter(None, points)]
         out.append("</g>")
-    drawn = [p for s in series for x, y in zip(s.xs, s.ys) if _finite(y) for p in [(sx(x), sy(y))]]
     out += _legend(series, (LEFT, TOP, plot_w, plot_h), drawn + _along(series, sx, sy))
     out.append("</svg>")
     return "".join(out)
