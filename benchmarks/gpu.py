@@ -148,14 +148,14 @@ def _sync(device: torch.device) -> None:
 
 
 def ours(data: Path, work: Path, model: str, batch: int, workers: int, image_cache: bool, compiled: bool,
-         device: str = "cuda") -> dict:
-    name = f"{model}-{'cache' if image_cache else 'files'}{'-compiled' if compiled else ''}"
+         device: str = "cuda", crop_on: str = "workers") -> dict:
+    name = f"{model}-{'cache' if image_cache else 'files'}-{crop_on}{'-compiled' if compiled else ''}"
     cmd = [sys.executable, "-m", "transferkit", "train", str(data), "--model", model, "--weights", "none",
            "--strategy", "full", "--epochs", "2", "--batch-size", str(batch), "--precision", "bf16",
            "--channels-last", "--workers", str(workers), "--device", device, "--quiet", "--no-report",
            "--warmup-epochs", "0", "--runs-dir", str(work / "runs"), "--name", name, "--overwrite",
            "--cache-dir", str(work / "cache"), "--image-cache" if image_cache else "--no-image-cache",
-           "--compile" if compiled else "--no-compile"]
+           "--compile" if compiled else "--no-compile", "--crop-on", crop_on]
     tick = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
@@ -163,7 +163,7 @@ def ours(data: Path, work: Path, model: str, batch: int, workers: int, image_cac
     rows = [json.loads(r) for r in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     metrics = json.loads((work / "runs" / name / "metrics.json").read_text())
     return {"tool": "transferkit", "model": model, "image_cache": image_cache, "compile": compiled,
-            "images_per_s": rows[-1]["images_per_s"], "data_wait": rows[-1]["data_wait"],
+            "crop_on": crop_on, "images_per_s": rows[-1]["images_per_s"], "data_wait": rows[-1]["data_wait"],
             "gpu_peak_gb": rows[-1].get("gpu_peak_gb"), "first_epoch_images_per_s": rows[0]["images_per_s"],
             "image_cache_s": metrics.get("image_cache_s"), "wall_s": time.perf_counter() - tick}
 
@@ -187,7 +187,8 @@ def timm_run(train_py: Path, data: Path, work: Path, model: str, batch: int, wor
     for m in TIMM_LINE.finditer(text):
         last[int(m.group(1))] = (float(m.group(2)), float(m.group(3)), float(m.group(4)))
     step_s, rate, data_s = last[max(last)]
-    return {"tool": "timm train.py", "model": model, "image_cache": False, "compile": compiled, "images_per_s": rate,
+    return {"tool": "timm train.py", "model": model, "image_cache": False, "compile": compiled,
+            "crop_on": "workers", "images_per_s": rate,
             "data_wait": data_s / step_s, "first_epoch_images_per_s": last[min(last)][1],
             "wall_s": time.perf_counter() - tick}
 
@@ -217,12 +218,12 @@ def write(out: Path, result: dict) -> None:
         extra = [k for k in ("call", "loader") if any(k in r for r in result["pipeline"])]  # merged records
         lines += ["## Whole runs on JPEG files (second epoch; bf16 + channels_last, batch "
                   f"{result['batch']}, {result['workers']} loader workers)", "",
-                  "| " + "".join(f"{k} | " for k in extra) + "model | tool | image cache | compile | img/s | "
-                  "waiting for data | peak GiB | run s |", "|---" * (len(extra) + 8) + "|"]
+                  "| " + "".join(f"{k} | " for k in extra) + "model | tool | image cache | crops made in | compile | "
+                  "img/s | waiting for data | peak GiB | run s |", "|---" * (len(extra) + 9) + "|"]
         for r in result["pipeline"]:
             peak = r.get("gpu_peak_gb")
             lines.append("| " + "".join(f"{r.get(k, '')} | " for k in extra) + f"{r['model']} | {r['tool']} | "
-                         f"{'yes' if r['image_cache'] else 'no'} | "
+                         f"{'yes' if r['image_cache'] else 'no'} | {r.get('crop_on', 'workers')} | "
                          f"{'yes' if r['compile'] else 'no'} | {r['images_per_s']:.0f} | {r['data_wait']:.0%} | "
                          f"{'' if peak is None else f'{peak:.2f}'} | {r['wall_s']:.0f} |")
     (out / "gpu.md").write_text("\n".join(lines) + "\n")
@@ -236,23 +237,24 @@ def add_ladder(result: dict, device, batch: int, compiled: bool) -> None:
 
 
 def pipeline(result: dict, args, workers: int) -> None:
-    """Whole runs: transferkit and timm's train.py in pairs first, then transferkit without its image cache."""
+    """Whole runs: transferkit (its image cache; crops made in the loader workers, then on the GPU) and timm's
+    train.py in turns first, then transferkit without its image cache."""
     tick = time.perf_counter()
     data = make_jpegs(args.work / "data", {"train": args.per_class, "val": 10, "test": 10})
     _say(f"made {args.per_class * 10 + 200} JPEGs in {time.perf_counter() - tick:.1f} s")
     result["pipeline"] = []
     models = args.models.split(",")
-    runs = [("ours", model, True) for model in models]
-    if args.timm_train:
-        runs = [run for model in models for run in (("ours", model, True), ("timm", model, False))]
-    runs += [("ours", model, False) for model in models if args.files]
-    for tool, model, image_cache in runs:
+    runs = [run for model in models for run in (("ours", model, True, "workers"), ("ours", model, True, "device"))
+            + ((("timm", model, False, "workers"),) if args.timm_train else ())]
+    runs += [("ours", model, False, "workers") for model in models if args.files]
+    for tool, model, image_cache, crop_on in runs:
         if tool == "ours":
-            row = ours(data, args.work, model, args.batch, workers, image_cache, args.compile_pipeline)
+            row = ours(data, args.work, model, args.batch, workers, image_cache, args.compile_pipeline,
+                       crop_on=crop_on)
         else:
             row = timm_run(args.timm_train, data, args.work, model, args.batch, workers, args.compile_pipeline)
         result["pipeline"].append(row)
-        _say(f"pipeline {row['tool']} {model} cache={row['image_cache']} compile={row['compile']}: "
+        _say(f"pipeline {row['tool']} {model} cache={row['image_cache']} crops={crop_on} compile={row['compile']}: "
              f"{row['images_per_s']:.0f} img/s, waiting for data {row['data_wait']:.0%}, {row['wall_s']:.0f} s")
         write(args.out, result)
 

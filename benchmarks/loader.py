@@ -1,5 +1,6 @@
-"""How fast the training loader feeds batches: float batches normalised in the workers (the old way)
-against uint8 batches normalised by `Runtime.batch` (the new way), side by side in one run.
+"""How fast the training loader feeds batches, side by side in one run: float batches normalised in the
+workers (the first way), uint8 batches normalised by `Runtime.batch` (the default on CUDA), and uint8 squares
+with crop rows that `Runtime.batch` crops (`--crop-on device`: the workers only draw the crops).
 
 `python benchmarks/loader.py [--workers N] [--out DIR]` writes DIR/loader.json and loader.md. The data
 are benchmarks/gpu.py's JPEGs (10 classes, ~500x375 px); the loader is the one `transferkit train`
@@ -30,8 +31,9 @@ def feed(loader, rt, batches: int) -> float:
     items = iter(loader)
     move(next(items)[0])
     tick, seen = time.perf_counter(), 0
-    for _, (images, _, _) in zip(range(batches), items):
-        seen += len(move(images))
+    for _, (images, labels, _) in zip(range(batches), items):
+        move(images)
+        seen += len(labels)
     if rt.device.type == "cuda":
         torch.cuda.synchronize()
     return seen / (time.perf_counter() - tick)
@@ -49,7 +51,7 @@ def main() -> None:
     from transferkit.core.progress import Reporter
     from transferkit.models.runtime import Runtime
     from transferkit.core.machine import default_workers, pick_device
-    from transferkit.data.transforms import train_transform
+    from transferkit.data.transforms import DeviceCrop, train_transform
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=None)
@@ -68,13 +70,14 @@ def main() -> None:
     data = load_data(config.data)
     _, _, prep = build_classifier("efficientnet_lite0", "none", len(data.classes), img_size=224)
     decoded = cached_images(data, "train", prep, config, Reporter(silent=True))
+    ways = {"float, normalised in the workers": train_transform(prep, "basic"),
+            "uint8, normalised by Runtime": train_transform(prep, "basic", normalize=False),
+            "uint8 squares, cropped and normalised by Runtime": DeviceCrop(prep)}
     rows = []
-    for normalize in (True, False, True, False):  # alternated: the second pair shows the spread
-        loader = make_loader(data, "train", train_transform(prep, "basic", normalize=normalize), config,
-                             shuffle=True, images=decoded, min_side=prep.resize)
-        rt = Runtime(device, channels_last=True, normalize=None if normalize else prep.mean_std)
-        rows.append({"batches": "float, normalised in the workers" if normalize else "uint8, normalised by Runtime",
-                     "images_per_s": feed(loader, rt, args.batches)})
+    for name in [*ways, *ways]:  # alternated: the second round shows the spread
+        loader = make_loader(data, "train", ways[name], config, shuffle=True, images=decoded, min_side=prep.resize)
+        rt = Runtime(device, channels_last=True, normalize=None if name.startswith("float") else prep.mean_std)
+        rows.append({"batches": name, "images_per_s": feed(loader, rt, args.batches)})
         print(f"[loader] {rows[-1]['batches']}: {rows[-1]['images_per_s']:.0f} img/s", file=sys.stderr, flush=True)
         del loader
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()

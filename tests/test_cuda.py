@@ -57,6 +57,17 @@ def test_compiled_training_saves_plain_keys_and_learns(tmp_path, gpu):
     transferkit.load(compiled.dir, device="cuda")  # the bundle loads into a plain model
 
 
+def test_crops_made_on_the_gpu_train_as_the_loader_workers_crops_do(tmp_path, gpu, monkeypatch):
+    data = make_folder(tmp_path / "shapes", per_class=30)
+    flags = {**gpu, "data": str(data), "strategy": "finetune", "epochs": 3, "batch_size": 16}
+    real, seen = Runtime.batch, []
+    monkeypatch.setattr(Runtime, "batch", lambda self, images: seen.append(type(images)) or real(self, images))
+    on_gpu = transferkit.train(name="gpu", crop_on="device", **flags)
+    assert list in seen  # training batches came as squares and crop rows
+    in_workers = transferkit.train(name="workers", **flags)
+    assert on_gpu.metrics["test"]["accuracy"] >= in_workers.metrics["test"]["accuracy"] - 0.2
+
+
 def test_sigterm_then_resume_is_bit_identical_on_the_gpu(shapes_dir, gpu):
     """As test_resume's CPU test: deterministic mode, bf16, the signal in epoch 2, batch 2."""
     common = {**gpu, "data": str(shapes_dir), "strategy": "finetune", "epochs": 3, "batch_size": 4,
@@ -124,3 +135,13 @@ def test_uint8_batches_are_normalised_on_the_gpu_to_the_cpu_values():
     want = Runtime(torch.device("cpu"), channels_last=True, normalize=stats).batch(images)
     got = on_gpu.batch(images).cpu()
     assert torch.equal(got, want), f"{(got != want).sum()} values differ, by up to {(got - want).abs().max():.3g}"
+
+
+def test_crops_made_on_the_gpu_are_the_crops_made_on_the_cpu():
+    squares = torch.randint(0, 256, (3, 40, 40, 3), dtype=torch.uint8)
+    rows = torch.tensor([[3, 2, 20, 30, 0, 32], [5, 7, 13, 15, 1, 32], [0, 0, 40, 40, 1, 32]], dtype=torch.float32)
+    stats = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    want = Runtime(torch.device("cpu"), channels_last=True, normalize=stats).batch([squares, rows])
+    got = Runtime(torch.device("cuda"), channels_last=True, normalize=stats).batch([squares.pin_memory(), rows])
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=0)

@@ -5,16 +5,18 @@ import pytest
 import torch
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 import transferkit
 from transferkit.core import machine
-from transferkit.models import runtime
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
+from transferkit.data.preprocessing import Preprocessing
+from transferkit.data.transforms import DeviceCrop, pixels, resized_crops, train_transform
 from transferkit.deploy.predictor import Predictor
+from transferkit.models import runtime
 from transferkit.models.classifier import build_classifier
 from transferkit.models.runtime import Runtime
-from transferkit.data.transforms import pixels
 
 from test_resume import assert_same_weights, weights
 
@@ -110,3 +112,55 @@ def test_a_run_on_uint8_batches_trains_bit_identically_to_one_on_float_batches(s
     assert dtypes == {torch.uint8}  # every batch: training, validation, test
     assert_same_weights(weights(floats.dir), weights(pixel_run.dir))
     assert pixel_run.metrics["test"]["loss"] == floats.metrics["test"]["loss"]
+
+
+def test_device_crops_draw_the_crop_and_flip_that_train_transform_draws():
+    prep = Preprocessing(32, (0.5,) * 3, (0.25,) * 3, "bicubic", 0.875, 3)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    flips = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        square, row = DeviceCrop(prep)(image)
+        torch.manual_seed(seed)
+        want = train_transform(prep, "basic", normalize=False)(image)
+        left, top, right, bottom, flip, size = (int(v) for v in row)
+        crop = F.resized_crop(image, top, left, bottom - top, right - left, [size, size], T.InterpolationMode.BICUBIC)
+        assert torch.equal(pixels(F.hflip(crop) if flip else crop), want)
+        assert torch.equal(square, pixels(image)) and size == 32
+        flips.add(flip)
+    assert flips == {0, 1}
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_resized_crops_sample_each_crop_at_its_output_pixel_centres_then_mirror(channels_last):
+    # a ramp along x (channel 0) and y (channel 1): bilinear sampling, and the average of samples where
+    # the crop shrinks, give a ramp's value at each output pixel's centre exactly
+    h = w = 40
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    images = torch.stack([xs, ys, xs + ys])[None].repeat(3, 1, 1, 1)
+    rows = torch.tensor([[3, 2, 20, 30, 0, 16],  # 17 x 28 -> 16 x 16: shrinks
+                         [5, 7, 13, 15, 1, 16],  # 8 x 8: grows, mirrored
+                         [1, 1, 39, 39, 1, 16]],  # 38 x 38: shrinks, mirrored
+                        dtype=torch.float32)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    got = resized_crops(images, rows)
+    assert got.shape == (3, 3, 16, 16)
+    centres = (torch.arange(16, dtype=torch.float32) + 0.5) / 16
+    for out, (left, top, right, bottom, flip, _) in zip(got, rows.tolist()):
+        x = left - 0.5 + centres * (right - left)
+        y = top - 0.5 + centres * (bottom - top)
+        x = x.flip(0) if flip else x
+        torch.testing.assert_close(out[0], x[None].expand(16, 16), atol=1e-4, rtol=0)
+        torch.testing.assert_close(out[1], y[:, None].expand(16, 16), atol=1e-4, rtol=0)
+
+
+def test_a_run_cropping_on_the_device_trains_on_the_cached_squares(shapes_dir, tiny, monkeypatch):
+    real, seen = Runtime.batch, []
+    monkeypatch.setattr(Runtime, "batch", lambda self, images: seen.append(type(images)) or real(self, images))
+    run = transferkit.train(data=str(shapes_dir), crop_on="device", **{**tiny, "strategy": "full", "epochs": 2,
+                                                                        "batch_size": 4, "workers": 2})
+    assert list in seen and torch.Tensor in seen  # training batches: squares and crop rows; val/test: images
+    assert run.metrics["epochs_run"] == 2 and np.isfinite(run.metrics["test"]["loss"])
+    with pytest.raises(UserError, match="crop_on 'device' crops the decoded-image cache.*augment 'strong'"):
+        TrainConfig(crop_on="device", augment="strong")

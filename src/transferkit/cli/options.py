@@ -97,6 +97,8 @@ TRAIN = [
     ("image_cache", Optional[bool],
      typer.Option(None, "--image-cache/--no-image-cache",
                   help="Decode each image once into a memory map (default on).")),
+    ("crop_on", Optional[str],
+     typer.Option(None, help="workers | device: where augment basic crops cached images (default workers).")),
     ("cache_dir", Optional[str], typer.Option(None, help="Cache folder (default ~/.cache/transferkit).")),
     ("precision", Optional[str],
      typer.Option(None,

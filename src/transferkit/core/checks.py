@@ -19,11 +19,12 @@ PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCALINGS = ("none", "linear", "sqrt")
 ADAPTS = ("auto", "dann", "cdan", "mcc", "dann-mcc", "coral", "none")
 SELECTS = ("auto", "val", "target-entropy")
+CROP_ON = ("workers", "device")
 CHOICES = {"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "head": HEADS, "augment": AUGMENTS, "device": DEVICES,
            "class_weights": CLASS_WEIGHTS, "sampler": SAMPLERS, "nan_policy": NAN_POLICIES, "bad_files": BAD_FILES,
            "outside_links": OUTSIDE_LINKS,
            "precision": PRECISIONS, "lr_scaling": LR_SCALINGS, "adapt": ADAPTS,
-           "select": SELECTS}
+           "select": SELECTS, "crop_on": CROP_ON}
 """Each option with a fixed set of values, and that set."""
 
 
@@ -39,6 +40,9 @@ def validate(config) -> None:
                         "or use --select val.")
     if config.target_eval is not None and config.target is None:
         raise UserError("--target-eval measures an adapted run: add --target DIR (its unlabelled images).")
+    if config.crop_on == "device" and (config.augment != "basic" or not config.image_cache):
+        raise UserError(f"crop_on 'device' crops the decoded-image cache's squares for augment basic; this run has "
+                        f"augment '{config.augment}' and image_cache {config.image_cache}: use --crop-on workers.")
     _range("accumulate", config.accumulate, 1)
     _range("lr_base_batch", config.lr_base_batch, 1)
     if config.threads is not None:

@@ -33,7 +33,8 @@ SECTIONS = {
     "regularise": ("label_smoothing", "l2sp", "drop_path", "mixup", "cutmix", "class_weights"),
     "adapt": ("target", "target_eval", "adapt", "adapt_weight"),
     "runtime": ("device", "precision", "channels_last", "compile", "workers", "threads", "sync_bn", "seed",
-                "deterministic", "feature_cache", "feature_views", "image_cache", "cache_dir", "nan_policy",
+                "deterministic", "feature_cache", "feature_views", "image_cache", "crop_on", "cache_dir",
+                "nan_policy",
                 "nan_skip_limit"),
     "output": ("runs_dir", "name", "overwrite", "quiet", "save_every_steps", "keep_top_k", "html_report",
                "tensorboard"),
@@ -189,6 +190,10 @@ class TrainConfig:
     """Feature cache: 0 caches the un-augmented image; K > 0 caches K augmented views per image."""
     image_cache: bool = True
     """Phases that run the backbone read images decoded once into a memory map, not the files each epoch."""
+    crop_on: str = "workers"
+    """Where augment basic's random resized crop and flip of cached images are made: workers (the loader
+    processes) | device (drawn in the workers, cut and resized in one batched op on the run's device; see
+    transforms.DeviceCrop), for a GPU whose loader workers cannot keep up."""
     cache_dir: str | None = None
     """Where cached features and decoded images go; default $TRANSFERKIT_CACHE or ~/.cache/transferkit."""
     nan_policy: str = "stop"

@@ -34,11 +34,47 @@ def train_transform(prep: Preprocessing, augment: str, normalize: bool = True) -
     """none: the eval transform; basic: random resized crop + flip; strong: basic + TrivialAugment."""
     if augment == "none":
         return eval_transform(prep, normalize=normalize)
-    steps = [T.RandomResizedCrop(prep.img_size, scale=TRAIN_SCALE, interpolation=interpolation(prep.interpolation)),
-             T.RandomHorizontalFlip()]
+    steps = [_random_crop(prep), T.RandomHorizontalFlip()]
     if augment == "strong":
         steps.append(T.TrivialAugmentWide(interpolation=interpolation(prep.interpolation)))
     return T.Compose([*steps, *_finish(prep, normalize)])
+
+
+def _random_crop(prep: Preprocessing) -> T.RandomResizedCrop:
+    return T.RandomResizedCrop(prep.img_size, scale=TRAIN_SCALE, interpolation=interpolation(prep.interpolation))
+
+
+class DeviceCrop:
+    """Basic augmentation drawn in the loader workers and made on the device (`--crop-on device`): an
+    image from the decoded-image cache (all the same square size) becomes its uint8 pixels and a row
+    (x1, y1, x2, y2, flip, size) saying which crop to resize to size x size and whether to mirror it.
+    The draws are RandomResizedCrop's and RandomHorizontalFlip's, in their order, so a seed gives the
+    crop and flip that `train_transform` gives; `resized_crops` then cuts and resizes the whole batch at
+    once on the device. Resizing is bilinear, averaging ceil(crop / size)^2 samples per output pixel
+    where the crop shrinks (roi_align), not the backbone's interpolation with its antialias filter."""
+
+    def __init__(self, prep: Preprocessing):
+        self.crop = _random_crop(prep)
+
+    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+        flip = float(torch.rand(1) < 0.5)
+        box = [left, top, left + width, top + height, flip, self.crop.size[0]]
+        return pixels(image), torch.tensor(box, dtype=torch.float32)
+
+
+def resized_crops(images: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
+    """The crops of a float (N, C, H, W) batch that `DeviceCrop` rows (N, 6, on the CPU as the loader made
+    them) say, resized and mirrored on the batch's device: (N, C, size, size). One roi_align: its aligned
+    sampling points are bilinear resize's (align_corners False), exactly so where the crop grows."""
+    from torchvision.ops import roi_align
+
+    size = int(crops[0, 5])  # read on the CPU: no wait for the device
+    crops = crops.to(images.device, non_blocking=True)
+    index = torch.arange(len(crops), device=crops.device, dtype=crops.dtype)[:, None]
+    out = roi_align(images, torch.cat([index, crops[:, :4]], 1), size, spatial_scale=1.0, sampling_ratio=-1,
+                    aligned=True)
+    return torch.where(crops[:, 4].bool()[:, None, None, None], out.flip(-1), out)
 
 
 def _finish(prep: Preprocessing, normalize: bool) -> list:

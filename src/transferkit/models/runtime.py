@@ -25,6 +25,7 @@ import torch
 
 from transferkit.core.errors import UserError
 from transferkit.core.machine import cache_root, cores_per_process, machine_cores
+from transferkit.data.transforms import resized_crops
 from transferkit.models.precision import KINDS, Choice, Workload, choose, for_serving
 
 
@@ -59,17 +60,26 @@ class Runtime:
         would do the workers' share (487 -> 400 img/s measured), so there they normalise."""
         return self.device.type == "cuda" and self.normalize is not None
 
-    def batch(self, images: torch.Tensor) -> torch.Tensor:
+    def batch(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Move a batch to the device; image batches (4-D) in NHWC when the model is. A uint8 (N, H, W, C)
         batch is normalised there with the same operations, in the same order, as ToTensor + Normalize (so
-        to the same values): the loader workers only crop, and copy a quarter of the bytes."""
+        to the same values): the loader workers only crop, and copy a quarter of the bytes. A list
+        [uint8 squares, crop rows] (from `transforms.DeviceCrop`) is normalised, then cropped there."""
+        if isinstance(images, (list, tuple)):
+            squares, crops = images
+            return self._layout(resized_crops(self._normalized(squares), crops))
         if images.dtype == torch.uint8 and self.normalize is not None:
-            scale, mean, std = _on_device(self.normalize, self.device)
-            x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div(scale).sub(mean).div(std)
-            return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+            return self._layout(self._normalized(images))
         if self.channels_last and images.dim() == 4:
             return images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
         return images.to(self.device, non_blocking=True)
+
+    def _normalized(self, images: torch.Tensor) -> torch.Tensor:
+        scale, mean, std = _on_device(self.normalize, self.device)
+        return images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div(scale).sub(mean).div(std)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         model.to(self.device)

@@ -19,7 +19,7 @@ from transferkit.data.loaders import read_images
 from transferkit.data.preprocessing import Preprocessing, TextPreprocessing
 from transferkit.data.sources import Data, TextDataset
 from transferkit.data.texts import TokenIds
-from transferkit.data.transforms import eval_transform, train_transform
+from transferkit.data.transforms import DeviceCrop, eval_transform, train_transform
 from transferkit.models.classifier import build_classifier, rebuild_classifier
 from transferkit.models.runtime import Runtime
 
@@ -66,6 +66,8 @@ class ImageTask:
 
     def transform(self, prep: Preprocessing, config: TrainConfig, train: bool, on_device: bool,
                   resized: bool = False):
+        if train and resized and config.crop_on == "device":  # augment basic (checked in the config)
+            return DeviceCrop(prep)
         if train:
             return train_transform(prep, config.augment, normalize=not on_device)
         return eval_transform(prep, resized, normalize=not on_device)

@@ -248,6 +248,10 @@ class Recipe:
             self.cache_s["image_cache_s"] = time.perf_counter() - tick
             self.report.info(f"[transferkit] decoded-image cache ready in {self.cache_s['image_cache_s']:.1f} s "
                              f"(cache {cache_root(c) / 'images'})")
+        if c.crop_on == "device" and "train" not in decoded:
+            self.report.info("[transferkit] crop_on device crops images from the decoded-image cache; this run's "
+                             "training images do not come from it (data held in memory, or no phase runs the "
+                             "backbone), so the loader workers crop them")
         on_device, task = self.rt.normalizes_on_device, self.task  # uint8 pixels to the GPU (see Runtime)
         self.loaders = {
             split: make_loader(data, split, task.transform(prep, c, split == "train", on_device, split in decoded), c,
