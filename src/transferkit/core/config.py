@@ -34,8 +34,7 @@ SECTIONS = {
     "adapt": ("target", "target_eval", "adapt", "adapt_weight"),
     "runtime": ("device", "precision", "channels_last", "compile", "workers", "threads", "sync_bn", "seed",
                 "deterministic", "feature_cache", "feature_views", "image_cache", "crop_on", "cache_dir",
-                "nan_policy",
-                "nan_skip_limit"),
+                "nan_policy", "nan_skip_limit"),
     "output": ("runs_dir", "name", "overwrite", "quiet", "save_every_steps", "keep_top_k", "html_report",
                "tensorboard"),
 }
