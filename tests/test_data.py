@@ -140,3 +140,26 @@ def test_bad_data_spec_messages(tmp_path):
         load_data(str(tmp_path / "empty"))
     with pytest.raises(UserError, match="Did you mean 'builtin:faces'|Did you mean 'faces'"):
         load_data("builtin:face")
+
+
+def test_seeded_draws_what_manual_seed_draws_and_gives_the_callers_streams_back():
+    import random
+
+    import torch
+
+    from transferkit.data.sampling import seeded
+
+    torch.manual_seed(7)
+    want = (torch.rand(4), torch.randint(0, 100, (3,)))
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    callers = (torch.rand(2), random.random(), np.random.rand())
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    with seeded(7):
+        got = (torch.rand(4), torch.randint(0, 100, (3,)))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))  # the CPU stream torch.manual_seed(7) gives
+    after = (torch.rand(2), random.random(), np.random.rand())
+    assert torch.equal(after[0], callers[0]) and after[1:] == callers[1:]  # the block left the callers' alone
