@@ -336,7 +336,8 @@ class ImageDataset:
 
     A key is an index, or an (index, seed) pair from `EpochSampler`: the transform then runs
     under that seed, so an image's augmentation depends on the run, not on the worker process.
-    `images` (from `imagecache`) replaces decoding the files with reading a uint8 array.
+    `images` (from `imagecache`) replaces decoding the files with reading a uint8 array, handed to the
+    transform as a PIL image, or as the (H, W, C) array itself where the transform `takes_arrays`.
     """
 
     def __init__(self, data: Data, split: str, transform, in_chans: int = 3, images: np.ndarray | None = None,
@@ -351,7 +352,9 @@ class ImageDataset:
     def __getitem__(self, key: int | tuple[int, int]):
         i, seed = key if isinstance(key, tuple) else (key, None)
         ref, label = self.samples[i]
-        if self.images is not None:
+        if self.images is not None and getattr(self.transform, "takes_arrays", False):
+            image = np.asarray(self.images[i])
+        elif self.images is not None:
             pixels = np.asarray(self.images[i])
             image = from_array(pixels[..., 0] if self.in_chans == 1 else pixels, self.in_chans)
         else:

@@ -51,16 +51,22 @@ class DeviceCrop:
     The draws are RandomResizedCrop's and RandomHorizontalFlip's, in their order, so a seed gives the
     crop and flip that `train_transform` gives; `resized_crops` then cuts and resizes the whole batch at
     once on the device. Resizing is bilinear, averaging ceil(crop / size)^2 samples per output pixel
-    where the crop shrinks (roi_align), not the backbone's interpolation with its antialias filter."""
+    where the crop shrinks (roi_align), not the backbone's interpolation with its antialias filter.
+    It reads the cache's (H, W, C) arrays as they are (`takes_arrays`): no PIL image made and read
+    back, 76 of its 108 us per image."""
+
+    takes_arrays = True
 
     def __init__(self, prep: Preprocessing):
         self.crop = _random_crop(prep)
 
-    def __call__(self, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        top, left, height, width = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+    def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        array = np.array(image)  # a copy: the cache's memory map stays read-only
+        top, left, height, width = self.crop.get_params(torch.from_numpy(array).permute(2, 0, 1), self.crop.scale,
+                                                        self.crop.ratio)
         flip = float(torch.rand(1) < 0.5)
         box = [left, top, left + width, top + height, flip, self.crop.size[0]]
-        return pixels(image), torch.tensor(box, dtype=torch.float32)
+        return torch.from_numpy(array), torch.tensor(box, dtype=torch.float32)
 
 
 def resized_crops(images: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
