@@ -117,6 +117,21 @@ def shapes_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def faces_dir(tmp_path: Path) -> Path:
+    """The demo job's data (builtin:faces, 25x25 grayscale) as PNG files in split/class folders: runs on it
+    read the decoded-image cache, which the in-memory builtin never does."""
+    from transferkit.data import builtin
+
+    arrays, splits = builtin.load("faces")
+    for split, items in splits.items():
+        for ref, label in items:
+            out = tmp_path / "faces" / split / label
+            out.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arrays[ref]).save(out / f"{ref.replace('/', '_')}.png")
+    return tmp_path / "faces"
+
+
+@pytest.fixture
 def tiny(tmp_path: Path) -> dict:
     """Config overrides for fast CPU runs: 32 px, lite0, 1 epoch, runs under tmp_path."""
     return {"img_size": 32, "epochs": 1, "batch_size": 8, "runs_dir": str(tmp_path / "runs"), "quiet": True,

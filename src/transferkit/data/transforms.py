@@ -72,14 +72,18 @@ class DeviceCrop:
 def resized_crops(images: torch.Tensor, crops: torch.Tensor) -> torch.Tensor:
     """The crops of a float (N, C, H, W) batch that `DeviceCrop` rows (N, 6, on the CPU as the loader made
     them) say, resized and mirrored on the batch's device: (N, C, size, size). One roi_align: its aligned
-    sampling points are bilinear resize's (align_corners False), exactly so where the crop grows."""
-    from torchvision.ops import roi_align
+    sampling points are bilinear resize's (align_corners False) inside the crop; the outermost output
+    pixels of a growing crop blend in the image just outside it, where a resize of the cut-out crop would
+    repeat its edge.
 
+    torchvision's op is called directly: `torchvision.ops.roi_align` swaps in a Python version on CUDA
+    under deterministic algorithms (`--deterministic`) that samples every input pixel for every output
+    pixel (N x C x size^2 x H x W values); the kernel's forward pass is deterministic already (no atomics;
+    only its backward, never run here, is not)."""
     size = int(crops[0, 5])  # read on the CPU: no wait for the device
     crops = crops.to(images.device, non_blocking=True)
     index = torch.arange(len(crops), device=crops.device, dtype=crops.dtype)[:, None]
-    out = roi_align(images, torch.cat([index, crops[:, :4]], 1), size, spatial_scale=1.0, sampling_ratio=-1,
-                    aligned=True)
+    out = torch.ops.torchvision.roi_align(images, torch.cat([index, crops[:, :4]], 1), 1.0, size, size, -1, True)
     return torch.where(crops[:, 4].bool()[:, None, None, None], out.flip(-1), out)
 
 
