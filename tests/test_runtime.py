@@ -155,7 +155,7 @@ def test_resized_crops_sample_each_crop_at_its_output_pixel_centres_then_mirror(
         torch.testing.assert_close(out[1], y[:, None].expand(16, 16), atol=1e-4, rtol=0)
 
 
-def test_the_demo_job_cropping_on_the_device_learns_as_it_does_in_the_workers(faces_dir, tmp_path, monkeypatch):
+def test_the_demo_job_cropping_on_the_device_learns(faces_dir, tmp_path, monkeypatch):
     real, seen = Runtime.batch, []
     monkeypatch.setattr(Runtime, "batch", lambda self, images: seen.append(type(images)) or real(self, images))
     run = transferkit.train(data=str(faces_dir), crop_on="device", img_size=96, runs_dir=str(tmp_path / "runs"),
