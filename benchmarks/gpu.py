@@ -248,11 +248,17 @@ def pipeline(result: dict, args, workers: int) -> None:
             + ((("timm", model, False, "workers"),) if args.timm_train else ())]
     runs += [("ours", model, False, "workers") for model in models if args.files]
     for tool, model, image_cache, crop_on in runs:
-        if tool == "ours":
-            row = ours(data, args.work, model, args.batch, workers, image_cache, args.compile_pipeline,
-                       crop_on=crop_on)
-        else:
-            row = timm_run(args.timm_train, data, args.work, model, args.batch, workers, args.compile_pipeline)
+        try:  # one failed run (a device's first try of a path) still leaves the others' figures
+            if tool == "ours":
+                row = ours(data, args.work, model, args.batch, workers, image_cache, args.compile_pipeline,
+                           crop_on=crop_on)
+            else:
+                row = timm_run(args.timm_train, data, args.work, model, args.batch, workers, args.compile_pipeline)
+        except RuntimeError as err:
+            _say(f"pipeline {tool} {model} cache={image_cache} crops={crop_on} FAILED: {err}")
+            result.setdefault("failed", []).append({"tool": tool, "model": model, "crop_on": crop_on,
+                                                    "error": str(err)})
+            continue
         result["pipeline"].append(row)
         _say(f"pipeline {row['tool']} {model} cache={row['image_cache']} crops={crop_on} compile={row['compile']}: "
              f"{row['images_per_s']:.0f} img/s, waiting for data {row['data_wait']:.0%}, {row['wall_s']:.0f} s")
