@@ -17,6 +17,7 @@ from transferkit.deploy.predictor import Predictor
 from transferkit.models import runtime
 from transferkit.models.classifier import build_classifier
 from transferkit.models.runtime import Runtime
+from transferkit.models.task import ImageTask
 
 from test_resume import assert_same_weights, weights
 
@@ -103,7 +104,7 @@ def test_uint8_batches_become_exactly_the_input_totensor_and_normalize_make(mode
 def test_a_run_on_uint8_batches_trains_bit_identically_to_one_on_float_batches(shapes_dir, tiny, monkeypatch):
     """The GPU's path (the workers hand over pixels, Runtime.batch normalises), taken here on the CPU."""
     common = {**tiny, "data": str(shapes_dir), "strategy": "full", "epochs": 2, "batch_size": 4, "workers": 2,
-              "threads": 1}
+              "threads": 1, "crop_on": "workers"}  # crops made where the float run makes them
     floats = transferkit.train(name="floats", **common)
     monkeypatch.setattr(Runtime, "normalizes_on_device", property(lambda self: self.normalize is not None))
     real, dtypes = Runtime.batch, set()
@@ -153,6 +154,20 @@ def test_resized_crops_sample_each_crop_at_its_output_pixel_centres_then_mirror(
         x = x.flip(0) if flip else x
         torch.testing.assert_close(out[0], x[None].expand(16, 16), atol=1e-4, rtol=0)
         torch.testing.assert_close(out[1], y[:, None].expand(16, 16), atol=1e-4, rtol=0)
+
+
+def test_crops_are_cut_on_the_device_by_default_only_where_it_normalises_augment_basic():
+    prep = Preprocessing(32, (0.5,) * 3, (0.25,) * 3, "bicubic", 0.875, 3)
+    task, default = ImageTask(), TrainConfig()
+    assert default.crop_on == "auto"
+    assert isinstance(task.transform(prep, default, True, on_device=True, resized=True), DeviceCrop)  # CUDA
+    assert not isinstance(task.transform(prep, default, True, on_device=False, resized=True), DeviceCrop)  # CPU
+    for config in (TrainConfig(augment="strong"), TrainConfig(crop_on="workers"), TrainConfig(deterministic=True)):
+        assert not isinstance(task.transform(prep, config, True, on_device=True, resized=True), DeviceCrop)
+    asked = TrainConfig(crop_on="device")
+    assert isinstance(task.transform(prep, asked, True, on_device=False, resized=True), DeviceCrop)
+    for train, resized in ((False, True), (True, False)):  # evaluation; images not from the cache
+        assert not isinstance(task.transform(prep, asked, train, on_device=True, resized=resized), DeviceCrop)
 
 
 def test_the_demo_job_cropping_on_the_device_learns(faces_dir, tmp_path, monkeypatch):

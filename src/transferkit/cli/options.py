@@ -98,7 +98,8 @@ TRAIN = [
      typer.Option(None, "--image-cache/--no-image-cache",
                   help="Decode each image once into a memory map (default on).")),
     ("crop_on", Optional[str],
-     typer.Option(None, help="workers | device: where augment basic crops cached images (default workers).")),
+     typer.Option(None, help="auto | workers | device: where augment basic crops cached images (default auto: "
+                       "device on CUDA unless --deterministic, measured faster there; workers elsewhere).")),
     ("cache_dir", Optional[str], typer.Option(None, help="Cache folder (default ~/.cache/transferkit).")),
     ("precision", Optional[str],
      typer.Option(None,

@@ -19,7 +19,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCALINGS = ("none", "linear", "sqrt")
 ADAPTS = ("auto", "dann", "cdan", "mcc", "dann-mcc", "coral", "none")
 SELECTS = ("auto", "val", "target-entropy")
-CROP_ON = ("workers", "device")
+CROP_ON = ("auto", "workers", "device")
 CHOICES = {"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "head": HEADS, "augment": AUGMENTS, "device": DEVICES,
            "class_weights": CLASS_WEIGHTS, "sampler": SAMPLERS, "nan_policy": NAN_POLICIES, "bad_files": BAD_FILES,
            "outside_links": OUTSIDE_LINKS,
