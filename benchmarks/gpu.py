@@ -165,7 +165,8 @@ def ours(data: Path, work: Path, model: str, batch: int, workers: int, image_cac
     return {"tool": "transferkit", "model": model, "image_cache": image_cache, "compile": compiled,
             "crop_on": crop_on, "images_per_s": rows[-1]["images_per_s"], "data_wait": rows[-1]["data_wait"],
             "gpu_peak_gb": rows[-1].get("gpu_peak_gb"), "first_epoch_images_per_s": rows[0]["images_per_s"],
-            "image_cache_s": metrics.get("image_cache_s"), "wall_s": time.perf_counter() - tick}
+            "image_cache_s": metrics.get("image_cache_s"), "steps_s": metrics.get("steps_s"),
+            "wall_s": time.perf_counter() - tick}
 
 
 TIMM_LINE = re.compile(r"Train: (\d+) \[.*?\(\s*([\d.]+)s,\s*([\d.]+)/s\).*?Data: [\d.]+ \(([\d.]+)\)")

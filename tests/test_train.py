@@ -10,6 +10,7 @@ from transferkit.deploy.bundle import save_bundle
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
 from transferkit.models.classifier import build_classifier
+from transferkit.training.recipe import STEPS
 
 
 def test_run_directory_holds_everything(shapes_dir, tiny):
@@ -30,6 +31,9 @@ def test_run_directory_holds_everything(shapes_dir, tiny):
     assert sum(map(sum, test["confusion_matrix"])) == test["n"] == 2
     runtime = json.loads((run.dir / "runtime.json").read_text())
     assert runtime == run.metrics["runtime"] and runtime["device"] == "cpu" and runtime["workers"] == 0
+    steps = json.loads((run.dir / "metrics.json").read_text())["steps_s"]  # where the run's time went
+    assert list(steps) == list(STEPS) and all(s >= 0 for s in steps.values()) and steps["train_phases"] > 0
+    assert run.metrics["wall_time_s"] - 0.1 <= sum(steps.values()) <= run.metrics["wall_time_s"] + 0.01  # all of it
     ckpt = torch.load(run.dir / "last.ckpt", weights_only=True)  # plain tensors and values only
     assert ckpt["epoch"] == 2 and ckpt["config"]["data"] == str(shapes_dir)
 

@@ -80,20 +80,16 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     Raises `Preempted` after saving last.ckpt when SIGTERM or SIGINT arrives.
     """
     recipe = Recipe(config, report, resume, overrides, on_epoch, extra_loss, task, score_test)
-    recipe.setup()
-    recipe.build_data()
-    recipe.build_model()
-    recipe.plan_phases()
-    recipe.prepare_runtime()
-    recipe.check_budget()
-    recipe.write_run_files()
-    recipe.build_loaders()
-    recipe.build_losses()
-    recipe.find_lr()
-    recipe.restore()
-    recipe.train_phases()
-    recipe.test()
+    for step in STEPS:  # each step's seconds go to metrics.json's "steps_s": where a run's time went
+        tick = time.perf_counter()
+        getattr(recipe, step)()
+        recipe.steps_s[step] = round(time.perf_counter() - tick, 3)
     return recipe.save()
+
+
+STEPS = ("setup", "build_data", "build_model", "plan_phases", "prepare_runtime", "check_budget", "write_run_files",
+         "build_loaders", "build_losses", "find_lr", "restore", "train_phases", "test")
+"""The steps of a run, in order (`Recipe`'s methods); `Recipe.save` ends it."""
 
 
 class Recipe:
@@ -108,7 +104,7 @@ class Recipe:
             config = config.replace(**overrides) if config is not None else TrainConfig.from_dict(overrides)
         self.config, self.report, self.on_epoch, self.extra_loss = config, report, on_epoch, extra_loss
         self.task, self.score_test = task, score_test
-        self.started = time.perf_counter()
+        self.started, self.steps_s = time.perf_counter(), {}
         # time to build or open caches, and the feature cache's hits and misses (splits read or extracted)
         self.cache_s = {"image_cache_s": 0.0, "feature_cache_s": 0.0, "feature_cache_hits": 0,
                         "feature_cache_misses": 0}
@@ -363,6 +359,7 @@ class Recipe:
         """metrics.json, predictions, the final bundle (with test metrics and the precision check), the
         result line, then report.html."""
         d, run_dir, test, best = self.d, self.run_dir, self.test_metrics, self.progress.best
+        self.metrics["steps_s"] = self.steps_s
         if d.main:
             write_text(run_dir / "metrics.json", json.dumps(self.metrics, indent=1))
             save_predictions(run_dir, {"test": self.test_logits, "val": self.progress.best_val_logits})
