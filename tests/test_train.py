@@ -19,7 +19,7 @@ def test_run_directory_holds_everything(shapes_dir, tiny):
                  "last.ckpt", "best/model.safetensors", "best/model.json", "runtime.json"):
         assert (run.dir / name).is_file(), name
     rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["epoch_s"] > 0 and r["val_s"] > 0 for r in rows)
     config = TrainConfig.load(run.dir / "config.yaml")
     assert config.img_size == 32 and config.name == run.dir.name and config.strategy == "linear-probe"
     meta = json.loads((run.dir / "best" / "model.json").read_text())

@@ -173,10 +173,11 @@ class EpochLoop:
         """Validate, log the epoch's row, keep the best (and top-k) bundles, checkpoint; True: stop (a signal
         stops by raising Preempted)."""
         c, d, p, ps, model = self.r.config, self.r.d, self.r.progress, self.ps, self.r.model
+        tick = time.perf_counter()
         val = (evaluate_loader(model.head if ps.head_only else model, ps.val_loader, self.r.eval_loss, self.r.rt, d=d,
                                move=ps.move) if len(self.r.data.splits["val"]) else None)
         val_logits = val.pop("logits") if val else None
-        row = self.epoch_row(val, seconds)
+        row = self.epoch_row(val, seconds, time.perf_counter() - tick)
         # best by val accuracy, ties broken by lower val loss (or by target entropy: --select); without a
         # score, the latest. A model with non-finite weights or val loss is never kept.
         score = {"epoch": p.epoch, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
@@ -209,14 +210,15 @@ class EpochLoop:
             return True
         return False
 
-    def epoch_row(self, val: dict | None, seconds: float) -> dict:
-        """The epoch's metrics.jsonl row (rank 0 writes it; TensorBoard gets it too)."""
+    def epoch_row(self, val: dict | None, seconds: float, val_seconds: float) -> dict:
+        """The epoch's metrics.jsonl row (rank 0 writes it; TensorBoard gets it too): `seconds` training,
+        `val_seconds` validating."""
         p, sums = self.r.progress, self.r.progress.sums
         row = {"epoch": p.epoch, "phase": self.ps.phase.name, "groups": trainable_groups(self.r.model, self.r.groups),
                "train_loss": sums.loss_sum / max(sums.seen, 1), "train_accuracy": sums.correct / max(sums.seen, 1),
                "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
                "lr": self.ps.optimizer.param_groups[0]["lr"], "images_per_s": sums.seen / seconds,
-               "epoch_s": seconds, "data_wait": sums.data_s / max(sums.seconds, 1e-9)}
+               "epoch_s": seconds, "val_s": val_seconds, "data_wait": sums.data_s / max(sums.seconds, 1e-9)}
         if self.r.extra_loss is not None:  # its own measures (adaptation: domain accuracy, target accuracy)
             row.update(self.r.extra_loss.epoch_metrics(self.r.model))
         if self.r.device.type == "cuda":  # the epoch's peak, training and validation
