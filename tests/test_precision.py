@@ -60,8 +60,13 @@ def test_native_bf16_takes_the_faster_side_of_each_kind_once(monkeypatch, worklo
 
 def test_the_probe_times_both_precisions_on_a_copy(workload):
     """...and leaves the random streams where they were: on an AMD Zen 5 (avx512_bf16) the run that measured
-    drew other dropout masks than the runs that read the timings."""
+    drew other dropout masks than the runs that read the timings; and the user's hooks (a copy keeps them)
+    never see the probe's passes."""
     before = {k: v.clone() for k, v in workload.model.state_dict().items()}
+    calls = []
+    workload.model.head.register_forward_hook(lambda *_: calls.append("forward"))
+    workload.model.head.register_forward_pre_hook(lambda *_: calls.append("pre"))
+    workload.model.head.register_full_backward_hook(lambda *_: calls.append("backward"))
     workload.model.train()  # dropout draws: the train probe runs the model as training does
     for kind in precision.KINDS:
         torch.manual_seed(0)
@@ -73,6 +78,7 @@ def test_the_probe_times_both_precisions_on_a_copy(workload):
     after = workload.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics untouched too
     assert all(p.grad is None for p in workload.model.parameters())
+    assert calls == []
 
 
 @pytest.mark.parametrize("native", ["1", "0"])

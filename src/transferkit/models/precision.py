@@ -151,7 +151,7 @@ def measure(workload: Workload, kind: str, reps: int = 3) -> dict[str, float]:
 
 
 def _measure(workload: Workload, kind: str, reps: int) -> dict[str, float]:
-    net = copy.deepcopy(workload.model)
+    net = _without_hooks(copy.deepcopy(workload.model))
     x = torch.randn(workload.shape)
     if workload.channels_last:
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -180,6 +180,19 @@ def _measure(workload: Workload, kind: str, reps: int) -> dict[str, float]:
         for precision in best:
             best[precision] = min(best[precision], once(precision))
     return {precision: workload.shape[0] / seconds for precision, seconds in best.items()}
+
+
+_CALL_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _without_hooks(net: nn.Module) -> nn.Module:
+    """`net` (a copy) with the hooks it was copied with removed: the user's hooks see the run's passes, not
+    the probe's (a NaN injected at a counted pass landed in the probe)."""
+    for module in net.modules():
+        for name in _CALL_HOOKS:
+            getattr(module, name, {}).clear()
+    return net
 
 
 @torch.inference_mode()
