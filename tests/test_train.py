@@ -10,6 +10,7 @@ from transferkit.deploy.bundle import save_bundle
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
 from transferkit.models.classifier import build_classifier
+from transferkit.training.profile import WARMUP_STEPS, StepProfiler
 from transferkit.training.recipe import STEPS
 
 
@@ -109,3 +110,26 @@ def test_early_stopping_ends_the_run_after_patience_epochs(shapes_dir, tiny):
     run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", lr=1e-20, augment="none",
                             patience=2, **{**tiny, "epochs": 6})
     assert run.metrics["epochs_run"] == 3 and run.metrics["best"]["epoch"] == 1
+
+
+def test_profile_steps_write_the_operators_table_and_a_trace(shapes_dir, tiny):
+    run = transferkit.train(data=str(shapes_dir), strategy="full", profile_steps=2, **{**tiny, "epochs": 2})
+    text = (run.dir / "profile.txt").read_text()
+    assert text.startswith("2 training steps after 2 warm-up steps") and "By their own CPU time:" in text
+    assert "aten::" in text and "conv" in text  # the model's operators, by name
+    trace = json.loads((run.dir / "profile-trace.json").read_text())
+    assert any("aten::" in event.get("name", "") for event in trace["traceEvents"])
+    with pytest.raises(UserError, match="profile_steps"):
+        TrainConfig(profile_steps=-1)
+
+
+def test_a_run_that_ends_before_its_profiled_steps_writes_what_was_recorded(tmp_path):
+    said = []
+    prof = StepProfiler(tmp_path, 100, torch.device("cpu"), said.append)
+    for _ in range(WARMUP_STEPS + 3):
+        torch.ones(4).add(1)
+        prof.step()
+    prof.close()
+    assert (tmp_path / "profile.txt").read_text().startswith("3 training steps") and "profile.txt" in said[0]
+    prof.close()  # once only
+    assert len(said) == 1

@@ -117,6 +117,8 @@ TRAIN = [
      typer.Option(None, "--report/--no-report", help="Write report.html at the end (default on).")),
     ("tensorboard", bool,
      typer.Option(False, "--tensorboard", help="Write TensorBoard event files to RUN/tensorboard.")),
+    ("profile_steps", Optional[int],
+     typer.Option(None, help="Profile N training steps (torch.profiler): RUN/profile.txt and profile-trace.json.")),
 ]
 
 

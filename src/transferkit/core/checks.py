@@ -48,6 +48,7 @@ def validate(config) -> None:
     if config.threads is not None:
         _range("threads", config.threads, 1)
     _range("save_every_steps", config.save_every_steps, 0)
+    _range("profile_steps", config.profile_steps, 0)
     _range("keep_top_k", config.keep_top_k, 0)
     _range("nan_skip_limit", config.nan_skip_limit, 0)
     _range("feature_views", config.feature_views, 0, 64)

@@ -36,7 +36,7 @@ SECTIONS = {
                 "deterministic", "feature_cache", "feature_views", "image_cache", "crop_on", "cache_dir",
                 "nan_policy", "nan_skip_limit"),
     "output": ("runs_dir", "name", "overwrite", "quiet", "save_every_steps", "keep_top_k", "html_report",
-               "tensorboard"),
+               "tensorboard", "profile_steps"),
 }
 """How config.yaml groups the fields: what the data is, which model, what trains when, how it is optimised
 and regularised, how it runs on the machine, and what the run writes. CLI flags and `config.lr`-style
@@ -217,6 +217,9 @@ class TrainConfig:
     """Write runs/NAME/report.html at the end (curves, confusion matrix, top losses, calibration)."""
     tensorboard: bool = False
     """Write TensorBoard event files to runs/NAME/tensorboard."""
+    profile_steps: int = 0
+    """torch.profiler over this many training steps (after 2 warm-up steps): runs/NAME/profile.txt and
+    profile-trace.json (see training.profile); 0 = off."""
 
     def __post_init__(self) -> None:
         _coerce_types(self)

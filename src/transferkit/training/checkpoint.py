@@ -24,7 +24,7 @@ from transferkit.training.strategy import Phase, make_plan
 RESUMABLE_CHANGES = frozenset({"epochs", "patience", "quiet", "device", "workers", "save_every_steps",
                                "keep_top_k", "nan_policy", "nan_skip_limit", "deterministic", "trust_checkpoint",
                                "cache_dir", "threads", "compile", "accumulate",
-                               "html_report", "tensorboard"})
+                               "html_report", "tensorboard", "profile_steps"})
 """Config fields a resumed run may change: length, display, hardware and safety settings (the
 process count is free too: the global batch, and so every step, stays the same).
 Everything else (model, weights, data, classes, strategy, LRs...) would make a different run."""

@@ -25,6 +25,7 @@ from transferkit.training.checkpoint import get_rng_state, save_checkpoint
 from transferkit.training.epoch import EpochSums, Guard, StepModel, out_of_memory_stops, train_one_epoch
 from transferkit.training.optim import make_optimizer, warmup_cosine
 from transferkit.training.preempt import Preempted, StopSignals
+from transferkit.training.profile import StepProfiler
 from transferkit.training.rundir import all_finite, keep_top, score_key
 from transferkit.training.strategy import Phase, apply_phase, count_trainable, trainable_groups
 
@@ -71,6 +72,8 @@ class EpochLoop:
         self.total_epochs = sum(p.epochs for p in self.r.plan)
         self.steps_per_epoch = len(self.r.loaders["train"].batch_sampler.step_sizes())  # optimizer steps
         self.r.board = Board(self.r.run_dir / "tensorboard") if self.r.config.tensorboard and self.r.d.main else None
+        self.profiler = (StepProfiler(self.r.run_dir, self.r.config.profile_steps, self.r.device, self.r.report.info)
+                         if self.r.config.profile_steps and self.r.d.main else None)
         self.r.report.start(self.total_epochs)
         with StopSignals() as self.signals, self.r.rt.threads_applied():
             try:
@@ -84,6 +87,8 @@ class EpochLoop:
                 self.r.report.close()
                 if self.r.board is not None:
                     self.r.board.close()
+                if self.profiler is not None:
+                    self.profiler.close()
         if self.r.progress.best["epoch"] is None:
             raise UserError(f"No epoch of '{self.r.run_dir}' produced a finite model to keep; lower the LR or set "
                             "--grad-clip.")
@@ -158,6 +163,8 @@ class EpochLoop:
         """After each step: log it; inside an epoch, stop on a signal (any rank's) or write a step
         checkpoint when one is due. `self.done` keeps the position (if memory runs out next step)."""
         self.done, epoch, steps = where, self.r.progress.epoch, self.steps_per_epoch
+        if self.profiler is not None:
+            self.profiler.step()
         if self.r.board is not None:
             self.r.board.step(epoch * steps + where.step, step_loss, self.ps.optimizer.param_groups[-1]["lr"])
         if where.step == steps:
