@@ -148,20 +148,23 @@ def _sync(device: torch.device) -> None:
 
 
 def ours(data: Path, work: Path, model: str, batch: int, workers: int, image_cache: bool, compiled: bool,
-         device: str = "cuda", crop_on: str = "workers") -> dict:
+         device: str = "cuda", crop_on: str = "workers", profile: int = 0, out: Path | None = None) -> dict:
     name = f"{model}-{'cache' if image_cache else 'files'}-{crop_on}{'-compiled' if compiled else ''}"
     cmd = [sys.executable, "-m", "transferkit", "train", str(data), "--model", model, "--weights", "none",
            "--strategy", "full", "--epochs", "2", "--batch-size", str(batch), "--precision", "bf16",
            "--channels-last", "--workers", str(workers), "--device", device, "--quiet", "--no-report",
            "--warmup-epochs", "0", "--runs-dir", str(work / "runs"), "--name", name, "--overwrite",
            "--cache-dir", str(work / "cache"), "--image-cache" if image_cache else "--no-image-cache",
-           "--compile" if compiled else "--no-compile", "--crop-on", crop_on]
+           "--compile" if compiled else "--no-compile", "--crop-on", crop_on] + (
+               ["--profile-steps", str(profile)] if profile else [])
     tick = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"transferkit train failed: {out.stderr[-3000:]}")
     rows = [json.loads(r) for r in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     metrics = json.loads((work / "runs" / name / "metrics.json").read_text())
+    if profile and out is not None:  # profile.txt beside gpu.md (the trace stays in the run directory: large)
+        (out / f"profile-{name}.txt").write_text((work / "runs" / name / "profile.txt").read_text())
     return {"tool": "transferkit", "model": model, "image_cache": image_cache, "compile": compiled,
             "crop_on": crop_on, "images_per_s": rows[-1]["images_per_s"], "data_wait": rows[-1]["data_wait"],
             "gpu_peak_gb": rows[-1].get("gpu_peak_gb"), "first_epoch_images_per_s": rows[0]["images_per_s"],
@@ -252,7 +255,7 @@ def pipeline(result: dict, args, workers: int) -> None:
         try:  # one failed run (a device's first try of a path) still leaves the others' figures
             if tool == "ours":
                 row = ours(data, args.work, model, args.batch, workers, image_cache, args.compile_pipeline,
-                           crop_on=crop_on)
+                           crop_on=crop_on, profile=args.profile_steps, out=args.out)
             else:
                 row = timm_run(args.timm_train, data, args.work, model, args.batch, workers, args.compile_pipeline)
         except RuntimeError as err:
@@ -279,6 +282,8 @@ def main() -> None:
     parser.add_argument("--no-files", dest="files", action="store_false", help="pipeline: skip transferkit "
                         "without its image cache")
     parser.add_argument("--compile-pipeline", action="store_true", help="whole runs with torch.compile")
+    parser.add_argument("--profile-steps", type=int, default=0, help="pipeline: transferkit's runs profile this many "
+                        "steps (--profile-steps); OUT/profile-RUN.txt")
     args = parser.parse_args()
     from transferkit.core.machine import default_workers
 
