@@ -228,3 +228,31 @@ def test_onnx_with_preprocessing_takes_raw_images_and_agrees_with_predict(shapes
     np.testing.assert_allclose(np_softmax(got, axis=1), want, atol=1e-2)
     with pytest.raises(transferkit.UserError, match="with-preprocessing"):
         transferkit.load(run.dir, backend="onnx")
+    export(run.dir, "torchscript")  # into the same folder: model.json keeps each export's own record
+    with pytest.raises(transferkit.UserError, match="with-preprocessing"):
+        transferkit.load(run.dir, backend="onnx")
+    record = json.loads((run.dir / "export" / "model.json").read_text())
+    assert record["file"] == "model.pt" and not record["with_preprocessing"]  # the latest export, as before
+    assert record["exports"]["model.onnx"]["with_preprocessing"] and record["exports"]["model.onnx"]["parity"] == {
+        k: v for k, v in result.items() if k != "path"}
+    assert sorted(record["exports"]) == ["model.onnx", "model.pt"]
+
+
+def test_model_json_keeps_each_export_of_the_same_model_whose_file_is_there(tmp_path):
+    from transferkit.deploy.export import _write_record
+
+    def record(file, classes=("a", "b"), **own):
+        (tmp_path / file).touch()
+        return {"file": file, "classes": list(classes), "preprocessing": {"mean": (0.5,)}, "architecture": {}, **own}
+
+    _write_record(tmp_path, record("model.onnx", with_preprocessing=True))
+    _write_record(tmp_path, record("model.pt", with_preprocessing=False))
+    exports = json.loads((tmp_path / "model.json").read_text())["exports"]
+    assert exports == {"model.onnx": {"file": "model.onnx", "with_preprocessing": True},
+                       "model.pt": {"file": "model.pt", "with_preprocessing": False}}
+    (tmp_path / "model.pt").unlink()  # its file gone: its record goes
+    _write_record(tmp_path, record("model.tflite"))
+    assert sorted(json.loads((tmp_path / "model.json").read_text())["exports"]) == ["model.onnx", "model.tflite"]
+    _write_record(tmp_path, record("model.pt", classes=("x", "y", "z")))  # another model: the others' records go
+    saved = json.loads((tmp_path / "model.json").read_text())
+    assert list(saved["exports"]) == ["model.pt"] and saved["classes"] == ["x", "y", "z"]

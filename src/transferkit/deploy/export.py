@@ -104,7 +104,7 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
               "output": {"name": "logits", "shape": ["batch", len(meta["classes"])]},
               "opset": opset if format == "onnx" else None, "parity": parity,
               "architecture": meta["architecture"]}
-    (out / "model.json").write_text(json.dumps(record, indent=1))
+    _write_record(out, record)
     _check(parity, format, path)
     return {"path": str(path), **parity}
 
@@ -194,6 +194,25 @@ def _tflite(job: Job, path: Path):
                             "its run: export from the run directory (the one with split.json).")
         calibration = _preprocessed(data, samples, job.prep)
     write_tflite(job.model, job.given.example, path, job.quantize, calibration)
+
+
+SHARED = ("classes", "preprocessing", "architecture")
+"""What every export of one model has in common; the rest of a record is the export's own."""
+
+
+def _write_record(out: Path, record: dict) -> None:
+    """model.json: the latest export's record, and under "exports" each export in the folder by its file name,
+    so that model.onnx exported --with-preprocessing and a model.tflite beside it keep their own input, options
+    and parity (exports of another model, or whose files are gone, are dropped)."""
+    try:
+        before = json.loads((out / "model.json").read_text())
+    except (OSError, ValueError):  # the first export here, or a damaged record
+        before = {}
+    record = json.loads(json.dumps(record))  # tuples as lists, as read back
+    kept = before.get("exports", {}) if all(before.get(k) == record[k] for k in SHARED) else {}
+    exports = {file: own for file, own in kept.items() if (out / file).exists()}
+    exports[record["file"]] = {k: v for k, v in record.items() if k not in SHARED}
+    (out / "model.json").write_text(json.dumps({**record, "exports": exports}, indent=1))
 
 
 FORMATS = {"onnx": ("model.onnx", _onnx, onnx_runner), "torchscript": ("model.pt", _torchscript, torchscript_runner),

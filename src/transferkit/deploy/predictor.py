@@ -184,7 +184,8 @@ class ExportedPredictor(Predictor):
 
     def __init__(self, path: Path, backend: str):
         record = json.loads(path.with_name("model.json").read_text())
-        if record.get("with_preprocessing") and record.get("file") == path.name:
+        own = record.get("exports", {}).get(path.name, record if record.get("file") == path.name else {})
+        if own.get("with_preprocessing"):
             raise UserError(f"'{path}' was exported --with-preprocessing (it takes uint8 images); --backend {backend} "
                             f"needs a plain export: transferkit export RUN --format {record['format']}.")
         self._set_meta(record)
