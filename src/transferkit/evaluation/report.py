@@ -70,6 +70,19 @@ def _saved_logits(run_dir: Path, split: str, n: int) -> np.ndarray | None:
     return logits if logits is not None and len(logits) == n else None
 
 
+def epoch_rows(path: Path) -> list[dict]:
+    """metrics.jsonl's rows; a last row cut short (the run was killed while appending it) is left out."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise UserError(f"'{path}' line {number} is not a JSON row; the file was edited or damaged.") from None
+    return rows
+
+
 def build_report(run_dir: str | Path, device: str = "cpu", data=None) -> Path:
     """Write run_dir/report.html (and calibration.json); returns the HTML path. `data`: the run's Data when the
     caller has it (train), else read again from the run's split.json."""
@@ -94,7 +107,7 @@ def build_report(run_dir: str | Path, device: str = "cpu", data=None) -> Path:
         loaded[:] = loaded or [load(run_dir, device)]
         return loaded[0]
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = epoch_rows(run_dir / "metrics.jsonl")
     how = (meta.get("data") or {}).get("how", data.how)  # as trained, not "reused from split.json"
     sections = [_summary(run_dir, config, data, how), _section("Learning curves", _curves(rows))]
     if any("adapt_loss" in r for r in rows):
