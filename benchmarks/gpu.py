@@ -158,9 +158,9 @@ def ours(data: Path, work: Path, model: str, batch: int, workers: int, image_cac
            "--compile" if compiled else "--no-compile", "--crop-on", crop_on] + (
                ["--profile-steps", str(profile)] if profile else [])
     tick = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"transferkit train failed: {out.stderr[-3000:]}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"transferkit train failed: {proc.stderr[-3000:]}")
     rows = [json.loads(r) for r in (work / "runs" / name / "metrics.jsonl").read_text().splitlines()]
     metrics = json.loads((work / "runs" / name / "metrics.json").read_text())
     if profile and out is not None:  # profile.txt beside gpu.md (the trace stays in the run directory: large)
@@ -230,6 +230,8 @@ def write(out: Path, result: dict) -> None:
                          f"{'yes' if r['image_cache'] else 'no'} | {r.get('crop_on', 'workers')} | "
                          f"{'yes' if r['compile'] else 'no'} | {r['images_per_s']:.0f} | {r['data_wait']:.0%} | "
                          f"{'' if peak is None else f'{peak:.2f}'} | {r['wall_s']:.0f} |")
+    lines += [f"- failed: {r['tool']} {r['model']} (crops {r['crop_on']}): {r['error'][-300:]}"
+              for r in result.get("failed", [])]
     (out / "gpu.md").write_text("\n".join(lines) + "\n")
 
 
@@ -258,7 +260,7 @@ def pipeline(result: dict, args, workers: int) -> None:
                            crop_on=crop_on, profile=args.profile_steps, out=args.out)
             else:
                 row = timm_run(args.timm_train, data, args.work, model, args.batch, workers, args.compile_pipeline)
-        except RuntimeError as err:
+        except Exception as err:  # noqa: BLE001 (a failed run, or output it could not read)
             _say(f"pipeline {tool} {model} cache={image_cache} crops={crop_on} FAILED: {err}")
             result.setdefault("failed", []).append({"tool": tool, "model": model, "crop_on": crop_on,
                                                     "error": str(err)})

@@ -81,6 +81,20 @@ def test_the_probe_times_both_precisions_on_a_copy(workload):
     assert calls == []
 
 
+def test_the_probe_copies_the_model_without_the_users_hooks_but_with_spectral_norms():
+    import threading
+
+    from torch import nn
+
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 4)), nn.Linear(4, 2)).eval()  # as built: no pass yet
+    holder = {"lock": threading.Lock(), "calls": 0}  # a lock cannot be deep-copied
+    model[1].register_forward_hook(lambda *_: holder.__setitem__("calls", holder["calls"] + 1))
+    copied = precision._copy_without_hooks(model)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(copied(x), model(x))  # spectral_norm's pre-hook still makes the weight
+    assert holder["calls"] == 1  # the model's own call only
+
+
 @pytest.mark.parametrize("native", ["1", "0"])
 def test_a_run_records_what_auto_chose_and_why(monkeypatch, shapes_dir, tiny, native):
     """A real run, with the probe really timing both precisions (emulated bf16 where not native)."""

@@ -231,7 +231,7 @@ def test_onnx_with_preprocessing_takes_raw_images_and_agrees_with_predict(shapes
     with pytest.raises(transferkit.UserError, match="with-preprocessing"):
         transferkit.load(run.dir, backend="onnx")
     export(run.dir, "torchscript")  # into the same folder: model.json keeps each export's own record
-    with pytest.raises(transferkit.UserError, match="with-preprocessing"):
+    with pytest.raises(transferkit.UserError, match="with-preprocessing.*--format onnx"):
         transferkit.load(run.dir, backend="onnx")
     record = json.loads((run.dir / "export" / "model.json").read_text())
     assert record["file"] == "model.pt" and not record["with_preprocessing"]  # the latest export, as before
@@ -258,3 +258,16 @@ def test_model_json_keeps_each_export_of_the_same_model_whose_file_is_there(tmp_
     _write_record(tmp_path, record("model.pt", classes=("x", "y", "z")))  # another model: the others' records go
     saved = json.loads((tmp_path / "model.json").read_text())
     assert list(saved["exports"]) == ["model.pt"] and saved["classes"] == ["x", "y", "z"]
+    with pytest.raises(transferkit.UserError, match="has no record of 'model.onnx'"):  # its file is another model's
+        transferkit.load(tmp_path, backend="onnx")
+
+    older = tmp_path / "older"  # a folder exported before model.json had "exports": its record is the one file's
+    older.mkdir()
+    (older / "model.onnx").touch()
+    (older / "model.json").write_text(json.dumps({**record("model.onnx", with_preprocessing=True), "format": "onnx"}))
+    (older / "model.tflite").touch()
+    _write_record(older, {**record("model.tflite"), "format": "tflite"})
+    exports = json.loads((older / "model.json").read_text())["exports"]
+    assert exports["model.onnx"] == {"file": "model.onnx", "with_preprocessing": True, "format": "onnx"}
+    with pytest.raises(transferkit.UserError, match="exported --with-preprocessing"):
+        transferkit.load(older, backend="onnx")

@@ -125,11 +125,17 @@ def test_profile_steps_write_the_operators_table_and_a_trace(shapes_dir, tiny):
 
 def test_a_run_that_ends_before_its_profiled_steps_writes_what_was_recorded(tmp_path):
     said = []
-    prof = StepProfiler(tmp_path, 100, torch.device("cpu"), said.append)
-    for _ in range(WARMUP_STEPS + 3):
-        torch.ones(4).add(1)
-        prof.step()
-    prof.close()
+    with StepProfiler(tmp_path, 100, torch.device("cpu"), said.append) as prof:
+        for _ in range(WARMUP_STEPS + 3):
+            torch.ones(4).add(1)
+            prof.step()
     assert (tmp_path / "profile.txt").read_text().startswith("3 training steps") and "profile.txt" in said[0]
     prof.close()  # once only
     assert len(said) == 1
+    with pytest.raises(ZeroDivisionError):  # a failing run: its own error, and the profiler stopped
+        with StepProfiler(tmp_path / "failed", 100, torch.device("cpu"), said.append) as prof:
+            for _ in range(WARMUP_STEPS + 1):
+                prof.step()
+            1 / 0
+    with torch.profiler.profile():  # none left running: another can start
+        pass

@@ -208,9 +208,13 @@ def _write_record(out: Path, record: dict) -> None:
         before = json.loads((out / "model.json").read_text())
     except (OSError, ValueError):  # the first export here, or a damaged record
         before = {}
+    before = before if isinstance(before, dict) else {}
     record = json.loads(json.dumps(record))  # tuples as lists, as read back
-    kept = before.get("exports", {}) if all(before.get(k) == record[k] for k in SHARED) else {}
-    exports = {file: own for file, own in kept.items() if (out / file).exists()}
+    # a record written before "exports" existed describes its own file only
+    earlier = before.get("exports", {before["file"]: before} if "file" in before else {})
+    kept = earlier if all(before.get(k) == record[k] for k in SHARED) else {}
+    exports = {file: {k: v for k, v in own.items() if k not in SHARED} for file, own in kept.items()
+               if (out / file).exists()}
     exports[record["file"]] = {k: v for k, v in record.items() if k not in SHARED}
     (out / "model.json").write_text(json.dumps({**record, "exports": exports}, indent=1))
 

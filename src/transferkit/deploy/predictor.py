@@ -184,10 +184,13 @@ class ExportedPredictor(Predictor):
 
     def __init__(self, path: Path, backend: str):
         record = json.loads(path.with_name("model.json").read_text())
+        if "exports" in record and path.name not in record["exports"]:
+            raise UserError(f"{path.with_name('model.json')} has no record of '{path.name}' (an export of another "
+                            f"model replaced it): export the run again into that folder with transferkit export.")
         own = record.get("exports", {}).get(path.name, record if record.get("file") == path.name else {})
         if own.get("with_preprocessing"):
             raise UserError(f"'{path}' was exported --with-preprocessing (it takes uint8 images); --backend {backend} "
-                            f"needs a plain export: transferkit export RUN --format {record['format']}.")
+                            f"needs a plain export: transferkit export RUN --format {own['format']}.")
         self._set_meta(record)
         self.run = BACKENDS[backend][1](path)
         self.device, self.precision = "cpu", {"tflite-fp16": "fp16", "tflite-int8": "int8"}.get(backend, "fp32")

@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 KINDS = ("train", "infer")
 FASTER_BY = 1.15
@@ -151,7 +153,7 @@ def measure(workload: Workload, kind: str, reps: int = 3) -> dict[str, float]:
 
 
 def _measure(workload: Workload, kind: str, reps: int) -> dict[str, float]:
-    net = _without_hooks(copy.deepcopy(workload.model))
+    net = _copy_without_hooks(workload.model)
     x = torch.randn(workload.shape)
     if workload.channels_last:
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -182,17 +184,23 @@ def _measure(workload: Workload, kind: str, reps: int) -> dict[str, float]:
     return {precision: workload.shape[0] / seconds for precision, seconds in best.items()}
 
 
+_WEIGHT_HOOKS = (SpectralNorm, WeightNorm)
 _CALL_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
                "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _without_hooks(net: nn.Module) -> nn.Module:
-    """`net` (a copy) with the hooks it was copied with removed: the user's hooks see the run's passes, not
-    the probe's (a NaN injected at a counted pass landed in the probe)."""
-    for module in net.modules():
+def _copy_without_hooks(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` without the user's hooks, and without copying what they hold (an object with a
+    lock or a file cannot be copied): the user's hooks see the run's passes, not the probe's (a NaN injected at
+    a counted pass landed in the probe). The old-style spectral_norm and weight_norm pre-hooks, which compute
+    the weight, stay."""
+    memo = {}
+    for module in model.modules():
         for name in _CALL_HOOKS:
-            getattr(module, name, {}).clear()
-    return net
+            hooks = getattr(module, name, None)
+            if hooks:  # deepcopy takes this in place of copying the dict
+                memo[id(hooks)] = type(hooks)((k, h) for k, h in hooks.items() if isinstance(h, _WEIGHT_HOOKS))
+    return copy.deepcopy(model, memo)
 
 
 @torch.inference_mode()

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -75,7 +76,7 @@ class EpochLoop:
         self.profiler = (StepProfiler(self.r.run_dir, self.r.config.profile_steps, self.r.device, self.r.report.info)
                          if self.r.config.profile_steps and self.r.d.main else None)
         self.r.report.start(self.total_epochs)
-        with StopSignals() as self.signals, self.r.rt.threads_applied():
+        with StopSignals() as self.signals, self.r.rt.threads_applied(), self.profiler or contextlib.nullcontext():
             try:
                 for index, phase in enumerate(self.r.plan):
                     before = sum(p.epochs for p in self.r.plan[:index])  # epochs of the earlier phases
@@ -87,8 +88,6 @@ class EpochLoop:
                 self.r.report.close()
                 if self.r.board is not None:
                     self.r.board.close()
-                if self.profiler is not None:
-                    self.profiler.close()
         if self.r.progress.best["epoch"] is None:
             raise UserError(f"No epoch of '{self.r.run_dir}' produced a finite model to keep; lower the LR or set "
                             "--grad-clip.")

@@ -9,6 +9,7 @@ Chrome trace: chrome://tracing or https://ui.perfetto.dev). The loader's waits s
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -19,8 +20,9 @@ WARMUP_STEPS = 2
 
 
 class StepProfiler:
-    """torch.profiler over `steps` optimizer steps after WARMUP_STEPS; `step()` after each step, `close()` at
-    the end (it writes what was recorded if the run ended before the last profiled step)."""
+    """torch.profiler over `steps` optimizer steps after WARMUP_STEPS; `step()` after each step. Used as a
+    context manager around the run's epochs: at the end it writes what was recorded (the run may end before
+    the last profiled step); when the run fails, the profiler stops and the run's own error is the one raised."""
 
     def __init__(self, run_dir: Path, steps: int, device: torch.device, say):
         self.run_dir, self.steps, self.device, self.say = run_dir, steps, device, say
@@ -33,19 +35,36 @@ class StepProfiler:
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._sync()
-            self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
-            self.prof.__enter__()
-            self.tick = time.perf_counter()
+            prof = torch.profiler.profile(activities=activities, record_shapes=True)
+            try:
+                prof.__enter__()
+            except RuntimeError as err:  # another profiler is running (the caller's own): the run goes on
+                self.say(f"[transferkit] warning: --profile-steps not started ({err})")
+                return
+            self.prof, self.tick = prof, time.perf_counter()
         elif self.prof is not None and self.seen == WARMUP_STEPS + self.steps:
             self.close()
 
+    def __enter__(self) -> StepProfiler:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):  # the run's own error (a CUDA fault, a signal) is the one to see
+            self.close()
+
     def close(self) -> None:
+        """Stop recording and write profile.txt and profile-trace.json (once; nothing if nothing was recorded)."""
         if self.prof is None:
             return
         prof, self.prof = self.prof, None
-        self._sync()
-        wall = time.perf_counter() - self.tick
-        prof.__exit__(None, None, None)
+        try:
+            self._sync()
+            wall = time.perf_counter() - self.tick
+        finally:
+            prof.__exit__(None, None, None)  # stopped whatever happens: a later run in this process profiles again
         recorded = self.seen - WARMUP_STEPS
         events = prof.key_averages()
         lines = [f"{recorded} training steps after {WARMUP_STEPS} warm-up steps, {wall:.3f} s wall "

@@ -248,6 +248,9 @@ class Recipe:
             self.report.info("[transferkit] crop_on device crops images from the decoded-image cache; this run's "
                              "training images do not come from it (data held in memory, or no phase runs the "
                              "backbone), so the loader workers crop them")
+        if c.crop_on == "device" and c.deterministic and self.device.type == "cuda":
+            self.report.info("[transferkit] warning: crop_on device with --deterministic has not yet been seen to "
+                             "finish on a GPU (README, On a GPU); crop_on auto crops deterministic runs in the workers")
         on_device, task = self.rt.normalizes_on_device, self.task  # uint8 pixels to the GPU (see Runtime)
         self.loaders = {
             split: make_loader(data, split, task.transform(prep, c, split == "train", on_device, split in decoded), c,
