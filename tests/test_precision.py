@@ -87,12 +87,19 @@ def test_the_probe_copies_the_model_without_the_users_hooks_but_with_spectral_no
     from torch import nn
 
     model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 4)), nn.Linear(4, 2)).eval()  # as built: no pass yet
-    holder = {"lock": threading.Lock(), "calls": 0}  # a lock cannot be deep-copied
-    model[1].register_forward_hook(lambda *_: holder.__setitem__("calls", holder["calls"] + 1))
+    class Counter:  # a hook bound to an object that cannot be deep-copied (a bound method copies its object)
+        def __init__(self):
+            self.lock, self.calls = threading.Lock(), 0
+
+        def hook(self, *_):
+            self.calls += 1
+
+    counter = Counter()
+    model[1].register_forward_hook(counter.hook)
     copied = precision._copy_without_hooks(model)
     x = torch.randn(3, 4)
     torch.testing.assert_close(copied(x), model(x))  # spectral_norm's pre-hook still makes the weight
-    assert holder["calls"] == 1  # the model's own call only
+    assert counter.calls == 1  # the model's own call only
 
 
 @pytest.mark.parametrize("native", ["1", "0"])
