@@ -82,6 +82,24 @@ def test_user_errors_are_one_message_and_exit_2(args, message):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("args,message", [
+    (["predict", "run", "x.jpg", "--top-k", "0"], "--top-k and --limit must be 1 or more"),
+    (["predict", "run", "x.jpg", "--limit", "-1"], "--top-k and --limit must be 1 or more"),
+    (["predict", "run", "x.jpg", "--split", "test"], "Give inputs or --split, not both"),
+    (["predict", "run", "--split", "TEST"], "--split must be train, val or test; got 'TEST'"),
+    (["predict", "run", "x.jpg", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
+    (["report", "run", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
+    (["evaluate", "run", "--precision", "bogus"], "precision must be auto, bf16 or fp32; got 'bogus'"),
+    (["evaluate", "run", "--format", "csv"], "--format must be table or json; got 'csv'"),
+    (["inspect", "efficientnet_lite0", "--img-size", "-5"], "--img-size must be 16 or more; got -5"),
+])
+def test_options_out_of_range_are_named_before_any_work(args, message):
+    from transferkit.core.errors import UserError
+
+    result = runner.invoke(app, args)
+    assert isinstance(result.exception, UserError) and message in str(result.exception), result.output
+
+
 def test_bad_config_key_and_empty_folder(tmp_path):
     (tmp_path / "c.yaml").write_text("data: builtin:faces\nlearning_rat: 0.1\n")
     out = _cli("train", "--config", str(tmp_path / "c.yaml"))

@@ -138,6 +138,19 @@ def test_export_agrees_with_pytorch(shapes_dir, tmp_path, tiny, fmt):
         np.testing.assert_allclose(onnx_clf.predict_proba(files, tta="flip"),
                                    torch_clf.predict_proba(files, tta="flip"), atol=1e-4)
         assert [r["label"] for r in onnx_clf.predict(files)] == [r["label"] for r in torch_clf.predict(files)]
+        # the run trained further (a resume kept a new best): its old export is refused, a new one serves
+        _, meta = transferkit.deploy.bundle.load_bundle(run.dir)
+        with torch.no_grad():
+            model.head[-1].bias.add_(1.0)
+        transferkit.deploy.bundle.save_bundle(run.dir / "best", model, meta)
+        with pytest.raises(transferkit.UserError, match="exported from other weights.*--format onnx"):
+            transferkit.load(run.dir, backend="onnx")
+        export(run.dir, fmt)
+        transferkit.load(run.dir, backend="onnx")
+        with pytest.raises(transferkit.UserError, match="disagrees with the PyTorch model"):
+            export(run.dir, fmt, tolerance=-1.0)
+        with pytest.raises(transferkit.UserError, match="failed its parity check"):  # left there, not served
+            transferkit.load(run.dir, backend="onnx")
 
 
 # probabilities of the same images through two different graphs (BN folded or not, one batch or two):
@@ -271,3 +284,5 @@ def test_model_json_keeps_each_export_of_the_same_model_whose_file_is_there(tmp_
     assert exports["model.onnx"] == {"file": "model.onnx", "with_preprocessing": True, "format": "onnx"}
     with pytest.raises(transferkit.UserError, match="exported --with-preprocessing"):
         transferkit.load(older, backend="onnx")
+    with pytest.raises(transferkit.UserError, match="No model_int8.tflite .* --format tflite --int8` first"):
+        transferkit.load(older, backend="tflite-int8")

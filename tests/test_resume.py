@@ -125,6 +125,15 @@ def test_resume_allows_more_epochs_and_refuses_changes_that_matter(tmp_path, sha
     rows = (run.dir / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and longer.metrics["epochs_run"] == 2
     assert "epochs: 2" in (run.dir / "config.yaml").read_text()
+    with pytest.raises(UserError, match="has trained 2 epochs; resume it with --epochs 2 or more"):
+        transferkit.train(resume=run.dir, epochs=1)
+
+
+def test_an_lp_ft_run_in_its_fine_tune_takes_more_epochs_there(shapes_dir, tiny):
+    run = transferkit.train(data=str(shapes_dir), strategy="lp-ft", **{**tiny, "epochs": 2})  # probe 1, tune 1
+    transferkit.train(resume=run.dir, epochs=5, quiet=True)  # the default plan for 5 would probe 2 epochs
+    rows = [json.loads(r) for r in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["lp"] + ["ft"] * 4
 
 
 def test_resume_refuses_missing_truncated_foreign_and_pickled_checkpoints(tmp_path, shapes_dir, tiny):

@@ -171,8 +171,11 @@ def evaluate(
 ) -> None:
     """Re-run the best model of RUN on a saved split (or any labelled folder) and print its metrics."""
     with loading():
+        from transferkit.core.errors import UserError
         from transferkit.evaluation.runs import evaluate as run_evaluate
 
+    if format not in ("table", "json"):
+        raise UserError(f"--format must be table or json; got '{format}'.")
     metrics = run_evaluate(run, split=split, device=device, tta=tta, precision=precision, data=data)
     if format == "json":
         typer.echo(json.dumps(metrics, indent=1))

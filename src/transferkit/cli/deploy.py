@@ -36,6 +36,12 @@ def predict(
 
     if format not in ("table", "json", "csv"):
         raise UserError(f"--format must be table, json or csv; got '{format}'.")
+    if top_k < 1 or (limit is not None and limit < 1):
+        raise UserError(f"--top-k and --limit must be 1 or more; got --top-k {top_k}, --limit {limit}.")
+    if split and inputs:
+        raise UserError("Give inputs or --split, not both: --split predicts the run's own saved split.")
+    if split and split not in ("train", "val", "test"):
+        raise UserError(f"--split must be train, val or test; got '{split}'.")
     clf = load(model, device=device, backend=backend, precision=precision)
     truth: list[str | None] = []
     if split:
@@ -65,8 +71,10 @@ def _split_inputs(model: Path, split: str, prep):
         raise UserError(f"--split needs a run directory (with config.yaml and split.json); '{model}' is not one.")
     config = TrainConfig.load(run / "config.yaml")
     data = config_data(config, run / "split.json")
+    if not data.splits.get(split):
+        raise UserError(f"The run '{run}' has no images in its {split} split.")
     by_class: dict[str, list] = {}
-    for sample in data.splits.get(split) or []:
+    for sample in data.splits[split]:
         by_class.setdefault(sample[1], []).append(sample)
     # interleave the classes so that --limit shows a few of each
     samples = [s for group in itertools.zip_longest(*by_class.values()) for s in group if s is not None]

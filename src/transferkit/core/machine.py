@@ -15,8 +15,10 @@ from transferkit.core.errors import UserError
 
 
 def pick_device(name: str) -> torch.device:
-    """auto | cpu | cuda (cuda that PyTorch cannot see is an error)."""
-    if name == "cuda" and not torch.cuda.is_available():
+    """auto | cpu | cuda | cuda:N (cuda that PyTorch cannot see is an error)."""
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N; got '{name}'.")
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("device 'cuda' was asked for but PyTorch sees no CUDA GPU. Use --device cpu or auto.")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

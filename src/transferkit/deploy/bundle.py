@@ -6,6 +6,8 @@ classes, preprocessing, the strategy that trained it, and its metrics.
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import shutil
 from pathlib import Path
@@ -54,6 +56,15 @@ def bundle_dir(path: str | Path) -> Path:
         f"'{path}' is not a transferkit model: expected model.json and model.safetensors there or "
         "in its best/ folder (a run directory from `transferkit train`)."
     )
+
+
+def weights_digest(directory: Path) -> str:
+    """sha256 of a bundle's model.safetensors: which weights an export was made from."""
+    digest = hashlib.sha256()
+    with open(directory / "model.safetensors", "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_meta(path: str | Path) -> dict:

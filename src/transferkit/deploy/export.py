@@ -15,6 +15,7 @@ is judged by its test-split accuracy against the PyTorch model's instead.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from transferkit.core.errors import UserError
 from transferkit.core.files import atomic_write
 from transferkit.data.preprocessing import Preprocessing, TextPreprocessing, preprocessing_from_dict
 from transferkit.data.transforms import eval_transform
-from transferkit.deploy.bundle import load_bundle
+from transferkit.deploy.bundle import bundle_dir, load_bundle, weights_digest
 from transferkit.deploy.runners import onnx_runner, torchscript_runner
 from transferkit.deploy.savedmodel import saved_model_runner
 from transferkit.deploy.tflite import QUANTIZE, tflite_runner, write_tflite
@@ -99,10 +100,15 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
               else "the PyTorch model in fp32", "precision": {"none": "fp32"}.get(quantize, quantize)}
     if quantize != "none":  # judged by what it costs: accuracy on the test split, against the PyTorch model's
         parity["test_accuracy"] = split_accuracy(run_dir, model, prep, meta["classes"], run)
+        parity["passed"] = parity["test_accuracy"]["change"] >= -tolerance
+    else:
+        parity["passed"] = parity["max_abs_logit_diff"] <= tolerance and parity["top1_agreement"] == 1.0
+    source = bundle_dir(run_dir)  # which weights: predict refuses this export once the run's best/ has moved on
     record = {"format": format, "file": path.name, "classes": meta["classes"], "preprocessing": prep.to_dict(),
               "with_preprocessing": with_preprocessing, "input": given.record, "files": sorted(given.files),
               "output": {"name": "logits", "shape": ["batch", len(meta["classes"])]},
               "opset": opset if format == "onnx" else None, "parity": parity,
+              "source": {"bundle": os.path.relpath(source, out), "sha256": weights_digest(source)},
               "architecture": meta["architecture"]}
     _write_record(out, record)
     _check(parity, format, path)
@@ -113,13 +119,13 @@ def _check(parity: dict, format: str, path: Path) -> None:
     """A failed parity check is an error that says by how much."""
     tolerance, accuracy = parity["tolerance"], parity.get("test_accuracy")
     if accuracy is not None:
-        if accuracy["change"] < -tolerance:
+        if not parity["passed"]:
             raise UserError(f"The {parity['precision']} {format} export at '{path}' loses {-accuracy['change']:.3f} "
                             f"test accuracy ({accuracy['pytorch']:.3f} -> {accuracy['export']:.3f} on "
                             f"{accuracy['images']} images; tolerance {tolerance:g}). Calibrate on more images "
                             "(--calibration) or ship fp32/fp16.")
         return
-    if parity["max_abs_logit_diff"] > tolerance or parity["top1_agreement"] < 1.0:
+    if not parity["passed"]:
         raise UserError(f"The {format} export at '{path}' disagrees with {parity['against']} on {parity['images']} "
                         f"images: max |logit diff| {parity['max_abs_logit_diff']:.2e} (tolerance {tolerance:g}), top-1 "
                         f"agreement {parity['top1_agreement']:.3f}. Do not deploy it; report this with the model name.")

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from transferkit.core.errors import UserError
+from transferkit.core.machine import pick_device
 from transferkit.data.images import from_array, is_image_file, open_image, to_mode
 from transferkit.data.preprocessing import Preprocessing, preprocessing_from_dict
 from transferkit.data.transforms import eval_transform
-from transferkit.deploy.bundle import load_bundle
+from transferkit.deploy.bundle import load_bundle, weights_digest
 from transferkit.deploy.runners import BACKENDS
 from transferkit.models.fuse import fold_batchnorm
 from transferkit.models.precision import Workload
@@ -191,6 +192,7 @@ class ExportedPredictor(Predictor):
         if own.get("with_preprocessing"):
             raise UserError(f"'{path}' was exported --with-preprocessing (it takes uint8 images); --backend {backend} "
                             f"needs a plain export: transferkit export RUN --format {own['format']}.")
+        _check_export(path, own, BACKENDS[backend][2])
         self._set_meta(record)
         self.run = BACKENDS[backend][1](path)
         self.device, self.precision = "cpu", {"tflite-fp16": "fp16", "tflite-int8": "int8"}.get(backend, "fp32")
@@ -203,6 +205,19 @@ class ExportedTextPredictor(ExportedPredictor, TextPredictor):
     """A text model's ONNX export: the tokenizer from its model.json, the ids to onnxruntime."""
 
 
+def _check_export(path: Path, own: dict, flags: str) -> None:
+    """Refuse an export whose parity check failed, or that was made from other weights than its run's best/ now
+    holds (the run was resumed and trained further): either would predict other than the model."""
+    if own.get("parity", {}).get("passed") is False:
+        raise UserError(f"'{path}' failed its parity check against the PyTorch model when it was exported "
+                        f"(see {path.with_name('model.json')}); do not deploy it.")
+    source = own.get("source")
+    bundle = path.parent / source["bundle"] if source else None
+    if bundle is not None and (bundle / "model.safetensors").is_file() and weights_digest(bundle) != source["sha256"]:
+        raise UserError(f"'{path}' was exported from other weights than '{bundle.resolve()}' holds now (the run was "
+                        f"trained further): export it again with `transferkit export RUN {flags}`.")
+
+
 PREDICTORS = {"image": (Predictor, ExportedPredictor), "text": (TextPredictor, ExportedTextPredictor)}
 """By a bundle's `architecture.task`: the predictor of its PyTorch model, and of its exports."""
 
@@ -213,14 +228,14 @@ def load(path: str | Path, device: str = "cpu", backend: str = "torch", precisio
     folder or the file), whatever `precision`."""
     if precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"precision must be auto, bf16 or fp32; got '{precision}'.")
+    device = str(pick_device(device))
     if backend in BACKENDS:
         path, file = Path(path), BACKENDS[backend][0]
         found = next((p for p in (path, path / file, path / "export" / file, path.parent / "export" / file)
                       if p.exists() and p.name == file), None)
         if found is None or not found.with_name("model.json").is_file():
-            how = {"onnx": "--format onnx", "tflite": "--format tflite", "tflite-fp16": "--format tflite --fp16",
-                   "tflite-int8": "--format tflite --int8", "saved_model": "--format saved_model"}[backend]
-            raise UserError(f"No {file} with its model.json at '{path}': run `transferkit export {path} {how}` first.")
+            raise UserError(f"No {file} with its model.json at '{path}': run `transferkit export {path} "
+                            f"{BACKENDS[backend][2]}` first.")
         task = json.loads(found.with_name("model.json").read_text()).get("architecture", {}).get("task", "image")
         return PREDICTORS[task][1](found, backend)
     if backend != "torch":

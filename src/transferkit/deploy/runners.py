@@ -30,7 +30,10 @@ def torchscript_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-BACKENDS = {"onnx": ("model.onnx", onnx_runner), "tflite": ("model.tflite", tflite_runner),
-            "tflite-fp16": ("model_fp16.tflite", tflite_runner), "tflite-int8": ("model_int8.tflite", tflite_runner),
-            "saved_model": ("saved_model", saved_model_runner)}
-"""`predict --backend`: the export file it runs (in the run's export/ folder) and how."""
+BACKENDS = {"onnx": ("model.onnx", onnx_runner, "--format onnx"),
+            "tflite": ("model.tflite", tflite_runner, "--format tflite"),
+            "tflite-fp16": ("model_fp16.tflite", tflite_runner, "--format tflite --fp16"),
+            "tflite-int8": ("model_int8.tflite", tflite_runner, "--format tflite --int8"),
+            "saved_model": ("saved_model", saved_model_runner, "--format saved_model")}
+"""`predict --backend`: the export file it runs (in the run's export/ folder), how, and the `transferkit export`
+options that write it."""

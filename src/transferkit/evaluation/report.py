@@ -20,6 +20,7 @@ import numpy as np
 
 from transferkit.core.errors import UserError
 from transferkit.core.files import write_text
+from transferkit.core.machine import pick_device
 from transferkit.evaluation.calibration import (
     expected_calibration_error,
     fit_temperature,
@@ -90,7 +91,7 @@ def build_report(run_dir: str | Path, device: str = "cpu", data=None) -> Path:
     from transferkit.data.sources import config_data
     from transferkit.deploy.predictor import load
 
-    run_dir = Path(run_dir)
+    run_dir, device = Path(run_dir), str(pick_device(device))  # a wrong name fails now, not halfway
     for name in ("config.yaml", "split.json", "metrics.jsonl"):
         if not (run_dir / name).is_file():
             raise UserError(f"'{run_dir}' is not a finished run directory: it has no {name}.")

@@ -34,6 +34,8 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
     accuracy without and with it: `tta.recommended` is true only when TTA is better on validation.
     `precision`: auto (see `precision`), fp32 or bf16; the result names the one used."""
     run = Path(run)
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"precision must be auto, bf16 or fp32; got '{precision}'.")
     if not (run / "config.yaml").is_file() or not (run / "split.json").is_file():
         raise UserError(f"'{run}' is not a run directory: it needs config.yaml and split.json "
                         "(as written by `transferkit train`).")

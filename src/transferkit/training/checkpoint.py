@@ -10,6 +10,7 @@ crash at any instant leaves either the previous checkpoint or the new one, never
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,13 @@ def load_resume(run_dir: Path, overrides: dict) -> tuple[TrainConfig, dict, dict
 
 
 def resumed_plan(state: dict, config: TrainConfig, n_groups: int) -> list[Phase]:
-    """The saved plan, or (after a change of epochs) the new one, if it keeps the phases already trained."""
+    """The saved plan, or (after a change of epochs) the new one, if it keeps the phases already trained; a run
+    in its last phase (an lp-ft run fine-tuning) whose new plan would reshape the earlier ones takes the extra
+    epochs in that last phase."""
     saved = [Phase.from_dict(p) for p in state["plan"]]
+    if config.epochs < state["epoch"]:
+        raise UserError(f"This run has trained {state['epoch']} epochs; resume it with --epochs {state['epoch']} or "
+                        f"more (got {config.epochs}).")
     if config.epochs == state["config"]["epochs"]:
         return saved
     plan = make_plan(config, n_groups)
@@ -99,6 +105,9 @@ def resumed_plan(state: dict, config: TrainConfig, n_groups: int) -> list[Phase]
     def shape(phases, upto):  # everything up to the current phase, its length aside
         return [p.to_dict() | ({"epochs": None} if i == upto else {}) for i, p in enumerate(phases[: upto + 1])]
 
+    extra = config.epochs - state["config"]["epochs"]
+    if shape(plan, k) != shape(saved, k) and k == len(saved) - 1 and extra > 0:
+        return saved[:-1] + [replace(saved[-1], epochs=saved[-1].epochs + extra)]
     if shape(plan, k) != shape(saved, k):
         raise UserError(f"Changing epochs from {state['config']['epochs']} to {config.epochs} changes phases this "
                         f"run already trained (it is in phase {k + 1} of {len(saved)}, '{saved[k].name}'). "

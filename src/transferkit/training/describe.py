@@ -16,6 +16,8 @@ def describe(name: str, img_size: int | None = None) -> dict:
     from transferkit.models.weights import locate_weights, resolve_arch
     from transferkit.training.strategy import make_plan
 
+    if img_size is not None and img_size < 16:
+        raise UserError(f"--img-size must be 16 or more; got {img_size}.")
     try:  # built as training would build it: with the weights found here (their tag and preprocessing)
         found = locate_weights(resolve_arch(name), "auto")
     except UserError:  # none on this machine: the architecture alone
