@@ -7,7 +7,6 @@ classes, preprocessing, the strategy that trained it, and its metrics.
 from __future__ import annotations
 
 import hashlib
-
 import json
 import shutil
 from pathlib import Path
