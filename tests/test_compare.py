@@ -1,10 +1,13 @@
 import csv
 import json
+from pathlib import Path
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
 from transferkit.cli import app
+from transferkit.core.errors import UserError
 
 
 def test_compare_runs_every_arm_on_the_same_split_and_writes_its_files(shapes_dir, tmp_path):
@@ -33,6 +36,20 @@ def test_compare_runs_every_arm_on_the_same_split_and_writes_its_files(shapes_di
     assert page.count('class="arm-accuracy"') == len(result["arms"]) and "data:image/png;base64," in page
     assert not (study / "linear-probe-2shot-seed0" / "report.html").exists()  # arms skip their own
     assert "linear-probe" in out.stdout and "±" in out.stdout
+
+
+def test_a_second_study_never_replaces_the_first(shapes_dir, tmp_path):
+    from transferkit.training.compare import compare
+
+    first = tmp_path / "compare-shapes"
+    first.mkdir()
+    (first / "compare.json").write_text("{}")  # an earlier study's summary
+    with pytest.raises(UserError, match="Study folder .* already exists"):
+        compare(str(shapes_dir), ["linear-probe"], runs_dir=str(tmp_path), name="compare-shapes")
+    second = compare(str(shapes_dir), ["linear-probe"], runs_dir=str(tmp_path), quiet=True, epochs=1, img_size=32,
+                     html_report=False)
+    assert (first / "compare.json").read_text() == "{}"
+    assert Path(second["arms"][0]["run"]).parent == tmp_path / "compare-shapes-2"
 
 
 def test_compare_rejects_unknown_strategy(shapes_dir, tmp_path):

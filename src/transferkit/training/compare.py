@@ -18,6 +18,7 @@ from transferkit.core.errors import UserError, did_you_mean
 from transferkit.core.progress import Reporter
 from transferkit.evaluation.report import build_compare_report
 from transferkit.training.recipe import train
+from transferkit.training.rundir import make_run_dir
 
 
 def compare(data: str, strategies: list[str], shots: list[int | None] | None = None, seeds: int = 1,
@@ -31,8 +32,10 @@ def compare(data: str, strategies: list[str], shots: list[int | None] | None = N
         raise UserError(f"seeds must be >= 1; got {seeds}.")
     shots = shots or [None]
     stem = data.split(":", 1)[1] if data.startswith("builtin:") else Path(data.rstrip("/")).stem
-    out = Path(runs_dir) / (name or f"compare-{stem}")
-    out.mkdir(parents=True, exist_ok=True)
+    root = Path(runs_dir)
+    if name is not None and (root / name).exists():  # an earlier study's summary would be replaced
+        raise UserError(f"Study folder '{root / name}' already exists: pick another --name, or remove it first.")
+    out = make_run_dir(root, name or f"compare-{stem}", auto=True, overwrite=False)  # compare-DATA-2, ...
     report = Reporter(quiet)
     arms, total, started = [], len(shots) * seeds * len(strategies), time.perf_counter()
     for k in shots:
