@@ -104,11 +104,15 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
     else:
         parity["passed"] = parity["max_abs_logit_diff"] <= tolerance and parity["top1_agreement"] == 1.0
     source = bundle_dir(run_dir)  # which weights: predict refuses this export once the run's best/ has moved on
+    try:  # relative, so a run folder copied elsewhere still finds its best/
+        bundle = os.path.relpath(source, out)
+    except ValueError:  # another drive (Windows)
+        bundle = str(source.resolve())
     record = {"format": format, "file": path.name, "classes": meta["classes"], "preprocessing": prep.to_dict(),
               "with_preprocessing": with_preprocessing, "input": given.record, "files": sorted(given.files),
               "output": {"name": "logits", "shape": ["batch", len(meta["classes"])]},
               "opset": opset if format == "onnx" else None, "parity": parity,
-              "source": {"bundle": os.path.relpath(source, out), "sha256": weights_digest(source)},
+              "source": {"bundle": bundle, "sha256": weights_digest(source)},
               "architecture": meta["architecture"]}
     _write_record(out, record)
     _check(parity, format, path)
