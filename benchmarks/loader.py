@@ -1,6 +1,6 @@
 """How fast the training loader feeds batches, side by side in one run: float batches normalised in the
-workers (the first way), uint8 batches normalised by `Runtime.batch` (the default on CUDA), and uint8 squares
-with crop rows that `Runtime.batch` crops (`--crop-on device`: the workers only draw the crops).
+workers (the first way), uint8 batches normalised by `Runtime.batch` (`--crop-on workers`), and uint8 squares
+with crop rows that `Runtime.batch` crops (`--crop-on device`, the default on CUDA: the workers only draw the crops).
 
 `python benchmarks/loader.py [--workers N] [--out DIR]` writes DIR/loader.json and loader.md. The data
 are benchmarks/gpu.py's JPEGs (10 classes, ~500x375 px); the loader is the one `transferkit train`
