@@ -109,6 +109,12 @@ def validate(config) -> None:
         )
 
 
+def check_precision(precision: str) -> None:
+    """predict's and evaluate's --precision (a run's is checked with its config)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision must be auto, bf16 or fp32; got '{precision}'.")
+
+
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from transferkit.core.checks import check_precision
 from transferkit.core.errors import UserError
 from transferkit.core.machine import pick_device
 from transferkit.data.images import from_array, is_image_file, open_image, to_mode
@@ -226,8 +227,7 @@ def load(path: str | Path, device: str = "cpu", backend: str = "torch", precisio
     """Load a bundle (or a run directory's best/) for prediction; another backend (see runners.BACKENDS: onnx,
     tflite, tflite-fp16, tflite-int8, saved_model) loads the run's export of that kind instead (a run, its export
     folder or the file), whatever `precision`."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise UserError(f"precision must be auto, bf16 or fp32; got '{precision}'.")
+    check_precision(precision)
     device = str(pick_device(device))
     if backend in BACKENDS:
         path, file = Path(path), BACKENDS[backend][0]

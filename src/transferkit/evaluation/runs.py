@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
+from transferkit.core.checks import check_precision
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
 from transferkit.core.machine import default_workers, pick_device
@@ -34,8 +35,7 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
     accuracy without and with it: `tta.recommended` is true only when TTA is better on validation.
     `precision`: auto (see `precision`), fp32 or bf16; the result names the one used."""
     run = Path(run)
-    if precision not in ("auto", "bf16", "fp32"):
-        raise UserError(f"precision must be auto, bf16 or fp32; got '{precision}'.")
+    check_precision(precision)
     if not (run / "config.yaml").is_file() or not (run / "split.json").is_file():
         raise UserError(f"'{run}' is not a run directory: it needs config.yaml and split.json "
                         "(as written by `transferkit train`).")

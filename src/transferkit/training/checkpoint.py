@@ -105,11 +105,11 @@ def resumed_plan(state: dict, config: TrainConfig, n_groups: int) -> list[Phase]
     def shape(phases, upto):  # everything up to the current phase, its length aside
         return [p.to_dict() | ({"epochs": None} if i == upto else {}) for i, p in enumerate(phases[: upto + 1])]
 
+    if shape(plan, k) == shape(saved, k):
+        return plan
     extra = config.epochs - state["config"]["epochs"]
-    if shape(plan, k) != shape(saved, k) and k == len(saved) - 1 and extra > 0:
+    if k == len(saved) - 1 and extra > 0:  # in its last phase: the extra epochs go there
         return saved[:-1] + [replace(saved[-1], epochs=saved[-1].epochs + extra)]
-    if shape(plan, k) != shape(saved, k):
-        raise UserError(f"Changing epochs from {state['config']['epochs']} to {config.epochs} changes phases this "
-                        f"run already trained (it is in phase {k + 1} of {len(saved)}, '{saved[k].name}'). "
-                        "Resume with the original epochs, or start a new run.")
-    return plan
+    raise UserError(f"Changing epochs from {state['config']['epochs']} to {config.epochs} changes phases this "
+                    f"run already trained (it is in phase {k + 1} of {len(saved)}, '{saved[k].name}'). "
+                    "Resume with the original epochs, or start a new run.")
