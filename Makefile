@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-bf16 test-no-bf16 test-cuda test-slow bench bench-precision clean
+.PHONY: install demo test format test-bf16 test-no-bf16 test-cuda test-slow bench bench-precision clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,8 @@ demo: $(STAMP)
 	$(BIN)/transferkit evaluate runs/demo
 
 test: $(STAMP)
+	$(BIN)/ruff format --check -q src tests benchmarks  # one format (pyproject.toml [tool.ruff]); `make format` applies it
+	$(BIN)/ruff check -q src tests benchmarks
 	$(BIN)/lint-imports  # the layers in pyproject.toml: imports point down, no cycles
 	$(BIN)/python -m pytest -q
 
@@ -41,6 +43,10 @@ test-cuda: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+format: $(STAMP)
+	$(BIN)/ruff format -q src tests benchmarks
+	$(BIN)/ruff check -q --fix src tests benchmarks
 
 clean:
 	rm -rf runs .pytest_cache

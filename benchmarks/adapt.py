@@ -27,22 +27,43 @@ def one(method: str, seed: int, epochs: int, img_size: int, work: Path, **overri
     from transferkit.core.progress import Reporter
 
     tick = time.perf_counter()
-    run = transferkit.train(data="builtin:fontdigits", target="builtin:digits", target_eval="builtin:digits",
-                            adapt=method, seed=seed, epochs=epochs, img_size=img_size, precision="fp32",
-                            quiet=True, html_report=False, runs_dir=str(work), name=f"{method}-{seed}",
-                            cache_dir=str(work / "cache"), report=Reporter(silent=True), **overrides)
+    run = transferkit.train(
+        data="builtin:fontdigits",
+        target="builtin:digits",
+        target_eval="builtin:digits",
+        adapt=method,
+        seed=seed,
+        epochs=epochs,
+        img_size=img_size,
+        precision="fp32",
+        quiet=True,
+        html_report=False,
+        runs_dir=str(work),
+        name=f"{method}-{seed}",
+        cache_dir=str(work / "cache"),
+        report=Reporter(silent=True),
+        **overrides,
+    )
     rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
 
     def lowest(key):  # the target accuracy of the epoch where a label-free score is lowest
         scored = [r for r in rows if r.get(key) is not None]
         return min(scored, key=lambda r: r[key])["target_accuracy"] if scored else None
 
-    return {"method": method, "seed": seed, "seconds": time.perf_counter() - tick,
-            "curve": [r["target_accuracy"] for r in rows], "source_val": [r["val_accuracy"] for r in rows],
-            "entropy": [r["target_entropy"] for r in rows], "pad": [r["proxy_a_distance"] for r in rows],
-            "by_source_val": max(rows, key=lambda r: (r["val_accuracy"], -r["val_loss"]))["target_accuracy"],
-            "by_entropy": lowest("target_entropy"), "by_pad": lowest("proxy_a_distance"),
-            "oracle": max(r["target_accuracy"] for r in rows), "last": rows[-1]["target_accuracy"]}
+    return {
+        "method": method,
+        "seed": seed,
+        "seconds": time.perf_counter() - tick,
+        "curve": [r["target_accuracy"] for r in rows],
+        "source_val": [r["val_accuracy"] for r in rows],
+        "entropy": [r["target_entropy"] for r in rows],
+        "pad": [r["proxy_a_distance"] for r in rows],
+        "by_source_val": max(rows, key=lambda r: (r["val_accuracy"], -r["val_loss"]))["target_accuracy"],
+        "by_entropy": lowest("target_entropy"),
+        "by_pad": lowest("proxy_a_distance"),
+        "oracle": max(r["target_accuracy"] for r in rows),
+        "last": rows[-1]["target_accuracy"],
+    }
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -60,11 +81,16 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def write(result: dict, out: Path) -> None:
     (out / "adapt.json").write_text(json.dumps(result, indent=1))
-    lines = [f"# Domain adaptation: builtin:fontdigits -> builtin:digits ({result['cpu']}, {result['date']})", "",
-             f"{result['epochs']} epochs, {result['img_size']} px, lite0 finetune defaults; target accuracy on all "
-             "1,797 handwritten digits, mean ± std over seeds", "",
-             "| method | picked by source val | by target entropy | by proxy A-distance | oracle (target labels) "
-             "| last epoch |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Domain adaptation: builtin:fontdigits -> builtin:digits ({result['cpu']}, {result['date']})",
+        "",
+        f"{result['epochs']} epochs, {result['img_size']} px, lite0 finetune defaults; target accuracy on all "
+        "1,797 handwritten digits, mean ± std over seeds",
+        "",
+        "| method | picked by source val | by target entropy | by proxy A-distance | oracle (target labels) "
+        "| last epoch |",
+        "|---|---|---|---|---|---|",
+    ]
     for s in result["summary"]:
         cell = [f"{s[k][0]:.3f} ± {s[k][1]:.3f}" if k in s else "-" for k in KEYS]
         lines.append(f"| {s['method']} | " + " | ".join(cell) + " |")
@@ -78,24 +104,38 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--out", type=Path, default=HERE)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config field for every run, e.g. --set adapt_weight=0.3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config field for every run, e.g. --set adapt_weight=0.3 (repeatable)",
+    )
     args = parser.parse_args()
     from tune import cpu_name
 
     overrides = dict(item.split("=", 1) for item in args.set)
     work = Path(tempfile.mkdtemp(prefix="tk-adapt-bench-"))
     args.out.mkdir(parents=True, exist_ok=True)
-    result = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "epochs": args.epochs,
-              "img_size": args.img_size, "overrides": overrides, "runs": []}
+    result = {
+        "cpu": cpu_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "epochs": args.epochs,
+        "img_size": args.img_size,
+        "overrides": overrides,
+        "runs": [],
+    }
     for seed in range(args.seeds):
         for method in args.methods.split(","):
             row = one(method, seed, args.epochs, args.img_size, work, **overrides)
             result["runs"].append(row)
             result["summary"] = summary(result["runs"])
             write(result, args.out)
-            print(f"[adapt-bench] {method} seed {seed}: target {row['by_source_val']:.3f} (source val pick), "
-                  f"oracle {row['oracle']:.3f}, {row['seconds']:.0f} s", flush=True)
+            print(
+                f"[adapt-bench] {method} seed {seed}: target {row['by_source_val']:.3f} (source val pick), "
+                f"oracle {row['oracle']:.3f}, {row['seconds']:.0f} s",
+                flush=True,
+            )
     print((args.out / "adapt.md").read_text())
 
 

@@ -54,7 +54,8 @@ def texture_folder(root: Path, per_class: dict[str, int], size: int, photo: int 
 
 def reference_linear_probe(folder: Path, img_size: int, epochs: int, batch_size: int = 32) -> dict:
     """The tutorial loop: ImageFolder + augmentation, whole model forward every batch, head trains."""
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     from transferkit.models.classifier import build_classifier
 
@@ -94,9 +95,26 @@ def b1(work: Path, quick: bool) -> dict:
     n = {"train": 700, "val": 50, "test": 100} if not quick else {"train": 60, "val": 10, "test": 20}
     folder = texture_folder(work / "b1", n, size=128)
     img_size, epochs = 96, 10
-    ours_cmd = [sys.executable, "-m", "transferkit", "train", str(folder), "--strategy", "linear-probe",
-                "--epochs", str(epochs), "--img-size", str(img_size), "--runs-dir", str(work / "runs"), "--name", "b1",
-                "--quiet", "--cache-dir", str(work / "cache-b1")]
+    ours_cmd = [
+        sys.executable,
+        "-m",
+        "transferkit",
+        "train",
+        str(folder),
+        "--strategy",
+        "linear-probe",
+        "--epochs",
+        str(epochs),
+        "--img-size",
+        str(img_size),
+        "--runs-dir",
+        str(work / "runs"),
+        "--name",
+        "b1",
+        "--quiet",
+        "--cache-dir",
+        str(work / "cache-b1"),
+    ]
     ref_cmd = [sys.executable, str(Path(__file__).resolve()), "--reference-b1", str(folder), str(img_size), str(epochs)]
     sides = {}
     for side, command in (("transferkit", ours_cmd), ("reference", ref_cmd)):
@@ -105,12 +123,21 @@ def b1(work: Path, quick: bool) -> dict:
         seconds = time.perf_counter() - tick
         if out.returncode:
             raise RuntimeError(f"{side} failed: {out.stderr[-2000:]}")
-        sides[side] = {"seconds": seconds, "test_accuracy": json.loads(out.stdout.strip().splitlines()[-1])["test_accuracy"]}
+        sides[side] = {
+            "seconds": seconds,
+            "test_accuracy": json.loads(out.stdout.strip().splitlines()[-1])["test_accuracy"],
+        }
     ours, ref = sides["transferkit"], sides["reference"]
-    return {"case": "B1", "what": f"linear-probe, {3 * sum(n.values())} JPEGs (128 px crops), {img_size} px, "
-                                  f"{epochs} epochs, time to test accuracy, whole processes (imports counted)",
-            "transferkit": ours, "reference": ref, "ratio": ref["seconds"] / ours["seconds"], "target": ">= 10x",
-            "shown": [f"{side['seconds']:.1f} s, acc {side['test_accuracy']:.3f}" for side in (ours, ref)]}
+    return {
+        "case": "B1",
+        "what": f"linear-probe, {3 * sum(n.values())} JPEGs (128 px crops), {img_size} px, "
+        f"{epochs} epochs, time to test accuracy, whole processes (imports counted)",
+        "transferkit": ours,
+        "reference": ref,
+        "ratio": ref["seconds"] / ours["seconds"],
+        "target": ">= 10x",
+        "shown": [f"{side['seconds']:.1f} s, acc {side['test_accuracy']:.3f}" for side in (ours, ref)],
+    }
 
 
 def b3(work: Path, quick: bool) -> dict:
@@ -121,19 +148,34 @@ def b3(work: Path, quick: bool) -> dict:
     folder = texture_folder(work / "b3", n, size=128, photo=1600)
     epochs, build = {}, 0.0
     for cache in (False, True):  # the default worker count for both
-        run = transferkit.train(data=str(folder), strategy="finetune", epochs=3, img_size=64, image_cache=cache,
-                                runs_dir=str(work / "runs"), name=f"b3-{cache}", quiet=True,
-                                cache_dir=str(work / "cache-b3"))
+        run = transferkit.train(
+            data=str(folder),
+            strategy="finetune",
+            epochs=3,
+            img_size=64,
+            image_cache=cache,
+            runs_dir=str(work / "runs"),
+            name=f"b3-{cache}",
+            quiet=True,
+            cache_dir=str(work / "cache-b3"),
+        )
         rows = [json.loads(r) for r in (run.dir / "metrics.jsonl").read_text().splitlines()]
         epochs[cache] = [r["epoch_s"] for r in rows]
         build = run.metrics["image_cache_s"]
     later_plain, later_cached = np.mean(epochs[False][1:]), np.mean(epochs[True][1:])
-    return {"case": "B3", "what": f"finetune epochs over {3 * n['train']} 1600x1200 JPEGs at 64 px; reference = "
-                                  "the same run decoding the files every epoch",
-            "transferkit": {"epoch_s": epochs[True], "cache_build_s": build}, "reference": {"epoch_s": epochs[False]},
-            "ratio": later_plain / later_cached, "target": ">= 3x from epoch 2",
-            "shown": [", ".join(f"{v:.1f}" for v in epochs[True]) + f" s/epoch (+ {build:.1f} s to build the cache)",
-                      ", ".join(f"{v:.1f}" for v in epochs[False]) + " s/epoch"]}
+    return {
+        "case": "B3",
+        "what": f"finetune epochs over {3 * n['train']} 1600x1200 JPEGs at 64 px; reference = "
+        "the same run decoding the files every epoch",
+        "transferkit": {"epoch_s": epochs[True], "cache_build_s": build},
+        "reference": {"epoch_s": epochs[False]},
+        "ratio": later_plain / later_cached,
+        "target": ">= 3x from epoch 2",
+        "shown": [
+            ", ".join(f"{v:.1f}" for v in epochs[True]) + f" s/epoch (+ {build:.1f} s to build the cache)",
+            ", ".join(f"{v:.1f}" for v in epochs[False]) + " s/epoch",
+        ],
+    }
 
 
 def gemm_ceiling(n: int = 2048, repeats: int = 8) -> float:
@@ -165,13 +207,15 @@ def train_flops_per_image(img_size: int) -> float:
 
 def reference_finetune(folder: Path, img_size: int, epochs: int, batch_size: int = 32) -> list[float]:
     """The tutorial fine-tune: ImageFolder + augmentation decoded every epoch, every weight trains; img/s per epoch."""
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
 
     from transferkit.models.classifier import build_classifier
 
     model, _, prep = build_classifier("efficientnet_lite0", "auto", len(TEXTURES), img_size=img_size)
-    tf = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize(prep.mean, prep.std)])
+    tf = T.Compose(
+        [T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(prep.mean, prep.std)]
+    )
     train = torch.utils.data.DataLoader(datasets.ImageFolder(folder, tf), batch_size, shuffle=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     rates = []
@@ -195,21 +239,42 @@ def b2(work: Path, quick: bool) -> dict:
     n = {"train": 200, "val": 20, "test": 20} if not quick else {"train": 20, "val": 4, "test": 4}
     folder = texture_folder(work / "b2", n, size=128)
     img_size, epochs = 96, 2
-    run = transferkit.train(data=str(folder), strategy="full", epochs=epochs, img_size=img_size, lr=1e-4,
-                            runs_dir=str(work / "runs"), name="b2", quiet=True, cache_dir=str(work / "cache-b2"))
+    run = transferkit.train(
+        data=str(folder),
+        strategy="full",
+        epochs=epochs,
+        img_size=img_size,
+        lr=1e-4,
+        runs_dir=str(work / "runs"),
+        name="b2",
+        quiet=True,
+        cache_dir=str(work / "cache-b2"),
+    )
     rows = [json.loads(r) for r in (run.dir / "metrics.jsonl").read_text().splitlines()]
     ours = rows[-1]["images_per_s"]  # the last epoch: caches built, steady state
     ref = reference_finetune(folder / "train", img_size, epochs)[-1]
     flops, ceiling = train_flops_per_image(img_size), gemm_ceiling()
     achieved = ours * flops / 1e9
-    return {"case": "B2", "what": f"full fine-tune throughput, {3 * n['train']} JPEGs (128 px crops) at {img_size} px, "
-                                  f"batch 32, last of {epochs} epochs; GFLOP/s against a 2048x2048 fp32 GEMM",
-            "transferkit": {"images_per_s": ours, "gflops": achieved, "gflop_per_image": flops / 1e9,
-                            "gemm_ceiling_gflops": ceiling, "fraction_of_ceiling": achieved / ceiling},
-            "reference": {"images_per_s": ref, "gflops": ref * flops / 1e9},
-            "ratio": ours / ref, "target": ">= 1.0x, and >= 50% of the GEMM ceiling",
-            "shown": [f"{ours:.1f} img/s = {achieved:.1f} GFLOP/s, {100 * achieved / ceiling:.0f}% of the "
-                      f"{ceiling:.0f} GFLOP/s GEMM ceiling", f"{ref:.1f} img/s = {ref * flops / 1e9:.1f} GFLOP/s"]}
+    return {
+        "case": "B2",
+        "what": f"full fine-tune throughput, {3 * n['train']} JPEGs (128 px crops) at {img_size} px, "
+        f"batch 32, last of {epochs} epochs; GFLOP/s against a 2048x2048 fp32 GEMM",
+        "transferkit": {
+            "images_per_s": ours,
+            "gflops": achieved,
+            "gflop_per_image": flops / 1e9,
+            "gemm_ceiling_gflops": ceiling,
+            "fraction_of_ceiling": achieved / ceiling,
+        },
+        "reference": {"images_per_s": ref, "gflops": ref * flops / 1e9},
+        "ratio": ours / ref,
+        "target": ">= 1.0x, and >= 50% of the GEMM ceiling",
+        "shown": [
+            f"{ours:.1f} img/s = {achieved:.1f} GFLOP/s, {100 * achieved / ceiling:.0f}% of the "
+            f"{ceiling:.0f} GFLOP/s GEMM ceiling",
+            f"{ref:.1f} img/s = {ref * flops / 1e9:.1f} GFLOP/s",
+        ],
+    }
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -264,17 +329,43 @@ def b4(work: Path, quick: bool) -> dict:
     per_class = 6666 if not quick else 100  # 19,998: the reference loop fails on a last batch of 1 (BatchNorm)
     folder = texture_folder(work / "b4", {"train": per_class}, size=48) / "train"
     img_size = 32
-    ours, ours_s = peak_rss_mb([sys.executable, "-m", "transferkit", "train", str(folder), "--strategy", "finetune",
-                                "--epochs", "1", "--img-size", str(img_size), "--lr", "1e-4", "--quiet",
-                                "--runs-dir", str(work / "runs"), "--name", "b4",
-                                "--cache-dir", str(work / "cache-b4")])
-    ref, ref_s = peak_rss_mb([sys.executable, "-c", REFERENCE_B4.format(here=str(HERE), folder=str(folder),
-                                                                       img_size=img_size)])
-    return {"case": "B4", "what": f"peak RSS, finetune 1 epoch over {3 * per_class} JPEGs at {img_size} px, "
-                                  "whole process (scan, caches, train, test)",
-            "transferkit": {"peak_rss_mb": ours, "seconds": ours_s}, "reference": {"peak_rss_mb": ref, "seconds": ref_s},
-            "ratio": ref / ours, "target": "< 2 GB",
-            "shown": [f"{ours:.0f} MB ({ours_s:.0f} s)", f"{ref:.0f} MB ({ref_s:.0f} s, train epoch only)"]}
+    ours, ours_s = peak_rss_mb(
+        [
+            sys.executable,
+            "-m",
+            "transferkit",
+            "train",
+            str(folder),
+            "--strategy",
+            "finetune",
+            "--epochs",
+            "1",
+            "--img-size",
+            str(img_size),
+            "--lr",
+            "1e-4",
+            "--quiet",
+            "--runs-dir",
+            str(work / "runs"),
+            "--name",
+            "b4",
+            "--cache-dir",
+            str(work / "cache-b4"),
+        ]
+    )
+    ref, ref_s = peak_rss_mb(
+        [sys.executable, "-c", REFERENCE_B4.format(here=str(HERE), folder=str(folder), img_size=img_size)]
+    )
+    return {
+        "case": "B4",
+        "what": f"peak RSS, finetune 1 epoch over {3 * per_class} JPEGs at {img_size} px, "
+        "whole process (scan, caches, train, test)",
+        "transferkit": {"peak_rss_mb": ours, "seconds": ours_s},
+        "reference": {"peak_rss_mb": ref, "seconds": ref_s},
+        "ratio": ref / ours,
+        "target": "< 2 GB",
+        "shown": [f"{ours:.0f} MB ({ours_s:.0f} s)", f"{ref:.0f} MB ({ref_s:.0f} s, train epoch only)"],
+    }
 
 
 def b5(work: Path, quick: bool) -> dict:
@@ -290,8 +381,9 @@ def b5(work: Path, quick: bool) -> dict:
     folder = texture_folder(work / "b5", {"test": n // 3}, size=128, photo=640)
     files = sorted(str(p) for p in folder.rglob("*.jpg"))
     model, record, prep = build_classifier("efficientnet_lite0", "auto", len(TEXTURES), img_size=224)
-    save_bundle(work / "b5-bundle", model, {"architecture": record, "classes": list(TEXTURES),
-                                            "preprocessing": prep.to_dict()})
+    save_bundle(
+        work / "b5-bundle", model, {"architecture": record, "classes": list(TEXTURES), "preprocessing": prep.to_dict()}
+    )
     clf = transferkit.load(work / "b5-bundle")
     clf.predict_proba(files[:4])  # first call folds BN; not part of the rate
     tick = time.perf_counter()
@@ -300,8 +392,9 @@ def b5(work: Path, quick: bool) -> dict:
 
     plain, _ = load_bundle(work / "b5-bundle")
     plain.eval()
-    tf = create_transform(input_size=(3, 224, 224), interpolation=prep.interpolation, mean=prep.mean, std=prep.std,
-                          crop_pct=prep.crop_pct)
+    tf = create_transform(
+        input_size=(3, 224, 224), interpolation=prep.interpolation, mean=prep.mean, std=prep.std, crop_pct=prep.crop_pct
+    )
     with torch.no_grad():
         plain(torch.stack([tf(PILImage.open(f).convert("RGB")) for f in files[:4]]))
         tick, theirs = time.perf_counter(), []
@@ -310,11 +403,16 @@ def b5(work: Path, quick: bool) -> dict:
             theirs.append(plain(batch).softmax(-1))
     ref_rate = len(files) / (time.perf_counter() - tick)
     agree = float((torch.cat(theirs).argmax(1).numpy() == ours.argmax(1)).mean())
-    return {"case": "B5", "what": f"batch inference, {len(files)} 640x480 JPEGs at 224 px, batch 64: "
-                                  "`predict` against a plain timm eval loop",
-            "transferkit": {"images_per_s": ours_rate, "top1_agreement": agree}, "reference": {"images_per_s": ref_rate},
-            "ratio": ours_rate / ref_rate, "target": ">= 1.0x",
-            "shown": [f"{ours_rate:.1f} img/s (top-1 agrees on {100 * agree:.0f}%)", f"{ref_rate:.1f} img/s"]}
+    return {
+        "case": "B5",
+        "what": f"batch inference, {len(files)} 640x480 JPEGs at 224 px, batch 64: "
+        "`predict` against a plain timm eval loop",
+        "transferkit": {"images_per_s": ours_rate, "top1_agreement": agree},
+        "reference": {"images_per_s": ref_rate},
+        "ratio": ours_rate / ref_rate,
+        "target": ">= 1.0x",
+        "shown": [f"{ours_rate:.1f} img/s (top-1 agrees on {100 * agree:.0f}%)", f"{ref_rate:.1f} img/s"],
+    }
 
 
 def _best_of(command: list[str], repeats: int) -> float:
@@ -332,10 +430,15 @@ def b6(work: Path, quick: bool) -> dict:
     repeats = 5 if not quick else 1
     ours = _best_of([sys.executable, "-m", "transferkit", "--help"], repeats)
     ref = _best_of([sys.executable, "-c", "import torch"], repeats)
-    return {"case": "B6", "what": "`transferkit --help` against `python -c \"import torch\"`, whole processes, best of "
-                                  f"{repeats}", "transferkit": {"seconds": ours}, "reference": {"seconds": ref},
-            "ratio": ref / ours, "target": "< 0.5 s",
-            "shown": [f"{ours:.2f} s", f"{ref:.2f} s"]}
+    return {
+        "case": "B6",
+        "what": f'`transferkit --help` against `python -c "import torch"`, whole processes, best of {repeats}',
+        "transferkit": {"seconds": ours},
+        "reference": {"seconds": ref},
+        "ratio": ref / ours,
+        "target": "< 0.5 s",
+        "shown": [f"{ours:.2f} s", f"{ref:.2f} s"],
+    }
 
 
 CASES = {"B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6}
@@ -344,18 +447,33 @@ CASES = {"B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6}
 def machine() -> str:
     import os
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
 def markdown(results: list[dict], where: str) -> str:
-    lines = [f"Machine: {where}", "", "| case | what | transferkit | reference | ratio | target |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {where}",
+        "",
+        "| case | what | transferkit | reference | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['case']} | {r['what']} | {r['shown'][0]} | {r['shown'][1]} | "
-                     f"{r['ratio']:.2f}x | {r['target']} |")
+        lines.append(
+            f"| {r['case']} | {r['what']} | {r['shown'][0]} | {r['shown'][1]} | {r['ratio']:.2f}x | {r['target']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -364,8 +482,12 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, e.g. B1,B3")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, not the speed")
     parser.add_argument("--out", default=str(HERE), help="folder for bench.json and bench.md")
-    parser.add_argument("--reference-b1", nargs=3, metavar=("FOLDER", "IMG_SIZE", "EPOCHS"),
-                        help="run B1's reference loop alone and print its result (B1 runs this as a process)")
+    parser.add_argument(
+        "--reference-b1",
+        nargs=3,
+        metavar=("FOLDER", "IMG_SIZE", "EPOCHS"),
+        help="run B1's reference loop alone and print its result (B1 runs this as a process)",
+    )
     args = parser.parse_args()
     if args.reference_b1:
         folder, img_size, epochs = args.reference_b1
@@ -377,6 +499,7 @@ def main() -> None:
     import torchvision.datasets  # noqa: F401
 
     import transferkit.training.recipe  # noqa: F401
+
     results = []
     try:
         for name in args.cases.split(","):
@@ -392,8 +515,7 @@ def main() -> None:
         earlier = json.loads((out / "bench.json").read_text())
         if earlier["machine"] == where and not earlier["quick"]:
             ran = {r["case"] for r in results}
-            results = sorted([r for r in earlier["results"] if r["case"] not in ran] + results,
-                             key=lambda r: r["case"])
+            results = sorted([r for r in earlier["results"] if r["case"] not in ran] + results, key=lambda r: r["case"])
     (out / "bench.json").write_text(json.dumps({"machine": where, "quick": args.quick, "results": results}, indent=1))
     (out / "bench.md").write_text(markdown(results, where))
     print(markdown(results, where))

@@ -2,7 +2,8 @@
 
 `python benchmarks/deploy.py [--size 96] [--epochs 3]` trains tf_efficientnet_lite0 (bundled weights) on
 builtin:digits at SIZE px, exports it (ONNX, TorchScript, TFLite fp32/fp16/int8, TensorFlow SavedModel), and
-writes benchmarks/deploy.json and deploy.md with, per format: file size (the SavedModel: its folder); latency at batch 1 (median of 50 calls after 5
+writes benchmarks/deploy.json and deploy.md with, per format: file size (the SavedModel: its folder);
+latency at batch 1 (median of 50 calls after 5
 warm-up calls); img/s at batch 32 (TFLite takes one image a call: 32 calls); top-1 agreement with PyTorch eager
 fp32 and test accuracy, both on the whole test split. Every runner gets the same preprocessed tensors, so the
 figures are the model's alone (no decoding; the SavedModel's include the pipe to its TensorFlow child process,
@@ -60,8 +61,16 @@ def main() -> None:
     from transferkit.models.precision import cpu_name
 
     work = Path(tempfile.mkdtemp(prefix="deploy-"))
-    run = transferkit.train(data="builtin:digits", img_size=args.size, epochs=args.epochs, batch_size=32,
-                            runs_dir=str(work), quiet=True, workers=0, html_report=False)
+    run = transferkit.train(
+        data="builtin:digits",
+        img_size=args.size,
+        epochs=args.epochs,
+        batch_size=32,
+        runs_dir=str(work),
+        quiet=True,
+        workers=0,
+        html_report=False,
+    )
     model, meta = load_bundle(run.dir)
     model.eval()
     data = config_data(TrainConfig.load(run.dir / "config.yaml"), run.dir / "split.json")
@@ -75,12 +84,14 @@ def main() -> None:
             return model(torch.from_numpy(batch)).numpy()
 
     arms = {"PyTorch eager (fp32)": (eager, run.dir / "best" / "model.safetensors", None)}
-    for name, fmt, quantize, runner in (("TorchScript", "torchscript", "none", torchscript_runner),
-                                        ("ONNX Runtime", "onnx", "none", onnx_runner),
-                                        ("TFLite fp32", "tflite", "none", tflite_runner),
-                                        ("TFLite fp16", "tflite", "fp16", tflite_runner),
-                                        ("TFLite int8", "tflite", "int8", tflite_runner),
-                                        ("TensorFlow SavedModel", "saved_model", "none", saved_model_runner)):
+    for name, fmt, quantize, runner in (
+        ("TorchScript", "torchscript", "none", torchscript_runner),
+        ("ONNX Runtime", "onnx", "none", onnx_runner),
+        ("TFLite fp32", "tflite", "none", tflite_runner),
+        ("TFLite fp16", "tflite", "fp16", tflite_runner),
+        ("TFLite int8", "tflite", "int8", tflite_runner),
+        ("TensorFlow SavedModel", "saved_model", "none", saved_model_runner),
+    ):
         start = time.perf_counter()
         result = export(run.dir, fmt, quantize=quantize, tolerance=1.0)  # measured here, not refused
         path = Path(result["path"])
@@ -89,25 +100,44 @@ def main() -> None:
     rows = []
     for name, (run_fn, path, seconds) in arms.items():
         got = np.concatenate([run_fn(x[i : i + 32]) for i in range(0, len(x), 32)]).argmax(1)
-        rows.append({"format": name, "file_mb": round(_size(path) / 2**20, 2), "export_s": seconds,
-                     "latency_ms_b1": round(1000 * _timed(run_fn, x[:1], 50), 2),
-                     "img_s_b32": round(32 / _timed(run_fn, x[:32], 10), 1),
-                     "top1_agreement": round(float((got == want).mean()), 4),
-                     "test_accuracy": round(float((got == labels).mean()), 4)})
+        rows.append(
+            {
+                "format": name,
+                "file_mb": round(_size(path) / 2**20, 2),
+                "export_s": seconds,
+                "latency_ms_b1": round(1000 * _timed(run_fn, x[:1], 50), 2),
+                "img_s_b32": round(32 / _timed(run_fn, x[:32], 10), 1),
+                "top1_agreement": round(float((got == want).mean()), 4),
+                "test_accuracy": round(float((got == labels).mean()), 4),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-    meta_out = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                           f"Python {platform.python_version()}", "model": "tf_efficientnet_lite0",
-                "data": "builtin:digits", "img_size": args.size, "epochs": args.epochs, "test_images": len(test)}
+    meta_out = {
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"Python {platform.python_version()}",
+        "model": "tf_efficientnet_lite0",
+        "data": "builtin:digits",
+        "img_size": args.size,
+        "epochs": args.epochs,
+        "test_images": len(test),
+    }
     (HERE / "deploy.json").write_text(json.dumps({"meta": meta_out, "rows": rows}, indent=1))
-    lines = [f"# Deployment formats ({meta_out['machine']})", "",
-             f"tf_efficientnet_lite0 fine-tuned on builtin:digits at {args.size} px ({args.epochs} epochs); "
-             f"agreement and accuracy on the {len(test)} test images; `python benchmarks/deploy.py "
-             f"--size {args.size} --epochs {args.epochs}`.", "",
-             "| format | file (MB) | export (s) | latency, batch 1 (ms) | img/s, batch 32 | top-1 agreement with "
-             "PyTorch | test accuracy |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['format']} | {r['file_mb']} | {r['export_s'] if r['export_s'] is not None else '-'} | "
-              f"{r['latency_ms_b1']} | {r['img_s_b32']} | {r['top1_agreement']:.4f} | {r['test_accuracy']:.4f} |"
-              for r in rows]
+    lines = [
+        f"# Deployment formats ({meta_out['machine']})",
+        "",
+        f"tf_efficientnet_lite0 fine-tuned on builtin:digits at {args.size} px ({args.epochs} epochs); "
+        f"agreement and accuracy on the {len(test)} test images; `python benchmarks/deploy.py "
+        f"--size {args.size} --epochs {args.epochs}`.",
+        "",
+        "| format | file (MB) | export (s) | latency, batch 1 (ms) | img/s, batch 32 | top-1 agreement with "
+        "PyTorch | test accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['format']} | {r['file_mb']} | {r['export_s'] if r['export_s'] is not None else '-'} | "
+        f"{r['latency_ms_b1']} | {r['img_s_b32']} | {r['top1_agreement']:.4f} | {r['test_accuracy']:.4f} |"
+        for r in rows
+    ]
     (HERE / "deploy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -43,15 +43,15 @@ def main() -> None:
     from gpu import make_jpegs
 
     from transferkit.core.config import TrainConfig
-    from transferkit.data.sources import load_data
+    from transferkit.core.machine import default_workers, pick_device
+    from transferkit.core.progress import Reporter
     from transferkit.data.imagecache import cached_images
     from transferkit.data.loaders import make_loader
+    from transferkit.data.sources import load_data
+    from transferkit.data.transforms import DeviceCrop, train_transform
     from transferkit.models.classifier import build_classifier
     from transferkit.models.precision import cpu_name
-    from transferkit.core.progress import Reporter
     from transferkit.models.runtime import Runtime
-    from transferkit.core.machine import default_workers, pick_device
-    from transferkit.data.transforms import DeviceCrop, train_transform
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=None)
@@ -70,9 +70,11 @@ def main() -> None:
     data = load_data(config.data)
     _, _, prep = build_classifier("efficientnet_lite0", "none", len(data.classes), img_size=224)
     decoded = cached_images(data, "train", prep, config, Reporter(silent=True))
-    ways = {"float, normalised in the workers": train_transform(prep, "basic"),
-            "uint8, normalised by Runtime": train_transform(prep, "basic", normalize=False),
-            "uint8 squares, cropped and normalised by Runtime": DeviceCrop(prep)}
+    ways = {
+        "float, normalised in the workers": train_transform(prep, "basic"),
+        "uint8, normalised by Runtime": train_transform(prep, "basic", normalize=False),
+        "uint8 squares, cropped and normalised by Runtime": DeviceCrop(prep),
+    }
     rows = []
     for name in [*ways, *ways]:  # alternated: the second round shows the spread
         loader = make_loader(data, "train", ways[name], config, shuffle=True, images=decoded, min_side=prep.resize)
@@ -84,8 +86,12 @@ def main() -> None:
     result = {"machine": machine, "device": str(device), "workers": workers, "batch": args.batch, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "loader.json").write_text(json.dumps(result, indent=1))
-    lines = [f"# Training loader throughput: {machine}, {workers} workers, batch {args.batch}, lite0 224 px", "",
-             "| batches | img/s |", "|---|---|"] + [f"| {r['batches']} | {r['images_per_s']:.0f} |" for r in rows]
+    lines = [
+        f"# Training loader throughput: {machine}, {workers} workers, batch {args.batch}, lite0 224 px",
+        "",
+        "| batches | img/s |",
+        "|---|---|",
+    ] + [f"| {r['batches']} | {r['images_per_s']:.0f} |" for r in rows]
     (args.out / "loader.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -38,11 +38,24 @@ def speeds(quick: bool) -> list[dict]:
         for kind in ("train", "infer"):
             rate = measure(workload, kind, reps=1 if quick else 3)
             auto = choose("auto", torch.device("cpu"), kind, workload)
-            rows.append({"model": name, "kind": kind, "img_size": size, "batch": batch, **rate,
-                         "bf16_speedup": rate["bf16"] / rate["fp32"], "auto": auto.precision,
-                         "auto_reason": auto.reason})
-            print(f"[precision] {name} {kind}: fp32 {rate['fp32']:.1f}, bf16 {rate['bf16']:.1f} img/s; "
-                  f"auto {auto.precision}", file=sys.stderr, flush=True)
+            rows.append(
+                {
+                    "model": name,
+                    "kind": kind,
+                    "img_size": size,
+                    "batch": batch,
+                    **rate,
+                    "bf16_speedup": rate["bf16"] / rate["fp32"],
+                    "auto": auto.precision,
+                    "auto_reason": auto.reason,
+                }
+            )
+            print(
+                f"[precision] {name} {kind}: fp32 {rate['fp32']:.1f}, bf16 {rate['bf16']:.1f} img/s; "
+                f"auto {auto.precision}",
+                file=sys.stderr,
+                flush=True,
+            )
     return rows
 
 
@@ -54,33 +67,60 @@ def results(quick: bool, work: Path) -> list[dict]:
     # digits: 30 shots a class keeps emulated bf16 (8-33x slower than fp32 on an AVX2 CPU) in minutes
     cases = {"builtin:faces": {}, "builtin:textures": {}, "builtin:digits": {"shots": 30}}
     for data, extra in list(cases.items())[: 1 if quick else 3]:
-        common = dict(data=data, strategy="finetune", epochs=1 if quick else 5, runs_dir=str(work), quiet=True,
-                      html_report=False, cache_dir=str(work / "cache"), **extra)
+        common = dict(
+            data=data,
+            strategy="finetune",
+            epochs=1 if quick else 5,
+            runs_dir=str(work),
+            quiet=True,
+            html_report=False,
+            cache_dir=str(work / "cache"),
+            **extra,
+        )
         runs = {p: transferkit.train(precision=p, name=f"{data[8:]}-{p}", **common) for p in ("fp32", "bf16")}
         split = load_data(data, split_file=str(runs["fp32"].dir / "split.json")).splits["test"]
         images = [load_data(data, split_file=str(runs["fp32"].dir / "split.json")).read(ref, 3) for ref, _ in split]
-        top1 = {p: transferkit.load(runs["fp32"].dir, precision=p).predict_proba(images).argmax(1)
-                for p in ("fp32", "bf16")}
-        rows.append({"data": data + "".join(f" --{k} {v}" for k, v in extra.items()), "test_images": len(split),
-                     "test_accuracy_trained_fp32": runs["fp32"].metrics["test"]["accuracy"],
-                     "test_accuracy_trained_bf16": runs["bf16"].metrics["test"]["accuracy"],
-                     "predict_top1_agreement": float((top1["fp32"] == top1["bf16"]).mean())})
+        top1 = {
+            p: transferkit.load(runs["fp32"].dir, precision=p).predict_proba(images).argmax(1) for p in ("fp32", "bf16")
+        }
+        rows.append(
+            {
+                "data": data + "".join(f" --{k} {v}" for k, v in extra.items()),
+                "test_images": len(split),
+                "test_accuracy_trained_fp32": runs["fp32"].metrics["test"]["accuracy"],
+                "test_accuracy_trained_bf16": runs["bf16"].metrics["test"]["accuracy"],
+                "predict_top1_agreement": float((top1["fp32"] == top1["bf16"]).mean()),
+            }
+        )
         print(f"[precision] {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
 
 def markdown(report: dict) -> str:
-    lines = [f"Machine: {report['machine']}", f"CPU flags: {report['flags']}", "",
-             "| model | work | fp32 img/s | bf16 img/s | bf16 / fp32 | auto chose | why |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Machine: {report['machine']}",
+        f"CPU flags: {report['flags']}",
+        "",
+        "| model | work | fp32 img/s | bf16 img/s | bf16 / fp32 | auto chose | why |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["speed"]:
         work = {"train": "train step (fwd + bwd)", "infer": "feature extraction / predict (folded BN)"}[r["kind"]]
-        lines.append(f"| {r['model']} {r['img_size']} px, batch {r['batch']} | {work} | {r['fp32']:.1f} | "
-                     f"{r['bf16']:.1f} | {r['bf16_speedup']:.2f}x | {r['auto']} | {r['auto_reason']} |")
-    lines += ["", "| data (lite0 fine-tune) | test images | test acc, trained fp32 | test acc, trained bf16 | "
-              "predict top-1 agreement bf16 vs fp32 |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['model']} {r['img_size']} px, batch {r['batch']} | {work} | {r['fp32']:.1f} | "
+            f"{r['bf16']:.1f} | {r['bf16_speedup']:.2f}x | {r['auto']} | {r['auto_reason']} |"
+        )
+    lines += [
+        "",
+        "| data (lite0 fine-tune) | test images | test acc, trained fp32 | test acc, trained bf16 | "
+        "predict top-1 agreement bf16 vs fp32 |",
+        "|---|---|---|---|---|",
+    ]
     for r in report["results"]:
-        lines.append(f"| {r['data']} | {r['test_images']} | {r['test_accuracy_trained_fp32']:.3f} | "
-                     f"{r['test_accuracy_trained_bf16']:.3f} | {r['predict_top1_agreement']:.1%} |")
+        lines.append(
+            f"| {r['data']} | {r['test_images']} | {r['test_accuracy_trained_fp32']:.3f} | "
+            f"{r['test_accuracy_trained_bf16']:.3f} | {r['predict_top1_agreement']:.1%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -97,8 +137,14 @@ def main() -> None:
     flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx", "amx"))})
     tick = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transferkit-precision-") as work:
-        report = {"machine": machine(), "flags": " ".join(flags), "native_bf16": cpu_has_native_bf16(),
-                  "quick": args.quick, "speed": speeds(args.quick), "results": results(args.quick, Path(work))}
+        report = {
+            "machine": machine(),
+            "flags": " ".join(flags),
+            "native_bf16": cpu_has_native_bf16(),
+            "quick": args.quick,
+            "speed": speeds(args.quick),
+            "results": results(args.quick, Path(work)),
+        }
     report["seconds"] = time.perf_counter() - tick
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

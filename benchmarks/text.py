@@ -68,6 +68,7 @@ def baseline(arm: str, seed: int) -> dict:
         def vectorize(texts):
             with torch.inference_mode():
                 return torch.cat([encoder(tokens.batch(texts[i : i + 32])) for i in range(0, len(texts), 32)]).numpy()
+
     train_x = vectorize(tr)
     clf = _logistic(train_x, tr_y, vectorize(va), va_y, seed)
     train_s = time.perf_counter() - tick
@@ -75,18 +76,31 @@ def baseline(arm: str, seed: int) -> dict:
     tick = time.perf_counter()
     pred = clf.predict(vectorize(te))
     infer_s = time.perf_counter() - tick
-    return {"accuracy": accuracy_score(te_y, pred), "macro_f1": f1_score(te_y, pred, average="macro"),
-            "train_texts_per_s": len(tr) / train_s, "infer_texts_per_s": len(te) / infer_s, "epochs": None}
+    return {
+        "accuracy": accuracy_score(te_y, pred),
+        "macro_f1": f1_score(te_y, pred, average="macro"),
+        "train_texts_per_s": len(tr) / train_s,
+        "infer_texts_per_s": len(te) / infer_s,
+        "epochs": None,
+    }
 
 
 def trained(arm: str, seed: int, epochs: int, work: Path) -> dict:
     import transferkit
     from transferkit.core.progress import Reporter
 
-    run = transferkit.train(data="builtin:fortunes", strategy=arm, epochs=epochs, seed=seed, quiet=True,
-                            html_report=False, runs_dir=str(work), name=f"{arm}-{seed}",
-                            cache_dir=str(work / f"cache-{arm}-{seed}"),  # each run pays its own embedding pass
-                            report=Reporter(silent=True))
+    run = transferkit.train(
+        data="builtin:fortunes",
+        strategy=arm,
+        epochs=epochs,
+        seed=seed,
+        quiet=True,
+        html_report=False,
+        runs_dir=str(work),
+        name=f"{arm}-{seed}",
+        cache_dir=str(work / f"cache-{arm}-{seed}"),  # each run pays its own embedding pass
+        report=Reporter(silent=True),
+    )
     rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     train_s = sum(r["epoch_s"] for r in rows) + run.metrics["feature_cache_s"]
     texts, _ = texts_of("test")
@@ -96,9 +110,14 @@ def trained(arm: str, seed: int, epochs: int, work: Path) -> dict:
     predictor.predict_proba(texts)
     infer_s = time.perf_counter() - tick
     n_train = len(texts_of("train")[0])
-    return {"accuracy": run.metrics["test"]["accuracy"], "macro_f1": run.metrics["test"]["macro_f1"],
-            "train_texts_per_s": n_train * len(rows) / train_s, "infer_texts_per_s": len(texts) / infer_s,
-            "epochs": len(rows), "best_epoch": run.metrics["best"]["epoch"]}
+    return {
+        "accuracy": run.metrics["test"]["accuracy"],
+        "macro_f1": run.metrics["test"]["macro_f1"],
+        "train_texts_per_s": n_train * len(rows) / train_s,
+        "infer_texts_per_s": len(texts) / infer_s,
+        "epochs": len(rows),
+        "best_epoch": run.metrics["best"]["epoch"],
+    }
 
 
 def child(arm: str, seed: int, epochs: int, work: str) -> None:
@@ -123,16 +142,21 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def markdown(lines: list[dict], meta: dict) -> str:
-    text = [f"# Text classification: builtin:fortunes (5 topics; train/val/test 472/67/135)\n",
-            f"{meta['machine']}; {meta['seeds']} seeds; transferkit arms {meta['epochs']} epochs with defaults "
-            f"(all-minilm-l6-v2, max 128 tokens, batch 32); {meta['date']}.\n",
-            "| arm | test accuracy | macro-F1 | train texts/s | predict texts/s | peak RSS MB |",
-            "|---|---|---|---|---|---|"]
+    text = [
+        "# Text classification: builtin:fortunes (5 topics; train/val/test 472/67/135)\n",
+        f"{meta['machine']}; {meta['seeds']} seeds; transferkit arms {meta['epochs']} epochs with defaults "
+        f"(all-minilm-l6-v2, max 128 tokens, batch 32); {meta['date']}.\n",
+        "| arm | test accuracy | macro-F1 | train texts/s | predict texts/s | peak RSS MB |",
+        "|---|---|---|---|---|---|",
+    ]
     for line in lines:
-        a, f, tr, inf, rss = (line[k] for k in ("accuracy", "macro_f1", "train_texts_per_s", "infer_texts_per_s",
-                                                 "peak_rss_mb"))
-        text.append(f"| {line['arm']} | {a[0]:.3f} ± {a[1]:.3f} | {f[0]:.3f} ± {f[1]:.3f} | {tr[0]:.0f} | "
-                    f"{inf[0]:.0f} | {rss[0]:.0f} |")
+        a, f, tr, inf, rss = (
+            line[k] for k in ("accuracy", "macro_f1", "train_texts_per_s", "infer_texts_per_s", "peak_rss_mb")
+        )
+        text.append(
+            f"| {line['arm']} | {a[0]:.3f} ± {a[1]:.3f} | {f[0]:.3f} ± {f[1]:.3f} | {tr[0]:.0f} | "
+            f"{inf[0]:.0f} | {rss[0]:.0f} |"
+        )
     return "\n".join(text) + "\n"
 
 
@@ -156,14 +180,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         for arm in args.arms.split(","):
             for seed in range(args.seeds):
-                done = subprocess.run([sys.executable, __file__, "--child", arm, str(seed), str(args.epochs), work],
-                                      capture_output=True, text=True, check=True)
+                done = subprocess.run(
+                    [sys.executable, __file__, "--child", arm, str(seed), str(args.epochs), work],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(f"[text-bench] {arm} seed {seed}: accuracy {rows[-1]['accuracy']:.3f}", flush=True)
     import os
 
-    meta = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}", "seeds": args.seeds,
-            "epochs": args.epochs, "date": time.strftime("%Y-%m-%d")}
+    meta = {
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "seeds": args.seeds,
+        "epochs": args.epochs,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     out = Path(args.out)
     if args.keep and (out / "text.json").is_file():
         kept = json.loads((out / "text.json").read_text())["rows"]

@@ -44,22 +44,43 @@ def tuned(work: Path, trials: int, seeds: int) -> dict:
 
     rows = []
     for seed in range(seeds):
-        base = TrainConfig(data="builtin:textures", shots=5, seed=seed, runs_dir=str(work / "runs"),
-                           cache_dir=str(work / "cache"), **QUIET)
+        base = TrainConfig(
+            data="builtin:textures",
+            shots=5,
+            seed=seed,
+            runs_dir=str(work / "runs"),
+            cache_dir=str(work / "cache"),
+            **QUIET,
+        )
         tick = time.perf_counter()
         default = transferkit.train(base.replace(name=f"default-{seed}"), report=Reporter(silent=True))
         default_s = time.perf_counter() - tick
         tick = time.perf_counter()
         study = tune(base.replace(name=f"study-{seed}"), trials, fixed={"precision"}, report=Reporter(silent=True))
-        rows.append({"seed": seed, "default_test_accuracy": default.metrics["test"]["accuracy"],
-                     "tuned_test_accuracy": study["best"]["test"]["accuracy"], "default_s": default_s,
-                     "study_s": time.perf_counter() - tick, "best_params": study["best"]["params"],
-                     "best_val_accuracy": study["best"]["val_accuracy"]})
-        print(f"[tune-bench] seed {seed}: default {rows[-1]['default_test_accuracy']:.3f}, tuned "
-              f"{rows[-1]['tuned_test_accuracy']:.3f} ({rows[-1]['study_s']:.0f} s)", flush=True)
-    return {"data": "builtin:textures", "shots": 5, "trials": trials, "rows": rows,
-            **{f"{k}_mean": statistics.fmean(r[f"{k}_test_accuracy"] for r in rows) for k in ("default", "tuned")},
-            **{f"{k}_std": statistics.pstdev(r[f"{k}_test_accuracy"] for r in rows) for k in ("default", "tuned")}}
+        rows.append(
+            {
+                "seed": seed,
+                "default_test_accuracy": default.metrics["test"]["accuracy"],
+                "tuned_test_accuracy": study["best"]["test"]["accuracy"],
+                "default_s": default_s,
+                "study_s": time.perf_counter() - tick,
+                "best_params": study["best"]["params"],
+                "best_val_accuracy": study["best"]["val_accuracy"],
+            }
+        )
+        print(
+            f"[tune-bench] seed {seed}: default {rows[-1]['default_test_accuracy']:.3f}, tuned "
+            f"{rows[-1]['tuned_test_accuracy']:.3f} ({rows[-1]['study_s']:.0f} s)",
+            flush=True,
+        )
+    return {
+        "data": "builtin:textures",
+        "shots": 5,
+        "trials": trials,
+        "rows": rows,
+        **{f"{k}_mean": statistics.fmean(r[f"{k}_test_accuracy"] for r in rows) for k in ("default", "tuned")},
+        **{f"{k}_std": statistics.pstdev(r[f"{k}_test_accuracy"] for r in rows) for k in ("default", "tuned")},
+    }
 
 
 def cache(work: Path, trials: int = 8) -> dict:
@@ -69,18 +90,36 @@ def cache(work: Path, trials: int = 8) -> dict:
 
     out = {}
     for on in (True, False):
-        config = TrainConfig(data="builtin:faces", strategy="linear-probe", epochs=10, feature_cache=on,
-                             cache_dir=str(work / f"cache-{on}"), runs_dir=str(work / "runs"),
-                             name=f"probe-cache-{on}", **QUIET)
+        config = TrainConfig(
+            data="builtin:faces",
+            strategy="linear-probe",
+            epochs=10,
+            feature_cache=on,
+            cache_dir=str(work / f"cache-{on}"),
+            runs_dir=str(work / "runs"),
+            name=f"probe-cache-{on}",
+            **QUIET,
+        )
         tick = time.perf_counter()
-        study = tune(config, trials, fixed={"strategy", "epochs", "feature_cache", "precision"},
-                     report=Reporter(silent=True))
-        out["with" if on else "without"] = {"study_s": time.perf_counter() - tick, **study["feature_cache"],
-                                            "best_val_accuracy": study["best"]["val_accuracy"]}
-        print(f"[tune-bench] probe study, feature cache {on}: {out['with' if on else 'without']['study_s']:.0f} s",
-              flush=True)
-    return {"data": "builtin:faces", "trials": trials, "epochs": 10, **out,
-            "speedup": out["without"]["study_s"] / out["with"]["study_s"]}
+        study = tune(
+            config, trials, fixed={"strategy", "epochs", "feature_cache", "precision"}, report=Reporter(silent=True)
+        )
+        out["with" if on else "without"] = {
+            "study_s": time.perf_counter() - tick,
+            **study["feature_cache"],
+            "best_val_accuracy": study["best"]["val_accuracy"],
+        }
+        print(
+            f"[tune-bench] probe study, feature cache {on}: {out['with' if on else 'without']['study_s']:.0f} s",
+            flush=True,
+        )
+    return {
+        "data": "builtin:faces",
+        "trials": trials,
+        "epochs": 10,
+        **out,
+        "speedup": out["without"]["study_s"] / out["with"]["study_s"],
+    }
 
 
 def rank_vs_finetune(work: Path) -> dict:
@@ -98,9 +137,12 @@ def rank_vs_finetune(work: Path) -> dict:
         base = TrainConfig(data=data, shots=20, runs_dir=str(work / "runs"), cache_dir=str(work / "cache"), **QUIET)
         scores = rank(data, models, img_sizes=[64, 96], config=base)["rows"]
         for row in scores:
-            run = transferkit.train(base.replace(model=row["model"], img_size=row["img_size"],
-                                                 name=f"ft-{data[8:]}-{row['model']}-{row['img_size']}"),
-                                    report=Reporter(silent=True))
+            run = transferkit.train(
+                base.replace(
+                    model=row["model"], img_size=row["img_size"], name=f"ft-{data[8:]}-{row['model']}-{row['img_size']}"
+                ),
+                report=Reporter(silent=True),
+            )
             row["finetune_test_accuracy"] = run.metrics["test"]["accuracy"]
         tau = kendalltau([r["logme"] for r in scores], [r["finetune_test_accuracy"] for r in scores])
         out.append({"data": data, "rows": scores, "kendall_tau": tau.statistic, "p_value": tau.pvalue})
@@ -113,29 +155,55 @@ def write(result: dict, out: Path) -> None:
     lines = [f"# Tuning and ranking: {result['cpu']}, {result['date']}", ""]
     if "tuned" in result:
         t = result["tuned"]
-        lines += [f"## Tuned ({t['trials']} trials) against the defaults: {t['data']}, {t['shots']}-shot, "
-                  f"{len(t['rows'])} seeds", "", "| seed | default test acc | tuned test acc | study s | best params |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['seed']} | {r['default_test_accuracy']:.3f} | {r['tuned_test_accuracy']:.3f} | "
-                  f"{r['study_s']:.0f} | {json.dumps(r['best_params'])} |" for r in t["rows"]]
-        lines += ["", f"mean ± std: default {t['default_mean']:.3f} ± {t['default_std']:.3f}, tuned "
-                      f"{t['tuned_mean']:.3f} ± {t['tuned_std']:.3f}", ""]
+        lines += [
+            f"## Tuned ({t['trials']} trials) against the defaults: {t['data']}, {t['shots']}-shot, "
+            f"{len(t['rows'])} seeds",
+            "",
+            "| seed | default test acc | tuned test acc | study s | best params |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['seed']} | {r['default_test_accuracy']:.3f} | {r['tuned_test_accuracy']:.3f} | "
+            f"{r['study_s']:.0f} | {json.dumps(r['best_params'])} |"
+            for r in t["rows"]
+        ]
+        lines += [
+            "",
+            f"mean ± std: default {t['default_mean']:.3f} ± {t['default_std']:.3f}, tuned "
+            f"{t['tuned_mean']:.3f} ± {t['tuned_std']:.3f}",
+            "",
+        ]
     if "cache" in result:
         c = result["cache"]
-        lines += [f"## Probe-heavy study ({c['trials']} linear-probe trials, {c['epochs']} epochs, {c['data']}, "
-                  "cold cache)", "", "| feature cache | study s | hits | misses |", "|---|---|---|---|"]
+        lines += [
+            f"## Probe-heavy study ({c['trials']} linear-probe trials, {c['epochs']} epochs, {c['data']}, cold cache)",
+            "",
+            "| feature cache | study s | hits | misses |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {k} | {c[k]['study_s']:.0f} | {c[k]['hits']} | {c[k]['misses']} |" for k in ("with", "without")]
         lines += ["", f"speed-up with the shared cache: {c['speedup']:.1f}x", ""]
     if "rank" in result:
         r = result["rank"]
-        lines += [f"## LogME against fine-tuned test accuracy ({r['shots']} images per class)", "",
-                  "| data | candidates | Kendall tau | p |", "|---|---|---|---|"]
-        lines += [f"| {d['data']} | {len(d['rows'])} | {d['kendall_tau']:.3f} | {d['p_value']:.3f} |"
-                  for d in r["datasets"]]
+        lines += [
+            f"## LogME against fine-tuned test accuracy ({r['shots']} images per class)",
+            "",
+            "| data | candidates | Kendall tau | p |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {d['data']} | {len(d['rows'])} | {d['kendall_tau']:.3f} | {d['p_value']:.3f} |" for d in r["datasets"]
+        ]
         lines += ["", f"mean tau: {r['mean_tau']:.3f}", ""]
         for d in r["datasets"]:
-            lines += [f"{d['data']}: " + "; ".join(f"{x['model']}@{x['img_size']} LogME {x['logme']:.3f} acc "
-                                                    f"{x['finetune_test_accuracy']:.3f}" for x in d["rows"]), ""]
+            lines += [
+                f"{d['data']}: "
+                + "; ".join(
+                    f"{x['model']}@{x['img_size']} LogME {x['logme']:.3f} acc {x['finetune_test_accuracy']:.3f}"
+                    for x in d["rows"]
+                ),
+                "",
+            ]
     (out / "tune.md").write_text("\n".join(lines) + "\n")
 
 
@@ -149,8 +217,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tk-tune-bench-"))
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "work": str(work)}
-    parts = {"tuned": lambda: tuned(work, args.trials, args.seeds), "cache": lambda: cache(work),
-             "rank": lambda: rank_vs_finetune(work)}
+    parts = {
+        "tuned": lambda: tuned(work, args.trials, args.seeds),
+        "cache": lambda: cache(work),
+        "rank": lambda: rank_vs_finetune(work),
+    }
     for part in args.parts.split(","):
         result[part] = parts[part]()
         write(result, args.out)

@@ -41,8 +41,10 @@ def needs(*modules: str) -> pytest.MarkDecorator:
     """Marks a test that needs optional packages. `make test` installs them all, so a missing one fails the
     test, unless TRANSFERKIT_TEST_SKIP_MISSING=1 (a lent GPU machine, where only carried wheels install)."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    return pytest.mark.skipif(bool(missing) and os.environ.get("TRANSFERKIT_TEST_SKIP_MISSING") == "1",
-                              reason=f"needs {', '.join(missing)}, not installed here")
+    return pytest.mark.skipif(
+        bool(missing) and os.environ.get("TRANSFERKIT_TEST_SKIP_MISSING") == "1",
+        reason=f"needs {', '.join(missing)}, not installed here",
+    )
 
 
 def pytest_runtest_logreport(report):
@@ -61,7 +63,7 @@ def _share_the_cores_among_xdist_workers() -> None:
     if not worker or not count or not hasattr(os, "sched_setaffinity"):
         return
     cores, i, n = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw")), int(count)
-    share = cores[i * len(cores) // n:(i + 1) * len(cores) // n] or [cores[i % len(cores)]]
+    share = cores[i * len(cores) // n : (i + 1) * len(cores) // n] or [cores[i % len(cores)]]
     os.sched_setaffinity(0, share)
     # OpenMP sizes its pool when torch loads, from the cores it sees then; the likely cause of a lite0 forward
     # at 32 px outlasting a 240 s timeout in a 2-core worker on a 16-core GPU machine, when this came later
@@ -134,5 +136,12 @@ def faces_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny(tmp_path: Path) -> dict:
     """Config overrides for fast CPU runs: 32 px, lite0, 1 epoch, runs under tmp_path."""
-    return {"img_size": 32, "epochs": 1, "batch_size": 8, "runs_dir": str(tmp_path / "runs"), "quiet": True,
-            "workers": 0, "html_report": False}
+    return {
+        "img_size": 32,
+        "epochs": 1,
+        "batch_size": 8,
+        "runs_dir": str(tmp_path / "runs"),
+        "quiet": True,
+        "workers": 0,
+        "html_report": False,
+    }

@@ -2,16 +2,15 @@
 --target-eval labels never reach training."""
 
 import json
-import shutil
-
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from conftest import make_folder
 
 import transferkit
-from conftest import make_folder
 from transferkit.core.errors import UserError
 from transferkit.evaluation.domain import mean_entropy, pca_2d, proxy_a_distance
 from transferkit.training.adapt import GradientReverse, class_confusion, coral, reversal_coefficient
@@ -64,18 +63,46 @@ def domains(tmp_path):
 
 
 def run(tmp_path, source, name, **overrides):
-    return transferkit.train(**{"data": str(source), "img_size": 32, "epochs": 2, "batch_size": 8, "workers": 0,
-                                "quiet": True, "html_report": False, "precision": "fp32",
-                                "runs_dir": str(tmp_path / "runs"), "name": name, **overrides})
+    return transferkit.train(
+        **{
+            "data": str(source),
+            "img_size": 32,
+            "epochs": 2,
+            "batch_size": 8,
+            "workers": 0,
+            "quiet": True,
+            "html_report": False,
+            "precision": "fp32",
+            "runs_dir": str(tmp_path / "runs"),
+            "name": name,
+            **overrides,
+        }
+    )
 
 
-@pytest.mark.parametrize("method,strategy,head", [("dann-mcc", "finetune", "linear"), ("cdan", "lp-ft", "linear"),
-                                                  ("mcc", "linear-probe", "bottleneck"), ("coral", "full", "mlp")])
+@pytest.mark.parametrize(
+    "method,strategy,head",
+    [
+        ("dann-mcc", "finetune", "linear"),
+        ("cdan", "lp-ft", "linear"),
+        ("mcc", "linear-probe", "bottleneck"),
+        ("coral", "full", "mlp"),
+    ],
+)
 def test_an_adapted_run_records_target_metrics_and_ships_a_normal_bundle(tmp_path, domains, method, strategy, head):
     """Each method with a strategy: a frozen backbone adapts its trainable bottleneck (linear-probe)."""
     source, target, labelled = domains
-    done = run(tmp_path, source, method, target=str(target), target_eval=str(labelled), adapt=method,
-               strategy=strategy, head=head, head_hidden=16)
+    done = run(
+        tmp_path,
+        source,
+        method,
+        target=str(target),
+        target_eval=str(labelled),
+        adapt=method,
+        strategy=strategy,
+        head=head,
+        head_hidden=16,
+    )
     rows = [json.loads(line) for line in (done.dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
@@ -97,8 +124,19 @@ def test_select_target_entropy_keeps_the_most_confident_epoch_on_the_target(tmp_
     """The label-free rule picks the epoch of lowest target entropy; the report shows the pick, the oracle
     and the features before and after; a bottleneck head is what the adaptation aligns."""
     source, target, labelled = domains
-    done = run(tmp_path, source, "entropy", target=str(target), target_eval=str(labelled), adapt="mcc", epochs=3,
-               select="target-entropy", head="bottleneck", head_hidden=16, html_report=True)
+    done = run(
+        tmp_path,
+        source,
+        "entropy",
+        target=str(target),
+        target_eval=str(labelled),
+        adapt="mcc",
+        epochs=3,
+        select="target-entropy",
+        head="bottleneck",
+        head_hidden=16,
+        html_report=True,
+    )
     rows = [json.loads(line) for line in (done.dir / "metrics.jsonl").read_text().splitlines()]
     assert done.metrics["select"] == "target-entropy"
     assert done.metrics["best"]["epoch"] == min(rows, key=lambda r: r["target_entropy"])["epoch"]
@@ -117,12 +155,16 @@ def test_target_eval_labels_never_reach_training(tmp_path, domains):
     (poisoned / "circle").mkdir(parents=True)
     shutil.copytree(labelled / "circle", poisoned / "square")
     shutil.copytree(labelled / "square", poisoned / "circle", dirs_exist_ok=True)
-    runs = {name: run(tmp_path, source, name, target=str(target), target_eval=str(folder), adapt="dann",
-                      deterministic=True) for name, folder in (("honest", labelled), ("poisoned", poisoned))}
+    runs = {
+        name: run(tmp_path, source, name, target=str(target), target_eval=str(folder), adapt="dann", deterministic=True)
+        for name, folder in (("honest", labelled), ("poisoned", poisoned))
+    }
     weights = {name: torch.load(r.dir / "last.ckpt", weights_only=False)["model"] for name, r in runs.items()}
     assert all(torch.equal(weights["honest"][k], weights["poisoned"][k]) for k in weights["honest"])
-    rows = {name: [json.loads(line) for line in (r.dir / "metrics.jsonl").read_text().splitlines()]
-            for name, r in runs.items()}
+    rows = {
+        name: [json.loads(line) for line in (r.dir / "metrics.jsonl").read_text().splitlines()]
+        for name, r in runs.items()
+    }
     for honest, bad in zip(rows["honest"], rows["poisoned"]):  # the same model, measured on swapped labels
         assert honest["val_accuracy"] == bad["val_accuracy"]
         assert honest["target_accuracy"] + bad["target_accuracy"] == pytest.approx(1.0)
@@ -168,11 +210,46 @@ def test_two_processes_adapt_what_one_adapts(tmp_path, domains):
     from test_resume import assert_same_weights
 
     source, target, _ = domains
-    flags = ["--strategy", "linear-probe", "--adapt", "dann", "--epochs", "2", "--batch-size", "8", "--lr", "1e-2",
-             "--optimizer", "sgd", "--img-size", "32", "--workers", "0", "--precision", "fp32", "--quiet",
-             "--no-report", "--no-feature-cache", "--runs-dir", str(tmp_path / "runs"), "--target", str(target)]
-    one = run(tmp_path, source, "one", strategy="linear-probe", adapt="dann", batch_size=8, lr=1e-2, optimizer="sgd",
-              target=str(target), feature_cache=False, device="cpu")
+    flags = [
+        "--strategy",
+        "linear-probe",
+        "--adapt",
+        "dann",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--optimizer",
+        "sgd",
+        "--img-size",
+        "32",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--quiet",
+        "--no-report",
+        "--no-feature-cache",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--target",
+        str(target),
+    ]
+    one = run(
+        tmp_path,
+        source,
+        "one",
+        strategy="linear-probe",
+        adapt="dann",
+        batch_size=8,
+        lr=1e-2,
+        optimizer="sgd",
+        target=str(target),
+        feature_cache=False,
+        device="cpu",
+    )
     out = subprocess.run(_torchrun(str(source), "--name", "two", *flags), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     states = [torch.load(folder / "last.ckpt", weights_only=False) for folder in (one.dir, tmp_path / "runs" / "two")]

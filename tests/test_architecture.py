@@ -1,5 +1,6 @@
-"""The shape of the package (issue 14): no import cycle between modules, modules under 400 lines,
-functions under 80. The layers themselves are import-linter's contract in pyproject.toml (`make test`
+"""The shape of the package (issue 14): no import cycle between modules; modules under 500 lines
+(ruff-formatted) unless their docstring says why one flow is kept whole ("Long module: ..."), functions
+under 100. The layers themselves are import-linter's contract in pyproject.toml (`make test`
 runs lint-imports first)."""
 
 import ast
@@ -50,11 +51,12 @@ def test_modules_and_functions_stay_short():
     long_modules, long_functions = [], []
     for path in sorted(PACKAGE.glob("**/*.py")):
         text = path.read_text()
-        if len(text.splitlines()) > 400:
+        if len(text.splitlines()) > 500 and "Long module: " not in (ast.get_docstring(ast.parse(text)) or ""):
             long_modules.append(path.name)
         for node in ast.walk(ast.parse(text)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
                 long_functions.append(f"{path.relative_to(PACKAGE)}:{node.name}")
-    assert long_modules == [] and long_functions == []
+    assert long_modules == []
+    assert long_functions == []
     subpackages = [p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()]
     assert len(subpackages) >= 4

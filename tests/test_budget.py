@@ -40,8 +40,12 @@ def test_disk_needs_grow_with_what_the_run_keeps():
     model = nn.Sequential()
     model.add_module("backbone", nn.Linear(10, 10))
     model.add_module("head", nn.Linear(10, 2))
-    data = Data(spec="x", splits={"train": [("a", "c")] * 10, "val": [("a", "c")] * 2, "test": [("a", "c")] * 2},
-                classes=["c", "d"], how="")
+    data = Data(
+        spec="x",
+        splits={"train": [("a", "c")] * 10, "val": [("a", "c")] * 2, "test": [("a", "c")] * 2},
+        classes=["c", "d"],
+        how="",
+    )
     config = TrainConfig(strategy="lp-ft", epochs=2)
     plan = make_plan(config, 2)
     plain = budget.disk_needs(model, config, data, plan, cache_side=40, feature_dim=10)

@@ -7,17 +7,16 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import make_folder
 from PIL import Image
 from typer.testing import CliRunner
 
 import transferkit
-from transferkit.data.check import inspect_file
 from transferkit.cli import app
-from transferkit.data.sources import load_data
 from transferkit.core.errors import UserError
+from transferkit.data.check import inspect_file
 from transferkit.data.images import open_image
-
-from conftest import make_folder
+from transferkit.data.sources import load_data
 
 
 def _gradient(w: int, h: int) -> Image.Image:
@@ -28,11 +27,16 @@ def _gradient(w: int, h: int) -> Image.Image:
 
 def _bomb_png(path, side: int = 60_000) -> None:
     """A valid PNG header declaring side x side pixels (3.6 G), with almost no data behind it."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture
@@ -61,8 +65,13 @@ def messy_dir(tmp_path):
     return root
 
 
-BAD = {"circle/truncated.jpg": "truncated", "circle/empty.jpg": "empty file", "square/notes.png": "not an image",
-       "square/.DS_Store": "hidden file", "triangle": "empty class folder"}
+BAD = {
+    "circle/truncated.jpg": "truncated",
+    "circle/empty.jpg": "empty file",
+    "square/notes.png": "not an image",
+    "square/.DS_Store": "hidden file",
+    "triangle": "empty class folder",
+}
 
 
 def test_train_completes_and_skipped_txt_lists_exactly_the_bad_files(messy_dir, tiny):
@@ -125,7 +134,7 @@ def test_duplicate_content_across_splits_is_leakage_and_leaves_val_test(tmp_path
     shutil.copy(root / "train" / "circle" / "0.png", root / "test" / "circle" / "copy.png")
     data = load_data(str(root))
     assert str((root / "test" / "circle" / "copy.png").resolve()) not in {r for r, _ in data.splits["test"]}
-    (path, reason), = data.skipped
+    ((path, reason),) = data.skipped
     assert path.endswith("test/circle/copy.png") and "leakage into test" in reason and "train/circle/0.png" in reason
 
 
@@ -145,8 +154,10 @@ def test_a_one_image_class_is_named_and_macro_f1_covers_the_classes_present(tmp_
     shutil.copy(root / "circle" / "0.png", root / "triangle" / "0.png")
     run = transferkit.train(data=str(root), strategy="linear-probe", name="odd", **tiny)
     said = capsys.readouterr().err
-    assert "warning: class 'triangle' has 1 image(s), too few for every split: none in val and test " \
-           "(not validated and not scored)" in said, said
+    assert (
+        "warning: class 'triangle' has 1 image(s), too few for every split: none in val and test "
+        "(not validated and not scored)" in said
+    ), said
     test = run.metrics["test"]
     assert test["absent"] == ["triangle"] and set(test["per_class"]) == {"circle", "square"}
     assert test["macro_f1"] == pytest.approx(np.mean([m["f1"] for m in test["per_class"].values()]))
@@ -165,9 +176,11 @@ def test_links_are_named_by_their_own_path_and_links_out_of_the_folder_are_liste
     refs = {ref for split in followed.splits.values() for ref, _ in split}
     assert link in refs and str(outside) not in refs
     out = CliRunner().invoke(app, ["check", str(root)])
-    assert f"link outside the folder (followed; --outside-links refuse leaves it out): {link} -> {outside}" \
-        in out.output, out.output
+    assert (
+        f"link outside the folder (followed; --outside-links refuse leaves it out): {link} -> {outside}" in out.output
+    ), out.output
     refused = load_data(str(root), outside_links="refuse")
     assert link not in {ref for split in refused.splits.values() for ref, _ in split}
     assert [(p, r) for p, r in refused.skipped if p == link] == [
-        (link, f"link to '{outside}', outside the data folder (--outside-links refuse)")]
+        (link, f"link to '{outside}', outside the data folder (--outside-links refuse)")
+    ]

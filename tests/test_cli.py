@@ -18,8 +18,24 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_train_evaluate_predict_from_the_command_line(shapes_dir, tmp_path):
     runs = tmp_path / "runs"
-    result = runner.invoke(app, ["train", str(shapes_dir), "--strategy", "linear-probe", "--img-size", "32",
-                                 "--epochs", "1", "--runs-dir", str(runs), "--name", "cli", "--quiet"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(shapes_dir),
+            "--strategy",
+            "linear-probe",
+            "--img-size",
+            "32",
+            "--epochs",
+            "1",
+            "--runs-dir",
+            str(runs),
+            "--name",
+            "cli",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["run"].endswith("cli") and 0.0 <= summary["test_accuracy"] <= 1.0
@@ -27,8 +43,9 @@ def test_train_evaluate_predict_from_the_command_line(shapes_dir, tmp_path):
     result = runner.invoke(app, ["evaluate", str(runs / "cli"), "--format", "json"])
     assert result.exit_code == 0 and json.loads(result.stdout)["accuracy"] == summary["test_accuracy"]
 
-    result = runner.invoke(app, ["predict", str(runs / "cli"), str(shapes_dir / "circle"), "--format", "json",
-                                 "--top-k", "1"])
+    result = runner.invoke(
+        app, ["predict", str(runs / "cli"), str(shapes_dir / "circle"), "--format", "json", "--top-k", "1"]
+    )
     preds = json.loads(result.stdout)
     assert len(preds) == 10 and all(p["label"] in ("circle", "square") for p in preds)
 
@@ -41,20 +58,23 @@ def test_train_evaluate_predict_from_the_command_line(shapes_dir, tmp_path):
     assert result.exit_code == 0 and result.stdout.strip().endswith("report.html")
     result = runner.invoke(app, ["evaluate", str(runs / "cli"), "--tta", "flip"])
     assert result.exit_code == 0 and "TTA flip: test accuracy" in result.stdout, result.output
-    result = runner.invoke(app, ["predict", str(runs / "cli"), str(shapes_dir / "circle"), "--tta", "flip-crop",
-                                 "--format", "json"])
+    result = runner.invoke(
+        app, ["predict", str(runs / "cli"), str(shapes_dir / "circle"), "--tta", "flip-crop", "--format", "json"]
+    )
     assert result.exit_code == 0 and len(json.loads(result.stdout)) == 10
     result = runner.invoke(app, ["export", str(runs / "cli"), "--format", "onnx"])
     assert result.exit_code == 0 and "top-1 agreement 1.000" in result.stdout, result.output
-    result = runner.invoke(app, ["predict", str(runs / "cli"), str(shapes_dir / "circle"), "--backend", "onnx",
-                                 "--format", "json"])
+    result = runner.invoke(
+        app, ["predict", str(runs / "cli"), str(shapes_dir / "circle"), "--backend", "onnx", "--format", "json"]
+    )
     assert result.exit_code == 0 and len(json.loads(result.stdout)) == 10, result.output
     result = runner.invoke(app, ["inspect", "efficientnet_lite0"])
     assert result.exit_code == 0 and "group 0:" in result.stdout and "lp-ft:" in result.stdout
 
     # the saved config is reusable as --config, flags override it
-    result = runner.invoke(app, ["train", "--config", str(runs / "cli" / "config.yaml"), "--name", "again",
-                                 "--epochs", "1"])
+    result = runner.invoke(
+        app, ["train", "--config", str(runs / "cli" / "config.yaml"), "--name", "again", "--epochs", "1"]
+    )
     assert result.exit_code == 0, result.output
     assert (runs / "again" / "best" / "model.json").is_file()
 
@@ -69,12 +89,15 @@ def test_models_lists_the_bundled_backbones():
     assert "resnet50" in result.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", "no/such/dir"], "Data 'no/such/dir' not found"),
-    (["train", "builtin:faces", "--model", "resnet5O"], "Did you mean 'resnet50'"),
-    (["train", "builtin:faces", "--model", "resnet50"], "No pretrained weights for 'resnet50'"),
-    (["predict", "no_run", "x.jpg"], "is not a transferkit model"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "no/such/dir"], "Data 'no/such/dir' not found"),
+        (["train", "builtin:faces", "--model", "resnet5O"], "Did you mean 'resnet50'"),
+        (["train", "builtin:faces", "--model", "resnet50"], "No pretrained weights for 'resnet50'"),
+        (["predict", "no_run", "x.jpg"], "is not a transferkit model"),
+    ],
+)
 def test_user_errors_are_one_message_and_exit_2(args, message):
     out = _cli(*args)
     assert out.returncode == 2
@@ -82,17 +105,20 @@ def test_user_errors_are_one_message_and_exit_2(args, message):
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["predict", "run", "x.jpg", "--top-k", "0"], "--top-k and --limit must be 1 or more"),
-    (["predict", "run", "x.jpg", "--limit", "-1"], "--top-k and --limit must be 1 or more"),
-    (["predict", "run", "x.jpg", "--split", "test"], "Give inputs or --split, not both"),
-    (["predict", "run", "--split", "TEST"], "--split must be train, val or test; got 'TEST'"),
-    (["predict", "run", "x.jpg", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
-    (["report", "run", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
-    (["evaluate", "run", "--precision", "bogus"], "precision must be auto, bf16 or fp32; got 'bogus'"),
-    (["evaluate", "run", "--format", "csv"], "--format must be table or json; got 'csv'"),
-    (["inspect", "efficientnet_lite0", "--img-size", "-5"], "--img-size must be 16 or more; got -5"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["predict", "run", "x.jpg", "--top-k", "0"], "--top-k and --limit must be 1 or more"),
+        (["predict", "run", "x.jpg", "--limit", "-1"], "--top-k and --limit must be 1 or more"),
+        (["predict", "run", "x.jpg", "--split", "test"], "Give inputs or --split, not both"),
+        (["predict", "run", "--split", "TEST"], "--split must be train, val or test; got 'TEST'"),
+        (["predict", "run", "x.jpg", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
+        (["report", "run", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
+        (["evaluate", "run", "--precision", "bogus"], "precision must be auto, bf16 or fp32; got 'bogus'"),
+        (["evaluate", "run", "--format", "csv"], "--format must be table or json; got 'csv'"),
+        (["inspect", "efficientnet_lite0", "--img-size", "-5"], "--img-size must be 16 or more; got -5"),
+    ],
+)
 def test_options_out_of_range_are_named_before_any_work(args, message):
     from transferkit.core.errors import UserError
 
@@ -112,9 +138,11 @@ def test_bad_config_key_and_empty_folder(tmp_path):
 def test_a_full_disk_outside_atomic_writes_ends_with_one_message_and_exit_74():
     """A write transferkit does not make itself (a tuning study's SQLite file, the report) that finds the disk
     full ends like the others: one message, exit code 74, no traceback."""
-    script = ("import sqlite3, transferkit.cli as cli\n"
-              "def full(): raise sqlite3.OperationalError('database or disk is full')\n"
-              "cli.app = full\ncli.main()\n")
+    script = (
+        "import sqlite3, transferkit.cli as cli\n"
+        "def full(): raise sqlite3.OperationalError('database or disk is full')\n"
+        "cli.app = full\ncli.main()\n"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert out.returncode == 74, out.stderr
     assert out.stderr.startswith("error: The disk is full") and "Traceback" not in out.stderr
@@ -145,6 +173,8 @@ def test_loading_pauses_the_collector_for_imports_and_freezes_what_they_made():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_heap_sets_glibcs_thresholds_in_a_fresh_process():
-    code = ("import torch; from transferkit.cli.startup import keep_heap; assert keep_heap(); "
-            "x = torch.randn(64, 96, 48, 48); assert torch.equal(x.clone(), x)")  # 56 MB blocks still allocate
+    code = (
+        "import torch; from transferkit.cli.startup import keep_heap; assert keep_heap(); "
+        "x = torch.randn(64, 96, 48, 48); assert torch.equal(x.clone(), x)"
+    )  # 56 MB blocks still allocate
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -9,18 +9,21 @@ def test_unknown_key_suggests_close_match():
         TrainConfig.from_dict({"epoch": 3})
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("lr", -1.0, "lr must be > 0"),
-    ("epochs", 0, "epochs must be >= 1"),
-    ("label_smoothing", 1.0, "label_smoothing must be >= 0 and < 1"),
-    ("strategy", "fine-tune", "Did you mean 'finetune'"),
-    ("shots", 0, "shots must be >= 1"),
-    ("in_chans", 2, "in_chans must be 1"),
-    ("nan_policy", "ignore", "nan_policy must be one of stop, skip"),
-    ("bad_files", "skipp", "Did you mean 'skip'"),
-    ("save_every_steps", -5, "save_every_steps must be >= 0"),
-    ("grad_clip", 0.0, "grad_clip must be > 0"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("lr", -1.0, "lr must be > 0"),
+        ("epochs", 0, "epochs must be >= 1"),
+        ("label_smoothing", 1.0, "label_smoothing must be >= 0 and < 1"),
+        ("strategy", "fine-tune", "Did you mean 'finetune'"),
+        ("shots", 0, "shots must be >= 1"),
+        ("in_chans", 2, "in_chans must be 1"),
+        ("nan_policy", "ignore", "nan_policy must be one of stop, skip"),
+        ("bad_files", "skipp", "Did you mean 'skip'"),
+        ("save_every_steps", -5, "save_every_steps must be >= 0"),
+        ("grad_clip", 0.0, "grad_clip must be > 0"),
+    ],
+)
 def test_out_of_range_values_are_refused_with_the_valid_range(key, value, message):
     with pytest.raises(UserError, match=message):
         TrainConfig.from_dict({key: value})

@@ -11,15 +11,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import make_folder
+from test_resume import SignalAt, assert_same_weights, weights
 
 import transferkit
 from transferkit.core.errors import UserError
 from transferkit.deploy.export import export
-from transferkit.training.preempt import Preempted
 from transferkit.models.runtime import Runtime
-
-from conftest import make_folder
-from test_resume import SignalAt, assert_same_weights, weights
+from transferkit.training.preempt import Preempted
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -35,8 +34,15 @@ def _rows(run_dir) -> list[dict]:
 
 @pytest.mark.parametrize("precision,channels_last", [("bf16", True), ("fp32", False)])
 def test_the_demo_job_on_the_gpu_learns_and_says_how_it_ran(tmp_path, precision, channels_last):
-    run = transferkit.train(data="builtin:faces", device="cuda", precision=precision, channels_last=channels_last,
-                            runs_dir=str(tmp_path), quiet=True, html_report=False)
+    run = transferkit.train(
+        data="builtin:faces",
+        device="cuda",
+        precision=precision,
+        channels_last=channels_last,
+        runs_dir=str(tmp_path),
+        quiet=True,
+        html_report=False,
+    )
     assert run.metrics["test"]["accuracy"] >= 0.95  # as on the CPU (test_train.test_demo_job_faces_defaults)
     runtime = json.loads((run.dir / "runtime.json").read_text())
     assert runtime["device"].startswith("cuda") and runtime["gpu"] == torch.cuda.get_device_name()
@@ -63,16 +69,33 @@ def test_the_demo_job_cropping_on_the_gpu_learns(faces_dir, tmp_path, monkeypatc
     real, seen = Runtime.batch, []
     monkeypatch.setattr(Runtime, "batch", lambda self, images: seen.append(type(images)) or real(self, images))
     crop_on = "device" if deterministic else "auto"  # auto crops on the GPU where it is not deterministic
-    run = transferkit.train(data=str(faces_dir), device="cuda", deterministic=deterministic, crop_on=crop_on,
-                            img_size=96, runs_dir=str(tmp_path / "runs"), quiet=True, html_report=False)
+    run = transferkit.train(
+        data=str(faces_dir),
+        device="cuda",
+        deterministic=deterministic,
+        crop_on=crop_on,
+        img_size=96,
+        runs_dir=str(tmp_path / "runs"),
+        quiet=True,
+        html_report=False,
+    )
     assert list in seen  # training batches came as squares and crop rows
     assert run.metrics["test"]["n"] == 80 and run.metrics["test"]["accuracy"] >= 0.95  # as the demo job
 
 
 def test_sigterm_then_resume_is_bit_identical_on_the_gpu(shapes_dir, gpu):
     """As test_resume's CPU test: deterministic mode, bf16, the signal in epoch 2, batch 2."""
-    common = {**gpu, "data": str(shapes_dir), "strategy": "finetune", "epochs": 3, "batch_size": 4,
-              "augment": "strong", "head_dropout": 0.3, "deterministic": True, "precision": "bf16"}
+    common = {
+        **gpu,
+        "data": str(shapes_dir),
+        "strategy": "finetune",
+        "epochs": 3,
+        "batch_size": 4,
+        "augment": "strong",
+        "head_dropout": 0.3,
+        "deterministic": True,
+        "precision": "bf16",
+    }
     whole = transferkit.train(name="whole", **common)
     with pytest.raises(Preempted):
         transferkit.train(name="cut", report=SignalAt(6), **common)
@@ -95,15 +118,26 @@ def test_export_of_a_gpu_trained_run_agrees_with_pytorch_on_cpu_and_gpu(tmp_path
 def test_out_of_memory_says_what_to_change_and_accumulation_resumes(tmp_path, gpu):
     """A real CUDA out-of-memory: the process may use 1 GiB more; 128 images of 224 px at once need more."""
     data = make_folder(tmp_path / "shapes", per_class=100)  # 160 training images
-    flags = {**gpu, "data": str(data), "img_size": 224, "batch_size": 128, "strategy": "full", "epochs": 1,
-             "precision": "bf16", "name": "oom"}
+    flags = {
+        **gpu,
+        "data": str(data),
+        "img_size": 224,
+        "batch_size": 128,
+        "strategy": "full",
+        "epochs": 1,
+        "precision": "bf16",
+        "name": "oom",
+    }
     gc.collect()  # what earlier tests in this process left: the 1 GiB comes on top of what stays
     torch.cuda.empty_cache()
     cap = torch.cuda.memory_reserved() + 2**30
     torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
     try:
-        with pytest.raises(UserError, match=r"Out of GPU memory training micro-batches of 128 images.*"
-                                            r"--accumulate 2`; or .*--batch-size \(e\.g\. 64\)"):
+        with pytest.raises(
+            UserError,
+            match=r"Out of GPU memory training micro-batches of 128 images.*"
+            r"--accumulate 2`; or .*--batch-size \(e\.g\. 64\)",
+        ):
             transferkit.train(**flags)
     finally:  # (training at the cap's edge crawls: the allocator frees and retries on every step)
         torch.cuda.set_per_process_memory_fraction(1.0)
@@ -115,13 +149,41 @@ def test_out_of_memory_says_what_to_change_and_accumulation_resumes(tmp_path, gp
 def test_nccl_processes_train_what_one_gpu_trains(tmp_path, gpu):
     n = torch.cuda.device_count()
     data = make_folder(tmp_path / "shapes", per_class=8 * n)
-    flags = ["--strategy", "lp-ft", "--epochs", "2", "--batch-size", str(4 * n), "--lr", "1e-2", "--img-size", "32",
-             "--workers", "0", "--optimizer", "sgd", "--precision", "fp32", "--device", "cuda", "--quiet",
-             "--runs-dir", gpu["runs_dir"]]
-    one = subprocess.run([sys.executable, "-m", "transferkit", "train", str(data), "--name", "one", *flags],
-                         capture_output=True, text=True, timeout=600)
-    many = subprocess.run([sys.executable, "-m", "transferkit", "train", str(data), "--name", "many",
-                           "--devices", str(n), *flags], capture_output=True, text=True, timeout=600)
+    flags = [
+        "--strategy",
+        "lp-ft",
+        "--epochs",
+        "2",
+        "--batch-size",
+        str(4 * n),
+        "--lr",
+        "1e-2",
+        "--img-size",
+        "32",
+        "--workers",
+        "0",
+        "--optimizer",
+        "sgd",
+        "--precision",
+        "fp32",
+        "--device",
+        "cuda",
+        "--quiet",
+        "--runs-dir",
+        gpu["runs_dir"],
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "transferkit", "train", str(data), "--name", "one", *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    many = subprocess.run(
+        [sys.executable, "-m", "transferkit", "train", str(data), "--name", "many", "--devices", str(n), *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0 and many.returncode == 0, many.stderr[-3000:]
     runs = tmp_path / "runs"
     assert json.loads((runs / "many" / "metrics.json").read_text())["runtime"]["processes"] == n

@@ -2,12 +2,12 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import make_folder
 from PIL import Image
 
-from conftest import make_folder
+from transferkit.core.errors import UserError
 from transferkit.data import builtin
 from transferkit.data.sources import load_data, stratified_split
-from transferkit.core.errors import UserError
 
 
 def test_flat_folders_get_a_stratified_seeded_split(tmp_path):
@@ -46,7 +46,7 @@ def test_val_class_unknown_to_train_is_an_error_naming_it(tmp_path):
 
 
 def test_csv_with_relative_paths_and_splits(tmp_path):
-    root = make_folder(tmp_path / "imgs", per_class=4)
+    make_folder(tmp_path / "imgs", per_class=4)
     rows = ["path,label,split"]
     for i in range(4):
         rows.append(f"imgs/circle/{i}.png,round,{'train' if i < 2 else 'test'}")
@@ -104,8 +104,9 @@ def test_cifar10_python_batches(tmp_path):
     rng = np.random.default_rng(0)
     _write_batch(tmp_path / "batches.meta", {b"label_names": [b"cat", b"dog"]})
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        _write_batch(tmp_path / name, {b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8),
-                                       b"labels": [0, 1, 0, 1]})
+        _write_batch(
+            tmp_path / name, {b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 0, 1]}
+        )
     data = load_data(f"cifar10:{tmp_path}", val_fraction=0.1)
     assert data.classes == ["cat", "dog"]
     assert len(data.splits["test"]) == 4 and len(data.splits["train"]) + len(data.splits["val"]) == 20

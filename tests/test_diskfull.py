@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_resume import assert_same_weights, weights
 
 
@@ -39,8 +38,10 @@ def _in_tmpfs(mount: Path, size: int, steps: list[str]) -> list[subprocess.Compl
     script += [f"({step}) > {log}.out 2>&1; echo $? > {log}.rc" for step, log in zip(steps, logs)]
     script += [f"cp -a {mount} {left}"]
     subprocess.run(["unshare", "-m", "sh", "-c", "\n".join(script)], check=True, timeout=600)
-    return [subprocess.CompletedProcess(step, int(Path(f"{log}.rc").read_text()), Path(f"{log}.out").read_text())
-            for step, log in zip(steps, logs)]
+    return [
+        subprocess.CompletedProcess(step, int(Path(f"{log}.rc").read_text()), Path(f"{log}.out").read_text())
+        for step, log in zip(steps, logs)
+    ]
 
 
 def _sizes(run: Path) -> tuple[int, int, int]:
@@ -56,10 +57,27 @@ def _temporary(run: Path) -> list[str]:
 
 
 def test_disk_full_at_a_later_checkpoint_keeps_the_last_and_resume_finishes_the_same(shapes_dir, tmp_path):
-    flags = ["--img-size", "32", "--epochs", "2", "--batch-size", "8", "--workers", "0", "--strategy", "full",
-             "--quiet", "--no-report", "--cache-dir", str(tmp_path / "cache")]
-    reference = subprocess.run(shlex.split(_train(str(shapes_dir), "--name", "whole", "--runs-dir",
-                                                  str(tmp_path / "runs"), *flags)), capture_output=True, text=True)
+    flags = [
+        "--img-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--strategy",
+        "full",
+        "--quiet",
+        "--no-report",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    reference = subprocess.run(
+        shlex.split(_train(str(shapes_dir), "--name", "whole", "--runs-dir", str(tmp_path / "runs"), *flags)),
+        capture_output=True,
+        text=True,
+    )
     assert reference.returncode == 0, reference.stderr[-2000:]
     best, last, other = _sizes(tmp_path / "runs" / "whole")
     assert best < last  # the checkpoint holds the optimizer's moments too
@@ -67,10 +85,14 @@ def test_disk_full_at_a_later_checkpoint_keeps_the_last_and_resume_finishes_the_
     size = other + best + last + (best + last) // 2
     mount = tmp_path / "small"
     run = mount / "runs" / "cut"
-    failed, resumed = _in_tmpfs(mount, size, [
-        _train(str(shapes_dir), "--name", "cut", "--runs-dir", str(mount / "runs"), *flags),
-        f"mount -o remount,size={4 * size} {mount} && " + _train("--resume", str(run), "--quiet"),
-    ])
+    failed, resumed = _in_tmpfs(
+        mount,
+        size,
+        [
+            _train(str(shapes_dir), "--name", "cut", "--runs-dir", str(mount / "runs"), *flags),
+            f"mount -o remount,size={4 * size} {mount} && " + _train("--resume", str(run), "--quiet"),
+        ],
+    )
     assert failed.returncode == 74, failed.stdout[-2000:]
     assert f"The disk is full: writing '{run / 'last.ckpt'}' needed" in failed.stdout
     assert "Traceback" not in failed.stdout and "--resume" in failed.stdout
@@ -83,19 +105,58 @@ def test_disk_full_at_a_later_checkpoint_keeps_the_last_and_resume_finishes_the_
 def test_disk_full_at_the_first_bundle_or_at_the_feature_cache(shapes_dir, tmp_path):
     """The first best/ finds the disk full: exit 74, nothing half-written, and the same command with --overwrite
     after space is freed trains the undisturbed run. The feature cache finds it full: kept in memory, same run."""
-    flags = ["--img-size", "32", "--epochs", "2", "--batch-size", "8", "--workers", "0", "--strategy", "linear-probe",
-             "--quiet", "--no-report"]
-    reference = subprocess.run(shlex.split(_train(str(shapes_dir), "--name", "whole", *flags, "--runs-dir",
-                                                  str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"))),
-                               capture_output=True, text=True)
+    flags = [
+        "--img-size",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--strategy",
+        "linear-probe",
+        "--quiet",
+        "--no-report",
+    ]
+    reference = subprocess.run(
+        shlex.split(
+            _train(
+                str(shapes_dir),
+                "--name",
+                "whole",
+                *flags,
+                "--runs-dir",
+                str(tmp_path / "runs"),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            )
+        ),
+        capture_output=True,
+        text=True,
+    )
     assert reference.returncode == 0, reference.stderr[-2000:]
     whole = weights(tmp_path / "runs" / "whole")
 
     mount = tmp_path / "small"
-    command = _train(str(shapes_dir), "--name", "cut", *flags, "--runs-dir", str(mount / "runs"), "--cache-dir",
-                     str(tmp_path / "cache"))
-    failed, again = _in_tmpfs(mount, 2 * 2**20, [  # 2 MB: the config and split fit, lite0's 13 MB bundle does not
-        command, f"mount -o remount,size={64 * 2**20} {mount} && {command} --overwrite"])
+    command = _train(
+        str(shapes_dir),
+        "--name",
+        "cut",
+        *flags,
+        "--runs-dir",
+        str(mount / "runs"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    )
+    failed, again = _in_tmpfs(
+        mount,
+        2 * 2**20,
+        [  # 2 MB: the config and split fit, lite0's 13 MB bundle does not
+            command,
+            f"mount -o remount,size={64 * 2**20} {mount} && {command} --overwrite",
+        ],
+    )
     assert failed.returncode == 74, failed.stdout[-2000:]
     run = mount / "runs" / "cut"
     assert "warning: this run may write " in failed.stdout and f"to {run} and " in failed.stdout  # told first
@@ -108,10 +169,22 @@ def test_disk_full_at_the_first_bundle_or_at_the_feature_cache(shapes_dir, tmp_p
     assert_same_weights(whole, weights(left))
 
     mount = tmp_path / "tiny"
-    kept, = _in_tmpfs(mount, 16 * 2**10, [  # 16 kB: not the 12 x 1280 float32 train features (60 kB)
-        _train(str(shapes_dir), "--name", "kept", *flags, "--runs-dir", str(tmp_path / "runs"), "--cache-dir",
-               str(mount / "cache")),
-    ])
+    (kept,) = _in_tmpfs(
+        mount,
+        16 * 2**10,
+        [  # 16 kB: not the 12 x 1280 float32 train features (60 kB)
+            _train(
+                str(shapes_dir),
+                "--name",
+                "kept",
+                *flags,
+                "--runs-dir",
+                str(tmp_path / "runs"),
+                "--cache-dir",
+                str(mount / "cache"),
+            ),
+        ],
+    )
     assert kept.returncode == 0, kept.stdout[-2000:]
     assert f"warning: cannot write the cache file '{mount / 'cache' / 'features'}/" in kept.stdout
     assert "the disk is full: it needs" in kept.stdout and "Traceback" not in kept.stdout

@@ -11,20 +11,29 @@ import time
 
 import pytest
 import torch
-
-import transferkit
-from transferkit.core.distributed import Dist, check_batch, scaled_lr
-from transferkit.data.sampling import StepBatches
-from transferkit.core.errors import UserError
-from transferkit.data.sampling import EpochSampler
-
 from conftest import make_folder
 from test_resume import assert_same_weights, weights
 
+import transferkit
+from transferkit.core.distributed import Dist, check_batch, scaled_lr
+from transferkit.core.errors import UserError
+from transferkit.data.sampling import EpochSampler, StepBatches
+
 
 def _torchrun(*args: str, nproc: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "transferkit", "train", "--device", "cpu", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "transferkit",
+        "train",
+        "--device",
+        "cpu",
+        *args,
+    ]
 
 
 def _keys(batches) -> list:
@@ -70,8 +79,17 @@ def test_accumulation_gives_the_weights_of_the_whole_batch(shapes_dir, tiny):
     # equal within 1e-5: an fp32 property (bf16 rounds each micro-batch's activations differently)
     # SGD, as below: with AdamW float-order noise in near-zero gradients became 1.9e-5 on a GPU machine's Xeon
     # (8.6e-6 here with AVX2 kernels); with SGD 6e-8, while 2 epochs move the weights by up to 1.4e-2
-    common = {**tiny, "data": str(shapes_dir), "strategy": "lp-ft", "epochs": 2, "batch_size": 8, "lr": 1e-2,
-              "optimizer": "sgd", "precision": "fp32", "device": "cpu"}
+    common = {
+        **tiny,
+        "data": str(shapes_dir),
+        "strategy": "lp-ft",
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "optimizer": "sgd",
+        "precision": "fp32",
+        "device": "cpu",
+    }
     one = transferkit.train(name="one", **common)
     acc = transferkit.train(name="acc", accumulate=2, **common)
     assert_same_weights(weights(one.dir), weights(acc.dir), atol=1e-5)
@@ -83,12 +101,45 @@ def test_two_processes_train_what_one_trains(tmp_path, tiny):
     # SGD: Adam's per-weight normalisation turns float-order noise in near-zero gradients into
     # lr-sized steps, which would compare the summation order of 1 and 2 threads, not DDP
     # within 1e-5 is an fp32 property: bf16 rounds the batch-of-4 and batch-of-8 activations differently
-    flags = {**tiny, "data": str(data), "strategy": "lp-ft", "epochs": 2, "batch_size": 8, "lr": 1e-2,
-             "keep_top_k": 2, "optimizer": "sgd", "precision": "fp32", "device": "cpu"}
+    flags = {
+        **tiny,
+        "data": str(data),
+        "strategy": "lp-ft",
+        "epochs": 2,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "keep_top_k": 2,
+        "optimizer": "sgd",
+        "precision": "fp32",
+        "device": "cpu",
+    }
     one = transferkit.train(name="one", **flags)
-    cli = [str(data), "--name", "two", "--strategy", "lp-ft", "--epochs", "2", "--batch-size", "8", "--lr", "1e-2",
-           "--img-size", "32", "--workers", "0", "--keep-top-k", "2", "--optimizer", "sgd", "--precision", "fp32", "--quiet",
-           "--runs-dir", flags["runs_dir"]]
+    cli = [
+        str(data),
+        "--name",
+        "two",
+        "--strategy",
+        "lp-ft",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--img-size",
+        "32",
+        "--workers",
+        "0",
+        "--keep-top-k",
+        "2",
+        "--optimizer",
+        "sgd",
+        "--precision",
+        "fp32",
+        "--quiet",
+        "--runs-dir",
+        flags["runs_dir"],
+    ]
     out = subprocess.run(_torchrun(*cli), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     two = tmp_path / "runs" / "two"
@@ -113,8 +164,24 @@ def test_gradual_under_ddp_needs_no_find_unused_parameters(tmp_path, shapes_dir,
     # make the second step fail. Each phase re-wraps the model over what trains then.
     flags = {**tiny, "data": str(shapes_dir), "strategy": "gradual", "epochs": 3, "batch_size": 4, "device": "cpu"}
     one = transferkit.train(name="one", **flags)
-    cli = [str(shapes_dir), "--name", "two", "--strategy", "gradual", "--epochs", "3", "--batch-size", "4",
-           "--img-size", "32", "--workers", "0", "--quiet", "--runs-dir", flags["runs_dir"]]
+    cli = [
+        str(shapes_dir),
+        "--name",
+        "two",
+        "--strategy",
+        "gradual",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--img-size",
+        "32",
+        "--workers",
+        "0",
+        "--quiet",
+        "--runs-dir",
+        flags["runs_dir"],
+    ]
     out = subprocess.run(_torchrun(*cli), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(r) for r in (tmp_path / "runs" / "two" / "metrics.jsonl").read_text().splitlines()]
@@ -125,9 +192,34 @@ def test_gradual_under_ddp_needs_no_find_unused_parameters(tmp_path, shapes_dir,
 
 def test_sigterm_to_the_launcher_saves_once_and_two_processes_resume(tmp_path, shapes_dir):
     runs = tmp_path / "runs"
-    cli = [sys.executable, "-m", "transferkit", "train", str(shapes_dir), "--devices", "2", "--device", "cpu",
-           "--name", "cut", "--strategy", "finetune", "--epochs", "10", "--batch-size", "4", "--img-size", "32", "--workers", "0",
-           "--save-every-steps", "1", "--quiet", "--runs-dir", str(runs)]
+    cli = [
+        sys.executable,
+        "-m",
+        "transferkit",
+        "train",
+        str(shapes_dir),
+        "--devices",
+        "2",
+        "--device",
+        "cpu",
+        "--name",
+        "cut",
+        "--strategy",
+        "finetune",
+        "--epochs",
+        "10",
+        "--batch-size",
+        "4",
+        "--img-size",
+        "32",
+        "--workers",
+        "0",
+        "--save-every-steps",
+        "1",
+        "--quiet",
+        "--runs-dir",
+        str(runs),
+    ]
     launcher = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ckpt = runs / "cut" / "last.ckpt"
     deadline = time.time() + 300
@@ -144,9 +236,24 @@ def test_sigterm_to_the_launcher_saves_once_and_two_processes_resume(tmp_path, s
     assert len(state["rng_ranks"]) == 2  # one file with both ranks' streams, written by rank 0
     assert not list((runs / "cut").glob(".*.tmp"))
 
-    resumed = subprocess.run([sys.executable, "-m", "transferkit", "train", "--resume", str(runs / "cut"),
-                              "--devices", "2", "--device", "cpu", "--quiet"],
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "transferkit",
+            "train",
+            "--resume",
+            str(runs / "cut"),
+            "--devices",
+            "2",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((runs / "cut" / "metrics.json").read_text())
     assert metrics["epochs_run"] == 10 and metrics["runtime"]["processes"] == 2
@@ -157,8 +264,11 @@ def test_more_processes_than_gpus_is_refused_before_any_starts(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(UserError, match="--devices 2 starts one process per GPU, and this machine has 1. "
-                                        "Use --devices 1, or --device cpu for 2 CPU processes."):
+    with pytest.raises(
+        UserError,
+        match="--devices 2 starts one process per GPU, and this machine has 1. "
+        "Use --devices 1, or --device cpu for 2 CPU processes.",
+    ):
         distributed.check_gpus(2, None)
     distributed.check_gpus(2, "cpu")  # CPU ranks: as many as asked
     distributed.check_gpus(1, "cuda")

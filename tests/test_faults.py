@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resume import assert_same_weights, weights
 
 import transferkit
 import transferkit.models.task as task_module
 from transferkit.core.errors import UserError
-
-from test_resume import assert_same_weights, weights
 
 
 def _cli(*args: str) -> list[str]:
@@ -33,13 +32,28 @@ def _wait_for(path, proc, timeout=120.0):
 
 
 def test_sigterm_exits_143_and_resume_ends_bit_identical(shapes_dir, tmp_path):
-    flags = ["--img-size", "32", "--epochs", "4", "--batch-size", "4", "--workers", "0", "--deterministic",
-             "--save-every-steps", "1", "--quiet", "--runs-dir", str(tmp_path / "runs")]
+    flags = [
+        "--img-size",
+        "32",
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--deterministic",
+        "--save-every-steps",
+        "1",
+        "--quiet",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+    ]
     whole = subprocess.run(_cli(str(shapes_dir), "--name", "whole", *flags), capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
 
-    proc = subprocess.Popen(_cli(str(shapes_dir), "--name", "cut", *flags), stderr=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cli(str(shapes_dir), "--name", "cut", *flags), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     _wait_for(tmp_path / "runs" / "cut" / "last.ckpt", proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -48,8 +62,9 @@ def test_sigterm_exits_143_and_resume_ends_bit_identical(shapes_dir, tmp_path):
     state = torch.load(tmp_path / "runs" / "cut" / "last.ckpt", weights_only=True)
     assert (state["epoch"], state["step"]) < (4, 0)  # stopped early, with its position saved
 
-    resumed = subprocess.run(_cli("--resume", str(tmp_path / "runs" / "cut"), "--quiet"), capture_output=True,
-                             text=True)
+    resumed = subprocess.run(
+        _cli("--resume", str(tmp_path / "runs" / "cut"), "--quiet"), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_weights(weights(tmp_path / "runs" / "whole"), weights(tmp_path / "runs" / "cut"))
 
@@ -81,10 +96,32 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(shap
     script = tmp_path / "kill_mid_write.py"
     script.write_text(textwrap.dedent(KILL_DURING_THIRD_SAVE))
     run_dir = tmp_path / "runs" / "cut"
-    proc = subprocess.run([sys.executable, str(script), str(shapes_dir), "--img-size", "32", "--epochs", "3",
-                           "--batch-size", "4", "--workers", "0", "--save-every-steps", "2", "--quiet",
-                           "--strategy", "linear-probe", "--runs-dir", str(tmp_path / "runs"), "--name", "cut"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(shapes_dir),
+            "--img-size",
+            "32",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--save-every-steps",
+            "2",
+            "--quiet",
+            "--strategy",
+            "linear-probe",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--name",
+            "cut",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (run_dir / ".last.ckpt.tmp").exists()  # the half-written file is there, beside the old one
     state = torch.load(run_dir / "last.ckpt", weights_only=True)
@@ -135,8 +172,10 @@ def test_nan_policy_skip_skips_the_step_and_finishes(shapes_dir, tiny, monkeypat
     _head_returns_nan_at(monkeypatch, call=6)
     run = transferkit.train(data=str(shapes_dir), nan_policy="skip", **{**tiny, "epochs": 3, "batch_size": 4})
     assert run.metrics["nan_skipped_steps"] == 1 and run.metrics["epochs_run"] == 3
-    assert all(math.isfinite(v) for v in torch.load(run.dir / "last.ckpt", weights_only=True)["model"]["head.1.weight"]
-               .flatten().tolist())
+    assert all(
+        math.isfinite(v)
+        for v in torch.load(run.dir / "last.ckpt", weights_only=True)["model"]["head.1.weight"].flatten().tolist()
+    )
 
 
 def test_out_of_memory_saves_the_last_whole_step_and_says_how_to_go_on(shapes_dir, tiny, monkeypatch):
@@ -144,8 +183,10 @@ def test_out_of_memory_saves_the_last_whole_step_and_says_how_to_go_on(shapes_di
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fault injected)")
 
     _head_fault_at(monkeypatch, 6, out_of_memory)  # 4 steps an epoch: epoch 2, step 2
-    message = (r"Out of GPU memory training micro-batches of 4 images \(CUDA out of memory.*\)\. saved .*last\.ckpt "
-               r"at step 1 of this epoch.*--resume .*oom --accumulate 2`; or .* smaller --batch-size \(e\.g\. 2\)")
+    message = (
+        r"Out of GPU memory training micro-batches of 4 images \(CUDA out of memory.*\)\. saved .*last\.ckpt "
+        r"at step 1 of this epoch.*--resume .*oom --accumulate 2`; or .* smaller --batch-size \(e\.g\. 2\)"
+    )
     with pytest.raises(UserError, match=message):
         transferkit.train(data=str(shapes_dir), name="oom", **{**tiny, "epochs": 3, "batch_size": 4})
     run_dir = Path(tiny["runs_dir"]) / "oom"
@@ -168,10 +209,30 @@ def test_keep_top_k_keeps_the_k_best_epochs(shapes_dir, tiny):
 
 def test_ctrl_c_to_the_process_group_with_loader_workers_exits_130(shapes_dir, tmp_path):
     """As a terminal's Ctrl-C: SIGINT to the trainer and its loader workers at once."""
-    proc = subprocess.Popen(_cli(str(shapes_dir), "--img-size", "32", "--epochs", "20", "--batch-size", "4",
-                                 "--workers", "2", "--save-every-steps", "1", "--quiet",
-                                 "--runs-dir", str(tmp_path / "runs"), "--name", "int"),
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        _cli(
+            str(shapes_dir),
+            "--img-size",
+            "32",
+            "--epochs",
+            "20",
+            "--batch-size",
+            "4",
+            "--workers",
+            "2",
+            "--save-every-steps",
+            "1",
+            "--quiet",
+            "--runs-dir",
+            str(tmp_path / "runs"),
+            "--name",
+            "int",
+        ),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     _wait_for(tmp_path / "runs" / "int" / "last.ckpt", proc)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -194,6 +255,7 @@ def test_a_fault_between_the_bundles_two_files_leaves_the_previous_bundle_whole(
     def json_finds_the_disk_full(path, write, size=None, shown=None):
         def failing(tmp):
             raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
         real(path, failing if Path(path).name == "model.json" else write, size, shown)
 
     monkeypatch.setattr(files, "atomic_write", json_finds_the_disk_full)

@@ -23,8 +23,16 @@ def _cached(cache_dir):
 
 def test_cached_features_train_the_same_head_as_the_backbone_on_the_same_batches(shapes_dir, tiny, tmp_path):
     # bit-level agreement is an fp32 property: in bf16 the two paths round differently (see the next test)
-    common = {**tiny, "data": str(shapes_dir), "strategy": "linear-probe", "epochs": 3, "batch_size": 4,
-              "augment": "none", "cache_dir": str(tmp_path / "cache"), "precision": "fp32"}
+    common = {
+        **tiny,
+        "data": str(shapes_dir),
+        "strategy": "linear-probe",
+        "epochs": 3,
+        "batch_size": 4,
+        "augment": "none",
+        "cache_dir": str(tmp_path / "cache"),
+        "precision": "fp32",
+    }
     direct = transferkit.train(name="direct", feature_cache=False, **common)
     cached = transferkit.train(name="cached", feature_cache=True, **common)
     a, b = _head(direct), _head(cached)
@@ -44,8 +52,9 @@ MAX_REL_L2 = {"fp32": (1e-4, 1e-4), "bf16": (0.25, 0.6)}
 
 
 @pytest.mark.parametrize("precision,fold", [("fp32", True), ("bf16", True), ("fp32", False)])
-def test_the_cache_holds_what_the_backbone_computes_at_the_run_precision(shapes_dir, tiny, tmp_path, precision,
-                                                                         fold, monkeypatch):
+def test_the_cache_holds_what_the_backbone_computes_at_the_run_precision(
+    shapes_dir, tiny, tmp_path, precision, fold, monkeypatch
+):
     """fold=False: BatchNorm that does not fold within its tolerance (TF32 on a GPU did that) leaves the
     backbone itself to extract, in eval mode all the same (it once ran in train mode: batch statistics)."""
     from transferkit.data.preprocessing import Preprocessing
@@ -57,13 +66,15 @@ def test_the_cache_holds_what_the_backbone_computes_at_the_run_precision(shapes_
     if not fold:
         monkeypatch.setattr(features, "fold_batchnorm", lambda module, example: module)
     cache = tmp_path / "cache"
-    run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", name="p", cache_dir=str(cache),
-                            precision=precision, **tiny)
+    run = transferkit.train(
+        data=str(shapes_dir), strategy="linear-probe", name="p", cache_dir=str(cache), precision=precision, **tiny
+    )
     model, meta = transferkit.deploy.bundle.load_bundle(run.dir)
     data = load_data(str(shapes_dir), split_file=str(run.dir / "split.json"))
     prep = Preprocessing.from_dict(meta["preprocessing"])
-    (path,) = [p for p in (cache / "features").glob("*.npy") if '"split": "train"' in p.with_suffix(".json")
-               .read_text()]
+    (path,) = [
+        p for p in (cache / "features").glob("*.npy") if '"split": "train"' in p.with_suffix(".json").read_text()
+    ]
     assert f'"precision": "{precision}"' in path.with_suffix(".json").read_text()
     dataset = ImageDataset(data, "train", eval_transform(prep))
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
@@ -127,8 +138,9 @@ def test_image_cache_gives_the_pixels_of_direct_decoding(tmp_path):
         big = np.kron(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), np.ones((10, 10, 1), np.uint8))
         Image.fromarray(big).save(root / label / "photo.jpg")  # 400x300: decoded at 1/4 scale (draft)
     data = load_data(str(root), val_fraction=0.0, test_fraction=0.0)
-    prep = Preprocessing(img_size=48, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", crop_pct=0.875,
-                         in_chans=3)
+    prep = Preprocessing(
+        img_size=48, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", crop_pct=0.875, in_chans=3
+    )
     config = TrainConfig(cache_dir=str(tmp_path / "cache"), workers=0)
     images = cached_images(data, "train", prep, config, Reporter(silent=True))
     assert images.shape == (12, cache_size(prep), cache_size(prep), 3) and images.dtype == np.uint8
@@ -142,11 +154,18 @@ def test_cache_hit_miss_and_rebuild_of_damaged_caches_train_identically(shapes_d
     """Building a cache must not move the run's random streams: a miss and a hit end the same. A feature cache
     cut short and an image cache with one flipped byte (same size) are named, built again, and change nothing."""
     cache = tmp_path / "cache"
-    common = {**tiny, "data": str(shapes_dir), "strategy": "lp-ft", "epochs": 2, "head_dropout": 0.3,
-              "cache_dir": str(cache)}
+    common = {
+        **tiny,
+        "data": str(shapes_dir),
+        "strategy": "lp-ft",
+        "epochs": 2,
+        "head_dropout": 0.3,
+        "cache_dir": str(cache),
+    }
     miss = transferkit.train(name="miss", **common)
-    (features,) = [p for p in (cache / "features").glob("*.npy") if '"split": "train"' in p.with_suffix(".json")
-                   .read_text()]
+    (features,) = [
+        p for p in (cache / "features").glob("*.npy") if '"split": "train"' in p.with_suffix(".json").read_text()
+    ]
     images = max((cache / "images").glob("*.npy"), key=lambda p: p.stat().st_size)  # the train split's
     with open(features, "r+b") as fh:
         fh.truncate(features.stat().st_size - 100)

@@ -1,17 +1,20 @@
 import random
 
 import pytest
+from conftest import draw_shape
 
 import transferkit
-from conftest import draw_shape
 
 
 @pytest.fixture
 def imbalanced(tmp_path):
     """10:1 circles to squares in train; balanced val and test."""
     rng = random.Random(0)
-    counts = {"train": {"circle": 100, "square": 10}, "val": {"circle": 10, "square": 10},
-              "test": {"circle": 30, "square": 30}}
+    counts = {
+        "train": {"circle": 100, "square": 10},
+        "val": {"circle": 10, "square": 10},
+        "test": {"circle": 30, "square": 30},
+    }
     for split, per_class in counts.items():
         for cls, n in per_class.items():
             out = tmp_path / "imb" / split / cls
@@ -22,8 +25,18 @@ def imbalanced(tmp_path):
 
 
 def _minority_recall(data, tmp_path, seed: int = 0, **kw) -> float:
-    run = transferkit.train(data=str(data), strategy="linear-probe", img_size=32, epochs=2, workers=0, quiet=True,
-                            runs_dir=str(tmp_path / "runs"), html_report=False, seed=seed, **kw)
+    run = transferkit.train(
+        data=str(data),
+        strategy="linear-probe",
+        img_size=32,
+        epochs=2,
+        workers=0,
+        quiet=True,
+        runs_dir=str(tmp_path / "runs"),
+        html_report=False,
+        seed=seed,
+        **kw,
+    )
     return run.metrics["test"]["per_class"]["square"]["recall"]
 
 

@@ -87,6 +87,7 @@ def test_the_probe_copies_the_model_without_the_users_hooks_but_with_spectral_no
     from torch import nn
 
     model = nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 4)), nn.Linear(4, 2)).eval()  # as built: no pass yet
+
     class Counter:  # a hook bound to an object that cannot be deep-copied (a bound method copies its object)
         def __init__(self):
             self.lock, self.calls = threading.Lock(), 0
@@ -109,8 +110,11 @@ def test_a_run_records_what_auto_chose_and_why(monkeypatch, shapes_dir, tiny, na
     run = transferkit.train(data=str(shapes_dir), strategy="finetune", name=f"auto{native}", **tiny)
     setting = json.loads((run.dir / "runtime.json").read_text())
     assert run.metrics["runtime"]["precision"] == setting["precision"]
-    table = json.loads((precision_cache := transferkit.core.machine.cache_root() / "precision.json").read_text()) \
-        if native == "1" else {}
+    table = (
+        json.loads((precision_cache := transferkit.core.machine.cache_root() / "precision.json").read_text())
+        if native == "1"
+        else {}
+    )
     for kind in precision.KINDS:
         reason = setting["precision_reason"][kind]
         if native == "0":
@@ -132,8 +136,13 @@ def test_a_linear_probe_trains_at_inference_precision(monkeypatch, shapes_dir, t
 
 @pytest.mark.parametrize("strategy", ["finetune", "linear-probe"])
 def test_bf16_asked_for_trains_and_evaluates_in_bf16_on_any_cpu(shapes_dir, tiny, strategy):
-    run = transferkit.train(data=str(shapes_dir), strategy=strategy, precision="bf16", epochs=2, **{
-        k: v for k, v in tiny.items() if k != "epochs"})
+    run = transferkit.train(
+        data=str(shapes_dir),
+        strategy=strategy,
+        precision="bf16",
+        epochs=2,
+        **{k: v for k, v in tiny.items() if k != "epochs"},
+    )
     setting = json.loads((run.dir / "runtime.json").read_text())
     assert setting["precision"] == {"train": "bf16", "infer": "bf16"}
     assert setting["precision_reason"] == {"train": "asked for", "infer": "asked for"}
@@ -158,8 +167,9 @@ def test_serving_in_bf16_needs_the_bundles_own_agreement_check():
     assert precision.for_serving(slow, {"bf16_top1_agreement": 1.0, "images": 9}) == slow
 
 
-def test_a_run_in_bf16_checks_its_model_against_fp32_and_predict_follows_the_check(monkeypatch, shapes_dir, tiny,
-                                                                                   tmp_path):
+def test_a_run_in_bf16_checks_its_model_against_fp32_and_predict_follows_the_check(
+    monkeypatch, shapes_dir, tiny, tmp_path
+):
     run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", precision="bf16", **tiny)
     checked = run.metrics["precision_check"]
     n = sum(len(json.loads((run.dir / "split.json").read_text())["splits"][s]) for s in ("val", "test"))

@@ -48,8 +48,9 @@ def test_rank_scores_sorts_and_writes_rank_json(ranked):
     rows = result["rows"]
     assert [r["rank"] for r in rows] == [1, 2] and {r["model"] for r in rows} == set(MODELS)
     assert rows[0]["logme"] >= rows[1]["logme"]
-    assert all(r["img_size"] == 64 and r["n_train"] == 10 and r["feature_dim"] == 1280 and r["seconds"] > 0
-               for r in rows)
+    assert all(
+        r["img_size"] == 64 and r["n_train"] == 10 and r["feature_dim"] == 1280 and r["seconds"] > 0 for r in rows
+    )
     assert set(rows[0]) == {"model", "img_size", "logme", "seconds", "n_train", "feature_dim", "rank"}
     assert rows[1]["logme"] > result["chance_logme"]  # pretrained features beat the class shares alone
     assert result["recommendation"]["strategy"] == "linear-probe"  # 5 images per class
@@ -66,8 +67,17 @@ def test_a_second_rank_extracts_nothing_again(ranked):
 
 def test_a_linear_probe_run_reads_the_training_features_rank_cached(ranked, tmp_path):
     before = feature_files()
-    train(TrainConfig(**FEW, data="builtin:faces", model=MODELS[0], strategy="linear-probe", epochs=1,
-                      html_report=False, runs_dir=str(tmp_path / "runs")))
+    train(
+        TrainConfig(
+            **FEW,
+            data="builtin:faces",
+            model=MODELS[0],
+            strategy="linear-probe",
+            epochs=1,
+            html_report=False,
+            runs_dir=str(tmp_path / "runs"),
+        )
+    )
     assert len(feature_files() - before) == 1  # the validation split's features only
 
 

@@ -5,12 +5,11 @@ import itertools
 import json
 
 import torch
+from test_resume import assert_same_weights, weights
 
 import transferkit
 from transferkit.data.sources import load_data
 from transferkit.models.task import ImageTask, Task, TextTask, task_for
-
-from test_resume import assert_same_weights, weights
 
 
 def test_on_epoch_sees_each_validated_row_and_may_stop_the_run(shapes_dir, tiny):
@@ -68,8 +67,10 @@ def test_an_extra_loss_term_runs_on_every_micro_batch_and_changes_the_weights(sh
     row = json.loads((pull.dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["head_pull_calls"] == 4  # its epoch_metrics joined the epoch's row
     assert torch.load(pull.dir / "last.ckpt", weights_only=False)["extra"] == {"calls": 4}
-    weights = {name: torch.load(run.dir / "last.ckpt", weights_only=True)["model"]["head.1.weight"]
-               for name, run in (("plain", plain), ("zero", zero), ("pull", pull))}
+    weights = {
+        name: torch.load(run.dir / "last.ckpt", weights_only=True)["model"]["head.1.weight"]
+        for name, run in (("plain", plain), ("zero", zero), ("pull", pull))
+    }
     assert torch.equal(weights["plain"], weights["zero"])  # a zero term changes nothing
     assert not torch.allclose(weights["plain"], weights["pull"])
 

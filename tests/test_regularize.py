@@ -16,14 +16,14 @@ def test_l2sp_is_zero_at_the_pretrained_weights_and_grows_with_distance():
     assert reg.penalty(model.backbone).item() == 0.0
     torch.manual_seed(0)
     noise = {n: torch.randn_like(p) for n, p in model.backbone.named_parameters()}
-    norm2 = sum((v ** 2).sum().item() for v in noise.values())
+    norm2 = sum((v**2).sum().item() for v in noise.values())
     values = []
     for eps in (1e-3, 1e-2, 1e-1):
         with torch.no_grad():
             for n, p in model.backbone.named_parameters():
                 p.copy_(reg.reference[n] + eps * noise[n])
         values.append(reg.penalty(model.backbone).item())
-        assert values[-1] == pytest.approx(0.5 * 0.1 * eps ** 2 * norm2, rel=1e-3)
+        assert values[-1] == pytest.approx(0.5 * 0.1 * eps**2 * norm2, rel=1e-3)
     assert values[0] < values[1] < values[2]
 
 

@@ -10,14 +10,13 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 import torch
+from conftest import make_folder
 from PIL import Image
 
 import transferkit
-from transferkit.evaluation.calibration import expected_calibration_error, fit_temperature, softmax
 from transferkit.deploy.export import export
+from transferkit.evaluation.calibration import expected_calibration_error, fit_temperature, softmax
 from transferkit.evaluation.report import build_report
-
-from conftest import make_folder
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -135,8 +134,9 @@ def test_export_agrees_with_pytorch(shapes_dir, tmp_path, tiny, fmt):
         files = sorted(str(p) for p in (shapes_dir / "square").glob("*.png"))[:4]
         # like with like: the export is fp32, so is the PyTorch side (auto may pick bf16 on some CPUs)
         onnx_clf, torch_clf = transferkit.load(run.dir, backend="onnx"), transferkit.load(run.dir, precision="fp32")
-        np.testing.assert_allclose(onnx_clf.predict_proba(files, tta="flip"),
-                                   torch_clf.predict_proba(files, tta="flip"), atol=1e-4)
+        np.testing.assert_allclose(
+            onnx_clf.predict_proba(files, tta="flip"), torch_clf.predict_proba(files, tta="flip"), atol=1e-4
+        )
         assert [r["label"] for r in onnx_clf.predict(files)] == [r["label"] for r in torch_clf.predict(files)]
         # the run trained further (a resume kept a new best): its old export is refused, a new one serves
         _, meta = transferkit.deploy.bundle.load_bundle(run.dir)
@@ -181,8 +181,9 @@ def test_flip_tta_is_the_mean_over_the_image_and_its_mirror(shapes_dir, tiny, pr
 def test_tensorboard_writes_step_epoch_and_confusion_events(shapes_dir, tiny):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run = transferkit.train(data=str(shapes_dir), strategy="finetune", tensorboard=True,
-                            **{**tiny, "epochs": 2, "batch_size": 4})
+    run = transferkit.train(
+        data=str(shapes_dir), strategy="finetune", tensorboard=True, **{**tiny, "epochs": 2, "batch_size": 4}
+    )
     events = EventAccumulator(str(run.dir / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
@@ -214,9 +215,21 @@ def test_report_renders_in_headless_chromium(weak_run, tmp_path):
     import subprocess
 
     png = tmp_path / "page.png"
-    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={png}", "--window-size=1200,1600", (weak_run.dir / "report.html").as_uri()],
-                   capture_output=True, timeout=180, check=True)
+    subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={png}",
+            "--window-size=1200,1600",
+            (weak_run.dir / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=180,
+        check=True,
+    )
     page = np.asarray(Image.open(png).convert("L"), dtype=np.float32)
     assert page.shape == (1600, 1200)
     assert (page < 200).mean() > 0.02 and page.std() > 10  # text, tables and plots drawn: not a blank page
@@ -236,8 +249,9 @@ def test_onnx_with_preprocessing_takes_raw_images_and_agrees_with_predict(shapes
         Image.open(path).resize([(57, 91), (120, 64), (33, 33)][i], Image.BICUBIC).save(out)
         files.append(str(out))
     session = onnxruntime.InferenceSession(result["path"])
-    got = np.concatenate([session.run(None, {"images": np.asarray(Image.open(f).convert("RGB"))[None]})[0]
-                          for f in files])
+    got = np.concatenate(
+        [session.run(None, {"images": np.asarray(Image.open(f).convert("RGB"))[None]})[0] for f in files]
+    )
     want = transferkit.load(run.dir, precision="fp32").predict_proba(files)  # the export is fp32
     assert (got.argmax(1) == want.argmax(1)).all()
     np.testing.assert_allclose(np_softmax(got, axis=1), want, atol=1e-2)
@@ -249,7 +263,8 @@ def test_onnx_with_preprocessing_takes_raw_images_and_agrees_with_predict(shapes
     record = json.loads((run.dir / "export" / "model.json").read_text())
     assert record["file"] == "model.pt" and not record["with_preprocessing"]  # the latest export, as before
     assert record["exports"]["model.onnx"]["with_preprocessing"] and record["exports"]["model.onnx"]["parity"] == {
-        k: v for k, v in result.items() if k != "path"}
+        k: v for k, v in result.items() if k != "path"
+    }
     assert sorted(record["exports"]) == ["model.onnx", "model.pt"]
 
 
@@ -263,8 +278,10 @@ def test_model_json_keeps_each_export_of_the_same_model_whose_file_is_there(tmp_
     _write_record(tmp_path, record("model.onnx", with_preprocessing=True))
     _write_record(tmp_path, record("model.pt", with_preprocessing=False))
     exports = json.loads((tmp_path / "model.json").read_text())["exports"]
-    assert exports == {"model.onnx": {"file": "model.onnx", "with_preprocessing": True},
-                       "model.pt": {"file": "model.pt", "with_preprocessing": False}}
+    assert exports == {
+        "model.onnx": {"file": "model.onnx", "with_preprocessing": True},
+        "model.pt": {"file": "model.pt", "with_preprocessing": False},
+    }
     (tmp_path / "model.pt").unlink()  # its file gone: its record goes
     _write_record(tmp_path, record("model.tflite"))
     assert sorted(json.loads((tmp_path / "model.json").read_text())["exports"]) == ["model.onnx", "model.tflite"]

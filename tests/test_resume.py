@@ -10,8 +10,8 @@ import torch
 import transferkit
 import transferkit.training.phases as phases
 from transferkit.core.errors import UserError
-from transferkit.training.preempt import Preempted
 from transferkit.core.progress import Reporter
+from transferkit.training.preempt import Preempted
 
 
 class _Died(Exception):
@@ -54,13 +54,20 @@ def assert_same_weights(a, b, atol: float = 0.0):
     def same(x, y):
         return torch.equal(x, y) if not atol or not x.is_floating_point() else torch.allclose(x, y, rtol=0, atol=atol)
 
-    assert all(same(a[k], b[k]) for k in a), [(k, float((a[k] - b[k]).abs().max())) for k in a if not same(a[k], b[k])][:5]
+    assert all(same(a[k], b[k]) for k in a), [(k, float((a[k] - b[k]).abs().max())) for k in a if not same(a[k], b[k])][
+        :5
+    ]
 
 
 @pytest.mark.parametrize("stop_after", [1, 2])  # 1: a phase boundary of gradual; 2: inside the last phase
 def test_resumed_gradual_run_ends_bit_identical_to_an_uninterrupted_one(shapes_dir, tiny, monkeypatch, stop_after):
-    common = {**tiny, "data": str(shapes_dir), "strategy": "gradual", "gradual_every": 1,
-              "epochs": 4 if stop_after == 2 else 3}
+    common = {
+        **tiny,
+        "data": str(shapes_dir),
+        "strategy": "gradual",
+        "gradual_every": 1,
+        "epochs": 4 if stop_after == 2 else 3,
+    }
     whole = transferkit.train(name="whole", **common)
 
     _die_after_checkpoint(monkeypatch, stop_after)
@@ -78,8 +85,17 @@ def test_resumed_gradual_run_ends_bit_identical_to_an_uninterrupted_one(shapes_d
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigterm_mid_epoch_then_resume_is_bit_identical(shapes_dir, tiny, workers):
     """16 training images, batch 4: 4 steps an epoch; the signal lands in epoch 2, batch 2."""
-    common = {**tiny, "data": str(shapes_dir), "strategy": "finetune", "epochs": 3, "batch_size": 4,
-              "workers": workers, "augment": "strong", "head_dropout": 0.3, "deterministic": True}
+    common = {
+        **tiny,
+        "data": str(shapes_dir),
+        "strategy": "finetune",
+        "epochs": 3,
+        "batch_size": 4,
+        "workers": workers,
+        "augment": "strong",
+        "head_dropout": 0.3,
+        "deterministic": True,
+    }
     whole = transferkit.train(name="whole", **common)
 
     with pytest.raises(Preempted) as stopped:
@@ -97,8 +113,7 @@ def test_sigterm_mid_epoch_then_resume_is_bit_identical(shapes_dir, tiny, worker
 
 
 def test_step_checkpoints_resume_bit_identical(shapes_dir, tiny, monkeypatch):
-    common = {**tiny, "data": str(shapes_dir), "strategy": "lp-ft", "epochs": 2, "batch_size": 4,
-              "save_every_steps": 3}
+    common = {**tiny, "data": str(shapes_dir), "strategy": "lp-ft", "epochs": 2, "batch_size": 4, "save_every_steps": 3}
     whole = transferkit.train(name="whole", **common)
     _die_after_checkpoint(monkeypatch, epoch=1, step=2)  # global step 6: epoch 2 (the FT phase), batch 2
     with pytest.raises(_Died):
@@ -110,8 +125,15 @@ def test_step_checkpoints_resume_bit_identical(shapes_dir, tiny, monkeypatch):
 
 def test_same_seed_gives_identical_weights_with_0_and_2_workers(shapes_dir, tiny):
     # at a fixed torch thread count (by default it follows the workers, and float sums follow threads)
-    common = {**tiny, "data": str(shapes_dir), "strategy": "full", "epochs": 2, "batch_size": 4, "augment": "strong",
-              "threads": 1}
+    common = {
+        **tiny,
+        "data": str(shapes_dir),
+        "strategy": "full",
+        "epochs": 2,
+        "batch_size": 4,
+        "augment": "strong",
+        "threads": 1,
+    }
     a = transferkit.train(name="w0", **{**common, "workers": 0})
     b = transferkit.train(name="w2", **{**common, "workers": 2})
     assert_same_weights(weights(a.dir), weights(b.dir))

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_resume import assert_same_weights, weights
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
@@ -18,8 +19,6 @@ from transferkit.models import runtime
 from transferkit.models.classifier import build_classifier
 from transferkit.models.runtime import Runtime
 from transferkit.models.task import ImageTask
-
-from test_resume import assert_same_weights, weights
 
 CPU = torch.device("cpu")
 
@@ -103,8 +102,16 @@ def test_uint8_batches_become_exactly_the_input_totensor_and_normalize_make(mode
 
 def test_a_run_on_uint8_batches_trains_bit_identically_to_one_on_float_batches(shapes_dir, tiny, monkeypatch):
     """The GPU's path (the workers hand over pixels, Runtime.batch normalises), taken here on the CPU."""
-    common = {**tiny, "data": str(shapes_dir), "strategy": "full", "epochs": 2, "batch_size": 4, "workers": 2,
-              "threads": 1, "crop_on": "workers"}  # crops made where the float run makes them
+    common = {
+        **tiny,
+        "data": str(shapes_dir),
+        "strategy": "full",
+        "epochs": 2,
+        "batch_size": 4,
+        "workers": 2,
+        "threads": 1,
+        "crop_on": "workers",
+    }  # crops made where the float run makes them
     floats = transferkit.train(name="floats", **common)
     monkeypatch.setattr(Runtime, "normalizes_on_device", property(lambda self: self.normalize is not None))
     real, dtypes = Runtime.batch, set()
@@ -139,10 +146,14 @@ def test_resized_crops_sample_each_crop_at_its_output_pixel_centres_then_mirror(
     h = w = 40
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     images = torch.stack([xs, ys, xs + ys])[None].repeat(3, 1, 1, 1)
-    rows = torch.tensor([[3, 2, 20, 30, 0, 16],  # 17 x 28 -> 16 x 16: shrinks
-                         [5, 7, 13, 15, 1, 16],  # 8 x 8: grows, mirrored
-                         [1, 1, 39, 39, 1, 16]],  # 38 x 38: shrinks, mirrored
-                        dtype=torch.float32)
+    rows = torch.tensor(
+        [
+            [3, 2, 20, 30, 0, 16],  # 17 x 28 -> 16 x 16: shrinks
+            [5, 7, 13, 15, 1, 16],  # 8 x 8: grows, mirrored
+            [1, 1, 39, 39, 1, 16],
+        ],  # 38 x 38: shrinks, mirrored
+        dtype=torch.float32,
+    )
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     got = resized_crops(images, rows)
@@ -173,8 +184,15 @@ def test_crops_are_cut_on_the_device_by_default_only_where_it_normalises_augment
 def test_the_demo_job_cropping_on_the_device_learns(faces_dir, tmp_path, monkeypatch):
     real, seen = Runtime.batch, []
     monkeypatch.setattr(Runtime, "batch", lambda self, images: seen.append(type(images)) or real(self, images))
-    run = transferkit.train(data=str(faces_dir), crop_on="device", img_size=96, runs_dir=str(tmp_path / "runs"),
-                            quiet=True, html_report=False, workers=2)
+    run = transferkit.train(
+        data=str(faces_dir),
+        crop_on="device",
+        img_size=96,
+        runs_dir=str(tmp_path / "runs"),
+        quiet=True,
+        html_report=False,
+        workers=2,
+    )
     assert list in seen and torch.Tensor in seen  # training batches: squares and crop rows; val/test: images
     assert run.metrics["test"]["n"] == 80 and run.metrics["test"]["accuracy"] >= 0.95  # as the demo job
     with pytest.raises(UserError, match="crop_on 'device' crops the decoded-image cache.*augment 'strong'"):

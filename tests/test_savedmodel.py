@@ -20,8 +20,17 @@ pytestmark = needs("tensorflow", "tf_keras", "onnx2tf")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("savedmodel")
     data = make_folder(root / "shapes", per_class=10)
-    return transferkit.train(data=str(data), strategy="linear-probe", img_size=32, epochs=1, batch_size=8,
-                             runs_dir=str(root / "runs"), quiet=True, workers=0, html_report=False)
+    return transferkit.train(
+        data=str(data),
+        strategy="linear-probe",
+        img_size=32,
+        epochs=1,
+        batch_size=8,
+        runs_dir=str(root / "runs"),
+        quiet=True,
+        workers=0,
+        html_report=False,
+    )
 
 
 def _images(run) -> list[str]:

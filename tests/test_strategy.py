@@ -1,13 +1,13 @@
+import json
+
 import pytest
 import torch
-
-import json
 
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
 from transferkit.models.classifier import build_classifier, layer_groups
-from transferkit.training.strategy import apply_phase, group_lr_mults, make_plan, param_groups, set_train_mode
 from transferkit.training.recipe import train
+from transferkit.training.strategy import apply_phase, group_lr_mults, make_plan, param_groups, set_train_mode
 
 
 def _fresh_backbone_state():
@@ -56,8 +56,10 @@ def test_finetune_changes_exactly_the_chosen_groups(shapes_dir, tiny):
             assert same, f"{key} is in a frozen group but changed"
 
 
-@pytest.mark.parametrize("strategy,expected", [
-    ("linear-probe", []), ("finetune", [5, 6, 7]), ("full", list(range(8))), ("scratch", list(range(8)))])
+@pytest.mark.parametrize(
+    "strategy,expected",
+    [("linear-probe", []), ("finetune", [5, 6, 7]), ("full", list(range(8))), ("scratch", list(range(8)))],
+)
 def test_plans_name_the_training_groups(strategy, expected):
     plan = make_plan(TrainConfig(strategy=strategy, epochs=4, unfreeze_groups=3), n_groups=8)
     assert [p.groups for p in plan] == [expected] and plan[0].epochs == 4
@@ -105,8 +107,9 @@ def test_layer_decay_and_fastai_slice_space_group_lrs_geometrically():
 
 
 def test_explicit_plan_from_config():
-    config = TrainConfig(plan=[{"epochs": 2, "groups": "none"}, {"epochs": 1, "groups": "top:2", "bn": "eval",
-                                                                  "lr_scale": 0.5}])
+    config = TrainConfig(
+        plan=[{"epochs": 2, "groups": "none"}, {"epochs": 1, "groups": "top:2", "bn": "eval", "lr_scale": 0.5}]
+    )
     a, b = make_plan(config, n_groups=5)
     assert (a.groups, a.bn, b.groups, b.bn, b.lr_scale) == ([], "frozen", [3, 4], "eval", 0.5)
     with pytest.raises(UserError, match="Unknown key 'epoch' in plan\\[0\\].*Did you mean 'epochs'"):

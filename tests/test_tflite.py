@@ -20,8 +20,16 @@ def run(tmp_path_factory):
     """One lite0 linear probe on the builtin digits at 48 px, 93 % on test (int8 needs a model with some margin:
     a 32 px fine-tune at 70 % lost 7 points to static int8; this one moves 0.3)."""
     runs = tmp_path_factory.mktemp("tflite")
-    return transferkit.train(data="builtin:digits", strategy="linear-probe", img_size=48, batch_size=32,
-                             runs_dir=str(runs), quiet=True, workers=0, html_report=False)
+    return transferkit.train(
+        data="builtin:digits",
+        strategy="linear-probe",
+        img_size=48,
+        batch_size=32,
+        runs_dir=str(runs),
+        quiet=True,
+        workers=0,
+        html_report=False,
+    )
 
 
 def _test_images(run, n: int | None = None) -> list:
@@ -69,8 +77,8 @@ def test_tflite_mistakes_are_named(run, tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "litert_torch" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "litert_torch" else real(name, *a)
+    )
     with pytest.raises(transferkit.UserError, match=r"pip install 'transferkit\[tf\]'"):
         export(run.dir, "tflite")
-

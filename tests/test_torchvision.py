@@ -21,8 +21,16 @@ from transferkit.models.tvmodels import (
     torchvision_weights,
 )
 
-FAMILIES = ("resnet18", "densenet121", "vgg11", "inception_v3", "mobilenet_v2", "mobilenet_v3_small",
-            "mobilenet_v3_large", "efficientnet_b0")
+FAMILIES = (
+    "resnet18",
+    "densenet121",
+    "vgg11",
+    "inception_v3",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+)
 BUILT_WITH_WEIGHTS = {"inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False}}
 """What torchvision's builder sets when it is given weights: inception_v3 renormalises its input inside."""
 
@@ -71,7 +79,10 @@ def test_hub_cache_weights_give_torchvision_features(hub, name):
     assert record["weights"] == f"torch hub cache {file}" and record["arch"] == tagged(CLASSICS[name].arch, version)
     transforms = torchvision.models.get_model_weights(name)[version].transforms()
     assert (prep.img_size, prep.resize, prep.interpolation) == (
-        transforms.crop_size[0], transforms.resize_size[0], transforms.interpolation.value)
+        transforms.crop_size[0],
+        transforms.resize_size[0],
+        transforms.interpolation.value,
+    )
     image = torch.rand(2, 3, prep.img_size, prep.img_size, generator=torch.Generator().manual_seed(1))
 
     def normalised(mean, std):
@@ -85,9 +96,9 @@ def test_hub_cache_weights_give_torchvision_features(hub, name):
     assert len(groups) >= 4 and sum(map(len, groups)) == len(list(model.backbone.parameters()))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2",
-                                  pytest.param("vgg16", marks=pytest.mark.slow),
-                                  "inception_v3"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "mobilenet_v2", pytest.param("vgg16", marks=pytest.mark.slow), "inception_v3"]
+)
 def test_train_finds_torchvision_weights_and_says_where_they_are_missing(hub, shapes_dir, tiny, name, capsys):
     tiny = {**tiny, "quiet": False, "img_size": 80 if name == "inception_v3" else 32}  # inception: >= 75 px
     with pytest.raises(UserError, match=f"none of {torchvision_files(name)[-1]}.* in the torch hub cache {hub}"):
@@ -120,8 +131,10 @@ def test_the_newest_torchvision_weights_win_and_bring_their_transforms(hub):
     v2 = torchvision_preprocessing("resnet50", "IMAGENET1K_V2")
     assert (v2["img_size"], round(224 / v2["crop_pct"])) == (224, 232)  # V2: resize 232, crop 224
     assert torchvision_file("resnet50.a1_in1k") is None and torchvision_file("tv_mobilenet_v2") is None
-    assert tagged("resnet50", "IMAGENET1K_V2") == "resnet50.tv2_in1k" and tagged("efficientnet_b0", "IMAGENET1K_V1") \
-        == "efficientnet_b0"  # timm's efficientnet_b0 has no tag for torchvision's weights: the same architecture
+    assert (
+        tagged("resnet50", "IMAGENET1K_V2") == "resnet50.tv2_in1k"
+        and tagged("efficientnet_b0", "IMAGENET1K_V1") == "efficientnet_b0"
+    )  # timm's efficientnet_b0 has no tag for torchvision's weights: the same architecture
 
 
 def test_imagenet_downloads_torchvision_weights_into_the_hub_cache(hub, tmp_path, monkeypatch):

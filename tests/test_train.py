@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 import transferkit
-from transferkit.deploy.bundle import save_bundle
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
+from transferkit.deploy.bundle import save_bundle
 from transferkit.models.classifier import build_classifier
 from transferkit.training.profile import WARMUP_STEPS, StepProfiler
 from transferkit.training.recipe import STEPS
@@ -16,8 +16,18 @@ from transferkit.training.recipe import STEPS
 
 def test_run_directory_holds_everything(shapes_dir, tiny):
     run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", **{**tiny, "epochs": 2})
-    for name in ("config.yaml", "split.json", "classes.json", "plan.json", "metrics.jsonl", "metrics.json",
-                 "last.ckpt", "best/model.safetensors", "best/model.json", "runtime.json"):
+    for name in (
+        "config.yaml",
+        "split.json",
+        "classes.json",
+        "plan.json",
+        "metrics.jsonl",
+        "metrics.json",
+        "last.ckpt",
+        "best/model.safetensors",
+        "best/model.json",
+        "runtime.json",
+    ):
         assert (run.dir / name).is_file(), name
     rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2] and all(r["epoch_s"] > 0 and r["val_s"] > 0 for r in rows)
@@ -43,8 +53,9 @@ def test_run_directory_holds_everything(shapes_dir, tiny):
 
 
 def test_bundle_round_trip_gives_identical_logits(tmp_path):
-    model, record, prep = build_classifier("efficientnet_lite0", "auto", 3, img_size=32, head="mlp",
-                                           head_hidden=16, head_dropout=0.2)
+    model, record, prep = build_classifier(
+        "efficientnet_lite0", "auto", 3, img_size=32, head="mlp", head_hidden=16, head_dropout=0.2
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()
     x = torch.randn(4, 3, 32, 32)
@@ -107,8 +118,9 @@ def test_demo_job_faces_defaults(tmp_path):
 
 def test_early_stopping_ends_the_run_after_patience_epochs(shapes_dir, tiny):
     # an LR far below float resolution leaves the head unchanged: no epoch after the first improves
-    run = transferkit.train(data=str(shapes_dir), strategy="linear-probe", lr=1e-20, augment="none",
-                            patience=2, **{**tiny, "epochs": 6})
+    run = transferkit.train(
+        data=str(shapes_dir), strategy="linear-probe", lr=1e-20, augment="none", patience=2, **{**tiny, "epochs": 6}
+    )
     assert run.metrics["epochs_run"] == 3 and run.metrics["best"]["epoch"] == 1
 
 
@@ -136,6 +148,6 @@ def test_a_run_that_ends_before_its_profiled_steps_writes_what_was_recorded(tmp_
         with StepProfiler(tmp_path / "failed", 100, torch.device("cpu"), said.append) as prof:
             for _ in range(WARMUP_STEPS + 1):
                 prof.step()
-            1 / 0
+            raise ZeroDivisionError
     with torch.profiler.profile():  # none left running: another can start
         pass

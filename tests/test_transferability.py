@@ -17,8 +17,14 @@ def evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
     m = beta * np.linalg.solve(a, f.T @ y)
     sign, log_det = np.linalg.slogdet(a)
     assert sign > 0
-    return (n / 2 * np.log(beta) + d / 2 * np.log(alpha) - n / 2 * np.log(2 * np.pi)
-            - beta / 2 * np.sum((f @ m - y) ** 2) - alpha / 2 * m @ m - log_det / 2)
+    return (
+        n / 2 * np.log(beta)
+        + d / 2 * np.log(alpha)
+        - n / 2 * np.log(2 * np.pi)
+        - beta / 2 * np.sum((f @ m - y) ** 2)
+        - alpha / 2 * m @ m
+        - log_det / 2
+    )
 
 
 def clustered(n: int, d: int, seed: int, strength: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -67,14 +73,17 @@ def test_features_that_separate_the_classes_score_higher_than_random_ones():
     assert [fit.label for fit in logme_per_class(random, labels)] == ["cat", "dog", "fox"]
 
 
-@pytest.mark.parametrize("features, labels, words", [
-    (np.zeros((0, 4)), np.zeros(0), "non-empty"),
-    (np.ones(5), np.arange(5) % 2, "(N, D)"),
-    (np.ones((5, 3)), np.arange(4) % 2, "one label per feature row"),
-    (np.ones((5, 3)), np.zeros(5), "at least 2 classes"),
-    (np.full((4, 3), np.nan), np.arange(4) % 2, "NaN"),
-    (np.zeros((4, 3)), np.arange(4) % 2, "all zero"),
-])
+@pytest.mark.parametrize(
+    "features, labels, words",
+    [
+        (np.zeros((0, 4)), np.zeros(0), "non-empty"),
+        (np.ones(5), np.arange(5) % 2, "(N, D)"),
+        (np.ones((5, 3)), np.arange(4) % 2, "one label per feature row"),
+        (np.ones((5, 3)), np.zeros(5), "at least 2 classes"),
+        (np.full((4, 3), np.nan), np.arange(4) % 2, "NaN"),
+        (np.zeros((4, 3)), np.arange(4) % 2, "all zero"),
+    ],
+)
 def test_bad_input_is_a_user_error(features, labels, words):
     with pytest.raises(UserError) as err:
         logme(features, labels)

@@ -33,8 +33,10 @@ def test_a_study_finishes_continues_and_its_best_config_trains_to_the_same_score
     for run in trials:  # trials never score the test split; they are ordinary runs otherwise
         assert json.loads((run / "metrics.json").read_text())["test"] is None
         assert (run / "best" / "model.json").is_file()
-        assert json.loads((run / "split.json").read_text())["splits"] == \
-            json.loads((folder / "split.json").read_text())["splits"]
+        assert (
+            json.loads((run / "split.json").read_text())["splits"]
+            == json.loads((folder / "split.json").read_text())["splits"]
+        )
 
     out = tune(tmp_path, "--trials", "6")  # the same command, a higher total: the study goes on
     assert out.exit_code == 0, out.output
@@ -57,10 +59,10 @@ def test_a_study_finishes_continues_and_its_best_config_trains_to_the_same_score
 
 
 def test_fixed_options_leave_the_space_and_refused_combinations_fail_alone(tmp_path):
-    (tmp_path / "study.yaml").write_text("search:\n  strategy: [lp-ft, linear-probe]\n  epochs: [1, 2]\n"
-                                         "  lr: {low: 1.0e-3, high: 1.0e-2, log: true}\n")
-    out = tune(tmp_path, "--trials", "3", "--lr", "0.003", "--config", str(tmp_path / "study.yaml"),
-               "--pruner", "none")
+    (tmp_path / "study.yaml").write_text(
+        "search:\n  strategy: [lp-ft, linear-probe]\n  epochs: [1, 2]\n  lr: {low: 1.0e-3, high: 1.0e-2, log: true}\n"
+    )
+    out = tune(tmp_path, "--trials", "3", "--lr", "0.003", "--config", str(tmp_path / "study.yaml"), "--pruner", "none")
     assert out.exit_code == 0, out.output
     summary = json.loads((tmp_path / "s" / "study.json").read_text())
     assert all("lr" not in t["params"] for t in summary["trials"])  # --lr fixed it
@@ -72,15 +74,18 @@ def test_fixed_options_leave_the_space_and_refused_combinations_fail_alone(tmp_p
     assert summary["finished"] == 3
 
 
-@pytest.mark.parametrize("search,message", [
-    ({"learning_rate": [0.1]}, "Unknown search field 'learning_rate'"),
-    ({"lr": {"low": 0.1}}, "give a list of choices, or a mapping with low and high"),
-    ({"lr": {"low": 0.1, "high": 0.01}}, "needs low < high"),
-    ({"lr": {"low": 0, "high": 0.01, "log": True}}, "low > 0 on a log scale"),
-    ({"lr": {"low": 1e-3, "high": 1e-2, "scale": "log"}}, "give a list of choices"),
-    ({"data": ["builtin:digits"]}, "every trial must share it"),
-    ({"strategy": []}, "the list of choices is empty"),
-])
+@pytest.mark.parametrize(
+    "search,message",
+    [
+        ({"learning_rate": [0.1]}, "Unknown search field 'learning_rate'"),
+        ({"lr": {"low": 0.1}}, "give a list of choices, or a mapping with low and high"),
+        ({"lr": {"low": 0.1, "high": 0.01}}, "needs low < high"),
+        ({"lr": {"low": 0, "high": 0.01, "log": True}}, "low > 0 on a log scale"),
+        ({"lr": {"low": 1e-3, "high": 1e-2, "scale": "log"}}, "give a list of choices"),
+        ({"data": ["builtin:digits"]}, "every trial must share it"),
+        ({"strategy": []}, "the list of choices is empty"),
+    ],
+)
 def test_a_bad_search_section_names_the_field(search, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         parse_search(search, "'study.yaml'")
@@ -88,8 +93,23 @@ def test_a_bad_search_section_names_the_field(search, message):
 
 def test_bad_input_is_refused_before_any_trial_runs(tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "transferkit", "tune", "builtin:faces", *TINY, "--runs-dir",
-                               str(tmp_path), "--name", "s", *args], capture_output=True, text=True)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "transferkit",
+                "tune",
+                "builtin:faces",
+                *TINY,
+                "--runs-dir",
+                str(tmp_path),
+                "--name",
+                "s",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+        )
 
     (tmp_path / "bad.yaml").write_text("search:\n  strategy: [finetune, lpft]\n")
     out = cli("--trials", "2", "--config", str(tmp_path / "bad.yaml"))
@@ -102,8 +122,17 @@ def test_bad_input_is_refused_before_any_trial_runs(tmp_path):
 
 
 def test_models_are_ranked_first_and_the_top_k_searched(tmp_path):
-    out = tune(tmp_path, "--trials", "2", "--strategy", "linear-probe", "--models",
-               "efficientnet_lite0,efficientnet_lite1", "--top-k", "1")
+    out = tune(
+        tmp_path,
+        "--trials",
+        "2",
+        "--strategy",
+        "linear-probe",
+        "--models",
+        "efficientnet_lite0,efficientnet_lite1",
+        "--top-k",
+        "1",
+    )
     assert out.exit_code == 0, out.output
     ranked = json.loads((tmp_path / "s" / "rank.json").read_text())
     top = ranked["rows"][0]["model"]
@@ -121,8 +150,10 @@ def test_seeds_per_trial_average_their_runs(tmp_path):
     assert out.exit_code == 0, out.output
     trial = json.loads((tmp_path / "s" / "study.json").read_text())["trials"][0]
     assert [p.rsplit("/", 1)[-1] for p in trial["runs"]] == ["0000-seed0", "0000-seed1"]
-    scores = [json.loads((tmp_path / "s" / "trials" / name / "metrics.json").read_text())["best"]["val_accuracy"]
-              for name in ("0000-seed0", "0000-seed1")]
+    scores = [
+        json.loads((tmp_path / "s" / "trials" / name / "metrics.json").read_text())["best"]["val_accuracy"]
+        for name in ("0000-seed0", "0000-seed1")
+    ]
     assert trial["value"] == pytest.approx(sum(scores) / 2, abs=1e-12)
     best = json.loads((tmp_path / "s" / "best.json").read_text())
     assert len(best["test"]["runs"]) == 2  # the best config's test score covers both seeds' models

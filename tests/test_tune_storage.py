@@ -44,8 +44,17 @@ def postgres():
         assert done.returncode == 0, f"{args[0]}: {done.stderr}"
 
     pg(bin_dir / "initdb", "-D", root / "data", "-U", "postgres", "--auth=trust", "-E", "UTF8")
-    pg(bin_dir / "pg_ctl", "-D", root / "data", "-l", root / "log", "-w", "-o",
-       f"-p {port} -k {root} -h 127.0.0.1", "start")
+    pg(
+        bin_dir / "pg_ctl",
+        "-D",
+        root / "data",
+        "-l",
+        root / "log",
+        "-w",
+        "-o",
+        f"-p {port} -k {root} -h 127.0.0.1",
+        "start",
+    )
     try:
         pg(bin_dir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "tune")
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/tune"
@@ -55,14 +64,35 @@ def postgres():
 
 
 def worker(runs: Path, storage: str, study: str, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "transferkit", "tune", "builtin:faces", *TINY, "--runs-dir",
-                             str(runs), "--name", study, "--storage", storage, "--study", study, *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "transferkit",
+            "tune",
+            "builtin:faces",
+            *TINY,
+            "--runs-dir",
+            str(runs),
+            "--name",
+            study,
+            "--storage",
+            storage,
+            "--study",
+            study,
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_worker_processes_share_one_study_and_finish_exactly_n(postgres, tmp_path):
-    procs = [worker(tmp_path, postgres, "shared", "--trials", "4", "--workers", "2"),
-             worker(tmp_path, postgres, "shared", "--trials", "4")]
+    procs = [
+        worker(tmp_path, postgres, "shared", "--trials", "4", "--workers", "2"),
+        worker(tmp_path, postgres, "shared", "--trials", "4"),
+    ]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
     trials = optuna.load_study(study_name="shared", storage=postgres).get_trials()
@@ -82,10 +112,17 @@ def test_a_worker_killed_mid_trial_is_failed_retried_and_the_study_completes(pos
             trials = optuna.load_study(study_name="killed", storage=postgres).get_trials()
         except KeyError:  # the study is not created yet
             continue
-        running = next((t for t in trials if t.state == optuna.trial.TrialState.RUNNING
-                        and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
-                        # its training started: all parameters drawn (a kill before them left none to retry with)
-                        and (tmp_path / "killed" / "trials" / f"{t.number:04d}" / "config.yaml").is_file()), None)
+        running = next(
+            (
+                t
+                for t in trials
+                if t.state == optuna.trial.TrialState.RUNNING
+                and t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
+                # its training started: all parameters drawn (a kill before them left none to retry with)
+                and (tmp_path / "killed" / "trials" / f"{t.number:04d}" / "config.yaml").is_file()
+            ),
+            None,
+        )
     assert running is not None, victim.communicate()[0] if victim.poll() is not None else "no trial started"
     victim.send_signal(signal.SIGKILL)
     victim.wait()

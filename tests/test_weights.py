@@ -82,8 +82,12 @@ def test_user_safetensors_with_another_head_loads_the_backbone(tmp_path):
 def test_weights_for_another_architecture_are_an_error(tmp_path):
     torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "r.pth")
     with pytest.raises(UserError, match="do not match model 'test_efficientnet'"):
-        load_pretrained(timm.create_model("test_efficientnet"), "test_efficientnet",
-                        locate_weights("test_efficientnet", str(tmp_path / "r.pth")), 3)
+        load_pretrained(
+            timm.create_model("test_efficientnet"),
+            "test_efficientnet",
+            locate_weights("test_efficientnet", str(tmp_path / "r.pth")),
+            3,
+        )
 
 
 def test_auto_without_weights_says_how_to_get_them():

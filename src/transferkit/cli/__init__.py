@@ -12,8 +12,12 @@ import typer
 from transferkit.cli import deploy, options, tuning
 from transferkit.cli.startup import keep_heap, loading
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Fine-tune pretrained image models on your own data, offline-first.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune pretrained image models on your own data, offline-first.",
+)
 
 
 def train(**flags) -> None:
@@ -42,8 +46,15 @@ def train(**flags) -> None:
         run = run_training(cfg)
     test = run.metrics["test"]
     if distributed.from_environment().main:
-        typer.echo(json.dumps({"run": str(run.dir), "test_accuracy": test["accuracy"] if test else None,
-                               "test_macro_f1": test["macro_f1"] if test else None}))
+        typer.echo(
+            json.dumps(
+                {
+                    "run": str(run.dir),
+                    "test_accuracy": test["accuracy"] if test else None,
+                    "test_macro_f1": test["macro_f1"] if test else None,
+                }
+            )
+        )
 
 
 train.__signature__ = options.signature(options.TRAIN)  # the options, one row each (see `options`)
@@ -107,13 +118,25 @@ def lr_find_command(
         from transferkit.core.config import TrainConfig
         from transferkit.training.lrfind import RULE, find_lr
 
-    flags = {k: v for k, v in dict(data=data, model=model, weights=weights, strategy=strategy, img_size=img_size,
-                                   batch_size=batch_size, shots=shots).items() if v is not None}
+    flags = {
+        k: v
+        for k, v in {
+            "data": data,
+            "model": model,
+            "weights": weights,
+            "strategy": strategy,
+            "img_size": img_size,
+            "batch_size": batch_size,
+            "shots": shots,
+        }.items()
+        if v is not None
+    }
     cfg = (TrainConfig.load(config) if config else TrainConfig()).replace(**flags)
     result = find_lr(cfg, steps=steps, start=start, end=end)
     result.plot(plot)
-    typer.echo(json.dumps({"suggested_lr": result.suggestion, "rule": RULE, "steps": len(result.lrs),
-                           "plot": str(plot)}))
+    typer.echo(
+        json.dumps({"suggested_lr": result.suggestion, "rule": RULE, "steps": len(result.lrs), "plot": str(plot)})
+    )
 
 
 @app.command()
@@ -144,17 +167,31 @@ def compare(
     except ValueError:
         raise UserError(f"--shots must be comma-separated integers, e.g. 1,5,20; got '{shots}'.") from None
     base = TrainConfig.load(config).to_dict() if config else {}
-    base.update({k: v for k, v in dict(model=model, epochs=epochs, img_size=img_size).items() if v is not None})
+    base.update({k: v for k, v in {"model": model, "epochs": epochs, "img_size": img_size}.items() if v is not None})
     for key in ("data", "strategy", "shots", "seed", "runs_dir", "name", "overwrite", "quiet"):
         base.pop(key, None)
-    result = run_compare(data, [s.strip() for s in strategies.split(",") if s.strip()], shot_list, seeds,
-                         runs_dir=runs_dir, name=name, quiet=quiet, **base)
+    result = run_compare(
+        data,
+        [s.strip() for s in strategies.split(",") if s.strip()],
+        shot_list,
+        seeds,
+        runs_dir=runs_dir,
+        name=name,
+        quiet=quiet,
+        **base,
+    )
     table = Table(title=f"compare {data} ({seeds} seed{'s' if seeds > 1 else ''}, {result['wall_s']:.0f} s)")
     for col in ("strategy", "shots", "test accuracy", "best epoch", "trainable params", "wall time / arm"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for r in result["summary"]:
-        table.add_row(r["strategy"], str(r["shots"]), f"{r['test_accuracy_mean']:.3f} ± {r['test_accuracy_std']:.3f}",
-                      f"{r['best_epoch_mean']:.1f}", f"{r['trainable_params']:,}", f"{r['wall_s_mean']:.1f} s")
+        table.add_row(
+            r["strategy"],
+            str(r["shots"]),
+            f"{r['test_accuracy_mean']:.3f} ± {r['test_accuracy_std']:.3f}",
+            f"{r['best_epoch_mean']:.1f}",
+            f"{r['trainable_params']:,}",
+            f"{r['wall_s_mean']:.1f} s",
+        )
     Console(width=110).print(table)
     typer.echo(f"wrote {result['dir']}/compare.json, compare.csv, compare.png")
 
@@ -183,8 +220,10 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{run} [{metrics['split']}] accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-                        f"n={metrics['n']}, {metrics['precision']}")
+    table = Table(
+        title=f"{run} [{metrics['split']}] accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+        f"n={metrics['n']}, {metrics['precision']}"
+    )
     for col in ("class", "precision", "recall", "f1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for cls, m in metrics["per_class"].items():
@@ -195,9 +234,12 @@ def evaluate(
     typer.echo(f"confusion matrix (rows true, cols predicted): {metrics['confusion_matrix']}")
     if "tta" in metrics:
         t = metrics["tta"]
-        val = (f"validation accuracy {t['val_accuracy']:.4f} without, {t['val_accuracy_tta']:.4f} with TTA: "
-               + ("use it" if t["recommended"] else "not worth it") if t["val_accuracy"] is not None
-               else "no validation split to judge it on")
+        val = (
+            f"validation accuracy {t['val_accuracy']:.4f} without, {t['val_accuracy_tta']:.4f} with TTA: "
+            + ("use it" if t["recommended"] else "not worth it")
+            if t["val_accuracy"] is not None
+            else "no validation split to judge it on"
+        )
         typer.echo(f"TTA {t['mode']}: {split} accuracy {t[f'{split}_accuracy']:.4f}; {val}")
 
 
@@ -280,14 +322,18 @@ def inspect(
         from transferkit.training.describe import describe
 
     info = describe(model, img_size)
-    typer.echo(f"{info['model']} (timm {info['arch']}): {info['features']} features, head "
-               f"{info['head_params']:,} parameters for 2 classes; weights here: {info['weights_here'] or 'none'}")
+    typer.echo(
+        f"{info['model']} (timm {info['arch']}): {info['features']} features, head "
+        f"{info['head_params']:,} parameters for 2 classes; weights here: {info['weights_here'] or 'none'}"
+    )
     typer.echo(f"preprocessing: {json.dumps(info['preprocessing'])}")
     for g in info["groups"]:
         typer.echo(f"  group {g['index']}: {g['params']:>11,} parameters  ({g['first']} ... {g['last']})")
     for strategy, plan in info["plans"].items():
-        typer.echo(f"  {strategy:>12}: " + "; ".join(
-            f"{p['phase']} {p['epochs']} ep groups {p['groups'] or 'none'} BN {p['bn']}" for p in plan))
+        typer.echo(
+            f"  {strategy:>12}: "
+            + "; ".join(f"{p['phase']} {p['epochs']} ep groups {p['groups'] or 'none'} BN {p['bn']}" for p in plan)
+        )
 
 
 def main() -> None:

@@ -16,8 +16,11 @@ from transferkit.cli.startup import loading
 
 def predict(
     model: Path = typer.Argument(..., help="A run directory or a bundle folder (model.json + model.safetensors)."),
-    inputs: Optional[list[str]] = typer.Argument(None, help="Image files and/or folders; for a text model, texts, "
-                                                               ".txt files or .csv/.tsv/.jsonl tables (column text)."),
+    inputs: Optional[list[str]] = typer.Argument(
+        None,
+        help="Image files and/or folders; for a text model, texts, "
+        ".txt files or .csv/.tsv/.jsonl tables (column text).",
+    ),
     split: Optional[str] = typer.Option(None, help="Predict the run's own saved split (train|val|test) instead."),
     limit: Optional[int] = typer.Option(None, help="At most this many inputs."),
     top_k: int = typer.Option(5, help="Classes to show per image."),
@@ -25,8 +28,10 @@ def predict(
     device: str = typer.Option("cpu", help="cpu | cuda."),
     tta: str = typer.Option("none", help="none | flip | flip-crop: average over augmented views."),
     backend: str = typer.Option(
-        "torch", help="torch | onnx | tflite | tflite-fp16 | tflite-int8 | saved_model (the run's export, run by "
-                      "onnxruntime, the LiteRT interpreter or TensorFlow)."),
+        "torch",
+        help="torch | onnx | tflite | tflite-fp16 | tflite-int8 | saved_model (the run's export, run by "
+        "onnxruntime, the LiteRT interpreter or TensorFlow).",
+    ),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 (auto: bf16 only where measured faster here)."),
 ) -> None:
     """Top-k class predictions for images or texts, with class names."""
@@ -49,8 +54,10 @@ def predict(
     elif inputs:
         items = clf.named_inputs(inputs)
     else:
-        raise UserError("Nothing to predict: give image files or folders (texts, .txt files or tables for a text "
-                        "model), or --split test.")
+        raise UserError(
+            "Nothing to predict: give image files or folders (texts, .txt files or tables for a text "
+            "model), or --split test."
+        )
     items = items[:limit] if limit else items
     names = [it[0] for it in items]
     results = clf.predict([it[1] for it in items], top_k=top_k, tta=tta)
@@ -88,8 +95,15 @@ def _print_predictions(results: list[dict], format: str) -> None:
         writer = csv.writer(sys.stdout)
         writer.writerow(["input", "label", "score", *(["true"] if "true" in results[0] else []), "top_k"])
         for r in results:
-            writer.writerow([r["input"], r["label"], f"{r['score']:.6f}", *([r["true"]] if "true" in r else []),
-                             ";".join(f"{t['label']}:{t['score']:.4f}" for t in r["top_k"])])
+            writer.writerow(
+                [
+                    r["input"],
+                    r["label"],
+                    f"{r['score']:.6f}",
+                    *([r["true"]] if "true" in r else []),
+                    ";".join(f"{t['label']}:{t['score']:.4f}" for t in r["top_k"]),
+                ]
+            )
     else:
         from rich.console import Console
         from rich.table import Table
@@ -98,8 +112,13 @@ def _print_predictions(results: list[dict], format: str) -> None:
         for col in ("input", "prediction", "score", *(["true"] if results and "true" in results[0] else []), "top-k"):
             table.add_column(col)
         for r in results:
-            table.add_row(r["input"], r["label"], f"{r['score']:.3f}", *([r["true"]] if "true" in r else []),
-                          ", ".join(f"{t['label']} {t['score']:.2f}" for t in r["top_k"][1:]))
+            table.add_row(
+                r["input"],
+                r["label"],
+                f"{r['score']:.3f}",
+                *([r["true"]] if "true" in r else []),
+                ", ".join(f"{t['label']} {t['score']:.2f}" for t in r["top_k"][1:]),
+            )
         Console(width=160).print(table)
 
 
@@ -108,13 +127,19 @@ def export(
     format: str = typer.Option("onnx", "--format", help="onnx | torchscript | tflite | saved_model."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default RUN/export)."),
     tolerance: Optional[float] = typer.Option(
-        None, help="Largest |logit difference| the parity check accepts (default 1e-4; 1e-3 for tflite and saved_model; 0.05 with "
-                   "preprocessing); with --fp16/--int8 the largest test-accuracy drop (default 0.02)."),
+        None,
+        help="Largest |logit difference| the parity check accepts (default 1e-4; 1e-3 for tflite and "
+        "saved_model; 0.05 with preprocessing); with --fp16/--int8 the largest test-accuracy drop (default 0.02).",
+    ),
     with_preprocessing: bool = typer.Option(
-        False, "--with-preprocessing", help="ONNX, SavedModel: take uint8 HxWx3 images; resize, crop, normalize in the graph."),
+        False,
+        "--with-preprocessing",
+        help="ONNX, SavedModel: take uint8 HxWx3 images; resize, crop, normalize in the graph.",
+    ),
     fp16: bool = typer.Option(False, "--fp16", help="TFLite: float16 weights (half the file)."),
     int8: bool = typer.Option(
-        False, "--int8", help="TFLite: int8 weights and activations, calibrated on train images."),
+        False, "--int8", help="TFLite: int8 weights and activations, calibrated on train images."
+    ),
     calibration: int = typer.Option(100, help="--int8: how many train images calibrate the ranges."),
 ) -> None:
     """Export the best model with model.json beside it, then check it against PyTorch."""
@@ -124,12 +149,23 @@ def export(
 
     if fp16 and int8:
         raise UserError("--fp16 and --int8 exclude each other: pick one.")
-    result = run_export(run, format, out, tolerance, with_preprocessing=with_preprocessing,
-                        quantize="fp16" if fp16 else "int8" if int8 else "none", calibration=calibration)
-    line = (f"{result['path']}: parity on {result['images']} inputs: max |logit diff| "
-            f"{result['max_abs_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.3f}")
+    result = run_export(
+        run,
+        format,
+        out,
+        tolerance,
+        with_preprocessing=with_preprocessing,
+        quantize="fp16" if fp16 else "int8" if int8 else "none",
+        calibration=calibration,
+    )
+    line = (
+        f"{result['path']}: parity on {result['images']} inputs: max |logit diff| "
+        f"{result['max_abs_logit_diff']:.2e}, top-1 agreement {result['top1_agreement']:.3f}"
+    )
     if "test_accuracy" in result:
         acc = result["test_accuracy"]
-        line += (f"; test accuracy {acc['pytorch']:.3f} (PyTorch) -> {acc['export']:.3f} ({result['precision']}), "
-                 f"change {acc['change']:+.3f} on {acc['images']} images")
+        line += (
+            f"; test accuracy {acc['pytorch']:.3f} (PyTorch) -> {acc['export']:.3f} ({result['precision']}), "
+            f"change {acc['change']:+.3f} on {acc['images']} images"
+        )
     typer.echo(line)

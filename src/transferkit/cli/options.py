@@ -10,17 +10,37 @@ from typing import Optional
 import typer
 
 TRAIN = [
-    ("data", Optional[str],
-     typer.Argument(None, help="Image folder, CSV (path,label[,split]), builtin:NAME or cifar10:DIR.")),
-    ("config", Optional[Path],
-     typer.Option(None, "--config", help="YAML config (e.g. a run's config.yaml); flags override it.")),
+    (
+        "data",
+        Optional[str],
+        typer.Argument(None, help="Image folder, CSV (path,label[,split]), builtin:NAME or cifar10:DIR."),
+    ),
+    (
+        "config",
+        Optional[Path],
+        typer.Option(None, "--config", help="YAML config (e.g. a run's config.yaml); flags override it."),
+    ),
     ("resume", Optional[Path], typer.Option(None, "--resume", help="Continue runs/NAME from its last.ckpt.")),
-    ("model", Optional[str], typer.Option(None, help="Images: a timm model name (default efficientnet_lite0); text: a Hugging Face encoder name or folder (default all-minilm-l6-v2).")),
+    (
+        "model",
+        Optional[str],
+        typer.Option(
+            None,
+            help="Images: a timm model name (default efficientnet_lite0); text: a Hugging Face encoder name or "
+            "folder (default all-minilm-l6-v2).",
+        ),
+    ),
     ("weights", Optional[str], typer.Option(None, help="auto | imagenet | none | PATH (default auto).")),
-    ("strategy", Optional[str],
-     typer.Option(None, help="linear-probe | finetune | gradual | lp-ft | full | scratch (default finetune).")),
-    ("unfreeze_groups", Optional[int],
-     typer.Option(None, help="finetune: layer groups trained, from the top (default 3).")),
+    (
+        "strategy",
+        Optional[str],
+        typer.Option(None, help="linear-probe | finetune | gradual | lp-ft | full | scratch (default finetune)."),
+    ),
+    (
+        "unfreeze_groups",
+        Optional[int],
+        typer.Option(None, help="finetune: layer groups trained, from the top (default 3)."),
+    ),
     ("backbone_lr_mult", Optional[float], typer.Option(None, help="Backbone LR = lr x this (default 0.1).")),
     ("layer_decay", Optional[float], typer.Option(None, help="Layer-wise LR decay, e.g. 0.75 (overrides the mult).")),
     ("lr_min", Optional[float], typer.Option(None, help="fastai slice(lr_min, lr): stem LR, spaced up to lr.")),
@@ -31,13 +51,19 @@ TRAIN = [
     ("head_hidden", Optional[int], typer.Option(None, help="Hidden width of the mlp head (default 512).")),
     ("head_dropout", Optional[float], typer.Option(None, help="Dropout before the last head layer (default 0).")),
     ("in_chans", Optional[int], typer.Option(None, help="3 = RGB; 1 = grayscale with an adapted stem (default 3).")),
-    ("img_size", Optional[int],
-     typer.Option(None, help="Resolution in pixels (default: the dataset's or the backbone's).")),
+    (
+        "img_size",
+        Optional[int],
+        typer.Option(None, help="Resolution in pixels (default: the dataset's or the backbone's)."),
+    ),
     ("epochs", Optional[int], typer.Option(None, help="Training epochs (default 10).")),
     ("batch_size", Optional[int], typer.Option(None, help="Batch size (default 32).")),
     ("optimizer", Optional[str], typer.Option(None, help="adamw | sgd (default adamw).")),
-    ("lr", Optional[str],
-     typer.Option(None, help="Peak head learning rate, or 'auto' for the LR finder (default 1e-3).")),
+    (
+        "lr",
+        Optional[str],
+        typer.Option(None, help="Peak head learning rate, or 'auto' for the LR finder (default 1e-3)."),
+    ),
     ("weight_decay", Optional[float], typer.Option(None, help="Weight decay, not on norms/biases (default 0.01).")),
     ("warmup_epochs", Optional[float], typer.Option(None, help="Warmup epochs before cosine decay (default 1).")),
     ("label_smoothing", Optional[float], typer.Option(None, help="Label smoothing (default 0.1).")),
@@ -46,28 +72,52 @@ TRAIN = [
     ("mixup", Optional[float], typer.Option(None, help="Mixup alpha (default 0 = off).")),
     ("cutmix", Optional[float], typer.Option(None, help="CutMix alpha (default 0 = off).")),
     ("augment", Optional[str], typer.Option(None, help="none | basic | strong (default basic).")),
-    ("target", Optional[str],
-     typer.Option(None, help="Unlabelled target images to adapt to (a folder; subfolder names ignored).")),
-    ("target_eval", Optional[str],
-     typer.Option(None, help="Labelled target images for measuring only (class folders); never trained on.")),
-    ("adapt", Optional[str],
-     typer.Option(None, help="With --target: dann | cdan | mcc | dann-mcc | coral | none (default auto: dann-mcc).")),
+    (
+        "target",
+        Optional[str],
+        typer.Option(None, help="Unlabelled target images to adapt to (a folder; subfolder names ignored)."),
+    ),
+    (
+        "target_eval",
+        Optional[str],
+        typer.Option(None, help="Labelled target images for measuring only (class folders); never trained on."),
+    ),
+    (
+        "adapt",
+        Optional[str],
+        typer.Option(None, help="With --target: dann | cdan | mcc | dann-mcc | coral | none (default auto: dann-mcc)."),
+    ),
     ("adapt_weight", Optional[float], typer.Option(None, help="Weight of the adaptation loss (default 1).")),
-    ("class_weights", Optional[str],
-     typer.Option(None, help="none | auto: inverse-frequency loss weights (default none).")),
+    (
+        "class_weights",
+        Optional[str],
+        typer.Option(None, help="none | auto: inverse-frequency loss weights (default none)."),
+    ),
     ("sampler", Optional[str], typer.Option(None, help="shuffle | balanced (default shuffle).")),
     ("text_column", Optional[str], typer.Option(None, help="Text data: the column of texts (default text).")),
     ("label_column", Optional[str], typer.Option(None, help="Text data: the column of labels (default label).")),
     ("max_length", Optional[int], typer.Option(None, help="Text: tokens per text at most (default 128).")),
     ("patience", Optional[int], typer.Option(None, help="Early-stopping patience in epochs, 0 = off (default 0).")),
-    ("select", Optional[str], typer.Option(None, help="Which epoch is best: auto | val (source val accuracy) | "
-                                                      "target-entropy (label-free, needs --target).")),
+    (
+        "select",
+        Optional[str],
+        typer.Option(
+            None,
+            help="Which epoch is best: auto | val (source val accuracy) | target-entropy (label-free, needs --target).",
+        ),
+    ),
     ("seed", Optional[int], typer.Option(None, help="Random seed (default 0).")),
     ("shots", Optional[int], typer.Option(None, help="Keep K training images per class (few-shot).")),
-    ("val_fraction", Optional[float],
-     typer.Option(None, help="Val share carved from train when missing (default 0.1).")),
-    ("test_fraction", Optional[float],
-     typer.Option(None, help="Test share carved from train when missing (default 0.1).")),
+    (
+        "val_fraction",
+        Optional[float],
+        typer.Option(None, help="Val share carved from train when missing (default 0.1)."),
+    ),
+    (
+        "test_fraction",
+        Optional[float],
+        typer.Option(None, help="Test share carved from train when missing (default 0.1)."),
+    ),
     ("split_file", Optional[str], typer.Option(None, help="Reuse an earlier run's split.json.")),
     ("workers", Optional[int], typer.Option(None, help="DataLoader workers (default auto).")),
     ("device", Optional[str], typer.Option(None, help="auto | cpu | cuda (default auto).")),
@@ -77,74 +127,147 @@ TRAIN = [
     ("quiet", bool, typer.Option(False, "--quiet", help="Log lines instead of progress bars.")),
     ("save_every_steps", Optional[int], typer.Option(None, help="Also checkpoint every N steps (mid-epoch resume).")),
     ("keep_top_k", Optional[int], typer.Option(None, help="Keep the K best epochs as bundles in top/ (default 0).")),
-    ("nan_policy", Optional[str],
-     typer.Option(None, help="stop | skip: on a NaN/Inf loss or gradient (default stop).")),
+    (
+        "nan_policy",
+        Optional[str],
+        typer.Option(None, help="stop | skip: on a NaN/Inf loss or gradient (default stop)."),
+    ),
     ("nan_skip_limit", Optional[int], typer.Option(None, help="nan-policy skip: most steps skipped (default 10).")),
     ("grad_clip", Optional[float], typer.Option(None, help="Clip the gradient norm to this (default off).")),
     ("bad_files", Optional[str], typer.Option(None, help="skip | error: unreadable or leaked files (default skip).")),
-    ("outside_links", Optional[str],
-     typer.Option(None, help="follow | refuse: image files linking outside the data folder (default follow).")),
+    (
+        "outside_links",
+        Optional[str],
+        typer.Option(None, help="follow | refuse: image files linking outside the data folder (default follow)."),
+    ),
     ("deterministic", bool, typer.Option(False, "--deterministic", help="torch.use_deterministic_algorithms.")),
-    ("trust_checkpoint", bool,
-     typer.Option(False, "--trust-checkpoint", help="Allow pickled --weights/--resume files (they can run code).")),
-    ("feature_cache", Optional[bool],
-     typer.Option(None, "--feature-cache/--no-feature-cache",
-                  help="Head-only phases train on cached features (default on).")),
+    (
+        "trust_checkpoint",
+        bool,
+        typer.Option(False, "--trust-checkpoint", help="Allow pickled --weights/--resume files (they can run code)."),
+    ),
+    (
+        "feature_cache",
+        Optional[bool],
+        typer.Option(
+            None, "--feature-cache/--no-feature-cache", help="Head-only phases train on cached features (default on)."
+        ),
+    ),
     ("feature_views", Optional[int], typer.Option(None, help="Augmented views cached per image (default 0 = none).")),
-    ("channels_last", Optional[bool],
-     typer.Option(None, "--channels-last/--no-channels-last",
-                  help="NHWC memory format (default on; measured faster).")),
-    ("image_cache", Optional[bool],
-     typer.Option(None, "--image-cache/--no-image-cache",
-                  help="Decode each image once into a memory map (default on).")),
-    ("crop_on", Optional[str],
-     typer.Option(None, help="auto | workers | device: where augment basic crops cached images (default auto: "
-                       "device on CUDA unless --deterministic, measured faster there; workers elsewhere).")),
+    (
+        "channels_last",
+        Optional[bool],
+        typer.Option(
+            None, "--channels-last/--no-channels-last", help="NHWC memory format (default on; measured faster)."
+        ),
+    ),
+    (
+        "image_cache",
+        Optional[bool],
+        typer.Option(
+            None, "--image-cache/--no-image-cache", help="Decode each image once into a memory map (default on)."
+        ),
+    ),
+    (
+        "crop_on",
+        Optional[str],
+        typer.Option(
+            None,
+            help="auto | workers | device: where augment basic crops cached images (default auto: "
+            "device on CUDA unless --deterministic, measured faster there; workers elsewhere).",
+        ),
+    ),
     ("cache_dir", Optional[str], typer.Option(None, help="Cache folder (default ~/.cache/transferkit).")),
-    ("precision", Optional[str],
-     typer.Option(None,
-                  help="auto | bf16 | fp32 (default auto: bf16 per kind of work only where measured faster here).")),
+    (
+        "precision",
+        Optional[str],
+        typer.Option(
+            None, help="auto | bf16 | fp32 (default auto: bf16 per kind of work only where measured faster here)."
+        ),
+    ),
     ("threads", Optional[int], typer.Option(None, help="torch threads (default cores minus loader workers).")),
-    ("compile", Optional[bool],
-     typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default off).")),
+    (
+        "compile",
+        Optional[bool],
+        typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default off)."),
+    ),
     ("accumulate", Optional[int], typer.Option(None, help="Micro-batches per step: batch = micro x processes x this.")),
     ("sync_bn", bool, typer.Option(False, "--sync-bn", help="Several processes: SyncBatchNorm over the global batch.")),
-    ("lr_scaling", Optional[str],
-     typer.Option(None, help="none | linear | sqrt: scale lr by batch / --lr-base-batch.")),
+    (
+        "lr_scaling",
+        Optional[str],
+        typer.Option(None, help="none | linear | sqrt: scale lr by batch / --lr-base-batch."),
+    ),
     ("lr_base_batch", Optional[int], typer.Option(None, help="The batch size --lr is meant for (default 32).")),
     ("devices", int, typer.Option(1, help="Processes on this machine (GPUs, or CPU ranks): runs torchrun for you.")),
-    ("html_report", Optional[bool],
-     typer.Option(None, "--report/--no-report", help="Write report.html at the end (default on).")),
-    ("tensorboard", bool,
-     typer.Option(False, "--tensorboard", help="Write TensorBoard event files to RUN/tensorboard.")),
-    ("profile_steps", Optional[int],
-     typer.Option(None, help="Profile N training steps (torch.profiler): RUN/profile.txt and profile-trace.json.")),
+    (
+        "html_report",
+        Optional[bool],
+        typer.Option(None, "--report/--no-report", help="Write report.html at the end (default on)."),
+    ),
+    (
+        "tensorboard",
+        bool,
+        typer.Option(False, "--tensorboard", help="Write TensorBoard event files to RUN/tensorboard."),
+    ),
+    (
+        "profile_steps",
+        Optional[int],
+        typer.Option(None, help="Profile N training steps (torch.profiler): RUN/profile.txt and profile-trace.json."),
+    ),
 ]
 
 
 def signature(rows: list) -> inspect.Signature:
     """The signature typer builds the command's arguments and options from."""
-    return inspect.Signature([inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                                annotation=annotation) for name, annotation, default in rows])
+    return inspect.Signature(
+        [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, annotation, default in rows
+        ]
+    )
 
 
-TUNE = [row if row[0] != "name" else ("name", Optional[str], typer.Option(None, help="Study folder runs/NAME "
-                                                                             "(default tune-DATA)."))
-        for row in TRAIN if row[0] not in ("resume", "workers", "devices")] + [
+TUNE = [
+    row
+    if row[0] != "name"
+    else ("name", Optional[str], typer.Option(None, help="Study folder runs/NAME (default tune-DATA)."))
+    for row in TRAIN
+    if row[0] not in ("resume", "workers", "devices")
+] + [
     ("trials", int, typer.Option(..., help="Finished trials the study should have, over all its workers.")),
     ("timeout", Optional[float], typer.Option(None, help="Start no new trial after this many seconds.")),
     ("seeds_per_trial", int, typer.Option(1, help="Seeds per trial; its score is their mean (noisy small data).")),
     ("pruner", str, typer.Option("median", help="median | hyperband | none: stop poor trials early.")),
-    ("storage", Optional[str],
-     typer.Option(None, help="SQLAlchemy URL of the study's storage, e.g. postgresql://user:pw@host/db "
-                             "(default: runs/NAME/study.db, SQLite).")),
+    (
+        "storage",
+        Optional[str],
+        typer.Option(
+            None,
+            help="SQLAlchemy URL of the study's storage, e.g. postgresql://user:pw@host/db "
+            "(default: runs/NAME/study.db, SQLite).",
+        ),
+    ),
     ("study", Optional[str], typer.Option(None, help="Study name in the storage (default NAME).")),
-    ("models", Optional[str],
-     typer.Option(None, help="Comma-separated backbones, or auto (those with weights here): ranked by LogME "
-                             "first, the --top-k best searched.")),
+    (
+        "models",
+        Optional[str],
+        typer.Option(
+            None,
+            help="Comma-separated backbones, or auto (those with weights here): ranked by LogME "
+            "first, the --top-k best searched.",
+        ),
+    ),
     ("top_k", int, typer.Option(2, help="With --models: how many of the ranked backbones the search keeps.")),
     ("workers", int, typer.Option(1, help="Worker processes on this machine, sharing the study.")),
-    ("heartbeat", int, typer.Option(20, help="Seconds between a trial's heartbeats; a trial silent 3x as long "
-                                             "(its worker was killed) is failed and retried.")),
+    (
+        "heartbeat",
+        int,
+        typer.Option(
+            20,
+            help="Seconds between a trial's heartbeats; a trial silent 3x as long "
+            "(its worker was killed) is failed and retried.",
+        ),
+    ),
 ]
 """`transferkit tune`: train's options (each fixes that field for every trial), then the study's own."""

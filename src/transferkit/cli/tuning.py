@@ -28,8 +28,22 @@ def tune(**flags) -> None:
         from transferkit.tuning.space import read_search
         from transferkit.tuning.study import tune as run_tune
 
-    own = {k: flags.pop(k) for k in ("config", "trials", "timeout", "seeds_per_trial", "pruner", "storage", "study",
-                                     "workers", "heartbeat", "models", "top_k")}
+    own = {
+        k: flags.pop(k)
+        for k in (
+            "config",
+            "trials",
+            "timeout",
+            "seeds_per_trial",
+            "pruner",
+            "storage",
+            "study",
+            "workers",
+            "heartbeat",
+            "models",
+            "top_k",
+        )
+    }
     own["models"] = model_list(own["models"])
     flags = {k: v for k, v in flags.items() if v is not None and (v is not False or k in TOGGLES)}
     config = own.pop("config")
@@ -37,13 +51,30 @@ def tune(**flags) -> None:
     if not cfg.data:
         raise UserError("No data given: `transferkit tune DATA --trials N` (a folder, a .csv, builtin:faces, ...).")
     search, in_file = read_search(config) if config else (None, set())
-    summary = run_tune(cfg, own.pop("trials"), fixed=set(flags) | in_file, search=search,
-                       seeds_per_trial=own.pop("seeds_per_trial"), report=Reporter(quiet=True), **own)
+    summary = run_tune(
+        cfg,
+        own.pop("trials"),
+        fixed=set(flags) | in_file,
+        search=search,
+        seeds_per_trial=own.pop("seeds_per_trial"),
+        report=Reporter(quiet=True),
+        **own,
+    )
     best = summary["best"] or {}
     test = best.get("test") or {}
-    typer.echo(json.dumps({"study": summary["study"], "finished": summary["finished"], "failed": summary["failed"],
-                           "best_trial": best.get("trial"), "val_accuracy": best.get("val_accuracy"),
-                           "test_accuracy": test.get("accuracy"), "best_config": best.get("config")}))
+    typer.echo(
+        json.dumps(
+            {
+                "study": summary["study"],
+                "finished": summary["finished"],
+                "failed": summary["failed"],
+                "best_trial": best.get("trial"),
+                "val_accuracy": best.get("val_accuracy"),
+                "test_accuracy": test.get("accuracy"),
+                "best_config": best.get("config"),
+            }
+        )
+    )
 
 
 tune.__signature__ = options.signature(options.TUNE)
@@ -87,8 +118,10 @@ def rank(
     cfg = TrainConfig.load(config) if config else TrainConfig()
     cfg = cfg.replace(**({"shots": shots} if shots is not None else {}))
     result = run_rank(data, model_list(models), img_sizes=sizes, config=cfg, report=Reporter(quiet=True), out=out)
-    table = Table(title=f"LogME on {data}: {result['n_train']} training images, {result['classes']} classes "
-                        f"(chance {result['chance_logme']:.3f})")
+    table = Table(
+        title=f"LogME on {data}: {result['n_train']} training images, {result['classes']} classes "
+        f"(chance {result['chance_logme']:.3f})"
+    )
     for col in ("rank", "model", "px", "LogME", "seconds"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in result["rows"]:

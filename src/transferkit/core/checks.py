@@ -20,11 +20,23 @@ LR_SCALINGS = ("none", "linear", "sqrt")
 ADAPTS = ("auto", "dann", "cdan", "mcc", "dann-mcc", "coral", "none")
 SELECTS = ("auto", "val", "target-entropy")
 CROP_ON = ("auto", "workers", "device")
-CHOICES = {"strategy": STRATEGIES, "optimizer": OPTIMIZERS, "head": HEADS, "augment": AUGMENTS, "device": DEVICES,
-           "class_weights": CLASS_WEIGHTS, "sampler": SAMPLERS, "nan_policy": NAN_POLICIES, "bad_files": BAD_FILES,
-           "outside_links": OUTSIDE_LINKS,
-           "precision": PRECISIONS, "lr_scaling": LR_SCALINGS, "adapt": ADAPTS,
-           "select": SELECTS, "crop_on": CROP_ON}
+CHOICES = {
+    "strategy": STRATEGIES,
+    "optimizer": OPTIMIZERS,
+    "head": HEADS,
+    "augment": AUGMENTS,
+    "device": DEVICES,
+    "class_weights": CLASS_WEIGHTS,
+    "sampler": SAMPLERS,
+    "nan_policy": NAN_POLICIES,
+    "bad_files": BAD_FILES,
+    "outside_links": OUTSIDE_LINKS,
+    "precision": PRECISIONS,
+    "lr_scaling": LR_SCALINGS,
+    "adapt": ADAPTS,
+    "select": SELECTS,
+    "crop_on": CROP_ON,
+}
 """Each option with a fixed set of values, and that set."""
 
 
@@ -36,13 +48,17 @@ def validate(config) -> None:
     if config.adapt not in ("auto", "none") and config.target is None:
         raise UserError(f"adapt '{config.adapt}' needs unlabelled target images: add --target DIR.")
     if config.select == "target-entropy" and config.target is None:
-        raise UserError("select 'target-entropy' scores checkpoints on unlabelled target images: add --target DIR, "
-                        "or use --select val.")
+        raise UserError(
+            "select 'target-entropy' scores checkpoints on unlabelled target images: add --target DIR, "
+            "or use --select val."
+        )
     if config.target_eval is not None and config.target is None:
         raise UserError("--target-eval measures an adapted run: add --target DIR (its unlabelled images).")
     if config.crop_on == "device" and (config.augment != "basic" or not config.image_cache):
-        raise UserError(f"crop_on 'device' crops the decoded-image cache's squares for augment basic; this run has "
-                        f"augment '{config.augment}' and image_cache {config.image_cache}: use --crop-on workers.")
+        raise UserError(
+            f"crop_on 'device' crops the decoded-image cache's squares for augment basic; this run has "
+            f"augment '{config.augment}' and image_cache {config.image_cache}: use --crop-on workers."
+        )
     _range("accumulate", config.accumulate, 1)
     _range("lr_base_batch", config.lr_base_batch, 1)
     if config.threads is not None:
@@ -76,8 +92,10 @@ def validate(config) -> None:
     _range("mixup", config.mixup, 0.0)
     _range("cutmix", config.cutmix, 0.0)
     if (config.mixup or config.cutmix) and config.class_weights != "none":
-        raise UserError("class_weights cannot be combined with mixup/cutmix (soft targets); use "
-                        "--sampler balanced for imbalance instead.")
+        raise UserError(
+            "class_weights cannot be combined with mixup/cutmix (soft targets); use "
+            "--sampler balanced for imbalance instead."
+        )
     _range("ft_lr_scale", config.ft_lr_scale, 0.0, lo_open=True)
     if config.layer_decay is not None:
         _range("layer_decay", config.layer_decay, 0.0, 1.0, lo_open=True)
@@ -117,17 +135,13 @@ def check_precision(precision: str) -> None:
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise UserError(
-            f"{key} must be one of {', '.join(choices)}; got '{value}'.{did_you_mean(str(value), choices)}"
-        )
+        raise UserError(f"{key} must be one of {', '.join(choices)}; got '{value}'.{did_you_mean(str(value), choices)}")
 
 
 def _range(
     key: str, value: float, lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
 ) -> None:
-    ok = (value > lo if lo_open else value >= lo) and (
-        hi is None or (value < hi if hi_open else value <= hi)
-    )
+    ok = (value > lo if lo_open else value >= lo) and (hi is None or (value < hi if hi_open else value <= hi))
     if not ok:
         bound = f"{'>' if lo_open else '>='} {lo:g}"
         if hi is not None:

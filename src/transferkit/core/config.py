@@ -14,29 +14,105 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from transferkit.core.checks import (  # noqa: F401 (the choices, importable from here as before)
+    ADAPTS,
+    AUGMENTS,
+    BAD_FILES,
+    CLASS_WEIGHTS,
+    DEVICES,
+    HEADS,
+    LR_SCALINGS,
+    NAN_POLICIES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SAMPLERS,
+    STRATEGIES,
+    validate,
+)
 from transferkit.core.errors import UserError, did_you_mean
 
-from transferkit.core.checks import (  # noqa: F401 (the choices, importable from here as before)
-    ADAPTS, AUGMENTS, BAD_FILES, CLASS_WEIGHTS, DEVICES, HEADS, LR_SCALINGS, NAN_POLICIES, OPTIMIZERS, PRECISIONS,
-    SAMPLERS, STRATEGIES, validate)
-
-
 SECTIONS = {
-    "data": ("data", "val_fraction", "test_fraction", "shots", "split_file", "bad_files", "outside_links", "augment",
-             "sampler", "text_column", "label_column"),
-    "model": ("model", "weights", "head", "head_hidden", "head_dropout", "in_chans", "img_size", "max_length",
-              "trust_checkpoint"),
-    "strategy": ("strategy", "unfreeze_groups", "backbone_lr_mult", "layer_decay", "lr_min", "gradual_every",
-                 "lp_epochs", "ft_lr_scale", "plan", "epochs", "patience", "select"),
-    "optim": ("optimizer", "lr", "weight_decay", "momentum", "warmup_epochs", "batch_size", "accumulate",
-              "lr_scaling", "lr_base_batch", "grad_clip"),
+    "data": (
+        "data",
+        "val_fraction",
+        "test_fraction",
+        "shots",
+        "split_file",
+        "bad_files",
+        "outside_links",
+        "augment",
+        "sampler",
+        "text_column",
+        "label_column",
+    ),
+    "model": (
+        "model",
+        "weights",
+        "head",
+        "head_hidden",
+        "head_dropout",
+        "in_chans",
+        "img_size",
+        "max_length",
+        "trust_checkpoint",
+    ),
+    "strategy": (
+        "strategy",
+        "unfreeze_groups",
+        "backbone_lr_mult",
+        "layer_decay",
+        "lr_min",
+        "gradual_every",
+        "lp_epochs",
+        "ft_lr_scale",
+        "plan",
+        "epochs",
+        "patience",
+        "select",
+    ),
+    "optim": (
+        "optimizer",
+        "lr",
+        "weight_decay",
+        "momentum",
+        "warmup_epochs",
+        "batch_size",
+        "accumulate",
+        "lr_scaling",
+        "lr_base_batch",
+        "grad_clip",
+    ),
     "regularise": ("label_smoothing", "l2sp", "drop_path", "mixup", "cutmix", "class_weights"),
     "adapt": ("target", "target_eval", "adapt", "adapt_weight"),
-    "runtime": ("device", "precision", "channels_last", "compile", "workers", "threads", "sync_bn", "seed",
-                "deterministic", "feature_cache", "feature_views", "image_cache", "crop_on", "cache_dir",
-                "nan_policy", "nan_skip_limit"),
-    "output": ("runs_dir", "name", "overwrite", "quiet", "save_every_steps", "keep_top_k", "html_report",
-               "tensorboard", "profile_steps"),
+    "runtime": (
+        "device",
+        "precision",
+        "channels_last",
+        "compile",
+        "workers",
+        "threads",
+        "sync_bn",
+        "seed",
+        "deterministic",
+        "feature_cache",
+        "feature_views",
+        "image_cache",
+        "crop_on",
+        "cache_dir",
+        "nan_policy",
+        "nan_skip_limit",
+    ),
+    "output": (
+        "runs_dir",
+        "name",
+        "overwrite",
+        "quiet",
+        "save_every_steps",
+        "keep_top_k",
+        "html_report",
+        "tensorboard",
+        "profile_steps",
+    ),
 }
 """How config.yaml groups the fields: what the data is, which model, what trains when, how it is optimised
 and regularised, how it runs on the machine, and what the run writes. CLI flags and `config.lr`-style
@@ -99,7 +175,8 @@ class TrainConfig:
     backbone_lr_mult: float = 0.1
     """Backbone LR = lr x this (discriminative LRs); the head trains at lr."""
     layer_decay: float | None = None
-    """Layer-wise LR decay (timm/BEiT): group i of n trains at lr x decay^(n-i); try 0.75. Overrides backbone_lr_mult."""
+    """Layer-wise LR decay (timm/BEiT): group i of n trains at lr x decay^(n-i); try 0.75.
+    Overrides backbone_lr_mult."""
     lr_min: float | None = None
     """fastai's slice(lr_min, lr): LRs spaced geometrically from lr_min (stem) to lr (head)."""
     gradual_every: int = 1
@@ -255,8 +332,9 @@ class TrainConfig:
         Path(path).write_text(yaml.safe_dump(self.to_sections(), sort_keys=False))
 
     @classmethod
-    def load(cls, path: str | Path, say=lambda note: print(note, file=sys.stderr), other: tuple[str, ...] = ()
-             ) -> TrainConfig:
+    def load(
+        cls, path: str | Path, say=lambda note: print(note, file=sys.stderr), other: tuple[str, ...] = ()
+    ) -> TrainConfig:
         """Read a YAML config file (the `config.yaml` of a run, or one written by hand): sections as `save`
         writes them, or the flat form of runs from before sections (converted; `say` gets a note). `other`:
         top-level keys that belong to another reader of the same file (`tune`'s `search`), left alone."""
@@ -271,22 +349,28 @@ class TrainConfig:
             raise UserError(f"Config file '{path}' is not valid YAML: {err}") from None
         if not isinstance(values, dict):
             raise UserError(f"Config file '{path}' must hold a mapping of keys to values.")
-        flat = {key: value for key, value in values.items()
-                if key not in other and (key not in SECTIONS or not isinstance(value, dict))}
+        flat = {
+            key: value
+            for key, value in values.items()
+            if key not in other and (key not in SECTIONS or not isinstance(value, dict))
+        }
         if flat and say is not None:
             keys = ", ".join(list(flat)[:3]) + (", ..." if len(flat) > 3 else "")
-            say(f"[transferkit] note: '{path}' has {len(flat)} key(s) outside sections ({keys}: the flat form of "
+            say(
+                f"[transferkit] note: '{path}' has {len(flat)} key(s) outside sections ({keys}: the flat form of "
                 f"configs from before sections); read as they are. Runs now write config.yaml in sections: "
-                f"{', '.join(SECTIONS)}.")
-        for section, keys in SECTIONS.items():
+                f"{', '.join(SECTIONS)}."
+            )
+        for section in SECTIONS:
             inner = values.get(section)
             if not isinstance(inner, dict):
                 continue
             for key, value in inner.items():
                 home = next((s for s, names in SECTIONS.items() if key in names), None)
                 if home != section:
-                    where = f"it belongs in section '{home}'" if home \
-                        else f"no section has it.{did_you_mean(key, _FIELDS)}"
+                    where = (
+                        f"it belongs in section '{home}'" if home else f"no section has it.{did_you_mean(key, _FIELDS)}"
+                    )
                     raise UserError(f"Key '{key}' in section '{section}' of '{path}': {where}.")
                 if key in flat:
                     raise UserError(f"'{path}' sets '{key}' twice: in section '{section}' and at the top level.")

@@ -97,8 +97,10 @@ def setup(device_name: str) -> tuple[Dist, torch.device | None]:
 
     use_cuda = pick_device(device_name).type == "cuda"
     if use_cuda and d.local_rank >= torch.cuda.device_count():
-        raise UserError(f"Process with LOCAL_RANK {d.local_rank} has no GPU: this machine has "
-                        f"{torch.cuda.device_count()}. Start at most that many processes per node.")
+        raise UserError(
+            f"Process with LOCAL_RANK {d.local_rank} has no GPU: this machine has "
+            f"{torch.cuda.device_count()}. Start at most that many processes per node."
+        )
     device = torch.device("cuda", d.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -114,8 +116,10 @@ def check_gpus(devices: int, device_name: str | None) -> None:
 
     gpus = torch.cuda.device_count()
     if pick_device(device_name or "auto").type == "cuda" and devices > gpus:
-        raise UserError(f"--devices {devices} starts one process per GPU, and this machine has {gpus}. "
-                        f"Use --devices {gpus}, or --device cpu for {devices} CPU processes.")
+        raise UserError(
+            f"--devices {devices} starts one process per GPU, and this machine has {gpus}. "
+            f"Use --devices {gpus}, or --device cpu for {devices} CPU processes."
+        )
 
 
 def launch(devices: int, argv: list[str]):
@@ -131,8 +135,16 @@ def launch(devices: int, argv: list[str]):
             skip = True
         elif not arg.startswith("--devices="):
             args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
-               "-m", "transferkit", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={devices}",
+        "-m",
+        "transferkit",
+        *args,
+    ]
     print(f"[transferkit] launching: {' '.join(command[1:])}", file=sys.stderr, flush=True)
     os.execv(sys.executable, command)
 
@@ -154,20 +166,25 @@ def ddp_wrap(module: torch.nn.Module, d: Dist, device: torch.device) -> torch.nn
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=False)
+    return DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
+    )
 
 
 def check_batch(batch_size: int, accumulate: int, d: Dist, n_train: int) -> None:
     """The global batch (and the training split) must give every rank's micro-batch an image."""
     need = accumulate * d.world
     if batch_size < need:
-        raise UserError(f"batch_size {batch_size} is the global batch of one optimizer step: split over "
-                        f"{d.world} process(es) and {accumulate} accumulation step(s) it leaves "
-                        f"{batch_size / (accumulate * d.world):g} images per micro-batch; use batch_size >= {need}.")
+        raise UserError(
+            f"batch_size {batch_size} is the global batch of one optimizer step: split over "
+            f"{d.world} process(es) and {accumulate} accumulation step(s) it leaves "
+            f"{batch_size / (accumulate * d.world):g} images per micro-batch; use batch_size >= {need}."
+        )
     if n_train < need:
-        raise UserError(f"The training split has {n_train} images: too few for {d.world} process(es) x "
-                        f"{accumulate} accumulation step(s), which need at least {need}.")
+        raise UserError(
+            f"The training split has {n_train} images: too few for {d.world} process(es) x "
+            f"{accumulate} accumulation step(s), which need at least {need}."
+        )
 
 
 def scaled_lr(lr: float, batch_size: int, rule: str, base: int) -> float:

@@ -13,8 +13,13 @@ from pathlib import Path
 
 from transferkit.core.errors import DiskFull
 
-FULL = ("No space left on device", "os error 28", "unexpected pos", "PytorchStreamWriter failed writing file",
-        "database or disk is full")
+FULL = (
+    "No space left on device",
+    "os error 28",
+    "unexpected pos",
+    "PytorchStreamWriter failed writing file",
+    "database or disk is full",
+)
 """How a full disk reads when it is not an OSError: safetensors' Rust error, torch's zip writer, SQLite (a tuning
 study's storage)."""
 
@@ -79,10 +84,12 @@ def disk_full(path: Path, needed: int, free: int | None = None, at_least: bool =
         folder = next((p for p in (Path(path).parent, *Path(path).parents) if p.exists()), Path("."))
         free = shutil.disk_usage(folder).free
     need = f"needed {'more than ' if at_least else ''}{bytes_text(needed)}" if needed else "could not finish"
-    return DiskFull(f"The disk is full: writing '{path}' {need} and {bytes_text(free)} were free there. The previous "
-                    f"{Path(path).name}, if any, is intact and no temporary file is left. Free some space (old runs; "
-                    "the caches: `transferkit cache --clear`), or write the run elsewhere with --runs-dir; then "
-                    "continue with --resume (where no last.ckpt was written yet: the same command with --overwrite).")
+    return DiskFull(
+        f"The disk is full: writing '{path}' {need} and {bytes_text(free)} were free there. The previous "
+        f"{Path(path).name}, if any, is intact and no temporary file is left. Free some space (old runs; "
+        "the caches: `transferkit cache --clear`), or write the run elsewhere with --runs-dir; then "
+        "continue with --resume (where no last.ckpt was written yet: the same command with --overwrite)."
+    )
 
 
 def tensor_bytes(obj) -> int:

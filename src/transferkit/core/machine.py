@@ -60,8 +60,11 @@ def configure_cuda(deterministic: bool) -> None:
 
 def cache_root(config=None) -> Path:
     """--cache-dir, else $TRANSFERKIT_CACHE, else ~/.cache/transferkit (feature, image and precision caches)."""
-    root = getattr(config, "cache_dir", None) or os.environ.get("TRANSFERKIT_CACHE") \
+    root = (
+        getattr(config, "cache_dir", None)
+        or os.environ.get("TRANSFERKIT_CACHE")
         or Path.home() / ".cache" / "transferkit"
+    )
     return Path(root).expanduser()
 
 

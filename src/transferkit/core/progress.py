@@ -31,9 +31,15 @@ class Reporter:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._progress = Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
-                                  console=self.console, transient=True)
+        self._progress = Progress(
+            TextColumn("{task.description:>12}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=self.console,
+            transient=True,
+        )
         self._progress.start()
         self._epochs = self._progress.add_task("epochs", total=total_epochs, stats="")
 
@@ -51,8 +57,9 @@ class Reporter:
 
     def batch(self, loss: float, accuracy: float, images_per_s: float) -> None:
         if self._progress is not None:
-            self._progress.update(self._batches, advance=1,
-                                  stats=f"loss {loss:.3f} acc {accuracy:.3f} {images_per_s:.0f} img/s")
+            self._progress.update(
+                self._batches, advance=1, stats=f"loss {loss:.3f} acc {accuracy:.3f} {images_per_s:.0f} img/s"
+            )
 
     def end_epoch(self, summary: str) -> None:
         if self._progress is not None:

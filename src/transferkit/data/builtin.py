@@ -34,8 +34,13 @@ from transferkit.core.errors import UserError, did_you_mean
 
 NAMES = ("digits", "faces", "textures", "fontdigits", "fortunes")
 TEXT_NAMES = ("fortunes",)
-FORTUNES = ("/usr/share/games/fortunes", "/usr/share/fortune", "/usr/local/share/games/fortunes",
-            "/opt/homebrew/share/games/fortunes", "/usr/local/share/fortune")
+FORTUNES = (
+    "/usr/share/games/fortunes",
+    "/usr/share/fortune",
+    "/usr/local/share/games/fortunes",
+    "/opt/homebrew/share/games/fortunes",
+    "/usr/local/share/fortune",
+)
 """Where fortune files live: Debian/Ubuntu, Fedora, /usr/local, Homebrew."""
 FORTUNE_TOPICS = ("computers", "food", "law", "medicine", "science")
 DEFAULT_IMG_SIZE = 96
@@ -51,8 +56,13 @@ def load(name: str) -> tuple[dict, Splits]:
             f"Unknown builtin dataset 'builtin:{name}'.{did_you_mean(name, NAMES)} "
             f"Available: {', '.join('builtin:' + n for n in NAMES)}."
         )
-    return {"digits": _digits, "faces": _faces, "textures": _textures, "fontdigits": _fontdigits,
-            "fortunes": _fortunes}[name]()
+    return {
+        "digits": _digits,
+        "faces": _faces,
+        "textures": _textures,
+        "fontdigits": _fontdigits,
+        "fortunes": _fortunes,
+    }[name]()
 
 
 def _fixed_stratified(
@@ -83,9 +93,11 @@ def _fortunes():
 
     folder = next((Path(f) for f in FORTUNES if all((Path(f) / t).is_file() for t in FORTUNE_TOPICS)), None)
     if folder is None:
-        raise UserError("builtin:fortunes reads the topic files of the fortunes package, found in none of "
-                        f"{', '.join(FORTUNES)}. Install it: `apt-get install fortunes` (Debian, Ubuntu), "
-                        "`dnf install fortune-mod`, `brew install fortune`.")
+        raise UserError(
+            "builtin:fortunes reads the topic files of the fortunes package, found in none of "
+            f"{', '.join(FORTUNES)}. Install it: `apt-get install fortunes` (Debian, Ubuntu), "
+            "`dnf install fortune-mod`, `brew install fortune`."
+        )
     rng = np.random.default_rng(0)
     texts, labels = [], []
     for topic in FORTUNE_TOPICS:

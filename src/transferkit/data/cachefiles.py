@@ -13,8 +13,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -82,8 +82,16 @@ def _problem(path: Path) -> str | None:
     return None
 
 
-def build_cache(d: Dist, path: Path, shape: tuple[int, ...], dtype, fill: Fill, about: dict,
-                say: Callable[[str], None], rows: int | None = None) -> np.ndarray:
+def build_cache(
+    d: Dist,
+    path: Path,
+    shape: tuple[int, ...],
+    dtype,
+    fill: Fill,
+    about: dict,
+    say: Callable[[str], None],
+    rows: int | None = None,
+) -> np.ndarray:
     """Build the .npy at `path` together: each rank fills its share of the `rows` items (default shape[0], on
     axis 0; given, on axis 1) through `fill(array, its_rows)`; rank 0 creates the file with its space reserved,
     then records `about`, the size and the checksum beside it and renames it into place. Returns a read-only
@@ -108,8 +116,10 @@ def build_cache(d: Dist, path: Path, shape: tuple[int, ...], dtype, fill: Fill, 
         kept = _in_memory(d, shape, dtype, fill, n, axis=0 if rows is None else 1)
     if d.main:
         tmp.unlink(missing_ok=True)
-    say(f"[transferkit] warning: cannot write the cache file '{path}' ({problem}); this run keeps it in memory "
-        f"and goes on. To cache it for later runs, {ADVICE}.")
+    say(
+        f"[transferkit] warning: cannot write the cache file '{path}' ({problem}); this run keeps it in memory "
+        f"and goes on. To cache it for later runs, {ADVICE}."
+    )
     return kept
 
 

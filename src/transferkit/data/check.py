@@ -63,8 +63,9 @@ def drop_unreadable(splits: dict[str, list], skipped: list[Skipped]) -> dict[str
     return out
 
 
-def links_outside(splits: dict[str, list], root: Path, skipped: list[Skipped], refuse: bool
-                  ) -> tuple[dict[str, list], list[tuple[str, str]]]:
+def links_outside(
+    splits: dict[str, list], root: Path, skipped: list[Skipped], refuse: bool
+) -> tuple[dict[str, list], list[tuple[str, str]]]:
     """Samples whose file is reached through a link (of the file or of a folder on its way) that leaves `root`:
     returned as (path, target) pairs; with `refuse`, also moved from the splits to `skipped`."""
     inside = os.path.realpath(root)
@@ -77,8 +78,7 @@ def links_outside(splits: dict[str, list], root: Path, skipped: list[Skipped], r
             if os.path.commonpath([inside, target]) != inside:
                 found.append((sample[0], target))
                 if refuse:
-                    skipped.append((sample[0], f"link to '{target}', outside the data folder (--outside-links "
-                                               "refuse)"))
+                    skipped.append((sample[0], f"link to '{target}', outside the data folder (--outside-links refuse)"))
                     continue
             kept.append(sample)
         out[split] = kept
@@ -109,8 +109,10 @@ def enforce(skipped: list[Skipped], policy: str, spec: str) -> None:
     if policy == "error" and skipped:
         listing = "\n".join(f"  {path}: {reason}" for path, reason in skipped[:20])
         more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
-        raise UserError(f"{len(skipped)} file(s) of '{spec}' cannot be used:\n{listing}{more}\n"
-                        "Fix or remove them, or pass --bad-files skip to train without them.")
+        raise UserError(
+            f"{len(skipped)} file(s) of '{spec}' cannot be used:\n{listing}{more}\n"
+            "Fix or remove them, or pass --bad-files skip to train without them."
+        )
 
 
 def write_skipped(path: Path, skipped: list[Skipped]) -> None:

@@ -34,16 +34,25 @@ def cache_size(prep: Preprocessing) -> int:
 
 
 def decode_transform(prep: Preprocessing) -> T.Compose:
-    return T.Compose([T.Resize(prep.resize, interpolation=interpolation(prep.interpolation)),
-                      T.CenterCrop(cache_size(prep)), T.PILToTensor()])
+    return T.Compose(
+        [
+            T.Resize(prep.resize, interpolation=interpolation(prep.interpolation)),
+            T.CenterCrop(cache_size(prep)),
+            T.PILToTensor(),
+        ]
+    )
 
 
 def cached_images(data: Data, split: str, prep: Preprocessing, config, report, d: Dist = Dist()) -> np.ndarray:
     """uint8 array (N, S, S, C) of the split's decoded images, built on the first call (each rank
     decoding its share)."""
     size = cache_size(prep)
-    key_fields = {"data": data_digest(data, split), "size": size, "interpolation": prep.interpolation,
-                  "in_chans": config.in_chans}
+    key_fields = {
+        "data": data_digest(data, split),
+        "size": size,
+        "interpolation": prep.interpolation,
+        "in_chans": config.in_chans,
+    }
     key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = cache_root(config) / "images" / f"{key}.npy"
     found = open_cache(path, report.info) if d.main else None
@@ -53,8 +62,9 @@ def cached_images(data: Data, split: str, prep: Preprocessing, config, report, d
 
     def fill(array: np.ndarray, rows: list[int]) -> None:
         # its own generator: building the cache must not draw from the run's random stream
-        loader = torch.utils.data.DataLoader(dataset, batch_size=64, sampler=rows, num_workers=config.workers,
-                                             generator=torch.Generator())
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=64, sampler=rows, num_workers=config.workers, generator=torch.Generator()
+        )
         report.start_epoch(f"decode {split}", len(loader))
         for images, _, index in loader:
             array[index.numpy()] = images.permute(0, 2, 3, 1).numpy()

@@ -101,7 +101,7 @@ class StepBatches:
 
     def __iter__(self):
         keys = list(self.sampler)  # from position skip_steps * batch_size on
-        sizes = self.step_sizes()[self.skip_steps:]
+        sizes = self.step_sizes()[self.skip_steps :]
         start = 0
         for size in sizes:
             step = keys[start : start + size]

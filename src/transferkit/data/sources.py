@@ -24,8 +24,15 @@ from transferkit.data.images import EXTENSIONS, file_ref, from_array, is_image_f
 from transferkit.data.sampling import seeded
 
 SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                 "validation": "val", "test": "test", "testing": "test"}
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 Sample = tuple[str, str]  # (ref, label): a file path, or an in-memory image key
 Splits = dict[str, list[Sample]]
@@ -59,7 +66,7 @@ class Data:
         return open_image(ref, in_chans, min_side)
 
     def counts(self, split: str) -> dict[str, int]:
-        out = {c: 0 for c in self.classes}
+        out = dict.fromkeys(self.classes, 0)
         for _, label in self.splits[split]:
             out[label] += 1
         return out
@@ -71,22 +78,39 @@ class Data:
         return {c: splits for c, splits in out.items() if splits}
 
     def save_split(self, path: Path) -> None:
-        payload = {"spec": self.spec, "kind": self.kind, "how": self.how, "classes": self.classes,
-                   "splits": {k: [list(s) for s in v] for k, v in self.splits.items()}}
+        payload = {
+            "spec": self.spec,
+            "kind": self.kind,
+            "how": self.how,
+            "classes": self.classes,
+            "splits": {k: [list(s) for s in v] for k, v in self.splits.items()},
+        }
         Path(path).write_text(json.dumps(payload, indent=1))
 
 
-def load_data(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1,
-              shots: int | None = None, split_file: str | None = None, bad_files: str = "skip",
-              outside_links: str = "follow", text_column: str = "text", label_column: str = "label") -> Data:
+def load_data(
+    spec: str,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    shots: int | None = None,
+    split_file: str | None = None,
+    bad_files: str = "skip",
+    outside_links: str = "follow",
+    text_column: str = "text",
+    label_column: str = "label",
+) -> Data:
     """Resolve `spec`, drop unusable files, complete its splits, apply few-shot selection and fix
     the classes. Files are scanned (see `transferkit.data.check`) unless the split comes from a
     split file, which lists files an earlier scan accepted; `bad_files="error"` refuses any.
     `outside_links`: follow | refuse image files linking outside a data folder (listed either way).
     `text_column`, `label_column`: the columns of a text table."""
     if not spec:
-        raise UserError("No data given. Pass a folder of class folders, a .csv file, "
-                        "builtin:faces|textures|digits|fontdigits, or cifar10:DIR.")
+        raise UserError(
+            "No data given. Pass a folder of class folders, a .csv file, "
+            "builtin:faces|textures|digits|fontdigits, or cifar10:DIR."
+        )
     skipped: list[tuple[str, str]] = []
     splits, arrays, default_size, how, kind = _resolve(spec, skipped, text_column, label_column)
     outside = []
@@ -102,18 +126,25 @@ def load_data(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fract
             splits = check.drop_unreadable(splits, skipped)
         missing = [s for s in ("val", "test") if not splits.get(s)]
         if missing:
-            fractions = {"val": val_fraction if "val" in missing else 0.0,
-                         "test": test_fraction if "test" in missing else 0.0}
+            fractions = {
+                "val": val_fraction if "val" in missing else 0.0,
+                "test": test_fraction if "test" in missing else 0.0,
+            }
             carved = stratified_split(splits["train"], fractions["val"], fractions["test"], seed)
             splits = {**splits, **{s: carved[s] for s in missing}, "train": carved["train"]}
-            how += f"; {' and '.join(missing)} carved from train (seed {seed}, " + \
-                ", ".join(f"{s} {fractions[s]:g}" for s in missing) + ")"
+            how += (
+                f"; {' and '.join(missing)} carved from train (seed {seed}, "
+                + ", ".join(f"{s} {fractions[s]:g}" for s in missing)
+                + ")"
+            )
         if arrays is None:
             splits = check.drop_leaks(splits, skipped)
             check.enforce(skipped, bad_files, spec)
     if not splits["train"]:
-        raise UserError(f"Data '{spec}' has no usable training images." + (
-            f" All {len(skipped)} files were skipped, e.g. {skipped[0][0]}: {skipped[0][1]}." if skipped else ""))
+        raise UserError(
+            f"Data '{spec}' has no usable training images."
+            + (f" All {len(skipped)} files were skipped, e.g. {skipped[0][0]}: {skipped[0][1]}." if skipped else "")
+        )
     classes = sorted({label for _, label in splits["train"]})
     for split in ("val", "test"):
         unknown = sorted({label for _, label in splits.get(split, [])} - set(classes))
@@ -126,8 +157,17 @@ def load_data(spec: str, *, seed: int = 0, val_fraction: float = 0.1, test_fract
         splits = {**splits, "train": few_shot(splits["train"], shots, seed, spec)}
         how += f"; {shots}-shot train (seed {seed})"
     splits = {s: splits.get(s, []) for s in SPLITS}
-    return Data(spec=spec, splits=splits, classes=classes, how=how, arrays=arrays,
-                default_img_size=default_size, skipped=skipped, kind=kind, outside_links=outside)
+    return Data(
+        spec=spec,
+        splits=splits,
+        classes=classes,
+        how=how,
+        arrays=arrays,
+        default_img_size=default_size,
+        skipped=skipped,
+        kind=kind,
+        outside_links=outside,
+    )
 
 
 def config_data(config, run_split: str | Path | None = None) -> Data:
@@ -136,9 +176,17 @@ def config_data(config, run_split: str | Path | None = None) -> Data:
     columns = {"text_column": config.text_column, "label_column": config.label_column}
     if run_split is not None:
         return load_data(config.data, split_file=str(run_split), **columns)
-    return load_data(config.data, seed=config.seed, val_fraction=config.val_fraction,
-                     test_fraction=config.test_fraction, shots=config.shots, split_file=config.split_file,
-                     bad_files=config.bad_files, outside_links=config.outside_links, **columns)
+    return load_data(
+        config.data,
+        seed=config.seed,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        shots=config.shots,
+        split_file=config.split_file,
+        bad_files=config.bad_files,
+        outside_links=config.outside_links,
+        **columns,
+    )
 
 
 def stratified_split(samples: list[Sample], val_fraction: float, test_fraction: float, seed: int) -> Splits:
@@ -181,8 +229,9 @@ def few_shot(train: list[Sample], shots: int, seed: int, spec: str) -> list[Samp
     return kept
 
 
-def _resolve(spec: str, skipped: list, text_column: str, label_column: str
-             ) -> tuple[Splits, dict | None, int | None, str, str]:
+def _resolve(
+    spec: str, skipped: list, text_column: str, label_column: str
+) -> tuple[Splits, dict | None, int | None, str, str]:
     """(splits, in-memory samples or None, default image size, how the split was made, kind)."""
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
@@ -227,8 +276,12 @@ def _images_by_class(root: Path, skipped: list) -> list[Sample]:
             if hidden:
                 skipped.append((file_ref(file), check.HIDDEN))
             elif not is_image_file(file):
-                skipped.append((file_ref(file), f"unsupported format '{file.suffix or file.name}' "
-                                                     f"(images: {' '.join(EXTENSIONS)})"))
+                skipped.append(
+                    (
+                        file_ref(file),
+                        f"unsupported format '{file.suffix or file.name}' (images: {' '.join(EXTENSIONS)})",
+                    )
+                )
             else:
                 samples.append((file_ref(file), class_dir.name))
                 found += 1
@@ -238,8 +291,9 @@ def _images_by_class(root: Path, skipped: list) -> list[Sample]:
 
 
 def _folder(root: Path, skipped: list) -> tuple[Splits, None, None, str]:
-    subdirs = {SPLIT_ALIASES[p.name.lower()]: p for p in root.iterdir()
-               if p.is_dir() and p.name.lower() in SPLIT_ALIASES}
+    subdirs = {
+        SPLIT_ALIASES[p.name.lower()]: p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_ALIASES
+    }
     if "train" in subdirs:
         splits = {name: _images_by_class(path, skipped) for name, path in subdirs.items()}
         how = f"folders {', '.join(sorted(subdirs))}"
@@ -278,9 +332,15 @@ def _csv(path: Path) -> Splits:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles the CIFAR batches (dicts of numpy arrays) and refuses anything else."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
@@ -340,8 +400,15 @@ class ImageDataset:
     transform as a PIL image, or as the (H, W, C) array itself where the transform `takes_arrays`.
     """
 
-    def __init__(self, data: Data, split: str, transform, in_chans: int = 3, images: np.ndarray | None = None,
-                 min_side: int | None = None):
+    def __init__(
+        self,
+        data: Data,
+        split: str,
+        transform,
+        in_chans: int = 3,
+        images: np.ndarray | None = None,
+        min_side: int | None = None,
+    ):
         self.data, self.samples, self.transform, self.in_chans = data, data.splits[split], transform, in_chans
         self.class_to_idx = {c: i for i, c in enumerate(data.classes)}
         self.images, self.min_side = images, min_side

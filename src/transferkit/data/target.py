@@ -32,24 +32,40 @@ def load_target(spec: str, source: Data, say=lambda note: print(note, file=sys.s
             if any(part.startswith(".") for part in file.relative_to(path).parts):
                 skipped.append((file_ref(file), check.HIDDEN))
             elif not is_image_file(file):
-                skipped.append((file_ref(file), f"unsupported format '{file.suffix or file.name}' "
-                                                     f"(images: {' '.join(EXTENSIONS)})"))
+                skipped.append(
+                    (
+                        file_ref(file),
+                        f"unsupported format '{file.suffix or file.name}' (images: {' '.join(EXTENSIONS)})",
+                    )
+                )
             else:
                 files.append((file_ref(file), UNLABELLED))
         refs, arrays = [ref for ref, _ in check.drop_unreadable({"train": files}, skipped)["train"]], None
     else:
-        raise UserError(f"Target '{spec}' not found: give a folder of unlabelled images (subfolders are read, "
-                        "their names ignored) or a builtin set such as builtin:digits.")
+        raise UserError(
+            f"Target '{spec}' not found: give a folder of unlabelled images (subfolders are read, "
+            "their names ignored) or a builtin set such as builtin:digits."
+        )
     if not refs:
-        raise UserError(f"Target '{spec}' has no usable images" + (f": all {len(skipped)} files were skipped, e.g. "
-                                                                   f"{skipped[0][0]}: {skipped[0][1]}" if skipped
-                                                                   else "") + ". Adaptation needs target images.")
+        raise UserError(
+            f"Target '{spec}' has no usable images"
+            + (f": all {len(skipped)} files were skipped, e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else "")
+            + ". Adaptation needs target images."
+        )
     source_refs = {ref for s in SPLITS for ref, _ in source.splits[s]}
     if source_refs and set(refs) <= source_refs:
-        say(f"[transferkit] warning: every target image of '{spec}' is also a source image: there is no other "
-            "domain to adapt to.")
-    return Data(spec=spec, splits={"train": [(ref, UNLABELLED) for ref in refs], "val": [], "test": []},
-                classes=[UNLABELLED], how=f"unlabelled target {spec}", arrays=arrays, skipped=skipped)
+        say(
+            f"[transferkit] warning: every target image of '{spec}' is also a source image: there is no other "
+            "domain to adapt to."
+        )
+    return Data(
+        spec=spec,
+        splits={"train": [(ref, UNLABELLED) for ref in refs], "val": [], "test": []},
+        classes=[UNLABELLED],
+        how=f"unlabelled target {spec}",
+        arrays=arrays,
+        skipped=skipped,
+    )
 
 
 def labelled_set(spec: str, classes: list[str], option: str = "--target-eval") -> Data:
@@ -60,8 +76,16 @@ def labelled_set(spec: str, classes: list[str], option: str = "--target-eval") -
     samples = [sample for s in SPLITS for sample in found.splits[s]]
     extra = sorted({label for _, label in samples} - set(classes))
     if extra:
-        raise UserError(f"{option} '{spec}' has class(es) {', '.join(map(repr, extra))} that the source "
-                        f"lacks (its classes: {', '.join(classes)}); a model cannot score them. Remove those "
-                        "folders.")
-    return Data(spec=spec, splits={"train": [], "val": [], "test": samples}, classes=list(classes),
-                how=f"labelled set {spec} (scored only)", arrays=found.arrays, skipped=found.skipped)
+        raise UserError(
+            f"{option} '{spec}' has class(es) {', '.join(map(repr, extra))} that the source "
+            f"lacks (its classes: {', '.join(classes)}); a model cannot score them. Remove those "
+            "folders."
+        )
+    return Data(
+        spec=spec,
+        splits={"train": [], "val": [], "test": samples},
+        classes=list(classes),
+        how=f"labelled set {spec} (scored only)",
+        arrays=found.arrays,
+        skipped=found.skipped,
+    )

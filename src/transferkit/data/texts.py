@@ -32,9 +32,11 @@ def is_text_table(path: Path, text_column: str, label_column: str = "label") -> 
     with path.open(newline="", encoding="utf-8", errors="replace") as fh:
         header = [c.strip() for c in next(csv.reader(fh), [])]
     if label_column in header and text_column not in header and "path" not in header:
-        raise UserError(f"'{path}' has columns {', '.join(header)} but no '{text_column}' column for its texts"
-                        f"{did_you_mean(text_column, header)}: name it with --text-column (an image CSV has "
-                        "path,label columns).")
+        raise UserError(
+            f"'{path}' has columns {', '.join(header)} but no '{text_column}' column for its texts"
+            f"{did_you_mean(text_column, header)}: name it with --text-column (an image CSV has "
+            "path,label columns)."
+        )
     return text_column in header
 
 
@@ -57,8 +59,9 @@ def read_table(path: Path, text_column: str, label_column: str, skipped: list) -
         ref = f"{file_ref(path)}:{n}"
         if text_column not in row or label_column not in row:
             continue
-        text, label, split = (str(row.get(k) if row.get(k) is not None else "").strip()
-                              for k in (text_column, label_column, "split"))
+        text, label, split = (
+            str(row.get(k) if row.get(k) is not None else "").strip() for k in (text_column, label_column, "split")
+        )
         bad = _bad_bytes(text + label + split)
         if bad:
             skipped.append((ref, bad))
@@ -74,12 +77,19 @@ def read_table(path: Path, text_column: str, label_column: str, skipped: list) -
     for name in (text_column, label_column):
         if columns and name not in columns:
             option = "--text-column" if name == text_column else "--label-column"
-            raise UserError(f"'{path}' has no column '{name}'{did_you_mean(name, sorted(columns))}; its columns: "
-                            f"{', '.join(sorted(columns))}. Name yours with {option}.")
+            raise UserError(
+                f"'{path}' has no column '{name}'{did_you_mean(name, sorted(columns))}; its columns: "
+                f"{', '.join(sorted(columns))}. Name yours with {option}."
+            )
     if not splits["train"]:
-        raise UserError(f"'{path}' has no usable training texts" + (
-            f": all {len(skipped)} rows were left out, e.g. row {skipped[0][0].rsplit(':', 1)[1]}: {skipped[0][1]}."
-            if skipped else "."))
+        raise UserError(
+            f"'{path}' has no usable training texts"
+            + (
+                f": all {len(skipped)} rows were left out, e.g. row {skipped[0][0].rsplit(':', 1)[1]}: {skipped[0][1]}."
+                if skipped
+                else "."
+            )
+        )
     return splits, texts
 
 
@@ -114,14 +124,17 @@ def read_texts(path: Path, text_column: str = "text") -> list[tuple[str, str]]:
         try:
             return [(str(path), path.read_bytes().decode("utf-8").strip())]
         except UnicodeDecodeError as err:
-            raise UserError(f"'{path}' is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
-                            f"{err.start}).") from None
+            raise UserError(
+                f"'{path}' is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})."
+            ) from None
     rows = _jsonl_rows(path) if path.suffix.lower() == ".jsonl" else _delimited_rows(path)
     out = []
     for n, row in rows:
         if text_column not in row:
-            raise UserError(f"'{path}' has no column '{text_column}'{did_you_mean(text_column, sorted(row))}; "
-                            f"its columns: {', '.join(sorted(row))}.")
+            raise UserError(
+                f"'{path}' has no column '{text_column}'{did_you_mean(text_column, sorted(row))}; "
+                f"its columns: {', '.join(sorted(row))}."
+            )
         text = str(row[text_column] or "")
         bad = _bad_bytes(text)
         if bad:
@@ -138,12 +151,23 @@ def check_classes(splits: Splits, spec: str) -> None:
             counts[label] = counts.get(label, 0) + 1
     lonely = sorted(label for label, n in counts.items() if n < 2)
     if lonely:
-        raise UserError(f"Class(es) {', '.join(map(repr, lonely[:10]))} of '{spec}' have a single text; each class "
-                        "needs two or more (one to train on, one to validate). Add texts or remove those rows.")
+        raise UserError(
+            f"Class(es) {', '.join(map(repr, lonely[:10]))} of '{spec}' have a single text; each class "
+            "needs two or more (one to train on, one to validate). Add texts or remove those rows."
+        )
 
 
-_SPLITS = {"": "train", "train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-           "dev": "val", "test": "test", "testing": "test"}
+_SPLITS = {
+    "": "train",
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
 
 
 def _delimited_rows(path: Path):
@@ -165,8 +189,10 @@ def _jsonl_rows(path: Path):
             try:
                 row = json.loads(text)
             except ValueError as err:
-                raise UserError(f"Line {n} of '{path}' is not JSON ({err}); a .jsonl file holds one object per line, "
-                                'e.g. {"text": "...", "label": "..."}.') from None
+                raise UserError(
+                    f"Line {n} of '{path}' is not JSON ({err}); a .jsonl file holds one object per line, "
+                    'e.g. {"text": "...", "label": "..."}.'
+                ) from None
             if not isinstance(row, dict):
                 raise UserError(f"Line {n} of '{path}' is {type(row).__name__}, not an object with text and label.")
             yield n, row
@@ -174,7 +200,7 @@ def _jsonl_rows(path: Path):
 
 def _bad_bytes(text: str) -> str | None:
     """Why a decoded row is unusable: bytes that are not UTF-8 come back as lone surrogates."""
-    for i, ch in enumerate(text):
+    for _i, ch in enumerate(text):
         if "\udc80" <= ch <= "\udcff":
             return f"not UTF-8 (byte 0x{ord(ch) - 0xDC00:02x})"
     return None

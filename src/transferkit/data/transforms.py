@@ -14,8 +14,11 @@ TRAIN_SCALE = (0.35, 1.0)
 
 
 def interpolation(name: str) -> T.InterpolationMode:
-    return {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
-            "nearest": T.InterpolationMode.NEAREST}.get(name, T.InterpolationMode.BILINEAR)
+    return {
+        "bicubic": T.InterpolationMode.BICUBIC,
+        "bilinear": T.InterpolationMode.BILINEAR,
+        "nearest": T.InterpolationMode.NEAREST,
+    }.get(name, T.InterpolationMode.BILINEAR)
 
 
 def eval_transform(prep: Preprocessing, resized: bool = False, normalize: bool = True) -> T.Compose:
@@ -23,11 +26,13 @@ def eval_transform(prep: Preprocessing, resized: bool = False, normalize: bool =
     from the decoded-image cache, already resized and cropped (see imagecache), so no resize.
     `normalize` False: end in uint8 `pixels` for `Runtime.batch` to finish on the device (loaders do)."""
     resize = int(round(prep.img_size / prep.crop_pct))
-    return T.Compose([
-        *([] if resized else [T.Resize(resize, interpolation=interpolation(prep.interpolation))]),
-        T.CenterCrop(prep.img_size),
-        *_finish(prep, normalize),
-    ])
+    return T.Compose(
+        [
+            *([] if resized else [T.Resize(resize, interpolation=interpolation(prep.interpolation))]),
+            T.CenterCrop(prep.img_size),
+            *_finish(prep, normalize),
+        ]
+    )
 
 
 def train_transform(prep: Preprocessing, augment: str, normalize: bool = True) -> T.Compose:
@@ -62,8 +67,9 @@ class DeviceCrop:
 
     def __call__(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         array = np.array(image)  # a copy: the cache's memory map stays read-only
-        top, left, height, width = self.crop.get_params(torch.from_numpy(array).permute(2, 0, 1), self.crop.scale,
-                                                        self.crop.ratio)
+        top, left, height, width = self.crop.get_params(
+            torch.from_numpy(array).permute(2, 0, 1), self.crop.scale, self.crop.ratio
+        )
         flip = float(torch.rand(1) < 0.5)
         box = [left, top, left + width, top + height, flip, self.crop.size[0]]
         return torch.from_numpy(array), torch.tensor(box, dtype=torch.float32)
@@ -97,4 +103,3 @@ def pixels(image: Image.Image) -> torch.Tensor:
     (`Runtime.batch` normalises on the device)."""
     array = np.array(image)
     return torch.from_numpy(array[..., None] if array.ndim == 2 else array)
-

@@ -35,8 +35,12 @@ def save_bundle(directory: Path, model: Classifier, meta: dict) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     text = json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1)
     try:
-        atomic_write(fresh / "model.safetensors", lambda tmp: save_file(state, str(tmp)), size=tensor_bytes(state),
-                     shown=directory / "model.safetensors")
+        atomic_write(
+            fresh / "model.safetensors",
+            lambda tmp: save_file(state, str(tmp)),
+            size=tensor_bytes(state),
+            shown=directory / "model.safetensors",
+        )
         write_text(fresh / "model.json", text, shown=directory / "model.json")
     except BaseException:
         shutil.rmtree(fresh, ignore_errors=True)

@@ -40,7 +40,7 @@ class Job:
     """What a format's writer gets: the model, its input, the run's preprocessing, and the options."""
 
     model: torch.nn.Module
-    given: "ModelInput"
+    given: ModelInput
     prep: Preprocessing | TextPreprocessing
     run_dir: Path
     opset: int = 18
@@ -49,9 +49,16 @@ class Job:
     calibration: int = CALIBRATION_IMAGES
 
 
-def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = None, tolerance: float | None = None,
-           opset: int = 18, with_preprocessing: bool = False, quantize: str = "none",
-           calibration: int = CALIBRATION_IMAGES) -> dict:
+def export(
+    run_dir: str | Path,
+    format: str = "onnx",
+    out: str | Path | None = None,
+    tolerance: float | None = None,
+    opset: int = 18,
+    with_preprocessing: bool = False,
+    quantize: str = "none",
+    calibration: int = CALIBRATION_IMAGES,
+) -> dict:
     """Write the export and its model.json; returns the parity record. Raises UserError on a failed check.
 
     `with_preprocessing` (ONNX, SavedModel): the graph takes uint8 (batch, H, W, C) images and resizes, crops and
@@ -67,8 +74,17 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
         raise UserError("--with-preprocessing is available for --format onnx and saved_model.")
     if quantize not in QUANTIZE or (quantize != "none" and format != "tflite"):
         raise UserError(f"--fp16 and --int8 are for --format tflite; got quantize '{quantize}' with '{format}'.")
-    tolerance = tolerance if tolerance is not None else 0.02 if quantize != "none" else \
-        5e-2 if with_preprocessing else 1e-3 if format in ("tflite", "saved_model") else 1e-4
+    tolerance = (
+        tolerance
+        if tolerance is not None
+        else 0.02
+        if quantize != "none"
+        else 5e-2
+        if with_preprocessing
+        else 1e-3
+        if format in ("tflite", "saved_model")
+        else 1e-4
+    )
     run_dir = Path(run_dir)
     model, meta = load_bundle(run_dir)
     model.eval()
@@ -94,10 +110,16 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
         with torch.no_grad():
             want = model(batch).numpy()
         got = np.concatenate([run(batch[i : i + 8].numpy()) for i in range(0, len(batch), 8)])
-    parity = {"images": len(got), "max_abs_logit_diff": float(np.abs(got - want).max()),
-              "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean()), "tolerance": tolerance,
-              "against": "transferkit predict in fp32 on the same images" if with_preprocessing
-              else "the PyTorch model in fp32", "precision": {"none": "fp32"}.get(quantize, quantize)}
+    parity = {
+        "images": len(got),
+        "max_abs_logit_diff": float(np.abs(got - want).max()),
+        "top1_agreement": float((got.argmax(1) == want.argmax(1)).mean()),
+        "tolerance": tolerance,
+        "against": "transferkit predict in fp32 on the same images"
+        if with_preprocessing
+        else "the PyTorch model in fp32",
+        "precision": {"none": "fp32"}.get(quantize, quantize),
+    }
     if quantize != "none":  # judged by what it costs: accuracy on the test split, against the PyTorch model's
         parity["test_accuracy"] = split_accuracy(run_dir, model, prep, meta["classes"], run)
         parity["passed"] = parity["test_accuracy"]["change"] >= -tolerance
@@ -108,12 +130,20 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
         bundle = os.path.relpath(source, out)
     except ValueError:  # another drive (Windows)
         bundle = str(source.resolve())
-    record = {"format": format, "file": path.name, "classes": meta["classes"], "preprocessing": prep.to_dict(),
-              "with_preprocessing": with_preprocessing, "input": given.record, "files": sorted(given.files),
-              "output": {"name": "logits", "shape": ["batch", len(meta["classes"])]},
-              "opset": opset if format == "onnx" else None, "parity": parity,
-              "source": {"bundle": bundle, "sha256": weights_digest(source)},
-              "architecture": meta["architecture"]}
+    record = {
+        "format": format,
+        "file": path.name,
+        "classes": meta["classes"],
+        "preprocessing": prep.to_dict(),
+        "with_preprocessing": with_preprocessing,
+        "input": given.record,
+        "files": sorted(given.files),
+        "output": {"name": "logits", "shape": ["batch", len(meta["classes"])]},
+        "opset": opset if format == "onnx" else None,
+        "parity": parity,
+        "source": {"bundle": bundle, "sha256": weights_digest(source)},
+        "architecture": meta["architecture"],
+    }
     _write_record(out, record)
     _check(parity, format, path)
     return {"path": str(path), **parity}
@@ -124,15 +154,19 @@ def _check(parity: dict, format: str, path: Path) -> None:
     tolerance, accuracy = parity["tolerance"], parity.get("test_accuracy")
     if accuracy is not None:
         if not parity["passed"]:
-            raise UserError(f"The {parity['precision']} {format} export at '{path}' loses {-accuracy['change']:.3f} "
-                            f"test accuracy ({accuracy['pytorch']:.3f} -> {accuracy['export']:.3f} on "
-                            f"{accuracy['images']} images; tolerance {tolerance:g}). Calibrate on more images "
-                            "(--calibration) or ship fp32/fp16.")
+            raise UserError(
+                f"The {parity['precision']} {format} export at '{path}' loses {-accuracy['change']:.3f} "
+                f"test accuracy ({accuracy['pytorch']:.3f} -> {accuracy['export']:.3f} on "
+                f"{accuracy['images']} images; tolerance {tolerance:g}). Calibrate on more images "
+                "(--calibration) or ship fp32/fp16."
+            )
         return
     if not parity["passed"]:
-        raise UserError(f"The {format} export at '{path}' disagrees with {parity['against']} on {parity['images']} "
-                        f"images: max |logit diff| {parity['max_abs_logit_diff']:.2e} (tolerance {tolerance:g}), top-1 "
-                        f"agreement {parity['top1_agreement']:.3f}. Do not deploy it; report this with the model name.")
+        raise UserError(
+            f"The {format} export at '{path}' disagrees with {parity['against']} on {parity['images']} "
+            f"images: max |logit diff| {parity['max_abs_logit_diff']:.2e} (tolerance {tolerance:g}), top-1 "
+            f"agreement {parity['top1_agreement']:.3f}. Do not deploy it; report this with the model name."
+        )
 
 
 def split_accuracy(run_dir: Path, model: torch.nn.Module, prep: Preprocessing, classes: list[str], run) -> dict:
@@ -151,17 +185,30 @@ def split_accuracy(run_dir: Path, model: torch.nn.Module, prep: Preprocessing, c
             right[0] += (model(batch).numpy().argmax(1) == labels).sum()
         right[1] += (run(batch.numpy()).argmax(1) == labels).sum()
     pytorch, exported = right / len(samples)
-    return {"images": len(samples), "pytorch": float(pytorch), "export": float(exported),
-            "change": float(exported - pytorch)}
+    return {
+        "images": len(samples),
+        "pytorch": float(pytorch),
+        "export": float(exported),
+        "change": float(exported - pytorch),
+    }
 
 
 def _onnx(job: Job, path: Path):
     _require("onnx", "onnxscript", "onnxruntime")
     given = job.given
     dims = {axis: torch.export.Dim(name, min=low, max=high) for axis, (name, low, high) in given.dims.items()}
-    torch.onnx.export(job.model, (given.example,), str(path), input_names=[given.name], output_names=["logits"],
-                      dynamic_shapes={"x": dims}, opset_version=job.opset, dynamo=True, external_data=False,
-                      verbose=False)
+    torch.onnx.export(
+        job.model,
+        (given.example,),
+        str(path),
+        input_names=[given.name],
+        output_names=["logits"],
+        dynamic_shapes={"x": dims},
+        opset_version=job.opset,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
     if job.with_preprocessing:
         import onnx
         from onnx.compose import merge_models
@@ -200,8 +247,10 @@ def _tflite(job: Job, path: Path):
     if job.quantize == "int8":
         data, samples = _split_samples(job.run_dir, ("train", "val"), job.calibration, draw=True)
         if not samples:
-            raise UserError(f"--int8 calibrates on the run's train images, and '{job.run_dir}' is a bundle without "
-                            "its run: export from the run directory (the one with split.json).")
+            raise UserError(
+                f"--int8 calibrates on the run's train images, and '{job.run_dir}' is a bundle without "
+                "its run: export from the run directory (the one with split.json)."
+            )
         calibration = _preprocessed(data, samples, job.prep)
     write_tflite(job.model, job.given.example, path, job.quantize, calibration)
 
@@ -223,15 +272,19 @@ def _write_record(out: Path, record: dict) -> None:
     # a record written before "exports" existed describes its own file only
     earlier = before.get("exports", {before["file"]: before} if "file" in before else {})
     kept = earlier if all(before.get(k) == record[k] for k in SHARED) else {}
-    exports = {file: {k: v for k, v in own.items() if k not in SHARED} for file, own in kept.items()
-               if (out / file).exists()}
+    exports = {
+        file: {k: v for k, v in own.items() if k not in SHARED} for file, own in kept.items() if (out / file).exists()
+    }
     exports[record["file"]] = {k: v for k, v in record.items() if k not in SHARED}
     (out / "model.json").write_text(json.dumps({**record, "exports": exports}, indent=1))
 
 
-FORMATS = {"onnx": ("model.onnx", _onnx, onnx_runner), "torchscript": ("model.pt", _torchscript, torchscript_runner),
-           "tflite": ("model.tflite", _tflite, tflite_runner),
-           "saved_model": ("saved_model", _saved_model, saved_model_runner)}
+FORMATS = {
+    "onnx": ("model.onnx", _onnx, onnx_runner),
+    "torchscript": ("model.pt", _torchscript, torchscript_runner),
+    "tflite": ("model.tflite", _tflite, tflite_runner),
+    "saved_model": ("saved_model", _saved_model, saved_model_runner),
+}
 """Each format: its file name, its writer (job, path) and its runner (path -> numpy in, logits out)."""
 
 
@@ -252,31 +305,55 @@ class ModelInput:
 def image_input(run_dir: Path, prep: Preprocessing, format: str, with_preprocessing: bool) -> ModelInput:
     c, s = prep.in_chans, prep.img_size
     if with_preprocessing:
-        record = {"name": "images", "dtype": "uint8", "shape": ["batch", "height", "width", c],
-                  "note": "decoded images, all of one call the same size; resize, crop and normalization inside"}
+        record = {
+            "name": "images",
+            "dtype": "uint8",
+            "shape": ["batch", "height", "width", c],
+            "note": "decoded images, all of one call the same size; resize, crop and normalization inside",
+        }
     else:
-        record = {"name": "images", "dtype": "float32", "shape": ["batch", s, s, c] if format == "saved_model"
-                  else ["batch", c, s, s],
-                  "note": "RGB scaled to 0..1, resized so the short side is preprocessing.img_size / crop_pct, "
-                          "center-cropped, then normalized with mean and std"}
-    return ModelInput("pixels" if with_preprocessing else "images", torch.randn(2, c, s, s),
-                      {0: ("batch", 1, 4096)}, parity_batch(run_dir, prep), record)
+        record = {
+            "name": "images",
+            "dtype": "float32",
+            "shape": ["batch", s, s, c] if format == "saved_model" else ["batch", c, s, s],
+            "note": "RGB scaled to 0..1, resized so the short side is preprocessing.img_size / crop_pct, "
+            "center-cropped, then normalized with mean and std",
+        }
+    return ModelInput(
+        "pixels" if with_preprocessing else "images",
+        torch.randn(2, c, s, s),
+        {0: ("batch", 1, 4096)},
+        parity_batch(run_dir, prep),
+        record,
+    )
 
 
 def text_input(run_dir: Path, prep: TextPreprocessing, format: str, with_preprocessing: bool) -> ModelInput:
     from transferkit.data.texts import TokenIds
 
     if with_preprocessing or format != "onnx":
-        raise UserError("A text model exports to ONNX without --with-preprocessing: it takes token ids, and "
-                        "its tokenizer.json is written beside it.")
+        raise UserError(
+            "A text model exports to ONNX without --with-preprocessing: it takes token ids, and "
+            "its tokenizer.json is written beside it."
+        )
     tokens = TokenIds(prep.tokenizer, prep.max_length, prep.pad_id)
     data, samples = _parity_samples(run_dir)
     texts = [data.read(ref) for ref, _ in samples] or ["A text to check the export with.", "And a second one."]
-    record = {"name": "input_ids", "dtype": "int64", "shape": ["batch", "tokens"],
-              "note": f"tokenizer.json's ids, at most {prep.max_length} per text, padded with {prep.pad_id} "
-                      "(the padding is what the model masks)"}
-    return ModelInput("input_ids", tokens.batch(texts[:2]), {0: ("batch", 1, 4096), 1: ("tokens", 2, 512)},
-                      tokens.batch(texts), record, {"tokenizer.json": prep.tokenizer})
+    record = {
+        "name": "input_ids",
+        "dtype": "int64",
+        "shape": ["batch", "tokens"],
+        "note": f"tokenizer.json's ids, at most {prep.max_length} per text, padded with {prep.pad_id} "
+        "(the padding is what the model masks)",
+    }
+    return ModelInput(
+        "input_ids",
+        tokens.batch(texts[:2]),
+        {0: ("batch", 1, 4096), 1: ("tokens", 2, 512)},
+        tokens.batch(texts),
+        record,
+        {"tokenizer.json": prep.tokenizer},
+    )
 
 
 INPUTS = {"image": image_input, "text": text_input}
@@ -291,11 +368,18 @@ def preprocessing_graph(prep: Preprocessing, opset: int, ir_version: int):
     from onnx import TensorProto, helper, numpy_helper
 
     resize, size = prep.resize, prep.img_size
-    consts = {"R": np.array(resize, np.int64), "S": np.array(size, np.int64), "two": np.array(2, np.int64),
-              "one": np.array([1], np.int64), "three": np.array([3], np.int64), "lo": np.array(0, np.float32),
-              "hi": np.array(255, np.float32), "axes": np.array([1, 2], np.int64),
-              "mean": (np.array(prep.mean, np.float32) * 255).reshape(1, 1, 1, -1),
-              "std": (np.array(prep.std, np.float32) * 255).reshape(1, 1, 1, -1)}
+    consts = {
+        "R": np.array(resize, np.int64),
+        "S": np.array(size, np.int64),
+        "two": np.array(2, np.int64),
+        "one": np.array([1], np.int64),
+        "three": np.array([3], np.int64),
+        "lo": np.array(0, np.float32),
+        "hi": np.array(255, np.float32),
+        "axes": np.array([1, 2], np.int64),
+        "mean": (np.array(prep.mean, np.float32) * 255).reshape(1, 1, 1, -1),
+        "std": (np.array(prep.std, np.float32) * 255).reshape(1, 1, 1, -1),
+    }
     n = helper.make_node
     nodes = [
         n("Shape", ["images"], ["pre_shape"]),
@@ -304,8 +388,16 @@ def preprocessing_graph(prep: Preprocessing, opset: int, ir_version: int):
         n("Mul", ["pre_hw", "pre_R"], ["pre_hwR"]),
         n("Div", ["pre_hwR", "pre_short"], ["pre_sizes"]),  # integer division: int(resize * side / short)
         n("Cast", ["images"], ["pre_f"], to=TensorProto.FLOAT),
-        n("Resize", ["pre_f", "", "", "pre_sizes"], ["pre_r"], mode="cubic", antialias=1, axes=[1, 2],
-          cubic_coeff_a=-0.5, coordinate_transformation_mode="half_pixel"),
+        n(
+            "Resize",
+            ["pre_f", "", "", "pre_sizes"],
+            ["pre_r"],
+            mode="cubic",
+            antialias=1,
+            axes=[1, 2],
+            cubic_coeff_a=-0.5,
+            coordinate_transformation_mode="half_pixel",
+        ),
         n("Clip", ["pre_r", "pre_lo", "pre_hi"], ["pre_c"]),
         n("Round", ["pre_c"], ["pre_q"]),
         n("Sub", ["pre_sizes", "pre_S"], ["pre_d"]),  # offsets: k + (d % 2) * (k % 2), k = d // 2
@@ -321,10 +413,12 @@ def preprocessing_graph(prep: Preprocessing, opset: int, ir_version: int):
         n("Transpose", ["pre_n"], ["pre_pixels"], perm=[0, 3, 1, 2]),
     ]
     graph = helper.make_graph(
-        nodes, "preprocessing",
+        nodes,
+        "preprocessing",
         [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", "height", "width", prep.in_chans])],
         [helper.make_tensor_value_info("pre_pixels", TensorProto.FLOAT, ["batch", prep.in_chans, size, size])],
-        [numpy_helper.from_array(v, f"pre_{k}") for k, v in consts.items()])
+        [numpy_helper.from_array(v, f"pre_{k}") for k, v in consts.items()],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = ir_version
     return model
@@ -358,8 +452,9 @@ def parity_batch(run_dir: Path, prep: Preprocessing) -> torch.Tensor:
     data, samples = _parity_samples(run_dir)
     if samples:
         return _preprocessed(data, samples, prep)
-    return torch.randn(PARITY_IMAGES, prep.in_chans, prep.img_size, prep.img_size,
-                       generator=torch.Generator().manual_seed(0))
+    return torch.randn(
+        PARITY_IMAGES, prep.in_chans, prep.img_size, prep.img_size, generator=torch.Generator().manual_seed(0)
+    )
 
 
 def _preprocessed(data, samples: list, prep: Preprocessing) -> torch.Tensor:
@@ -376,8 +471,9 @@ def parity_images(run_dir: Path, prep: Preprocessing) -> list:
     if samples:
         return [data.read(ref, prep.in_chans) for ref, _ in samples]
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (prep.resize + 17, prep.resize + 5, 3), dtype=np.uint8))
-            for _ in range(4)]
+    return [
+        Image.fromarray(rng.integers(0, 256, (prep.resize + 17, prep.resize + 5, 3), dtype=np.uint8)) for _ in range(4)
+    ]
 
 
 def _require(*modules: str) -> None:
@@ -385,5 +481,7 @@ def _require(*modules: str) -> None:
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise UserError(f"ONNX export needs {', '.join(missing)}: pip install 'transferkit[export]' "
-                        "(onnx, onnxscript, onnxruntime).")
+        raise UserError(
+            f"ONNX export needs {', '.join(missing)}: pip install 'transferkit[export]' "
+            "(onnx, onnxscript, onnxruntime)."
+        )

@@ -138,8 +138,9 @@ class TextPredictor(Predictor):
 
         self.meta, self.classes = meta, meta["classes"]
         self.preprocessing = preprocessing_from_dict(meta["preprocessing"])
-        self.transform = TokenIds(self.preprocessing.tokenizer, self.preprocessing.max_length,
-                                  self.preprocessing.pad_id)
+        self.transform = TokenIds(
+            self.preprocessing.tokenizer, self.preprocessing.max_length, self.preprocessing.pad_id
+        )
 
     def _batches(self, inputs, batch_size: int, transforms: list):
         texts = [text for _, text in expand_texts(inputs)]
@@ -168,8 +169,9 @@ def expand_texts(inputs, text_column: str = "text") -> list[tuple[str, str]]:
         elif isinstance(item, str):
             out.append((item[:60] + ("..." if len(item) > 60 else ""), item))
         else:
-            raise UserError(f"A text model predicts strings, .txt files and .csv/.tsv/.jsonl tables; got "
-                            f"{type(item).__name__}.")
+            raise UserError(
+                f"A text model predicts strings, .txt files and .csv/.tsv/.jsonl tables; got {type(item).__name__}."
+            )
     return out
 
 
@@ -187,12 +189,16 @@ class ExportedPredictor(Predictor):
     def __init__(self, path: Path, backend: str):
         record = json.loads(path.with_name("model.json").read_text())
         if "exports" in record and path.name not in record["exports"]:
-            raise UserError(f"{path.with_name('model.json')} has no record of '{path.name}' (an export of another "
-                            f"model replaced it): export the run again into that folder with transferkit export.")
+            raise UserError(
+                f"{path.with_name('model.json')} has no record of '{path.name}' (an export of another "
+                f"model replaced it): export the run again into that folder with transferkit export."
+            )
         own = record.get("exports", {}).get(path.name, record if record.get("file") == path.name else {})
         if own.get("with_preprocessing"):
-            raise UserError(f"'{path}' was exported --with-preprocessing (it takes uint8 images); --backend {backend} "
-                            f"needs a plain export: transferkit export RUN --format {own['format']}.")
+            raise UserError(
+                f"'{path}' was exported --with-preprocessing (it takes uint8 images); --backend {backend} "
+                f"needs a plain export: transferkit export RUN --format {own['format']}."
+            )
         _check_export(path, own, BACKENDS[backend][2])
         self._set_meta(record)
         self.run = BACKENDS[backend][1](path)
@@ -210,13 +216,17 @@ def _check_export(path: Path, own: dict, flags: str) -> None:
     """Refuse an export whose parity check failed, or that was made from other weights than its run's best/ now
     holds (the run was resumed and trained further): either would predict other than the model."""
     if own.get("parity", {}).get("passed") is False:
-        raise UserError(f"'{path}' failed its parity check against the PyTorch model when it was exported "
-                        f"(see {path.with_name('model.json')}); do not deploy it.")
+        raise UserError(
+            f"'{path}' failed its parity check against the PyTorch model when it was exported "
+            f"(see {path.with_name('model.json')}); do not deploy it."
+        )
     source = own.get("source")
     bundle = path.parent / source["bundle"] if source else None
     if bundle is not None and (bundle / "model.safetensors").is_file() and weights_digest(bundle) != source["sha256"]:
-        raise UserError(f"'{path}' was exported from other weights than '{bundle.resolve()}' holds now (the run was "
-                        f"trained further): export it again with `transferkit export RUN {flags}`.")
+        raise UserError(
+            f"'{path}' was exported from other weights than '{bundle.resolve()}' holds now (the run was "
+            f"trained further): export it again with `transferkit export RUN {flags}`."
+        )
 
 
 PREDICTORS = {"image": (Predictor, ExportedPredictor), "text": (TextPredictor, ExportedTextPredictor)}
@@ -231,11 +241,19 @@ def load(path: str | Path, device: str = "cpu", backend: str = "torch", precisio
     device = str(pick_device(device))
     if backend in BACKENDS:
         path, file = Path(path), BACKENDS[backend][0]
-        found = next((p for p in (path, path / file, path / "export" / file, path.parent / "export" / file)
-                      if p.exists() and p.name == file), None)
+        found = next(
+            (
+                p
+                for p in (path, path / file, path / "export" / file, path.parent / "export" / file)
+                if p.exists() and p.name == file
+            ),
+            None,
+        )
         if found is None or not found.with_name("model.json").is_file():
-            raise UserError(f"No {file} with its model.json at '{path}': run `transferkit export {path} "
-                            f"{BACKENDS[backend][2]}` first.")
+            raise UserError(
+                f"No {file} with its model.json at '{path}': run `transferkit export {path} "
+                f"{BACKENDS[backend][2]}` first."
+            )
         task = json.loads(found.with_name("model.json").read_text()).get("architecture", {}).get("task", "image")
         return PREDICTORS[task][1](found, backend)
     if backend != "torch":

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -30,10 +30,12 @@ def torchscript_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-BACKENDS = {"onnx": ("model.onnx", onnx_runner, "--format onnx"),
-            "tflite": ("model.tflite", tflite_runner, "--format tflite"),
-            "tflite-fp16": ("model_fp16.tflite", tflite_runner, "--format tflite --fp16"),
-            "tflite-int8": ("model_int8.tflite", tflite_runner, "--format tflite --int8"),
-            "saved_model": ("saved_model", saved_model_runner, "--format saved_model")}
+BACKENDS = {
+    "onnx": ("model.onnx", onnx_runner, "--format onnx"),
+    "tflite": ("model.tflite", tflite_runner, "--format tflite"),
+    "tflite-fp16": ("model_fp16.tflite", tflite_runner, "--format tflite --fp16"),
+    "tflite-int8": ("model_int8.tflite", tflite_runner, "--format tflite --int8"),
+    "saved_model": ("saved_model", saved_model_runner, "--format saved_model"),
+}
 """`predict --backend`: the export file it runs (in the run's export/ folder), how, and the `transferkit export`
 options that write it."""

@@ -20,8 +20,8 @@ import subprocess
 import sys
 import tempfile
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -42,8 +42,10 @@ def require() -> None:
 
     missing = [m for m in MODULES if importlib.util.find_spec(m) is None]
     if missing:
-        raise UserError(f"SavedModel export needs {', '.join(missing)}: pip install 'transferkit[savedmodel]' "
-                        "(onnx2tf 1.28.8 with TensorFlow, tf-keras and ONNX).")
+        raise UserError(
+            f"SavedModel export needs {', '.join(missing)}: pip install 'transferkit[savedmodel]' "
+            "(onnx2tf 1.28.8 with TensorFlow, tf-keras and ONNX)."
+        )
 
 
 def write_saved_model(onnx_path: Path, folder: Path, preprocessing: dict | None = None) -> None:
@@ -51,16 +53,24 @@ def write_saved_model(onnx_path: Path, folder: Path, preprocessing: dict | None 
     `images` and gives `logits`; with `preprocessing` ({resize, img_size, mean, std}), uint8 images of any size."""
     require()
     positive_axes(onnx_path)
-    command = [sys.executable, "-m", "transferkit.deploy.tfserve", "convert", str(onnx_path), str(folder),
-               json.dumps(preprocessing or {})]
+    command = [
+        sys.executable,
+        "-m",
+        "transferkit.deploy.tfserve",
+        "convert",
+        str(onnx_path),
+        str(folder),
+        json.dumps(preprocessing or {}),
+    ]
     with tempfile.TemporaryFile() as log:
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=quiet())
         log.seek(0)
         said = log.read().decode(errors="replace")
     if done.returncode != 0 or not (folder / "saved_model.pb").is_file():
-        raise UserError(f"onnx2tf and TensorFlow could not write the SavedModel '{folder}' (exit {done.returncode}); "
-                        "their last words:\n" + "\n".join(line for line in said.splitlines()[-40:]
-                                                          if "TensorSpec" not in line))
+        raise UserError(
+            f"onnx2tf and TensorFlow could not write the SavedModel '{folder}' (exit {done.returncode}); "
+            "their last words:\n" + "\n".join(line for line in said.splitlines()[-40:] if "TensorSpec" not in line)
+        )
 
 
 def positive_axes(onnx_path: Path) -> None:
@@ -78,8 +88,9 @@ def positive_axes(onnx_path: Path) -> None:
             axes = numpy_helper.to_array(constants[node.input[1]])
             rank = ranks.get(node.input[0])
             if rank and (axes < 0).any():
-                fixed = numpy_helper.from_array(np.sort(np.where(axes < 0, axes + rank, axes)).astype(axes.dtype),
-                                                node.input[1] + "_positive")
+                fixed = numpy_helper.from_array(
+                    np.sort(np.where(axes < 0, axes + rank, axes)).astype(axes.dtype), node.input[1] + "_positive"
+                )
                 model.graph.initializer.append(fixed)
                 node.input[1] = fixed.name
     onnx.save(model, str(onnx_path))
@@ -94,9 +105,14 @@ def saved_model_runner(folder: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 class _Child:
     def __init__(self, folder: Path):
-        self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen([sys.executable, "-m", "transferkit.deploy.tfserve", "serve", str(folder)],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=quiet())
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by the finalizer with the process)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "transferkit.deploy.tfserve", "serve", str(folder)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            env=quiet(),
+        )
         weakref.finalize(self, _end, self.process, self.log)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -109,7 +125,9 @@ class _Child:
             self.process.wait()
             self.log.seek(0)
             tail = self.log.read().decode(errors="replace")[-2000:]
-            raise UserError(f"TensorFlow's SavedModel runner stopped (exit {self.process.returncode}):\n{tail}")
+            raise UserError(
+                f"TensorFlow's SavedModel runner stopped (exit {self.process.returncode}):\n{tail}"
+            ) from None
 
 
 def _end(process: subprocess.Popen, log) -> None:

@@ -10,8 +10,8 @@ them). The interpreter is ai-edge-litert's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,12 +28,19 @@ def require() -> None:
 
     missing = [m for m in MODULES if importlib.util.find_spec(m) is None]
     if missing:
-        raise UserError(f"TFLite export needs {', '.join(missing)}: pip install 'transferkit[tf]' "
-                        "(litert-torch, with ai-edge-litert and ai-edge-quantizer).")
+        raise UserError(
+            f"TFLite export needs {', '.join(missing)}: pip install 'transferkit[tf]' "
+            "(litert-torch, with ai-edge-litert and ai-edge-quantizer)."
+        )
 
 
-def write_tflite(model: torch.nn.Module, example: torch.Tensor, path: Path, quantize: str = "none",
-                 calibration: torch.Tensor | None = None) -> None:
+def write_tflite(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    quantize: str = "none",
+    calibration: torch.Tensor | None = None,
+) -> None:
     """Convert `model` (traced on one image shaped like `example`'s) and write `path`; fp16 and int8 are made from
     the fp32 flatbuffer, int8 calibrated on the images in `calibration`."""
     require()
@@ -59,10 +66,17 @@ def _quantized(flat: Path, quantize: str, calibration: torch.Tensor | None) -> b
 
     if quantize == "fp16":
         manager = recipe_manager.RecipeManager()
-        manager.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
-                                       num_bits=16, algorithm_key=AlgorithmName.FLOAT_CASTING)
-        return quantizer.Quantizer(str(flat), manager.get_quantization_recipe()).quantize(
-            enable_progress_bar=False, enable_progress_report=False).quantized_model
+        manager.add_weight_only_config(
+            regex=".*",
+            operation_name=qtyping.TFLOperationName.ALL_SUPPORTED,
+            num_bits=16,
+            algorithm_key=AlgorithmName.FLOAT_CASTING,
+        )
+        return (
+            quantizer.Quantizer(str(flat), manager.get_quantization_recipe())
+            .quantize(enable_progress_bar=False, enable_progress_report=False)
+            .quantized_model
+        )
     q = quantizer.Quantizer(str(flat), recipe.static_wi8_ai8())
     signature, name = _signature(flat)
     ranges = q.calibrate({signature: [{name: image[None].numpy()} for image in calibration]})
@@ -99,5 +113,6 @@ def tflite_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
             y = (y.astype(np.float32) - zero) * scale
         return y
 
-    return lambda batch: np.concatenate([one(np.ascontiguousarray(batch[i : i + 1], np.float32))
-                                         for i in range(len(batch))])
+    return lambda batch: np.concatenate(
+        [one(np.ascontiguousarray(batch[i : i + 1], np.float32)) for i in range(len(batch))]
+    )

@@ -26,8 +26,9 @@ def convert(onnx_path: str, out: str, prep: dict) -> None:
     import tensorflow as tf
     import tf_keras
 
-    net = onnx2tf.convert(input_onnx_file_path=onnx_path, not_use_onnxsim=True, disable_model_save=True,
-                          non_verbose=True)  # a Keras model in NHWC: (None, S, S, C) in
+    net = onnx2tf.convert(
+        input_onnx_file_path=onnx_path, not_use_onnxsim=True, disable_model_save=True, non_verbose=True
+    )  # a Keras model in NHWC: (None, S, S, C) in
     shape = net.inputs[0].shape
 
     def logits(x):
@@ -37,8 +38,11 @@ def convert(onnx_path: str, out: str, prep: dict) -> None:
     archive = tf_keras.export.ExportArchive()  # the one endpoint (saving the Keras model whole traces every layer)
     archive.track(net)
     if prep:
-        archive.add_endpoint("serving_default", lambda images: logits(_preprocess(tf, images, prep)),
-                             [tf.TensorSpec([None, None, None, shape[-1]], tf.uint8, name="images")])
+        archive.add_endpoint(
+            "serving_default",
+            lambda images: logits(_preprocess(tf, images, prep)),
+            [tf.TensorSpec([None, None, None, shape[-1]], tf.uint8, name="images")],
+        )
     else:
         archive.add_endpoint("serving_default", logits, [tf.TensorSpec([None, *shape[1:]], tf.float32, name="images")])
     archive.write_out(out)

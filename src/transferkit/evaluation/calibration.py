@@ -25,8 +25,15 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> list[d
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (confidence > lo) & (confidence <= hi)
         if inside.any():
-            out.append({"lo": float(lo), "hi": float(hi), "n": int(inside.sum()),
-                        "confidence": float(confidence[inside].mean()), "accuracy": float(correct[inside].mean())})
+            out.append(
+                {
+                    "lo": float(lo),
+                    "hi": float(hi),
+                    "n": int(inside.sum()),
+                    "confidence": float(confidence[inside].mean()),
+                    "accuracy": float(correct[inside].mean()),
+                }
+            )
     return out
 
 

@@ -42,9 +42,17 @@ def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> l
     return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
-def chart(series: list[Series], xlabel: str, ylabel: str, title: str = "", xlim: tuple | None = None,
-          ylim: tuple | None = None, bands: list[tuple[float, float, str]] = (), integer_x: bool = False,
-          size: tuple[int, int] = (470, 330)) -> str:
+def chart(
+    series: list[Series],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    xlim: tuple | None = None,
+    ylim: tuple | None = None,
+    bands: list[tuple[float, float, str]] = (),
+    integer_x: bool = False,
+    size: tuple[int, int] = (470, 330),
+) -> str:
     """An <svg> chart of `series`; `bands`: shaded x ranges (start, end, label), e.g. a run's phases;
     limits default to the data's range."""
     width, height = size
@@ -59,24 +67,34 @@ def chart(series: list[Series], xlabel: str, ylabel: str, title: str = "", xlim:
     def sy(y: float) -> float:
         return TOP + plot_h - (y - ylim[0]) / (ylim[1] - ylim[0]) * plot_h
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="system-ui, sans-serif" font-size="11">',
-           f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="white" stroke="#999"/>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="system-ui, sans-serif" font-size="11">',
+        f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="white" stroke="#999"/>',
+    ]
     for n, (start, end, label) in enumerate(bands):
         x0, x1 = max(sx(start), LEFT), min(sx(end), LEFT + plot_w)
-        out.append(f'<rect class="band" x="{x0:.1f}" y="{TOP}" width="{max(x1 - x0, 0):.1f}" height="{plot_h}" '
-                   f'fill="{BANDS[n % 2]}" fill-opacity="0.1"/>'
-                   f'<text x="{x0 + 3:.1f}" y="{TOP + 12}">{html.escape(label)}</text>')
+        out.append(
+            f'<rect class="band" x="{x0:.1f}" y="{TOP}" width="{max(x1 - x0, 0):.1f}" height="{plot_h}" '
+            f'fill="{BANDS[n % 2]}" fill-opacity="0.1"/>'
+            f'<text x="{x0 + 3:.1f}" y="{TOP + 12}">{html.escape(label)}</text>'
+        )
     for value in nice_ticks(*xlim, integer=integer_x):
-        out.append(f'<line x1="{sx(value):.1f}" y1="{TOP + plot_h}" x2="{sx(value):.1f}" y2="{TOP + plot_h + 4}" '
-                   f'stroke="#555"/><text x="{sx(value):.1f}" y="{TOP + plot_h + 15}" text-anchor="middle">'
-                   f'{value:g}</text>')
+        out.append(
+            f'<line x1="{sx(value):.1f}" y1="{TOP + plot_h}" x2="{sx(value):.1f}" y2="{TOP + plot_h + 4}" '
+            f'stroke="#555"/><text x="{sx(value):.1f}" y="{TOP + plot_h + 15}" text-anchor="middle">'
+            f"{value:g}</text>"
+        )
     for value in nice_ticks(*ylim):
-        out.append(f'<line x1="{LEFT}" y1="{sy(value):.1f}" x2="{LEFT + plot_w}" y2="{sy(value):.1f}" stroke="#eee"/>'
-                   f'<text x="{LEFT - 5}" y="{sy(value) + 4:.1f}" text-anchor="end">{value:g}</text>')
-    out.append(f'<text x="{LEFT + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>'
-               f'<text transform="translate(12 {TOP + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">'
-               f'{html.escape(ylabel)}</text>')
+        out.append(
+            f'<line x1="{LEFT}" y1="{sy(value):.1f}" x2="{LEFT + plot_w}" y2="{sy(value):.1f}" stroke="#eee"/>'
+            f'<text x="{LEFT - 5}" y="{sy(value) + 4:.1f}" text-anchor="end">{value:g}</text>'
+        )
+    out.append(
+        f'<text x="{LEFT + plot_w / 2:.1f}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>'
+        f'<text transform="translate(12 {TOP + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">'
+        f"{html.escape(ylabel)}</text>"
+    )
     if title:
         out.append(f'<text x="{LEFT + plot_w / 2:.1f}" y="{TOP - 8}" text-anchor="middle">{html.escape(title)}</text>')
     drawn = []  # every point in px, for the legend to avoid
@@ -86,12 +104,17 @@ def chart(series: list[Series], xlabel: str, ylabel: str, title: str = "", xlim:
         drawn += filter(None, points)
         out.append(f'<g class="series" data-name="{html.escape(s.name)}">')
         if s.style == "points":
-            out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2" fill="{colour}" fill-opacity="0.5"/>'
-                    for x, y in filter(None, points)]
+            out += [
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2" fill="{colour}" fill-opacity="0.5"/>'
+                for x, y in filter(None, points)
+            ]
         else:
             dash = ' stroke-dasharray="5 4"' if s.style == "dashed" else ""
-            out += [f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in run)}" fill="none" '
-                    f'stroke="{colour}" stroke-width="{1 if dash else 1.5}"{dash}/>' for run in _runs(points)]
+            out += [
+                f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in run)}" fill="none" '
+                f'stroke="{colour}" stroke-width="{1 if dash else 1.5}"{dash}/>'
+                for run in _runs(points)
+            ]
             if s.style == "line":
                 out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}"/>' for x, y in filter(None, points)]
         out.append("</g>")
@@ -107,17 +130,25 @@ def _legend(series: list[Series], area: tuple, points: list[tuple[float, float]]
     names = [s.name for s in series]
     left, top, plot_w, plot_h = area
     w, h = 34 + 6.2 * max(len(name) for name in names), 6 + 15 * len(names)
-    corners = [(left + plot_w - w - 6, top + 4), (left + 6, top + 4), (left + plot_w - w - 6, top + plot_h - h - 4),
-               (left + 6, top + plot_h - h - 4)]
+    corners = [
+        (left + plot_w - w - 6, top + 4),
+        (left + 6, top + 4),
+        (left + plot_w - w - 6, top + plot_h - h - 4),
+        (left + 6, top + plot_h - h - 4),
+    ]
     x0, y0 = min(corners, key=lambda c: sum(c[0] <= x <= c[0] + w and c[1] <= y <= c[1] + h for x, y in points))
-    out = [f'<rect class="legend" x="{x0:.1f}" y="{y0:.1f}" width="{w:.1f}" height="{h}" fill="white" '
-           f'fill-opacity="0.85" stroke="#ccc"/>']
+    out = [
+        f'<rect class="legend" x="{x0:.1f}" y="{y0:.1f}" width="{w:.1f}" height="{h}" fill="white" '
+        f'fill-opacity="0.85" stroke="#ccc"/>'
+    ]
     for n, s in enumerate(series):
         y = y0 + 15 + 15 * n - 4
         dash = ' stroke-dasharray="5 4"' if s.style == "dashed" else ""
-        out.append(f'<line x1="{x0 + 6:.1f}" y1="{y - 4:.1f}" x2="{x0 + 24:.1f}" y2="{y - 4:.1f}" '
-                   f'stroke="{_colour(s, n)}" stroke-width="2"{dash}/><text x="{x0 + 28:.1f}" y="{y:.1f}">'
-                   f'{html.escape(s.name)}</text>')
+        out.append(
+            f'<line x1="{x0 + 6:.1f}" y1="{y - 4:.1f}" x2="{x0 + 24:.1f}" y2="{y - 4:.1f}" '
+            f'stroke="{_colour(s, n)}" stroke-width="2"{dash}/><text x="{x0 + 28:.1f}" y="{y:.1f}">'
+            f"{html.escape(s.name)}</text>"
+        )
     return out
 
 

@@ -45,4 +45,4 @@ def pca_2d(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarr
     x -= x.mean(0)
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     points = x @ vt[:2].T
-    return points[:len(source)], points[len(source):]
+    return points[: len(source)], points[len(source) :]

@@ -33,7 +33,8 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, classes: list[
         "n": int(len(labels)),
         "per_class": {
             c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for c, p, r, f, s in zip(classes, precision, recall, f1, support) if s
+            for c, p, r, f, s in zip(classes, precision, recall, f1, support)
+            if s
         },
         "absent": [c for c, s in zip(classes, support) if not s],
         "confusion_matrix": cm.tolist(),

@@ -14,8 +14,16 @@ from transferkit.models.runtime import Runtime
 
 
 @torch.inference_mode()
-def evaluate_loader(model, loader, loss_fn, rt: Runtime, classes: list[str] | None = None, d: Dist = Dist(),
-                    fold: bool = False, move=None) -> dict:
+def evaluate_loader(
+    model,
+    loader,
+    loss_fn,
+    rt: Runtime,
+    classes: list[str] | None = None,
+    d: Dist = Dist(),
+    fold: bool = False,
+    move=None,
+) -> dict:
     """Loss and accuracy on a loader; with `classes`, the full metrics (F1, per class, confusion); "logits":
     (n, classes) in the split's order (for the report; pop it before writing JSON). With several processes
     each evaluates its shard and the results are gathered: the same on every rank. `fold`: run a copy with

@@ -65,7 +65,7 @@ def _saved_logits(run_dir: Path, split: str, n: int) -> np.ndarray | None:
     """The logits `train` saved for `split`, if they cover its n images."""
     try:
         with np.load(run_dir / PREDICTIONS) as saved:
-            logits = saved[split] if split in saved else None
+            logits = saved.get(split, None)
     except (OSError, ValueError):
         return None
     return logits if logits is not None and len(logits) == n else None
@@ -119,8 +119,11 @@ def build_report(run_dir: str | Path, device: str = "cpu", data=None) -> Path:
         probs = softmax(test_logits)
         preds = probs.argmax(1)
         metrics = classification_metrics(test_labels, preds, data.classes)
-        sections += [_confusion(metrics, data.classes), _per_class(metrics),
-                     _top_losses(probs, test_labels, test_refs, data, meta["preprocessing"].get("in_chans"))]
+        sections += [
+            _confusion(metrics, data.classes),
+            _per_class(metrics),
+            _top_losses(probs, test_labels, test_refs, data, meta["preprocessing"].get("in_chans")),
+        ]
         val_logits, val_labels, _ = split_logits(run_dir, "val", data, model)
         calibration = _calibration(test_logits, test_labels, val_logits, val_labels)
         sections.append(_calibration_section(calibration, test_logits, test_labels))
@@ -135,36 +138,50 @@ def build_report(run_dir: str | Path, device: str = "cpu", data=None) -> Path:
 
 # --- sections -----------------------------------------------------------------------------
 
+
 def _summary(run_dir: Path, config, data, how: str) -> str:
     counts = "".join(
-        f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{data.counts(s).get(c, 0)}</td>" for s in ("train", "val", "test"))
-        + "</tr>" for c in data.classes)
+        f"<tr><td>{html.escape(c)}</td>"
+        + "".join(f"<td>{data.counts(s).get(c, 0)}</td>" for s in ("train", "val", "test"))
+        + "</tr>"
+        for c in data.classes
+    )
     skipped = (run_dir / "skipped.txt").read_text().splitlines() if (run_dir / "skipped.txt").is_file() else []
     metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
     best = metrics.get("best") or {}
     runtime = metrics.get("runtime") or {}
-    precision = "; ".join(f"{'training' if kind == 'train' else 'inference'} {html.escape(str(value))} "
-                          f"({html.escape(str((runtime.get('precision_reason') or {}).get(kind, '')))})"
-                          for kind, value in (runtime.get("precision") or {}).items())
-    return _section("Run", f"""
+    precision = "; ".join(
+        f"{'training' if kind == 'train' else 'inference'} {html.escape(str(value))} "
+        f"({html.escape(str((runtime.get('precision_reason') or {}).get(kind, '')))})"
+        for kind, value in (runtime.get("precision") or {}).items()
+    )
+    return _section(
+        "Run",
+        f"""
 <p><b>{html.escape(config.model)}</b>, strategy <b>{html.escape(config.strategy)}</b>, {config.img_size} px,
-best epoch {best.get('epoch')} (val accuracy {_fmt(best.get('val_accuracy'))}).
+best epoch {best.get("epoch")} (val accuracy {_fmt(best.get("val_accuracy"))}).
 Data: {html.escape(str(config.data))} ({html.escape(how)}).</p>
-<p class="precision">Precision: {precision or 'not recorded'}.</p>
+<p class="precision">Precision: {precision or "not recorded"}.</p>
 <table class="counts"><tr><th>class</th><th>train</th><th>val</th><th>test</th></tr>{counts}</table>
-<p>Skipped files: {len(skipped)}</p>{_pre(chr(10).join(skipped[:20])) if skipped else ''}
-<details><summary>config.yaml</summary>{_pre((run_dir / 'config.yaml').read_text())}</details>""")
+<p>Skipped files: {len(skipped)}</p>{_pre(chr(10).join(skipped[:20])) if skipped else ""}
+<details><summary>config.yaml</summary>{_pre((run_dir / "config.yaml").read_text())}</details>""",
+    )
 
 
 def _confusion(metrics: dict, classes: list[str]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
     top = max(max(row, default=0) for row in metrics["confusion_matrix"]) or 1
-    body = "".join(f"<tr><th>{html.escape(c)}</th>" + "".join(_count_cell(v, top) for v in row) + "</tr>"
-                   for c, row in zip(classes, metrics["confusion_matrix"]))
-    return _section("Confusion matrix (test)", f"""
-<p>Accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} on {metrics['n']} images.
+    body = "".join(
+        f"<tr><th>{html.escape(c)}</th>" + "".join(_count_cell(v, top) for v in row) + "</tr>"
+        for c, row in zip(classes, metrics["confusion_matrix"])
+    )
+    return _section(
+        "Confusion matrix (test)",
+        f"""
+<p>Accuracy {metrics["accuracy"]:.4f}, macro-F1 {metrics["macro_f1"]:.4f} on {metrics["n"]} images.
 Rows: true class; columns: predicted.</p>
-<table id="confusion"><tr><th></th>{head}</tr>{body}</table>""")
+<table id="confusion"><tr><th></th>{head}</tr>{body}</table>""",
+    )
 
 
 def _count_cell(count: int, top: int) -> str:
@@ -175,13 +192,22 @@ def _count_cell(count: int, top: int) -> str:
 
 
 def _per_class(metrics: dict) -> str:
-    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
-                   f"<td>{m['f1']:.3f}</td><td>{m['support']}</td></tr>" for c, m in metrics["per_class"].items())
+    rows = "".join(
+        f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
+        f"<td>{m['f1']:.3f}</td><td>{m['support']}</td></tr>"
+        for c, m in metrics["per_class"].items()
+    )
     absent = metrics.get("absent") or []
-    note = (f"<p>No test images for {', '.join(map(html.escape, absent))}: not scored, and not in macro-F1.</p>"
-            if absent else "")
-    return _section("Per class (test)", "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>"
-                                        f"<th>support</th></tr>{rows}</table>{note}")
+    note = (
+        f"<p>No test images for {', '.join(map(html.escape, absent))}: not scored, and not in macro-F1.</p>"
+        if absent
+        else ""
+    )
+    return _section(
+        "Per class (test)",
+        "<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>"
+        f"<th>support</th></tr>{rows}</table>{note}",
+    )
 
 
 def _top_losses(probs: np.ndarray, labels: np.ndarray, refs: list[str], data, in_chans: int | None) -> str:
@@ -192,10 +218,12 @@ def _top_losses(probs: np.ndarray, labels: np.ndarray, refs: list[str], data, in
     figures = []
     for i in wrong:
         true, pred = data.classes[labels[i]], data.classes[int(probs[i].argmax())]
-        figures.append(f'<figure class="top-loss" data-true="{html.escape(true)}" data-pred="{html.escape(pred)}">'
-                       f'{_sample(data, refs[i], in_chans)}<figcaption>true {html.escape(true)}<br>predicted '
-                       f'{html.escape(pred)} ({probs[i].max():.2f})<br><small>{html.escape(Path(refs[i]).name)}'
-                       f'</small></figcaption></figure>')
+        figures.append(
+            f'<figure class="top-loss" data-true="{html.escape(true)}" data-pred="{html.escape(pred)}">'
+            f"{_sample(data, refs[i], in_chans)}<figcaption>true {html.escape(true)}<br>predicted "
+            f"{html.escape(pred)} ({probs[i].max():.2f})<br><small>{html.escape(Path(refs[i]).name)}"
+            f"</small></figcaption></figure>"
+        )
     return _section("Most confidently wrong (test)", f'<div class="grid">{"".join(figures)}</div>')
 
 
@@ -203,7 +231,9 @@ def _sample(data, ref: str, in_chans: int | None) -> str:
     """A test sample as the page shows it: a 128 px thumbnail, or the text (its first 400 characters)."""
     sample = data.read(ref, in_chans)
     if isinstance(sample, str):
-        return f'<blockquote class="text">{html.escape(sample[:400] + ("..." if len(sample) > 400 else ""))}</blockquote>'
+        return (
+            f'<blockquote class="text">{html.escape(sample[:400] + ("..." if len(sample) > 400 else ""))}</blockquote>'
+        )
     sample.thumbnail((128, 128))
     buffer = io.BytesIO()
     sample.save(buffer, format="PNG")
@@ -214,9 +244,12 @@ def _calibration(test_logits, test_labels, val_logits, val_labels) -> dict:
     out = {"ece_test": expected_calibration_error(softmax(test_logits), test_labels), "temperature": None}
     if len(val_labels):
         t = fit_temperature(val_logits, val_labels)
-        out.update(temperature=t, ece_val=expected_calibration_error(softmax(val_logits), val_labels),
-                   ece_val_scaled=expected_calibration_error(softmax(val_logits, t), val_labels),
-                   ece_test_scaled=expected_calibration_error(softmax(test_logits, t), test_labels))
+        out.update(
+            temperature=t,
+            ece_val=expected_calibration_error(softmax(val_logits), val_labels),
+            ece_val_scaled=expected_calibration_error(softmax(val_logits, t), val_labels),
+            ece_test_scaled=expected_calibration_error(softmax(test_logits, t), test_labels),
+        )
     return out
 
 
@@ -225,9 +258,11 @@ def _calibration_section(cal: dict, logits, labels) -> str:
     text = f"<p>Expected calibration error on test: {cal['ece_test']:.4f} (15 bins).</p>"
     if cal["temperature"] is not None:
         curves[f"T = {cal['temperature']:.2f}"] = reliability(softmax(logits, cal["temperature"]), labels)
-        text += (f"<p>Temperature scaling fitted on validation: T = {cal['temperature']:.3f}; validation ECE "
-                 f"{cal['ece_val']:.4f} → {cal['ece_val_scaled']:.4f}, test ECE {cal['ece_test']:.4f} → "
-                 f"{cal['ece_test_scaled']:.4f}. It never changes the predicted class.</p>")
+        text += (
+            f"<p>Temperature scaling fitted on validation: T = {cal['temperature']:.3f}; validation ECE "
+            f"{cal['ece_val']:.4f} → {cal['ece_val_scaled']:.4f}, test ECE {cal['ece_test']:.4f} → "
+            f"{cal['ece_test_scaled']:.4f}. It never changes the predicted class.</p>"
+        )
     else:
         text += "<p>No validation split: no temperature fitted.</p>"
     return _section("Calibration", text + _reliability_chart(curves, "reliability (test)"))
@@ -238,26 +273,42 @@ def build_compare_report(result: dict, out: Path) -> Path:
     summary = "".join(
         f"<tr><td>{html.escape(r['strategy'])}</td><td>{r['shots']}</td><td>{r['n_seeds']}</td>"
         f"<td>{r['test_accuracy_mean']:.3f} ± {r['test_accuracy_std']:.3f}</td><td>{r['best_epoch_mean']:.1f}</td>"
-        f"<td>{r['trainable_params']:,}</td><td>{r['wall_s_mean']:.1f}</td></tr>" for r in result["summary"])
+        f"<td>{r['trainable_params']:,}</td><td>{r['wall_s_mean']:.1f}</td></tr>"
+        for r in result["summary"]
+    )
     arms = "".join(
         f"<tr><td>{html.escape(a['strategy'])}</td><td>{a['shots'] or 'all'}</td><td>{a['seed']}</td>"
-        f"<td class=\"arm-accuracy\">{a['test_accuracy']:.3f}</td><td>{a['best_epoch']}</td>"
-        f"<td>{html.escape(Path(a['run']).name)}</td></tr>" for a in result["arms"])
+        f'<td class="arm-accuracy">{a["test_accuracy"]:.3f}</td><td>{a["best_epoch"]}</td>'
+        f"<td>{html.escape(Path(a['run']).name)}</td></tr>"
+        for a in result["arms"]
+    )
     plot = out / "compare.png"
-    body = [_section("Study", f"<p>Data {html.escape(str(result['data']))}; strategies "
-                              f"{html.escape(', '.join(result['strategies']))}; {result['seeds']} seed(s) per arm, each "
-                              f"seed the same split and few-shot pick for every strategy; {result['wall_s']:.0f} s.</p>"),
-            _section("Test accuracy", "<table><tr><th>strategy</th><th>shots</th><th>seeds</th><th>test accuracy</th>"
-                                      "<th>best epoch</th><th>trainable</th><th>s per arm</th></tr>"
-                                      f"{summary}</table>" + (_img(plot.read_bytes()) if plot.is_file() else "")),
-            _section("Arms", "<table><tr><th>strategy</th><th>shots</th><th>seed</th><th>test accuracy</th>"
-                             f"<th>best epoch</th><th>run</th></tr>{arms}</table>")]
+    body = [
+        _section(
+            "Study",
+            f"<p>Data {html.escape(str(result['data']))}; strategies "
+            f"{html.escape(', '.join(result['strategies']))}; {result['seeds']} seed(s) per arm, each "
+            f"seed the same split and few-shot pick for every strategy; {result['wall_s']:.0f} s.</p>",
+        ),
+        _section(
+            "Test accuracy",
+            "<table><tr><th>strategy</th><th>shots</th><th>seeds</th><th>test accuracy</th>"
+            "<th>best epoch</th><th>trainable</th><th>s per arm</th></tr>"
+            f"{summary}</table>" + (_img(plot.read_bytes()) if plot.is_file() else ""),
+        ),
+        _section(
+            "Arms",
+            "<table><tr><th>strategy</th><th>shots</th><th>seed</th><th>test accuracy</th>"
+            f"<th>best epoch</th><th>run</th></tr>{arms}</table>",
+        ),
+    ]
     page = _PAGE.format(title=html.escape(f"transferkit compare: {out.name}"), body="\n".join(body))
     write_text(out / "report.html", page)
     return out / "report.html"
 
 
 # --- figures and HTML pieces --------------------------------------------------------------
+
 
 def _adaptation(run_dir: Path, rows: list[dict]) -> str:
     """Domain adaptation: source and target curves per epoch, the epoch the run's rule picked against the
@@ -268,8 +319,10 @@ def _adaptation(run_dir: Path, rows: list[dict]) -> str:
     table = [("rule", html.escape(str(metrics.get("select", "val")))), ("picked epoch", picked)]
     if picked in by_epoch and by_epoch[picked].get("target_accuracy") is not None:
         oracle = max(rows, key=lambda r: r["target_accuracy"])
-        table += [("target accuracy at the picked epoch", _fmt(by_epoch[picked]["target_accuracy"])),
-                  ("oracle pick (needs target labels)", f"epoch {oracle['epoch']}: {_fmt(oracle['target_accuracy'])}")]
+        table += [
+            ("target accuracy at the picked epoch", _fmt(by_epoch[picked]["target_accuracy"])),
+            ("oracle pick (needs target labels)", f"epoch {oracle['epoch']}: {_fmt(oracle['target_accuracy'])}"),
+        ]
     cells = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in table)
     body = f"<table>{cells}</table>{_adaptation_charts(rows)}"
     points = run_dir / POINTS
@@ -281,10 +334,15 @@ def _adaptation(run_dir: Path, rows: list[dict]) -> str:
 def _adaptation_charts(rows: list[dict]) -> str:
     epochs = [r["epoch"] for r in rows]
     panels = []
-    for keys in (("val_accuracy", "target_accuracy", "domain_accuracy"),
-                 ("target_entropy", "proxy_a_distance", "adapt_loss")):
-        series = [Series(key.replace("val_", "source val "), epochs, [r.get(key) for r in rows]) for key in keys
-                  if any(r.get(key) is not None for r in rows)]
+    for keys in (
+        ("val_accuracy", "target_accuracy", "domain_accuracy"),
+        ("target_entropy", "proxy_a_distance", "adapt_loss"),
+    ):
+        series = [
+            Series(key.replace("val_", "source val "), epochs, [r.get(key) for r in rows])
+            for key in keys
+            if any(r.get(key) is not None for r in rows)
+        ]
         panels.append(chart(series, "epoch", "", integer_x=True))
     return _row(panels)
 
@@ -292,11 +350,21 @@ def _adaptation_charts(rows: list[dict]) -> str:
 def _pca_charts(points: dict) -> str:
     panels = []
     for when in [when for when in ("before", "after") if when in points]:
-        series = [Series(domain, *np.asarray(points[when][domain], dtype=float).reshape(-1, 2).T.tolist(), "points")
-                  for domain in ("source", "target")]
+        series = [
+            Series(domain, *np.asarray(points[when][domain], dtype=float).reshape(-1, 2).T.tolist(), "points")
+            for domain in ("source", "target")
+        ]
         distance = points[when].get("proxy_a_distance")
-        panels.append(chart(series, "PC 1", "PC 2", f"features {when} training (PCA)"
-                            + (f", proxy A-distance {distance:.2f}" if distance is not None else ""), size=(420, 340)))
+        panels.append(
+            chart(
+                series,
+                "PC 1",
+                "PC 2",
+                f"features {when} training (PCA)"
+                + (f", proxy A-distance {distance:.2f}" if distance is not None else ""),
+                size=(420, 340),
+            )
+        )
     return _row(panels)
 
 
@@ -319,8 +387,9 @@ def _curves(rows: list[dict]) -> str:
 def _reliability_chart(curves: dict[str, list[dict]], title: str) -> str:
     """A reliability diagram (accuracy against confidence per bin) for each named set of bins."""
     series = [Series("perfect", [0, 1], [0, 1], "dashed", "#888")]
-    series += [Series(name, [b["confidence"] for b in bins], [b["accuracy"] for b in bins])
-               for name, bins in curves.items()]
+    series += [
+        Series(name, [b["confidence"] for b in bins], [b["accuracy"] for b in bins]) for name, bins in curves.items()
+    ]
     return chart(series, "confidence", "accuracy", title, xlim=(0, 1), ylim=(0, 1.02), size=(360, 340))
 
 

@@ -27,8 +27,15 @@ from transferkit.models.runtime import resolve as resolve_runtime
 from transferkit.models.task import task_for
 
 
-def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_size: int | None = None,
-             tta: str = "none", precision: str = "auto", data: str | None = None) -> dict:
+def evaluate(
+    run: str | Path,
+    split: str = "test",
+    device: str = "auto",
+    batch_size: int | None = None,
+    tta: str = "none",
+    precision: str = "auto",
+    data: str | None = None,
+) -> dict:
     """Metrics of `run`'s best bundle on `split` of the split.json saved with the run, or on every image of
     the labelled set `data` (a folder of class folders, builtin:NAME...; its classes among the run's). With `tta`
     (flip | flip-crop), also the split's accuracy under test-time augmentation, and validation
@@ -37,15 +44,15 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
     run = Path(run)
     check_precision(precision)
     if not (run / "config.yaml").is_file() or not (run / "split.json").is_file():
-        raise UserError(f"'{run}' is not a run directory: it needs config.yaml and split.json "
-                        "(as written by `transferkit train`).")
+        raise UserError(
+            f"'{run}' is not a run directory: it needs config.yaml and split.json (as written by `transferkit train`)."
+        )
     config = TrainConfig.load(run / "config.yaml")
     if batch_size:
         config = config.replace(batch_size=batch_size)
     model, meta = load_bundle(run)
     spec, split = data, split if data is None else "test"
-    data = config_data(config, run / "split.json") if spec is None \
-        else labelled_set(spec, meta["classes"], "--data")
+    data = config_data(config, run / "split.json") if spec is None else labelled_set(spec, meta["classes"], "--data")
     if split not in data.splits or not data.splits[split]:
         raise UserError(f"Run '{run}' has no images in split '{split}'.")
     if data.classes != meta["classes"]:
@@ -55,17 +62,35 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
     prep = preprocessing_from_dict(meta["preprocessing"])
     workload = Workload.of(model, config.model, prep, config.batch_size, config.channels_last)
     serve = inference_runtime(precision, device, workload, meta.get("precision"))
-    rt = replace(resolve_runtime(config.replace(precision="fp32"), serve.device, config.workers),
-                 precision=serve.precision, reasons=serve.reasons, normalize=prep.mean_std)
+    rt = replace(
+        resolve_runtime(config.replace(precision="fp32"), serve.device, config.workers),
+        precision=serve.precision,
+        reasons=serve.reasons,
+        normalize=prep.mean_std,
+    )
     task = task_for(data)
-    loader = make_loader(data, split, task.transform(prep, config, False, rt.normalizes_on_device), config,
-                         min_side=prep.resize, reader=task.dataset)
+    loader = make_loader(
+        data,
+        split,
+        task.transform(prep, config, False, rt.normalizes_on_device),
+        config,
+        min_side=prep.resize,
+        reader=task.dataset,
+    )
     with rt.threads_applied():
-        metrics = evaluate_loader(rt.prepare(model), loader, nn.CrossEntropyLoss(), rt, data.classes, fold=True,
-                                  move=functools.partial(task.move, rt=rt))
+        metrics = evaluate_loader(
+            rt.prepare(model),
+            loader,
+            nn.CrossEntropyLoss(),
+            rt,
+            data.classes,
+            fold=True,
+            move=functools.partial(task.move, rt=rt),
+        )
     metrics.pop("logits")
-    metrics.update(split=split if spec is None else spec, precision=rt.precision["infer"],
-                   precision_reason=rt.reasons["infer"])
+    metrics.update(
+        split=split if spec is None else spec, precision=rt.precision["infer"], precision_reason=rt.reasons["infer"]
+    )
     if tta != "none":
         metrics["tta"] = _tta(Predictor(model, meta, str(rt.device), rt.precision["infer"]), data, split, tta)
     (run / (f"eval_{split}.json" if spec is None else "eval_data.json")).write_text(json.dumps(metrics, indent=1))
@@ -74,14 +99,24 @@ def evaluate(run: str | Path, split: str = "test", device: str = "auto", batch_s
 
 def _tta(clf: Predictor, data, split: str, tta: str) -> dict:
     """Accuracy of `split` with TTA; validation accuracy without and with it, and whether TTA helps there."""
+
     def accuracy(name: str, mode: str) -> float | None:
         samples = data.splits.get(name) or []
         if not samples:
             return None
-        preds = np.concatenate([clf.predict_proba(images, tta=mode).argmax(1)
-                                for images in sample_batches(data, samples, clf.preprocessing)])
+        preds = np.concatenate(
+            [
+                clf.predict_proba(images, tta=mode).argmax(1)
+                for images in sample_batches(data, samples, clf.preprocessing)
+            ]
+        )
         return float(np.mean([clf.classes[p] == label for p, (_, label) in zip(preds, samples)]))
 
     plain, with_tta = accuracy("val", "none"), accuracy("val", tta)
-    return {"mode": tta, f"{split}_accuracy": accuracy(split, tta), "val_accuracy": plain, "val_accuracy_tta": with_tta,
-            "recommended": bool(plain is not None and with_tta > plain)}
+    return {
+        "mode": tta,
+        f"{split}_accuracy": accuracy(split, tta),
+        "val_accuracy": plain,
+        "val_accuracy_tta": with_tta,
+        "recommended": bool(plain is not None and with_tta > plain),
+    }

@@ -80,8 +80,9 @@ def logme_per_class(features: np.ndarray, labels: np.ndarray) -> list[ClassEvide
     return fits
 
 
-def _maximise(x2: np.ndarray, sigma: np.ndarray, outside: float, n: int, d: int
-              ) -> tuple[float, float, float, int, bool]:
+def _maximise(
+    x2: np.ndarray, sigma: np.ndarray, outside: float, n: int, d: int
+) -> tuple[float, float, float, int, bool]:
     """MacKay's fixed point from alpha = beta = 1 (the paper's start): (alpha, beta, evidence, iterations,
     converged). Converged: alpha / beta settled (a stationary point), or the evidence stalled while alpha /
     beta runs off to 0 or infinity (its supremum on a boundary: the labels fitted without noise, which
@@ -111,14 +112,19 @@ def _norms(t: float, x2: np.ndarray, sigma: np.ndarray, outside: float) -> tuple
     return m2, res2
 
 
-def _evidence(alpha: float, beta: float, x2: np.ndarray, sigma: np.ndarray, outside: float, n: int,
-              d: int) -> float:
+def _evidence(alpha: float, beta: float, x2: np.ndarray, sigma: np.ndarray, outside: float, n: int, d: int) -> float:
     """L(alpha, beta) of the module docstring: log|A| sums log(alpha + beta s_i) over the eigenvalues of F'F
     in `sigma`, and log(alpha) for each of the d - len(sigma) zero ones."""
     m2, res2 = _norms(alpha / beta, x2, sigma, outside)
     log_det = float(np.sum(np.log(alpha + beta * sigma))) + (d - len(sigma)) * np.log(alpha)
-    return float(n / 2 * np.log(beta) + d / 2 * np.log(alpha) - n / 2 * np.log(2 * np.pi) - beta / 2 * res2
-                 - alpha / 2 * m2 - log_det / 2)
+    return float(
+        n / 2 * np.log(beta)
+        + d / 2 * np.log(alpha)
+        - n / 2 * np.log(2 * np.pi)
+        - beta / 2 * res2
+        - alpha / 2 * m2
+        - log_det / 2
+    )
 
 
 def _checked(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,11 +133,11 @@ def _checked(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     if f.ndim != 2 or f.size == 0:
         raise UserError(f"LogME needs a non-empty (N, D) feature matrix; got shape {f.shape}.")
     if labels.ndim != 1 or len(labels) != len(f):
-        raise UserError(f"LogME needs one label per feature row: {len(f)} rows but labels of shape "
-                        f"{labels.shape}.")
+        raise UserError(f"LogME needs one label per feature row: {len(f)} rows but labels of shape {labels.shape}.")
     if len(np.unique(labels)) < 2:
-        raise UserError("LogME needs labels of at least 2 classes to score features against; got "
-                        f"{len(np.unique(labels))}.")
+        raise UserError(
+            f"LogME needs labels of at least 2 classes to score features against; got {len(np.unique(labels))}."
+        )
     if not np.all(np.isfinite(f)):
         raise UserError("The features hold NaN or infinite values; check the backbone's weights and inputs.")
     if not np.any(f):

@@ -35,12 +35,14 @@ def make_head(features: int, num_classes: int, kind: str, hidden: int, dropout: 
     if kind == "linear":
         return nn.Sequential(nn.Dropout(dropout), nn.Linear(features, num_classes))
     norm = [nn.BatchNorm1d(hidden)] if kind == "bottleneck" else []
-    return nn.Sequential(nn.Linear(features, hidden), *norm, nn.ReLU(inplace=True), nn.Dropout(dropout),
-                         nn.Linear(hidden, num_classes))
+    return nn.Sequential(
+        nn.Linear(features, hidden), *norm, nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+    )
 
 
-def create_backbone(model: str, weights: str, in_chans: int, img_size: int | None,
-                    drop_path: float = 0.0, trust: bool = False) -> tuple[nn.Module, str, Weights]:
+def create_backbone(
+    model: str, weights: str, in_chans: int, img_size: int | None, drop_path: float = 0.0, trust: bool = False
+) -> tuple[nn.Module, str, Weights]:
     """Build timm model `model` with its pretrained (1000-class) head and load `weights`.
 
     Returns (module, timm architecture, where the weights came from). The head is still
@@ -68,16 +70,22 @@ def create_backbone(model: str, weights: str, in_chans: int, img_size: int | Non
     return backbone, arch, found
 
 
-def preprocessing_for(backbone: nn.Module, in_chans: int, img_size: int | None,
-                      weights: dict | None = None) -> Preprocessing:
+def preprocessing_for(
+    backbone: nn.Module, in_chans: int, img_size: int | None, weights: dict | None = None
+) -> Preprocessing:
     """Preprocessing from the backbone's pretrained config, or `weights`' own (Preprocessing fields: torchvision's
     transforms for its weights); `img_size` overrides the resolution."""
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=backbone)
-    fields = {"img_size": cfg["input_size"][-1], "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
-              "interpolation": cfg.get("interpolation", "bilinear"), "crop_pct": float(cfg.get("crop_pct", 0.875)),
-              **(weights or {})}
+    fields = {
+        "img_size": cfg["input_size"][-1],
+        "mean": tuple(cfg["mean"]),
+        "std": tuple(cfg["std"]),
+        "interpolation": cfg.get("interpolation", "bilinear"),
+        "crop_pct": float(cfg.get("crop_pct", 0.875)),
+        **(weights or {}),
+    }
     if in_chans == 1 and len(fields["mean"]) == 3:
         fields["mean"], fields["std"] = (sum(fields["mean"]) / 3,), (sum(fields["std"]) / 3,)
     return Preprocessing(**{**fields, "img_size": img_size or fields["img_size"]}, in_chans=in_chans)
@@ -93,22 +101,44 @@ def feature_dim(backbone: nn.Module, in_chans: int, img_size: int) -> int:
     return int(out.shape[-1])
 
 
-def build_classifier(model: str, weights: str, num_classes: int, *, in_chans: int = 3,
-                     img_size: int | None = None, head: str = "linear", head_hidden: int = 512,
-                     head_dropout: float = 0.0, drop_path: float = 0.0,
-                     trust: bool = False) -> tuple[Classifier, dict, Preprocessing]:
+def build_classifier(
+    model: str,
+    weights: str,
+    num_classes: int,
+    *,
+    in_chans: int = 3,
+    img_size: int | None = None,
+    head: str = "linear",
+    head_hidden: int = 512,
+    head_dropout: float = 0.0,
+    drop_path: float = 0.0,
+    trust: bool = False,
+) -> tuple[Classifier, dict, Preprocessing]:
     """Pretrained backbone + new head for `num_classes`.
 
     Returns (classifier, architecture record for model.json, preprocessing).
     """
     backbone, arch, found = create_backbone(model, weights, in_chans, img_size, drop_path, trust)
     backbone.reset_classifier(0)
-    prep = preprocessing_for(backbone, in_chans, img_size,  # torchvision's weights: torchvision's transforms
-                             torchvision_preprocessing(arch, found.version) if found.version else None)
+    prep = preprocessing_for(
+        backbone,
+        in_chans,
+        img_size,  # torchvision's weights: torchvision's transforms
+        torchvision_preprocessing(arch, found.version) if found.version else None,
+    )
     features = feature_dim(backbone, in_chans, prep.img_size)
-    record = {"model": model, "arch": arch, "weights": str(found), "num_classes": num_classes,
-              "in_chans": in_chans, "features": features, "head": head, "head_hidden": head_hidden,
-              "head_dropout": head_dropout, "fixed_img_size": prep.img_size}
+    record = {
+        "model": model,
+        "arch": arch,
+        "weights": str(found),
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "features": features,
+        "head": head,
+        "head_hidden": head_hidden,
+        "head_dropout": head_dropout,
+        "fixed_img_size": prep.img_size,
+    }
     return Classifier(backbone, make_head(features, num_classes, head, head_hidden, head_dropout)), record, prep
 
 
@@ -121,8 +151,9 @@ def rebuild_classifier(record: dict) -> Classifier:
     if cfg is not None and cfg.fixed_input_size:
         kwargs["img_size"] = record["fixed_img_size"]
     backbone = timm.create_model(record["arch"], pretrained=False, **kwargs)
-    head = make_head(record["features"], record["num_classes"], record["head"], record["head_hidden"],
-                     record["head_dropout"])
+    head = make_head(
+        record["features"], record["num_classes"], record["head"], record["head_hidden"], record["head_dropout"]
+    )
     return Classifier(backbone, head)
 
 

@@ -39,16 +39,35 @@ def backbone_digest(backbone: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def cached_features(backbone: torch.nn.Module, data: Data, split: str, transform, transform_id: dict, config,
-                    rt: Runtime, report, views: int = 0, min_side: int | None = None, d: Dist = Dist(),
-                    stats: dict | None = None, reader=None) -> np.ndarray:
+def cached_features(
+    backbone: torch.nn.Module,
+    data: Data,
+    split: str,
+    transform,
+    transform_id: dict,
+    config,
+    rt: Runtime,
+    report,
+    views: int = 0,
+    min_side: int | None = None,
+    d: Dist = Dist(),
+    stats: dict | None = None,
+    reader=None,
+) -> np.ndarray:
     """Features of `split` as an array (N, D), or (views, N, D) with augmented views; computed on a miss,
     each rank extracting its share. `min_side`: the decode hint of open_image (part of `transform_id`);
     `stats`: its "feature_cache_hits" or "feature_cache_misses" count goes up by one; `reader`: the task's
     `dataset` (default: images)."""
-    key_fields = {"backbone": backbone_digest(backbone), "data": data_digest(data, split), "split": split,
-                  "transform": transform_id, "in_chans": config.in_chans, "views": views,
-                  "seed": config.seed if views else None, "precision": rt.precision["infer"]}
+    key_fields = {
+        "backbone": backbone_digest(backbone),
+        "data": data_digest(data, split),
+        "split": split,
+        "transform": transform_id,
+        "in_chans": config.in_chans,
+        "views": views,
+        "seed": config.seed if views else None,
+        "precision": rt.precision["infer"],
+    }
     key = hashlib.blake2b(json.dumps(key_fields, sort_keys=True).encode(), digest_size=16).hexdigest()
     path = cache_root(config) / "features" / f"{key}.npy"
     found = open_cache(path, report.info) if d.main else None
@@ -60,21 +79,35 @@ def cached_features(backbone: torch.nn.Module, data: Data, split: str, transform
         return found if d.main else np.load(path, mmap_mode="r")
     n = len(data.splits[split])
     rows = d.shard(n)
-    mine = [extract(backbone, data, split, transform, config, rt, report, view, min_side, rows, reader)
-            for view in (range(views) if views else [None])]
+    mine = [
+        extract(backbone, data, split, transform, config, rt, report, view, min_side, rows, reader)
+        for view in (range(views) if views else [None])
+    ]
     dim = next(x for x in d.gather(mine[0].shape[-1] if rows else None) if x is not None)
 
     def fill(array: np.ndarray, rows: list[int]) -> None:
         for view, part in enumerate(mine):
             (array[view] if views else array)[rows] = part
 
-    return build_cache(d, path, (views, n, dim) if views else (n, dim), np.float32, fill, key_fields, report.info,
-                       rows=n)
+    return build_cache(
+        d, path, (views, n, dim) if views else (n, dim), np.float32, fill, key_fields, report.info, rows=n
+    )
 
 
 @torch.inference_mode()
-def extract(backbone: torch.nn.Module, data: Data, split: str, transform, config, rt: Runtime, report,
-            view: int | None, min_side: int | None, rows: list[int], reader=None) -> np.ndarray:
+def extract(
+    backbone: torch.nn.Module,
+    data: Data,
+    split: str,
+    transform,
+    config,
+    rt: Runtime,
+    report,
+    view: int | None,
+    min_side: int | None,
+    rows: list[int],
+    reader=None,
+) -> np.ndarray:
     """One pass of the backbone over `rows` of a split in eval mode; `view` seeds the augmentation of
     each image."""
     dataset = (reader or read_images)(data, split, transform, config, min_side=min_side)
@@ -84,9 +117,14 @@ def extract(backbone: torch.nn.Module, data: Data, split: str, transform, config
         seeded.set_epoch(view)
         keys = list(seeded)
         sampler = [keys[i] for i in rows]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
-                                         num_workers=config.workers, generator=torch.Generator(),
-                                         collate_fn=getattr(dataset, "collate", None))
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=sampler,
+        num_workers=config.workers,
+        generator=torch.Generator(),
+        collate_fn=getattr(dataset, "collate", None),
+    )
     # (its own generator: a cache miss must not draw from the run's random stream)
     was_training = backbone.training
     backbone.eval()  # fold_batchnorm hands back the backbone itself where folding is off by more than its rtol
@@ -125,8 +163,18 @@ class FeatureLoader:
             yield torch.from_numpy(np.array(rows, dtype=np.float32)), self.labels[index], torch.from_numpy(index)
 
 
-def feature_loaders(model, data: Data, prep, config: TrainConfig, rt: Runtime, report, image_loader, task,
-                    d: Dist = Dist(), stats: dict | None = None):
+def feature_loaders(
+    model,
+    data: Data,
+    prep,
+    config: TrainConfig,
+    rt: Runtime,
+    report,
+    image_loader,
+    task,
+    d: Dist = Dist(),
+    stats: dict | None = None,
+):
     """(train, val) loaders over cached backbone features, in the sample loader's batch order; the ranks
     extract their shares of the features together. `task` makes the transforms and datasets (see
     `models.task`); `stats`: cache hits and misses (see cached_features)."""
@@ -138,14 +186,45 @@ def feature_loaders(model, data: Data, prep, config: TrainConfig, rt: Runtime, r
         transform_id = {"train": prep.to_dict(), "augment": config.augment}
     else:
         transform, transform_id = evaluated, plain
-    train = FeatureLoader(cached_features(model.backbone, data, "train", transform, transform_id, config, rt,
-                                          report, config.feature_views, prep.resize, d, stats, task.dataset),
-                          labels["train"], image_loader.batch_sampler)
+    train = FeatureLoader(
+        cached_features(
+            model.backbone,
+            data,
+            "train",
+            transform,
+            transform_id,
+            config,
+            rt,
+            report,
+            config.feature_views,
+            prep.resize,
+            d,
+            stats,
+            task.dataset,
+        ),
+        labels["train"],
+        image_loader.batch_sampler,
+    )
     val = None
     if labels["val"]:
         shard = d.shard(len(labels["val"]))
         batches = [shard[i : i + config.batch_size] for i in range(0, len(shard), config.batch_size)]
-        val = FeatureLoader(cached_features(model.backbone, data, "val", evaluated, plain, config, rt, report,
-                                            min_side=prep.resize, d=d, stats=stats, reader=task.dataset),
-                            labels["val"], batches)
+        val = FeatureLoader(
+            cached_features(
+                model.backbone,
+                data,
+                "val",
+                evaluated,
+                plain,
+                config,
+                rt,
+                report,
+                min_side=prep.resize,
+                d=d,
+                stats=stats,
+                reader=task.dataset,
+            ),
+            labels["val"],
+            batches,
+        )
     return train, val

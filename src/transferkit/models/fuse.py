@@ -24,8 +24,12 @@ def fold_batchnorm(module: nn.Module, example: torch.Tensor, rtol: float = 1e-3)
         children = list(parent.named_children())
         for (_, conv), (bn_name, bn) in zip(children, children[1:]):
             # any Conv2d subclass (timm's Conv2dSame pads with zeros first: still linear, still foldable)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) \
-                    and bn.num_features == conv.out_channels and bn.track_running_stats:
+            if (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(bn, nn.BatchNorm2d)
+                and bn.num_features == conv.out_channels
+                and bn.track_running_stats
+            ):
                 _fold(conv, bn)
                 setattr(parent, bn_name, _after_bn(bn))
                 folded += 1

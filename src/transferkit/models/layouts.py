@@ -12,8 +12,13 @@ import torch
 from transferkit.core.errors import UserError
 
 
-def remap_ordered(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor], name: str,
-                  loose_in_chans: tuple[str, ...] = (), loose: tuple[str, ...] = ()):
+def remap_ordered(
+    source: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    name: str,
+    loose_in_chans: tuple[str, ...] = (),
+    loose: tuple[str, ...] = (),
+):
     """Rename `source` tensors to `target`'s keys by position, checking every shape.
 
     BatchNorm counters are skipped on both sides (not every library saves them). Target keys in
@@ -29,6 +34,5 @@ def remap_ordered(source: dict[str, torch.Tensor], target: dict[str, torch.Tenso
         if b in loose_in_chans and len(shape_a) == len(shape_b) == 4:
             shape_a[1] = shape_b[1]
         if shape_a != shape_b and b not in loose:
-            raise UserError(f"'{name}': tensor {a} {tuple(source[a].shape)} does not fit {b} "
-                            f"{tuple(target[b].shape)}.")
+            raise UserError(f"'{name}': tensor {a} {tuple(source[a].shape)} does not fit {b} {tuple(target[b].shape)}.")
     return {b: source[a] for a, b in zip(src, dst)}

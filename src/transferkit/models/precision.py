@@ -98,8 +98,14 @@ class Workload:
         return None if shape is None else cls(model, f"{name} {shape[1]}ch", shape, channels_last)
 
 
-def choose(requested: str, device: torch.device, kind: str, workload: Workload | None = None,
-           cache_file: Path | None = None, say=None) -> Choice:
+def choose(
+    requested: str,
+    device: torch.device,
+    kind: str,
+    workload: Workload | None = None,
+    cache_file: Path | None = None,
+    say=None,
+) -> Choice:
     """The precision of `kind` work on `device`: `requested` unless it is auto (see the module text).
     `say(line)` is told when a probe runs (it takes seconds)."""
     if requested != "auto":
@@ -113,21 +119,24 @@ def choose(requested: str, device: torch.device, kind: str, workload: Workload |
         return Choice("fp32", "nothing to measure")
     speeds = probe(workload, kind, cache_file, say)
     ratio = speeds["bf16"] / speeds["fp32"]
-    return Choice("bf16" if ratio >= FASTER_BY else "fp32",
-                  f"measured here: bf16 {speeds['bf16']:.0f} img/s, fp32 {speeds['fp32']:.0f} img/s "
-                  f"({ratio:.2f}x; bf16 when >= {FASTER_BY}x)")
+    return Choice(
+        "bf16" if ratio >= FASTER_BY else "fp32",
+        f"measured here: bf16 {speeds['bf16']:.0f} img/s, fp32 {speeds['fp32']:.0f} img/s "
+        f"({ratio:.2f}x; bf16 when >= {FASTER_BY}x)",
+    )
 
 
 def probe(workload: Workload, kind: str, cache_file: Path | None = None, say=None) -> dict[str, float]:
     """Images per second in fp32 and bf16 for `kind` work, from the cache or measured now (and cached)."""
-    key = (f"{cpu_name()} | {os.cpu_count()} cores, {torch.get_num_threads()} threads | torch {torch.__version__} "
-           f"| {workload.name} {kind} {'x'.join(map(str, workload.shape))}"
-           f"{' channels_last' if workload.channels_last else ''}")
+    key = (
+        f"{cpu_name()} | {os.cpu_count()} cores, {torch.get_num_threads()} threads | torch {torch.__version__} "
+        f"| {workload.name} {kind} {'x'.join(map(str, workload.shape))}"
+        f"{' channels_last' if workload.channels_last else ''}"
+    )
     table = _read(cache_file)
     if key not in table:
         if say is not None:
-            say(f"[transferkit] timing {kind} in fp32 and bf16 once for this CPU and model "
-                f"(cached in {cache_file})")
+            say(f"[transferkit] timing {kind} in fp32 and bf16 once for this CPU and model (cached in {cache_file})")
         table = {**_read(cache_file), key: measure(workload, kind)}
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +194,15 @@ def _measure(workload: Workload, kind: str, reps: int) -> dict[str, float]:
 
 
 _WEIGHT_HOOKS = (SpectralNorm, WeightNorm)
-_CALL_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+_CALL_HOOKS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
 
 
 def _copy_without_hooks(model: nn.Module) -> nn.Module:
@@ -235,9 +251,15 @@ def for_serving(choice: Choice, checked: dict | None) -> Choice:
         return choice
     share = (checked or {}).get("bf16_top1_agreement")
     if share is None:
-        return Choice("fp32", "bf16 would be faster here, but this model was never checked against fp32 "
-                              "(trained where bf16 was not faster); --precision bf16 to use it anyway")
+        return Choice(
+            "fp32",
+            "bf16 would be faster here, but this model was never checked against fp32 "
+            "(trained where bf16 was not faster); --precision bf16 to use it anyway",
+        )
     if share < AGREEMENT:
-        return Choice("fp32", f"bf16 would be faster here, but its top-1 agreed with fp32 on only {share:.1%} of "
-                              f"{checked['images']} images at the end of training (needs {AGREEMENT:.1%})")
+        return Choice(
+            "fp32",
+            f"bf16 would be faster here, but its top-1 agreed with fp32 on only {share:.1%} of "
+            f"{checked['images']} images at the end of training (needs {AGREEMENT:.1%})",
+        )
     return Choice("bf16", f"{choice.reason}; top-1 agreed with fp32 on {share:.1%} of {checked['images']} images")

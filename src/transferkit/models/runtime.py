@@ -48,7 +48,7 @@ class Runtime:
 
     def __post_init__(self):
         if isinstance(self.precision, str):
-            object.__setattr__(self, "precision", {kind: self.precision for kind in KINDS})
+            object.__setattr__(self, "precision", dict.fromkeys(KINDS, self.precision))
 
     def autocast(self, kind: str = "train"):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision[kind] == "bf16")
@@ -103,12 +103,24 @@ class Runtime:
         return train if train == infer else f"train {train}, inference {infer}"
 
     def to_dict(self) -> dict:
-        out = {"device": str(self.device), "precision": self.precision, "precision_reason": self.reasons,
-               "channels_last": self.channels_last, "workers": self.workers, "threads": self.threads,
-               "compile": self.compile, "cpu_count": machine_cores(), "torch": torch.__version__}
+        out = {
+            "device": str(self.device),
+            "precision": self.precision,
+            "precision_reason": self.reasons,
+            "channels_last": self.channels_last,
+            "workers": self.workers,
+            "threads": self.threads,
+            "compile": self.compile,
+            "cpu_count": machine_cores(),
+            "torch": torch.__version__,
+        }
         if self.device.type == "cuda":
-            out.update(gpu=torch.cuda.get_device_name(self.device), cuda=torch.version.cuda,
-                       cudnn_benchmark=torch.backends.cudnn.benchmark, tf32=torch.backends.cuda.matmul.allow_tf32)
+            out.update(
+                gpu=torch.cuda.get_device_name(self.device),
+                cuda=torch.version.cuda,
+                cudnn_benchmark=torch.backends.cudnn.benchmark,
+                tf32=torch.backends.cuda.matmul.allow_tf32,
+            )
         return out
 
 
@@ -120,8 +132,9 @@ def _on_device(mean_std: tuple, device: torch.device) -> tuple[torch.Tensor, tor
     return (torch.tensor(255.0, device=device), *(torch.tensor(v, device=device).view(-1, 1, 1) for v in mean_std))
 
 
-def resolve(config, device: torch.device, workers: int, workload: Workload | None = None,
-            trains_backbone: bool = True, say=None) -> Runtime:
+def resolve(
+    config, device: torch.device, workers: int, workload: Workload | None = None, trains_backbone: bool = True, say=None
+) -> Runtime:
     """The Runtime for a TrainConfig on `device` with `workers` loader processes. `workload` (the model and
     its batch shape) lets precision auto time both precisions where that decides (see `precision`);
     `trains_backbone` False: training steps only run the head, so they take inference's precision."""
@@ -132,19 +145,28 @@ def resolve(config, device: torch.device, workers: int, workload: Workload | Non
         threads = max(1, cores_per_process() - workers)
     rt = Runtime(device, "fp32", config.channels_last, workers, threads, config.compile)
     if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError(f"precision bf16 was asked for but {torch.cuda.get_device_name(device)} does not support "
-                        "bfloat16; use --precision fp32 or auto.")
+        raise UserError(
+            f"precision bf16 was asked for but {torch.cuda.get_device_name(device)} does not support "
+            "bfloat16; use --precision fp32 or auto."
+        )
     cache = cache_root(config) / "precision.json"
     with rt.threads_applied():  # a probe times the work at the run's thread count
         infer = choose(config.precision, device, "infer", workload, cache, say)
-        train = choose(config.precision, device, "train", workload, cache, say) if trains_backbone \
-            or config.precision != "auto" else Choice(infer.precision, "only the head trains: as inference")
-    return replace(rt, precision={"train": train.precision, "infer": infer.precision},
-                   reasons={"train": train.reason, "infer": infer.reason})
+        train = (
+            choose(config.precision, device, "train", workload, cache, say)
+            if trains_backbone or config.precision != "auto"
+            else Choice(infer.precision, "only the head trains: as inference")
+        )
+    return replace(
+        rt,
+        precision={"train": train.precision, "infer": infer.precision},
+        reasons={"train": train.reason, "infer": infer.reason},
+    )
 
 
-def inference_runtime(name: str, device: torch.device, workload: Workload | None = None,
-                      checked: dict | None = None) -> Runtime:
+def inference_runtime(
+    name: str, device: torch.device, workload: Workload | None = None, checked: dict | None = None
+) -> Runtime:
     """The Runtime to serve a bundle (predict, evaluate): its precision with the reason. `checked` is the
     bundle's record of bf16 against fp32 (see `precision.for_serving`)."""
     choice = for_serving(choose(name, device, "infer", workload, cache_root() / "precision.json"), checked)

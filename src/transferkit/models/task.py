@@ -30,13 +30,13 @@ class Task(Protocol):
     unused: tuple[str, ...]
     """Config fields that mean nothing to this task's inputs: a tuner leaves them out of its space."""
 
-    def build(self, config: TrainConfig, num_classes: int, default_size: int | None
-              ) -> tuple[nn.Module, dict, Preprocessing]:
+    def build(
+        self, config: TrainConfig, num_classes: int, default_size: int | None
+    ) -> tuple[nn.Module, dict, Preprocessing]:
         """The classifier (pretrained encoder + new head for `num_classes`), its architecture record and
         the preprocessing its inputs need."""
 
-    def transform(self, prep: Preprocessing, config: TrainConfig, train: bool, on_device: bool,
-                  resized: bool = False):
+    def transform(self, prep: Preprocessing, config: TrainConfig, train: bool, on_device: bool, resized: bool = False):
         """One sample's preprocessing: augmented when `train`; `on_device`: `move` finishes it on the device;
         `resized`: the sample comes from a cache that already resized it."""
 
@@ -59,13 +59,20 @@ class ImageTask:
 
     def build(self, config: TrainConfig, num_classes: int, default_size: int | None):
         c = config
-        return build_classifier(c.model, "none" if c.strategy == "scratch" else c.weights, num_classes,
-                                in_chans=c.in_chans, img_size=c.img_size or default_size, head=c.head,
-                                head_hidden=c.head_hidden, head_dropout=c.head_dropout, drop_path=c.drop_path,
-                                trust=c.trust_checkpoint)
+        return build_classifier(
+            c.model,
+            "none" if c.strategy == "scratch" else c.weights,
+            num_classes,
+            in_chans=c.in_chans,
+            img_size=c.img_size or default_size,
+            head=c.head,
+            head_hidden=c.head_hidden,
+            head_dropout=c.head_dropout,
+            drop_path=c.drop_path,
+            trust=c.trust_checkpoint,
+        )
 
-    def transform(self, prep: Preprocessing, config: TrainConfig, train: bool, on_device: bool,
-                  resized: bool = False):
+    def transform(self, prep: Preprocessing, config: TrainConfig, train: bool, on_device: bool, resized: bool = False):
         if train and resized and crops_on_device(config, on_device):
             return DeviceCrop(prep)
         if train:
@@ -93,11 +100,19 @@ class TextTask:
         from transferkit.models.text import build_text_classifier
 
         c = config
-        return build_text_classifier(c.model, "none" if c.strategy == "scratch" else c.weights, num_classes,
-                                     c.max_length, c.head, c.head_hidden, c.head_dropout)
+        return build_text_classifier(
+            c.model,
+            "none" if c.strategy == "scratch" else c.weights,
+            num_classes,
+            c.max_length,
+            c.head,
+            c.head_hidden,
+            c.head_dropout,
+        )
 
-    def transform(self, prep: TextPreprocessing, config: TrainConfig, train: bool, on_device: bool,
-                  resized: bool = False):
+    def transform(
+        self, prep: TextPreprocessing, config: TrainConfig, train: bool, on_device: bool, resized: bool = False
+    ):
         return TokenIds(prep.tokenizer, prep.max_length, prep.pad_id)
 
     def dataset(self, data, split: str, transform, config: TrainConfig, images=None, min_side: int | None = None):
@@ -121,8 +136,9 @@ def crops_on_device(config: TrainConfig, on_device: bool) -> bool:
     --deterministic. On the H200 the loader workers then kept up better (lite0: data wait 36% -> 20% of
     step time, 2370 -> 2991 img/s; resnet50: 32% -> 12%, 2584 -> 3199); on a CPU the main process would do
     the workers' share. A deterministic run on the GPU cropping there has not yet been seen to finish."""
-    return config.crop_on == "device" or (config.crop_on == "auto" and on_device and config.augment == "basic"
-                                          and not config.deterministic)
+    return config.crop_on == "device" or (
+        config.crop_on == "auto" and on_device and config.augment == "basic" and not config.deterministic
+    )
 
 
 def task_for(data: Data) -> Task:

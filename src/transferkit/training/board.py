@@ -19,8 +19,9 @@ class Board:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UserError("--tensorboard needs the tensorboard package: pip install 'transferkit[tensorboard]'.") \
-                from None
+            raise UserError(
+                "--tensorboard needs the tensorboard package: pip install 'transferkit[tensorboard]'."
+            ) from None
         self.writer = SummaryWriter(log_dir=str(folder))
 
     def step(self, global_step: int, loss: float, lr: float) -> None:

@@ -33,8 +33,9 @@ REPORT_BYTES = 2 * 2**20
 """report.html (its PNGs inline), metrics and the other small files of a run, generously."""
 
 
-def estimate(model: nn.Module, config, data, plan, prep, run_dir: Path, micro_batch: int, memory: bool
-             ) -> tuple[dict, list[str]]:
+def estimate(
+    model: nn.Module, config, data, plan, prep, run_dir: Path, micro_batch: int, memory: bool
+) -> tuple[dict, list[str]]:
     """(the run's estimates, for runtime.json; the warnings they call for). `memory`: a step's memory too (image
     models; on a CPU, where nothing else would warn before the kernel kills the run)."""
     dim = next(m for m in model.head.modules() if isinstance(m, nn.Linear)).in_features
@@ -58,14 +59,16 @@ def disk_needs(model: nn.Module, config, data, plan, cache_side: int, feature_di
     trainable = state if trains_backbone else tensor_bytes(model.head.state_dict())
     moments = 2 if config.optimizer == "adamw" else 1
     n = {s: len(data.splits[s]) for s in ("train", "val", "test")}
-    run = {"last.ckpt x2 while replaced": 2 * (state + moments * trainable),
-           "best/ x2 while replaced": 2 * state,
-           "report, predictions": REPORT_BYTES + 4 * (n["val"] + n["test"]) * max(len(data.classes), 1)}
+    run = {
+        "last.ckpt x2 while replaced": 2 * (state + moments * trainable),
+        "best/ x2 while replaced": 2 * state,
+        "report, predictions": REPORT_BYTES + 4 * (n["val"] + n["test"]) * max(len(data.classes), 1),
+    }
     if config.keep_top_k:
         run[f"top {config.keep_top_k} copies"] = config.keep_top_k * state
     cache = {}
     if config.image_cache and data.arrays is None and trains_backbone:
-        cache["decoded images"] = (n["train"] + n["val"]) * cache_side ** 2 * config.in_chans
+        cache["decoded images"] = (n["train"] + n["val"]) * cache_side**2 * config.in_chans
     if config.feature_cache and any(not p.groups for p in plan):
         cache["backbone features"] = (n["train"] * max(config.feature_views, 1) + n["val"]) * feature_dim * 4
     return {"run": run, "cache": cache}
@@ -79,15 +82,20 @@ def disk_warnings(needs: dict[str, dict[str, int]], run_dir: Path, cache_dir: Pa
         by_fs.setdefault(_existing(folder).stat().st_dev, []).append(kind)
     out = []
     for kinds in by_fs.values():
-        parts = {f"{what} in {places[kind]}" if kind == "cache" else what: size
-                 for kind in kinds for what, size in needs[kind].items()}
+        parts = {
+            f"{what} in {places[kind]}" if kind == "cache" else what: size
+            for kind in kinds
+            for what, size in needs[kind].items()
+        }
         need, free = sum(parts.values()), shutil.disk_usage(_existing(places[kinds[0]])).free
         if need > free:
             listing = ", ".join(f"{what} {bytes_text(size, exact=False)}" for what, size in parts.items() if size)
-            out.append(f"[transferkit] warning: this run may write {bytes_text(need)} to {places[kinds[0]]} and "
-                       f"{bytes_text(free)} are free there ({listing}). Free some space (old runs; the caches: "
-                       "`transferkit cache --clear`), or use another --runs-dir / --cache-dir; a run the disk stops "
-                       "continues with --resume.")
+            out.append(
+                f"[transferkit] warning: this run may write {bytes_text(need)} to {places[kinds[0]]} and "
+                f"{bytes_text(free)} are free there ({listing}). Free some space (old runs; the caches: "
+                "`transferkit cache --clear`), or use another --runs-dir / --cache-dir; a run the disk stops "
+                "continues with --resume."
+            )
     return out
 
 
@@ -95,15 +103,19 @@ def _existing(path: Path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
 
 
-def step_memory(model: nn.Module, example: torch.Tensor, micro_batch: int, optimizer: str, trains_backbone: bool
-                ) -> dict[str, int]:
+def step_memory(
+    model: nn.Module, example: torch.Tensor, micro_batch: int, optimizer: str, trains_backbone: bool
+) -> dict[str, int]:
     """Bytes of one training step: weights, gradients and moments, and activations (see the module docstring)."""
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     trainable = weights if trains_backbone else sum(p.numel() * p.element_size() for p in model.head.parameters())
     activations = layer_outputs(model, example) if trains_backbone else 0
     moments = 2 if optimizer == "adamw" else 1
-    return {"weights": weights, "gradients and optimizer": (1 + moments) * trainable,
-            "activations": int(ACTIVATIONS * activations * micro_batch)}
+    return {
+        "weights": weights,
+        "gradients and optimizer": (1 + moments) * trainable,
+        "activations": int(ACTIVATIONS * activations * micro_batch),
+    }
 
 
 def layer_outputs(model: nn.Module, example: torch.Tensor) -> int:
@@ -155,7 +167,9 @@ def memory_warning(need: dict[str, int], micro_batch: int, available: int | None
     if available is None or total <= available:
         return None
     listing = ", ".join(f"{what} {bytes_text(size, exact=False)}" for what, size in need.items())
-    return (f"[transferkit] warning: a training step at micro-batch {micro_batch} needs about {bytes_text(total)} "
-            f"({listing}) and {bytes_text(available)} of memory are available: the kernel may kill the run. Use a "
-            f"smaller --batch-size, or --accumulate 2 to keep the global batch; a killed run continues from its "
-            "last.ckpt with --resume.")
+    return (
+        f"[transferkit] warning: a training step at micro-batch {micro_batch} needs about {bytes_text(total)} "
+        f"({listing}) and {bytes_text(available)} of memory are available: the kernel may kill the run. Use a "
+        f"smaller --batch-size, or --accumulate 2 to keep the global batch; a killed run continues from its "
+        "last.ckpt with --resume."
+    )

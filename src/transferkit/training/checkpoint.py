@@ -22,10 +22,28 @@ from transferkit.core.files import atomic_write, tensor_bytes
 from transferkit.models.weights import torch_load
 from transferkit.training.strategy import Phase, make_plan
 
-RESUMABLE_CHANGES = frozenset({"epochs", "patience", "quiet", "device", "workers", "save_every_steps",
-                               "keep_top_k", "nan_policy", "nan_skip_limit", "deterministic", "trust_checkpoint",
-                               "cache_dir", "threads", "compile", "accumulate",
-                               "html_report", "tensorboard", "profile_steps"})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "epochs",
+        "patience",
+        "quiet",
+        "device",
+        "workers",
+        "save_every_steps",
+        "keep_top_k",
+        "nan_policy",
+        "nan_skip_limit",
+        "deterministic",
+        "trust_checkpoint",
+        "cache_dir",
+        "threads",
+        "compile",
+        "accumulate",
+        "html_report",
+        "tensorboard",
+        "profile_steps",
+    }
+)
 """Config fields a resumed run may change: length, display, hardware and safety settings (the
 process count is free too: the global batch, and so every step, stays the same).
 Everything else (model, weights, data, classes, strategy, LRs...) would make a different run."""
@@ -39,10 +57,12 @@ def get_rng_state() -> dict:
     """Every process-wide random stream the loop draws from (numpy's as a tensor: weights_only loads
     no arrays). The loader's order and augmentation are seeded per epoch (see `sampling`)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                   gauss],
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def set_rng_state(rng: dict) -> None:
@@ -54,8 +74,22 @@ def set_rng_state(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "config", "plan", "phase", "epoch", "step", "sums", "best",
-                   "since_best", "top", "nan_skipped", "rng")
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "config",
+    "plan",
+    "phase",
+    "epoch",
+    "step",
+    "sums",
+    "best",
+    "since_best",
+    "top",
+    "nan_skipped",
+    "rng",
+)
 
 
 def load_resume(run_dir: Path, overrides: dict) -> tuple[TrainConfig, dict, dict]:
@@ -66,17 +100,20 @@ def load_resume(run_dir: Path, overrides: dict) -> tuple[TrainConfig, dict, dict
     """
     ckpt = run_dir / "last.ckpt"
     if not ckpt.is_file() or not (run_dir / "config.yaml").is_file():
-        raise UserError(f"Cannot resume '{run_dir}': it needs config.yaml and last.ckpt from an earlier "
-                        "`transferkit train` (a run stopped before its first checkpoint must start again).")
+        raise UserError(
+            f"Cannot resume '{run_dir}': it needs config.yaml and last.ckpt from an earlier "
+            "`transferkit train` (a run stopped before its first checkpoint must start again)."
+        )
     trust = bool(overrides.get("trust_checkpoint"))
     state = torch_load(ckpt, "checkpoint", trust)
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
-        raise UserError(f"'{ckpt}' is not a transferkit checkpoint (missing {', '.join(missing)}). Restore the "
-                        "file, or start the run again without --resume.")
+        raise UserError(
+            f"'{ckpt}' is not a transferkit checkpoint (missing {', '.join(missing)}). Restore the "
+            "file, or start the run again without --resume."
+        )
     saved = TrainConfig.from_dict(state["config"], source=str(ckpt))
-    edited = {k: v for k, v in TrainConfig.load(run_dir / "config.yaml").to_dict().items()
-              if v != getattr(saved, k)}
+    edited = {k: v for k, v in TrainConfig.load(run_dir / "config.yaml").to_dict().items() if v != getattr(saved, k)}
     wanted = {**edited, **overrides}
     changes = {k: v for k, v in wanted.items() if getattr(saved, k) != v}
     refused = sorted(set(changes) - RESUMABLE_CHANGES)
@@ -85,7 +122,8 @@ def load_resume(run_dir: Path, overrides: dict) -> tuple[TrainConfig, dict, dict
         raise UserError(
             f"Cannot resume '{run_dir}' with a changed {listing}: that would be a different run. Resume may "
             f"change only {', '.join(sorted(RESUMABLE_CHANGES))}. To train with other settings start a new "
-            f"run, e.g. `transferkit train --config {run_dir / 'config.yaml'} --name NEW ...`.")
+            f"run, e.g. `transferkit train --config {run_dir / 'config.yaml'} --name NEW ...`."
+        )
     return saved.replace(**changes), state, changes
 
 
@@ -95,8 +133,10 @@ def resumed_plan(state: dict, config: TrainConfig, n_groups: int) -> list[Phase]
     epochs in that last phase."""
     saved = [Phase.from_dict(p) for p in state["plan"]]
     if config.epochs < state["epoch"]:
-        raise UserError(f"This run has trained {state['epoch']} epochs; resume it with --epochs {state['epoch']} or "
-                        f"more (got {config.epochs}).")
+        raise UserError(
+            f"This run has trained {state['epoch']} epochs; resume it with --epochs {state['epoch']} or "
+            f"more (got {config.epochs})."
+        )
     if config.epochs == state["config"]["epochs"]:
         return saved
     plan = make_plan(config, n_groups)
@@ -110,6 +150,8 @@ def resumed_plan(state: dict, config: TrainConfig, n_groups: int) -> list[Phase]
     extra = config.epochs - state["config"]["epochs"]
     if k == len(saved) - 1 and extra > 0:  # in its last phase: the extra epochs go there
         return saved[:-1] + [replace(saved[-1], epochs=saved[-1].epochs + extra)]
-    raise UserError(f"Changing epochs from {state['config']['epochs']} to {config.epochs} changes phases this "
-                    f"run already trained (it is in phase {k + 1} of {len(saved)}, '{saved[k].name}'). "
-                    "Resume with the original epochs, or start a new run.")
+    raise UserError(
+        f"Changing epochs from {state['config']['epochs']} to {config.epochs} changes phases this "
+        f"run already trained (it is in phase {k + 1} of {len(saved)}, '{saved[k].name}'). "
+        "Resume with the original epochs, or start a new run."
+    )

@@ -21,13 +21,23 @@ from transferkit.training.recipe import train
 from transferkit.training.rundir import make_run_dir
 
 
-def compare(data: str, strategies: list[str], shots: list[int | None] | None = None, seeds: int = 1,
-            runs_dir: str = "runs", name: str | None = None, quiet: bool = False, **overrides) -> dict:
+def compare(
+    data: str,
+    strategies: list[str],
+    shots: list[int | None] | None = None,
+    seeds: int = 1,
+    runs_dir: str = "runs",
+    name: str | None = None,
+    quiet: bool = False,
+    **overrides,
+) -> dict:
     """Train every (shots, seed, strategy) arm and summarise test accuracy as mean ± std over seeds."""
     for strategy in strategies:
         if strategy not in STRATEGIES:
-            raise UserError(f"Unknown strategy '{strategy}' in --strategies.{did_you_mean(strategy, STRATEGIES)} "
-                            f"Choose from {', '.join(STRATEGIES)}.")
+            raise UserError(
+                f"Unknown strategy '{strategy}' in --strategies.{did_you_mean(strategy, STRATEGIES)} "
+                f"Choose from {', '.join(STRATEGIES)}."
+            )
     if seeds < 1:
         raise UserError(f"seeds must be >= 1; got {seeds}.")
     shots = shots or [None]
@@ -43,22 +53,53 @@ def compare(data: str, strategies: list[str], shots: list[int | None] | None = N
             for strategy in strategies:  # same seed => same split, same few-shot pick, for every strategy
                 tick = time.perf_counter()
                 arm_name = f"{strategy}-{k or 'all'}shot-seed{seed}"
-                config = TrainConfig.from_dict({"html_report": False, **overrides, "data": data, "strategy": strategy, "shots": k,
-                                                "seed": seed, "runs_dir": str(out), "name": arm_name,
-                                                "overwrite": True, "quiet": True,
-                                                **({"weights": "none"} if strategy == "scratch" else {})})
+                config = TrainConfig.from_dict(
+                    {
+                        "html_report": False,
+                        **overrides,
+                        "data": data,
+                        "strategy": strategy,
+                        "shots": k,
+                        "seed": seed,
+                        "runs_dir": str(out),
+                        "name": arm_name,
+                        "overwrite": True,
+                        "quiet": True,
+                        **({"weights": "none"} if strategy == "scratch" else {}),
+                    }
+                )
                 run = train(config, report=Reporter(silent=True))
-                curve = [json.loads(line).get("val_accuracy")
-                         for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
-                arm = {"strategy": strategy, "shots": k, "seed": seed, "test_accuracy": run.metrics["test"]["accuracy"],
-                       "best_epoch": run.metrics["best"]["epoch"], "trainable_params": run.metrics["trainable_params"],
-                       "wall_s": time.perf_counter() - tick, "run": str(run.dir), "val_curve": curve}
+                curve = [
+                    json.loads(line).get("val_accuracy")
+                    for line in (run.dir / "metrics.jsonl").read_text().splitlines()
+                ]
+                arm = {
+                    "strategy": strategy,
+                    "shots": k,
+                    "seed": seed,
+                    "test_accuracy": run.metrics["test"]["accuracy"],
+                    "best_epoch": run.metrics["best"]["epoch"],
+                    "trainable_params": run.metrics["trainable_params"],
+                    "wall_s": time.perf_counter() - tick,
+                    "run": str(run.dir),
+                    "val_curve": curve,
+                }
                 arms.append(arm)
-                report.info(f"[compare] {len(arms)}/{total} {arm_name}: test accuracy {arm['test_accuracy']:.3f} "
-                            f"({arm['wall_s']:.0f} s)")
+                report.info(
+                    f"[compare] {len(arms)}/{total} {arm_name}: test accuracy {arm['test_accuracy']:.3f} "
+                    f"({arm['wall_s']:.0f} s)"
+                )
     summary = _summarise(arms, strategies, shots)
-    result = {"data": data, "strategies": strategies, "shots": shots, "seeds": seeds, "summary": summary,
-              "arms": arms, "wall_s": time.perf_counter() - started, "dir": str(out)}
+    result = {
+        "data": data,
+        "strategies": strategies,
+        "shots": shots,
+        "seeds": seeds,
+        "summary": summary,
+        "arms": arms,
+        "wall_s": time.perf_counter() - started,
+        "dir": str(out),
+    }
     (out / "compare.json").write_text(json.dumps(result, indent=1))
     with (out / "compare.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(summary[0]))
@@ -75,12 +116,18 @@ def _summarise(arms: list[dict], strategies: list[str], shots: list) -> list[dic
         for strategy in strategies:
             group = [a for a in arms if a["strategy"] == strategy and a["shots"] == k]
             accs = [a["test_accuracy"] for a in group]
-            rows.append({"strategy": strategy, "shots": k if k is not None else "all", "n_seeds": len(group),
-                         "test_accuracy_mean": statistics.fmean(accs),
-                         "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                         "best_epoch_mean": statistics.fmean(a["best_epoch"] for a in group),
-                         "trainable_params": group[0]["trainable_params"],
-                         "wall_s_mean": statistics.fmean(a["wall_s"] for a in group)})
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "shots": k if k is not None else "all",
+                    "n_seeds": len(group),
+                    "test_accuracy_mean": statistics.fmean(accs),
+                    "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                    "best_epoch_mean": statistics.fmean(a["best_epoch"] for a in group),
+                    "trainable_params": group[0]["trainable_params"],
+                    "wall_s_mean": statistics.fmean(a["wall_s"] for a in group),
+                }
+            )
     return rows
 
 
@@ -95,8 +142,14 @@ def _plot(result: dict, path: Path) -> None:
     if len(numeric_shots) > 1:
         for strategy in result["strategies"]:
             rows = [r for r in result["summary"] if r["strategy"] == strategy and r["shots"] != "all"]
-            ax.errorbar([r["shots"] for r in rows], [r["test_accuracy_mean"] for r in rows],
-                        yerr=[r["test_accuracy_std"] for r in rows], marker="o", capsize=3, label=strategy)
+            ax.errorbar(
+                [r["shots"] for r in rows],
+                [r["test_accuracy_mean"] for r in rows],
+                yerr=[r["test_accuracy_std"] for r in rows],
+                marker="o",
+                capsize=3,
+                label=strategy,
+            )
         ax.set_xscale("log")
         ax.minorticks_off()
         ax.set_xticks(numeric_shots, [str(k) for k in numeric_shots])

@@ -32,8 +32,15 @@ def describe(name: str, img_size: int | None = None) -> dict:
     for strategy in STRATEGIES:
         plan = make_plan(config.replace(strategy=strategy), len(groups))
         plans[strategy] = [{"phase": p.name, "epochs": p.epochs, "groups": p.groups, "bn": p.bn} for p in plan]
-    return {"model": name, "arch": arch, "features": record["features"], "preprocessing": prep.to_dict(),
-            "groups": [{"index": i, "params": n, "first": g[0], "last": g[-1]} for i, (g, n) in
-                       enumerate(zip(groups, sizes))],
-            "head_params": sum(p.numel() for p in model.head.parameters()), "plans": plans,
-            "weights_here": str(found.path) if found else None}
+    return {
+        "model": name,
+        "arch": arch,
+        "features": record["features"],
+        "preprocessing": prep.to_dict(),
+        "groups": [
+            {"index": i, "params": n, "first": g[0], "last": g[-1]} for i, (g, n) in enumerate(zip(groups, sizes))
+        ],
+        "head_params": sum(p.numel() for p in model.head.parameters()),
+        "plans": plans,
+        "weights_here": str(found.path) if found else None,
+    }

@@ -43,12 +43,17 @@ def out_of_memory_stops(config: TrainConfig, run_dir: Path, d: Dist, last_step, 
     saved = not d.on  # ranks cannot agree on a position once one has failed
     if saved:
         save_last(last_step())
-    where = (f"saved {run_dir / 'last.ckpt'} at step {last_step().step} of this epoch; resume with the same global "
-             f"batch and half the memory per step: `transferkit train --resume {run_dir} --accumulate "
-             f"{config.accumulate * 2}`" if saved else f"resume {run_dir} from its last checkpoint with "
-             f"--accumulate {config.accumulate * 2}")
-    raise UserError(f"Out of GPU memory training micro-batches of {micro} images ({first_line}). {where}; or start "
-                    f"a new run with a smaller --batch-size (e.g. {max(1, config.batch_size // 2)}).") from None
+    where = (
+        f"saved {run_dir / 'last.ckpt'} at step {last_step().step} of this epoch; resume with the same global "
+        f"batch and half the memory per step: `transferkit train --resume {run_dir} --accumulate "
+        f"{config.accumulate * 2}`"
+        if saved
+        else f"resume {run_dir} from its last checkpoint with --accumulate {config.accumulate * 2}"
+    )
+    raise UserError(
+        f"Out of GPU memory training micro-batches of {micro} images ({first_line}). {where}; or start "
+        f"a new run with a smaller --batch-size (e.g. {max(1, config.batch_size // 2)})."
+    ) from None
 
 
 @dataclass
@@ -76,15 +81,22 @@ class Guard:
         if math.isfinite(value):
             return True
         files = [self.data.splits["train"][i][0] for i in indices.tolist()]
-        where = (f"{what} is {value} at epoch {self.epoch + 1}, step {step} (batch of {len(files)}: "
-                 f"{', '.join(files[:8])}{', ...' if len(files) > 8 else ''})")
+        where = (
+            f"{what} is {value} at epoch {self.epoch + 1}, step {step} (batch of {len(files)}: "
+            f"{', '.join(files[:8])}{', ...' if len(files) > 8 else ''})"
+        )
         if self.config.nan_policy == "skip" and self.skipped < self.config.nan_skip_limit:
             self.skipped += 1
             return False
-        limit = (f" after skipping {self.skipped} such steps (nan_skip_limit {self.config.nan_skip_limit})"
-                 if self.config.nan_policy == "skip" else "")
-        raise UserError(f"Training stopped{limit}: {where}. Lower --lr, set --grad-clip 1.0, check those images, "
-                        "or pass --nan-policy skip.")
+        limit = (
+            f" after skipping {self.skipped} such steps (nan_skip_limit {self.config.nan_skip_limit})"
+            if self.config.nan_policy == "skip"
+            else ""
+        )
+        raise UserError(
+            f"Training stopped{limit}: {where}. Lower --lr, set --grad-clip 1.0, check those images, "
+            "or pass --nan-policy skip."
+        )
 
 
 class StepModel(nn.Module):
@@ -133,10 +145,26 @@ class ExtraLoss(Protocol):
         """Take back what state_dict gave."""
 
 
-def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, scheduler, loss_fn, phase: Phase,
-                    rt: Runtime, report: Reporter, description: str, sums: EpochSums, guard: Guard, mixer=None,
-                    l2sp: L2SP | None = None, after_step=None, d: Dist = Dist(), extra: ExtraLoss | None = None,
-                    move=None) -> tuple[EpochSums, int]:
+def train_one_epoch(
+    net: nn.Module,
+    model: nn.Module,
+    loader,
+    optimizer,
+    scheduler,
+    loss_fn,
+    phase: Phase,
+    rt: Runtime,
+    report: Reporter,
+    description: str,
+    sums: EpochSums,
+    guard: Guard,
+    mixer=None,
+    l2sp: L2SP | None = None,
+    after_step=None,
+    d: Dist = Dist(),
+    extra: ExtraLoss | None = None,
+    move=None,
+) -> tuple[EpochSums, int]:
     """One pass over the training data (from optimizer step `sums.step` on); returns the epoch's totals
     (over all ranks) and the run's count of skipped non-finite steps. `net` is the StepModel (DDP-wrapped
     with several processes); `loader.batch_sampler` is the StepBatches that groups its micro-batches into
@@ -177,14 +205,21 @@ def train_one_epoch(net: nn.Module, model: nn.Module, loader, optimizer, schedul
             value = loss.item()
             finite = math.isfinite(value)
             # one all-reduce: the micro-batch's loss, images, hits and non-finite count over the ranks
-            loss_sum, seen, correct, bad = d.sum([value * len(labels) if finite else 0.0, len(labels),
-                                                  (logits.argmax(1) == labels).sum().item(), 0 if finite else 1])
+            loss_sum, seen, correct, bad = d.sum(
+                [
+                    value * len(labels) if finite else 0.0,
+                    len(labels),
+                    (logits.argmax(1) == labels).sum().item(),
+                    0 if finite else 1,
+                ]
+            )
             step_ok = step_ok and guard.check("loss", math.nan if bad else loss_sum / seen, step, indices)
             if step_ok:
                 (loss * loss_scale(len(labels), sizes[sums.step], d)).backward()
         micro += 1
-        sums = replace(sums, loss_sum=sums.loss_sum + loss_sum, correct=sums.correct + int(correct),
-                       seen=sums.seen + int(seen))
+        sums = replace(
+            sums, loss_sum=sums.loss_sum + loss_sum, correct=sums.correct + int(correct), seen=sums.seen + int(seen)
+        )
         if not last:
             continue
         if step_ok:

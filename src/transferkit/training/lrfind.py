@@ -47,8 +47,19 @@ class LRFindResult:
         plt.close(fig)
 
 
-def lr_find(model, groups: list[list[str]], phase: Phase, loader, loss_fn, config, rt,
-            steps: int = 100, start: float = 1e-7, end: float = 1.0, move=None) -> LRFindResult:
+def lr_find(
+    model,
+    groups: list[list[str]],
+    phase: Phase,
+    loader,
+    loss_fn,
+    config,
+    rt,
+    steps: int = 100,
+    start: float = 1e-7,
+    end: float = 1.0,
+    move=None,
+) -> LRFindResult:
     """Sweep the head LR from `start` to `end` over `steps` batches of `phase`'s trainable parameters
     (`rt`: the run's Runtime, which moves the loader's batches to the device; or `move`, a task's)."""
     beta = min(0.98, 1 - 4 / steps)  # EMA smoothing; shorter sweeps need less lag
@@ -99,12 +110,35 @@ def find_lr(config, steps: int = 100, start: float = 1e-7, end: float = 1.0) -> 
     data = config_data(config)
     task = task_for(data)
     model, _, prep = task.build(config, len(data.classes), data.default_img_size)
-    config = config.replace(lr=1e-3, lr_min=None, workers=config.workers if config.workers is not None
-                            else default_workers(data.arrays is not None, device.type == "cuda"))
+    config = config.replace(
+        lr=1e-3,
+        lr_min=None,
+        workers=config.workers
+        if config.workers is not None
+        else default_workers(data.arrays is not None, device.type == "cuda"),
+    )
     groups = layer_groups(model.backbone)
     rt = Runtime(device, normalize=prep.mean_std)
-    loader = make_loader(data, "train", task.transform(prep, config, True, rt.normalizes_on_device), config,
-                         shuffle=True, min_side=prep.resize, reader=task.dataset)
+    loader = make_loader(
+        data,
+        "train",
+        task.transform(prep, config, True, rt.normalizes_on_device),
+        config,
+        shuffle=True,
+        min_side=prep.resize,
+        reader=task.dataset,
+    )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    return lr_find(model.to(device), groups, make_plan(config, len(groups))[0], loader, loss_fn, config, rt,
-                   steps=steps, start=start, end=end, move=functools.partial(task.move, rt=rt))
+    return lr_find(
+        model.to(device),
+        groups,
+        make_plan(config, len(groups))[0],
+        loader,
+        loss_fn,
+        config,
+        rt,
+        steps=steps,
+        start=start,
+        end=end,
+        move=functools.partial(task.move, rt=rt),
+    )

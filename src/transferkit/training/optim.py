@@ -10,8 +10,14 @@ from transferkit.core.config import TrainConfig
 from transferkit.training.strategy import Phase, param_groups
 
 
-def make_optimizer(model, groups: list[list[str]], phase: Phase, config: TrainConfig,
-                   lr: float | None = None, extra: list | None = None) -> torch.optim.Optimizer:
+def make_optimizer(
+    model,
+    groups: list[list[str]],
+    phase: Phase,
+    config: TrainConfig,
+    lr: float | None = None,
+    extra: list | None = None,
+) -> torch.optim.Optimizer:
     """A fresh optimizer over exactly the parameters this phase trains (head LR = `lr` or config.lr);
     `extra`: an extra loss's own parameters (a domain discriminator), trained at the head's LR."""
     pg = param_groups(model, groups, phase, lr if lr is not None else config.lr, config.weight_decay)

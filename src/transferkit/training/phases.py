@@ -73,8 +73,11 @@ class EpochLoop:
         self.total_epochs = sum(p.epochs for p in self.r.plan)
         self.steps_per_epoch = len(self.r.loaders["train"].batch_sampler.step_sizes())  # optimizer steps
         self.r.board = Board(self.r.run_dir / "tensorboard") if self.r.config.tensorboard and self.r.d.main else None
-        self.profiler = (StepProfiler(self.r.run_dir, self.r.config.profile_steps, self.r.device, self.r.report.info)
-                         if self.r.config.profile_steps and self.r.d.main else None)
+        self.profiler = (
+            StepProfiler(self.r.run_dir, self.r.config.profile_steps, self.r.device, self.r.report.info)
+            if self.r.config.profile_steps and self.r.d.main
+            else None
+        )
         self.r.report.start(self.total_epochs)
         with StopSignals() as self.signals, self.r.rt.threads_applied(), self.profiler or contextlib.nullcontext():
             try:
@@ -89,8 +92,9 @@ class EpochLoop:
                 if self.r.board is not None:
                     self.r.board.close()
         if self.r.progress.best["epoch"] is None:
-            raise UserError(f"No epoch of '{self.r.run_dir}' produced a finite model to keep; lower the LR or set "
-                            "--grad-clip.")
+            raise UserError(
+                f"No epoch of '{self.r.run_dir}' produced a finite model to keep; lower the LR or set --grad-clip."
+            )
 
     def run_phase(self, index: int, phase: Phase, before: int) -> bool:
         """The phase's epochs: train one, then validate and checkpoint it. True: stop the run."""
@@ -103,10 +107,25 @@ class EpochLoop:
             r, ps = self.r, self.ps
             with out_of_memory_stops(r.config, r.run_dir, r.d, lambda: self.done, self.save_last, ps.optimizer):
                 progress.sums, progress.nan_skipped = train_one_epoch(
-                    ps.net, r.model, ps.train_loader, ps.optimizer, ps.scheduler, r.loss_fn, phase, r.rt, r.report,
-                    f"epoch {progress.epoch + 1}/{self.total_epochs}", progress.sums,
-                    Guard(r.config, r.data, progress.epoch, progress.nan_skipped), r.mixer, r.l2sp, self.after_step,
-                    r.d, r.extra_loss, ps.move)
+                    ps.net,
+                    r.model,
+                    ps.train_loader,
+                    ps.optimizer,
+                    ps.scheduler,
+                    r.loss_fn,
+                    phase,
+                    r.rt,
+                    r.report,
+                    f"epoch {progress.epoch + 1}/{self.total_epochs}",
+                    progress.sums,
+                    Guard(r.config, r.data, progress.epoch, progress.nan_skipped),
+                    r.mixer,
+                    r.l2sp,
+                    self.after_step,
+                    r.d,
+                    r.extra_loss,
+                    ps.move,
+                )
             progress.epoch += 1
             if self.end_epoch(time.perf_counter() - tick):
                 return True
@@ -125,23 +144,51 @@ class EpochLoop:
         if state is not None and index == state["phase"] and (progress.epoch, progress.sums.step) != (before, 0):
             optimizer.load_state_dict(state["optimizer"])  # resuming inside this phase
             scheduler.load_state_dict(state["scheduler"])
-        head_only = c.feature_cache and not phase.groups and not c.drop_path and self.r.mixer is None \
-            and self.r.extra_loss is None  # an extra loss runs the whole model on its own batches
+        head_only = (
+            c.feature_cache
+            and not phase.groups
+            and not c.drop_path
+            and self.r.mixer is None
+            and self.r.extra_loss is None
+        )  # an extra loss runs the whole model on its own batches
         train_loader, val_loader = self.r.loaders["train"], self.r.loaders["val"]
         if head_only:
             tick = time.perf_counter()
-            train_loader, val_loader = feature_loaders(model, self.r.data, self.r.prep, c, self.r.rt, self.r.report,
-                                                       self.r.loaders["train"], self.r.task, self.r.d, self.r.cache_s)
+            train_loader, val_loader = feature_loaders(
+                model,
+                self.r.data,
+                self.r.prep,
+                c,
+                self.r.rt,
+                self.r.report,
+                self.r.loaders["train"],
+                self.r.task,
+                self.r.d,
+                self.r.cache_s,
+            )
             self.r.cache_s["feature_cache_s"] += time.perf_counter() - tick
-            self.r.report.info(f"[transferkit] backbone features ready in {time.perf_counter() - tick:.1f} s "
-                             f"(cache {cache_root(c) / 'features'})")
-        self.r.report.info(f"[transferkit] phase '{phase.name}': groups {phase.groups or 'none'} of "
-                         f"{len(self.r.groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters"
-                         + (", on cached features" if head_only else ""))
+            self.r.report.info(
+                f"[transferkit] backbone features ready in {time.perf_counter() - tick:.1f} s "
+                f"(cache {cache_root(c) / 'features'})"
+            )
+        self.r.report.info(
+            f"[transferkit] phase '{phase.name}': groups {phase.groups or 'none'} of "
+            f"{len(self.r.groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters"
+            + (", on cached features" if head_only else "")
+        )
         mode = "features" if head_only else "full" if phase.groups else "frozen"
         net = distributed.ddp_wrap(StepModel(model, mode), self.r.d, self.r.device)  # what trains in this phase
-        return PhaseState(index, phase, optimizer, scheduler, train_loader, val_loader, head_only, net,
-                          self.r.rt.batch if head_only else self.r.move)
+        return PhaseState(
+            index,
+            phase,
+            optimizer,
+            scheduler,
+            train_loader,
+            val_loader,
+            head_only,
+            net,
+            self.r.rt.batch if head_only else self.r.move,
+        )
 
     def save_last(self, where: EpochSums) -> None:
         """last.ckpt at the current position (rank 0 writes it, with every rank's random streams); `where`
@@ -149,13 +196,27 @@ class EpochLoop:
         d, p, ps = self.r.d, self.r.progress, self.ps
         rngs = d.gather(get_rng_state())
         if d.main:
-            save_checkpoint(self.r.run_dir / "last.ckpt", {
-                "model": self.r.model.state_dict(), "optimizer": ps.optimizer.state_dict(),
-                "scheduler": ps.scheduler.state_dict(), "config": self.r.config.to_dict(),
-                "plan": [phase.to_dict() for phase in self.r.plan], "phase": ps.index, "epoch": p.epoch,
-                "step": where.step, "sums": asdict(where), "best": p.best, "since_best": p.since_best,
-                "top": p.top, "nan_skipped": p.nan_skipped, "rng": rngs[0], "rng_ranks": rngs if d.on else [],
-                "extra": self.r.extra_loss.state_dict() if self.r.extra_loss is not None else None})
+            save_checkpoint(
+                self.r.run_dir / "last.ckpt",
+                {
+                    "model": self.r.model.state_dict(),
+                    "optimizer": ps.optimizer.state_dict(),
+                    "scheduler": ps.scheduler.state_dict(),
+                    "config": self.r.config.to_dict(),
+                    "plan": [phase.to_dict() for phase in self.r.plan],
+                    "phase": ps.index,
+                    "epoch": p.epoch,
+                    "step": where.step,
+                    "sums": asdict(where),
+                    "best": p.best,
+                    "since_best": p.since_best,
+                    "top": p.top,
+                    "nan_skipped": p.nan_skipped,
+                    "rng": rngs[0],
+                    "rng_ranks": rngs if d.on else [],
+                    "extra": self.r.extra_loss.state_dict() if self.r.extra_loss is not None else None,
+                },
+            )
         d.barrier()  # no rank leaves (or is stopped by torchrun) before the file is whole
 
     def after_step(self, where: EpochSums, step_loss: float) -> None:
@@ -170,8 +231,9 @@ class EpochLoop:
             return  # the epoch's end saves and checks for signals
         if self.r.d.sum([self.signals.signum is not None])[0]:
             self.save_last(where)
-            raise Preempted(self.signals.signum or signal.SIGTERM, self.r.run_dir,
-                            f"epoch {epoch + 1}, step {where.step}")
+            raise Preempted(
+                self.signals.signum or signal.SIGTERM, self.r.run_dir, f"epoch {epoch + 1}, step {where.step}"
+            )
         if self.r.config.save_every_steps and (epoch * steps + where.step) % self.r.config.save_every_steps == 0:
             self.save_last(where)
 
@@ -180,8 +242,13 @@ class EpochLoop:
         stops by raising Preempted)."""
         c, d, p, ps, model = self.r.config, self.r.d, self.r.progress, self.ps, self.r.model
         tick = time.perf_counter()
-        val = (evaluate_loader(model.head if ps.head_only else model, ps.val_loader, self.r.eval_loss, self.r.rt, d=d,
-                               move=ps.move) if len(self.r.data.splits["val"]) else None)
+        val = (
+            evaluate_loader(
+                model.head if ps.head_only else model, ps.val_loader, self.r.eval_loss, self.r.rt, d=d, move=ps.move
+            )
+            if len(self.r.data.splits["val"])
+            else None
+        )
         val_logits = val.pop("logits") if val else None
         row = self.epoch_row(val, seconds, time.perf_counter() - tick)
         # best by val accuracy, ties broken by lower val loss (or by target entropy: --select); without a
@@ -205,7 +272,8 @@ class EpochLoop:
         self.r.report.end_epoch(
             f"epoch {p.epoch:>3} {ps.phase.name}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f}"
             + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}" if val else " | no val split")
-            + f" | {row['images_per_s']:.1f} img/s{' *' if improved else ''}")
+            + f" | {row['images_per_s']:.1f} img/s{' *' if improved else ''}"
+        )
         if d.sum([self.signals.signum is not None])[0]:  # any rank's signal stops all of them
             raise Preempted(self.signals.signum or signal.SIGTERM, self.r.run_dir, f"after epoch {p.epoch}")
         if c.patience and p.since_best >= c.patience:
@@ -220,11 +288,20 @@ class EpochLoop:
         """The epoch's metrics.jsonl row (rank 0 writes it; TensorBoard gets it too): `seconds` training,
         `val_seconds` validating."""
         p, sums = self.r.progress, self.r.progress.sums
-        row = {"epoch": p.epoch, "phase": self.ps.phase.name, "groups": trainable_groups(self.r.model, self.r.groups),
-               "train_loss": sums.loss_sum / max(sums.seen, 1), "train_accuracy": sums.correct / max(sums.seen, 1),
-               "val_loss": val["loss"] if val else None, "val_accuracy": val["accuracy"] if val else None,
-               "lr": self.ps.optimizer.param_groups[0]["lr"], "images_per_s": sums.seen / seconds,
-               "epoch_s": seconds, "val_s": val_seconds, "data_wait": sums.data_s / max(sums.seconds, 1e-9)}
+        row = {
+            "epoch": p.epoch,
+            "phase": self.ps.phase.name,
+            "groups": trainable_groups(self.r.model, self.r.groups),
+            "train_loss": sums.loss_sum / max(sums.seen, 1),
+            "train_accuracy": sums.correct / max(sums.seen, 1),
+            "val_loss": val["loss"] if val else None,
+            "val_accuracy": val["accuracy"] if val else None,
+            "lr": self.ps.optimizer.param_groups[0]["lr"],
+            "images_per_s": sums.seen / seconds,
+            "epoch_s": seconds,
+            "val_s": val_seconds,
+            "data_wait": sums.data_s / max(sums.seconds, 1e-9),
+        }
         if self.r.extra_loss is not None:  # its own measures (adaptation: domain accuracy, target accuracy)
             row.update(self.r.extra_loss.epoch_metrics(self.r.model))
         if self.r.device.type == "cuda":  # the epoch's peak, training and validation
@@ -236,4 +313,3 @@ class EpochLoop:
         if self.r.board is not None:
             self.r.board.epoch(row)
         return row
-

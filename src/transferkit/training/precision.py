@@ -15,17 +15,26 @@ from transferkit.models.runtime import resolve as resolve_runtime
 from transferkit.training.strategy import Phase
 
 
-def runtime_for(config: TrainConfig, model, prep, plan: list[Phase], device, workers: int, d: Dist,
-                report: Reporter) -> Runtime:
+def runtime_for(
+    config: TrainConfig, model, prep, plan: list[Phase], device, workers: int, d: Dist, report: Reporter
+) -> Runtime:
     """The run's Runtime; precision auto may time the model on rank 0 (see `precision`), whose choice
     every rank takes."""
     micro = max(2, config.batch_size // (config.accumulate * d.world))
     workload = Workload.of(model, config.model, prep, micro, config.channels_last)
-    rt = resolve_runtime(config, device, workers, workload if d.main else None,
-                         trains_backbone=any(p.groups for p in plan), say=report.info)
+    rt = resolve_runtime(
+        config,
+        device,
+        workers,
+        workload if d.main else None,
+        trains_backbone=any(p.groups for p in plan),
+        say=report.info,
+    )
     precision, reasons = d.gather((rt.precision, rt.reasons))[0]
-    report.info(f"[transferkit] precision {config.precision}: train {precision['train']} ({reasons['train']}); "
-                f"inference {precision['infer']} ({reasons['infer']})")
+    report.info(
+        f"[transferkit] precision {config.precision}: train {precision['train']} ({reasons['train']}); "
+        f"inference {precision['infer']} ({reasons['infer']})"
+    )
     return replace(rt, precision=precision, reasons=reasons, normalize=prep.mean_std)
 
 
@@ -40,6 +49,8 @@ def serving_check(model, scored, rt: Runtime, d: Dist, report: Reporter, move=No
     same, total = d.sum(list(agreement_counts(model, scored, move or rt.batch)))
     if total:
         out.update(bf16_top1_agreement=same / total, images=int(total))
-        report.info(f"[transferkit] bf16 top-1 agrees with fp32 on {same / total:.1%} of {int(total)} val+test "
-                    f"images: predict serves in {'bf16' if same / total >= AGREEMENT else 'fp32'} where bf16 is faster")
+        report.info(
+            f"[transferkit] bf16 top-1 agrees with fp32 on {same / total:.1%} of {int(total)} val+test "
+            f"images: predict serves in {'bf16' if same / total >= AGREEMENT else 'fp32'} where bf16 is faster"
+        )
     return out

@@ -17,8 +17,10 @@ class Preempted(Exception):
 
     def __init__(self, signum: int, run_dir: Path, where: str):
         self.signum, self.run_dir, self.exit_code = signum, run_dir, 128 + signum
-        super().__init__(f"{signal.Signals(signum).name} received: saved {run_dir / 'last.ckpt'} ({where}). "
-                         f"Continue with: transferkit train --resume {run_dir}")
+        super().__init__(
+            f"{signal.Signals(signum).name} received: saved {run_dir / 'last.ckpt'} ({where}). "
+            f"Continue with: transferkit train --resume {run_dir}"
+        )
 
 
 class StopSignals:

@@ -67,20 +67,32 @@ class StepProfiler:
             prof.__exit__(None, None, None)  # stopped whatever happens: a later run in this process profiles again
         recorded = self.seen - WARMUP_STEPS
         events = prof.key_averages()
-        lines = [f"{recorded} training steps after {WARMUP_STEPS} warm-up steps, {wall:.3f} s wall "
-                 f"({wall / max(recorded, 1) * 1000:.1f} ms a step); device {self.device}"]
+        lines = [
+            f"{recorded} training steps after {WARMUP_STEPS} warm-up steps, {wall:.3f} s wall "
+            f"({wall / max(recorded, 1) * 1000:.1f} ms a step); device {self.device}"
+        ]
         if self.device.type == "cuda":
-            busy = sum(e.self_device_time_total for e in events  # the kernels' and copies' own time, as table sums it
-                       if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e6
-            lines.append(f"GPU busy {busy:.3f} s of {wall:.3f} s wall ({busy / wall:.0%}; kernels summed, so overlapping "
-                         "streams count twice): the rest of the time the GPU waited for the host (the loader, the "
-                         "Python loop, synchronisations)")
+            busy = (
+                sum(
+                    e.self_device_time_total
+                    for e in events  # the kernels' and copies' own time, as table sums it
+                    if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation
+                )
+                / 1e6
+            )
+            lines.append(
+                f"GPU busy {busy:.3f} s of {wall:.3f} s wall ({busy / wall:.0%}; kernels summed, so overlapping "
+                "streams count twice): the rest of the time the GPU waited for the host (the loader, the "
+                "Python loop, synchronisations)"
+            )
             lines += ["", "By their own GPU time:", events.table(sort_by="self_device_time_total", row_limit=30)]
         lines += ["", "By their own CPU time:", events.table(sort_by="self_cpu_time_total", row_limit=30)]
         (self.run_dir / "profile.txt").write_text("\n".join(lines) + "\n")
         prof.export_chrome_trace(str(self.run_dir / "profile-trace.json"))
-        self.say(f"[transferkit] profiled {recorded} steps: {self.run_dir / 'profile.txt'}, "
-                 f"{self.run_dir / 'profile-trace.json'}")
+        self.say(
+            f"[transferkit] profiled {recorded} steps: {self.run_dir / 'profile.txt'}, "
+            f"{self.run_dir / 'profile-trace.json'}"
+        )
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -6,6 +6,8 @@ No callbacks and no trainer hierarchy: `Recipe`'s methods are the steps, each sh
 state on the recipe. The run directory holds config.yaml, split.json, classes.json, plan.json,
 metrics.jsonl (one row per epoch), metrics.json (final), last.ckpt (state to continue from, see
 `checkpoint`), best/ (the bundle), top/ (with keep_top_k) and skipped.txt (files left out, see `check`).
+
+Long module: a run's steps read in one place, in the order they run.
 """
 
 from __future__ import annotations
@@ -64,9 +66,17 @@ class Run:
         return self.dir / "best"
 
 
-def train(config: TrainConfig | None = None, *, report: Reporter | None = None, resume: str | Path | None = None,
-          on_epoch: Callable[[dict], bool] | None = None, extra_loss: ExtraLoss | None = None,
-          task: Task | None = None, score_test: bool = True, **overrides) -> Run:
+def train(
+    config: TrainConfig | None = None,
+    *,
+    report: Reporter | None = None,
+    resume: str | Path | None = None,
+    on_epoch: Callable[[dict], bool] | None = None,
+    extra_loss: ExtraLoss | None = None,
+    task: Task | None = None,
+    score_test: bool = True,
+    **overrides,
+) -> Run:
     """Fine-tune a pretrained backbone on `data`; see TrainConfig for every option.
 
     Example: `transferkit.train(data="builtin:faces", strategy="linear-probe", epochs=5)`.
@@ -87,8 +97,21 @@ def train(config: TrainConfig | None = None, *, report: Reporter | None = None, 
     return recipe.save()
 
 
-STEPS = ("setup", "build_data", "build_model", "plan_phases", "prepare_runtime", "check_budget", "write_run_files",
-         "build_loaders", "build_losses", "find_lr", "restore", "train_phases", "test")
+STEPS = (
+    "setup",
+    "build_data",
+    "build_model",
+    "plan_phases",
+    "prepare_runtime",
+    "check_budget",
+    "write_run_files",
+    "build_loaders",
+    "build_losses",
+    "find_lr",
+    "restore",
+    "train_phases",
+    "test",
+)
 """The steps of a run, in order (`Recipe`'s methods); `Recipe.save` ends it."""
 
 
@@ -106,8 +129,12 @@ class Recipe:
         self.task, self.score_test = task, score_test
         self.started, self.steps_s = time.perf_counter(), {}
         # time to build or open caches, and the feature cache's hits and misses (splits read or extracted)
-        self.cache_s = {"image_cache_s": 0.0, "feature_cache_s": 0.0, "feature_cache_hits": 0,
-                        "feature_cache_misses": 0}
+        self.cache_s = {
+            "image_cache_s": 0.0,
+            "feature_cache_s": 0.0,
+            "feature_cache_hits": 0,
+            "feature_cache_misses": 0,
+        }
 
     def setup(self) -> None:
         """Join torchrun's group if there is one; seeds, determinism, device, progress display."""
@@ -131,8 +158,9 @@ class Recipe:
         """The task's encoder + new head, its preprocessing and layer groups; the loader workers for this data."""
         c, data = self.config, self.data
         self.model, self.record, self.prep = self.task.build(c, len(data.classes), data.default_img_size)
-        self.workers = c.workers if c.workers is not None \
-            else default_workers(data.arrays is not None, self.device.type == "cuda")
+        self.workers = (
+            c.workers if c.workers is not None else default_workers(data.arrays is not None, self.device.type == "cuda")
+        )
         self.groups = layer_groups(self.model.backbone)
 
     def plan_phases(self) -> None:
@@ -144,15 +172,21 @@ class Recipe:
             if self.changes and d.main:
                 self._save_config()
         else:
-            run_dir = make_run_dir(Path(c.runs_dir), c.name or default_name(c), auto=c.name is None,
-                                   overwrite=c.overwrite) if d.main else None
+            run_dir = (
+                make_run_dir(Path(c.runs_dir), c.name or default_name(c), auto=c.name is None, overwrite=c.overwrite)
+                if d.main
+                else None
+            )
             self.run_dir = Path(d.gather(str(run_dir))[0])  # rank 0 picked it
-            c = c.replace(model=self.record["model"], img_size=self.prep.img_size, workers=self.workers,
-                          name=self.run_dir.name)
+            c = c.replace(
+                model=self.record["model"], img_size=self.prep.img_size, workers=self.workers, name=self.run_dir.name
+            )
             if c.lr_scaling != "none" and c.lr != "auto":  # config.yaml keeps the LR actually used
                 scaled = distributed.scaled_lr(c.lr, c.batch_size, c.lr_scaling, c.lr_base_batch)
-                self.report.info(f"[transferkit] lr {c.lr:g} scaled ({c.lr_scaling}, batch {c.batch_size} "
-                                 f"against {c.lr_base_batch}) to {scaled:g}")
+                self.report.info(
+                    f"[transferkit] lr {c.lr:g} scaled ({c.lr_scaling}, batch {c.batch_size} "
+                    f"against {c.lr_base_batch}) to {scaled:g}"
+                )
                 c = c.replace(lr=scaled, lr_scaling="none")
             self.config, self.plan = c, make_plan(c, len(self.groups))
         distributed.check_batch(self.config.batch_size, self.config.accumulate, d, len(self.data.splits["train"]))
@@ -168,9 +202,14 @@ class Recipe:
         self.rt.prepare(self.model)
         if self.rt.compile:  # the whole model's forward; the state_dict keeps its keys
             self.model.compile()
-        self.setting = {**self.rt.to_dict(), "processes": d.world, "global_batch": c.batch_size,
-                        "accumulate": c.accumulate, "micro_batch": c.batch_size // (c.accumulate * d.world),
-                        "sync_bn": c.sync_bn and d.on}
+        self.setting = {
+            **self.rt.to_dict(),
+            "processes": d.world,
+            "global_batch": c.batch_size,
+            "accumulate": c.accumulate,
+            "micro_batch": c.batch_size // (c.accumulate * d.world),
+            "sync_bn": c.sync_bn and d.on,
+        }
 
     def write_run_files(self) -> None:
         """config.yaml, split.json, classes.json, plan.json (new runs), runtime.json (every start); say so."""
@@ -188,9 +227,15 @@ class Recipe:
             f"[transferkit] {run_dir}: {c.model} ({self.record['weights']}), {c.strategy}, {len(data.classes)} "
             f"classes, train/val/test = {splits} ({data.how}), {self.prep.describe()}, {len(self.groups)} layer "
             f"groups, {self.device} {self.rt.describe_precision()}"
-            + (f", {self.workers} loader workers" if self.workers else "") + (", compiled" if self.rt.compile else "")
-            + (f"; {d.world} processes, global batch {c.batch_size} = {self.setting['micro_batch']} x {d.world} x "
-               f"{c.accumulate} accumulated" if d.on or c.accumulate > 1 else ""))
+            + (f", {self.workers} loader workers" if self.workers else "")
+            + (", compiled" if self.rt.compile else "")
+            + (
+                f"; {d.world} processes, global batch {c.batch_size} = {self.setting['micro_batch']} x {d.world} x "
+                f"{c.accumulate} accumulated"
+                if d.on or c.accumulate > 1
+                else ""
+            )
+        )
         self._warn()
 
     def _warn(self) -> None:
@@ -198,26 +243,33 @@ class Recipe:
         budget's shortfalls, classes missing from a split."""
         c, data, run_dir = self.config, self.data, self.run_dir
         if data.skipped:
-            self.report.info(f"[transferkit] warning: skipped {len(data.skipped)} file(s), e.g. {data.skipped[0][0]}"
-                             f": {data.skipped[0][1]}; the full list is in {run_dir / 'skipped.txt'}")
+            self.report.info(
+                f"[transferkit] warning: skipped {len(data.skipped)} file(s), e.g. {data.skipped[0][0]}"
+                f": {data.skipped[0][1]}; the full list is in {run_dir / 'skipped.txt'}"
+            )
         if data.outside_links:
             link, target = data.outside_links[0]
-            self.report.info(f"[transferkit] warning: {len(data.outside_links)} image file(s) are links to outside "
-                             f"{c.data}, e.g. {link} -> {target}; followed (--outside-links refuse leaves them out)")
+            self.report.info(
+                f"[transferkit] warning: {len(data.outside_links)} image file(s) are links to outside "
+                f"{c.data}, e.g. {link} -> {target}; followed (--outside-links refuse leaves them out)"
+            )
         counts = data.counts("train")
-        if max(counts.values()) >= 10 * min(counts.values()) and c.class_weights == "none" \
-                and c.sampler == "shuffle":
-            self.report.info(f"[transferkit] warning: classes are imbalanced (largest {max(counts.values())}, "
-                             f"smallest {min(counts.values())} training images); consider --class-weights auto or "
-                             "--sampler balanced")
+        if max(counts.values()) >= 10 * min(counts.values()) and c.class_weights == "none" and c.sampler == "shuffle":
+            self.report.info(
+                f"[transferkit] warning: classes are imbalanced (largest {max(counts.values())}, "
+                f"smallest {min(counts.values())} training images); consider --class-weights auto or "
+                "--sampler balanced"
+            )
         for warning in self.budget_warnings:
             self.report.info(warning)
         for name, splits in data.missing().items():
             total = sum(data.counts(s)[name] for s in SPLITS)
             what = " and ".join({"val": "not validated", "test": "not scored"}[s] for s in splits)
-            self.report.info(f"[transferkit] warning: class '{name}' has {total} image(s), too few for every split: "
-                             f"none in {' and '.join(splits)} ({what}); add images to it, or give val/ and test/ "
-                             "folders")
+            self.report.info(
+                f"[transferkit] warning: class '{name}' has {total} image(s), too few for every split: "
+                f"none in {' and '.join(splits)} ({what}); add images to it, or give val/ and test/ "
+                "folders"
+            )
 
     def check_budget(self) -> None:
         """Whether what the run writes will fit on its disks, and a CPU training step in memory (see `budget`):
@@ -226,8 +278,15 @@ class Recipe:
         if self.d.main:
             memory = self.device.type == "cpu" and not self.rt.compile  # a compiled model would compile for it
             self.setting["estimates"], self.budget_warnings = budget.estimate(
-                self.model, self.config, self.data, self.plan, self.prep, self.run_dir, self.setting["micro_batch"],
-                memory)
+                self.model,
+                self.config,
+                self.data,
+                self.plan,
+                self.prep,
+                self.run_dir,
+                self.setting["micro_batch"],
+                memory,
+            )
 
     def _save_config(self) -> None:
         self.config.save(self.run_dir / "config.yaml")
@@ -242,21 +301,36 @@ class Recipe:
             tick = time.perf_counter()
             decoded = {s: cached_images(data, s, prep, c, self.report, d) for s in ("train", "val") if data.splits[s]}
             self.cache_s["image_cache_s"] = time.perf_counter() - tick
-            self.report.info(f"[transferkit] decoded-image cache ready in {self.cache_s['image_cache_s']:.1f} s "
-                             f"(cache {cache_root(c) / 'images'})")
+            self.report.info(
+                f"[transferkit] decoded-image cache ready in {self.cache_s['image_cache_s']:.1f} s "
+                f"(cache {cache_root(c) / 'images'})"
+            )
         if c.crop_on == "device" and "train" not in decoded:
-            self.report.info("[transferkit] crop_on device crops images from the decoded-image cache; this run's "
-                             "training images do not come from it (data held in memory, or no phase runs the "
-                             "backbone), so the loader workers crop them")
+            self.report.info(
+                "[transferkit] crop_on device crops images from the decoded-image cache; this run's "
+                "training images do not come from it (data held in memory, or no phase runs the "
+                "backbone), so the loader workers crop them"
+            )
         if c.crop_on == "device" and c.deterministic and self.device.type == "cuda":
-            self.report.info("[transferkit] warning: crop_on device with --deterministic has not yet been seen to "
-                             "finish on a GPU (README, On a GPU); crop_on auto crops deterministic runs in the workers")
+            self.report.info(
+                "[transferkit] warning: crop_on device with --deterministic has not yet been seen to "
+                "finish on a GPU (README, On a GPU); crop_on auto crops deterministic runs in the workers"
+            )
         on_device, task = self.rt.normalizes_on_device, self.task  # uint8 pixels to the GPU (see Runtime)
         self.loaders = {
-            split: make_loader(data, split, task.transform(prep, c, split == "train", on_device, split in decoded), c,
-                               shuffle=split == "train", images=decoded.get(split), min_side=prep.resize, d=d,
-                               reader=task.dataset)
-            for split in ("train", "val", "test")}
+            split: make_loader(
+                data,
+                split,
+                task.transform(prep, c, split == "train", on_device, split in decoded),
+                c,
+                shuffle=split == "train",
+                images=decoded.get(split),
+                min_side=prep.resize,
+                d=d,
+                reader=task.dataset,
+            )
+            for split in ("train", "val", "test")
+        }
         self.move = functools.partial(task.move, rt=self.rt)  # a batch's inputs to the device
 
     def build_losses(self) -> None:
@@ -275,8 +349,12 @@ class Recipe:
         if c.mixup or c.cutmix:  # soft targets; timm's Mixup applies the label smoothing itself
             from timm.data import Mixup
 
-            self.mixer = Mixup(mixup_alpha=c.mixup, cutmix_alpha=c.cutmix, label_smoothing=c.label_smoothing,
-                               num_classes=len(data.classes))
+            self.mixer = Mixup(
+                mixup_alpha=c.mixup,
+                cutmix_alpha=c.cutmix,
+                label_smoothing=c.label_smoothing,
+                num_classes=len(data.classes),
+            )
             self.loss_fn = _soft_target_cross_entropy
         self.l2sp = L2SP(self.model.backbone, c.l2sp) if c.l2sp else None
         self.eval_loss = nn.CrossEntropyLoss()
@@ -290,20 +368,34 @@ class Recipe:
             found = None
             if d.main:
                 probe = make_plan(c.replace(lr=1e-3, lr_min=None), len(self.groups))[0]
-                found = lr_find(self.model, self.groups, probe, self.loaders["train"], self.hard_loss,
-                                c.replace(lr=1e-3), self.rt, move=self.move)
+                found = lr_find(
+                    self.model,
+                    self.groups,
+                    probe,
+                    self.loaders["train"],
+                    self.hard_loss,
+                    c.replace(lr=1e-3),
+                    self.rt,
+                    move=self.move,
+                )
                 found.plot(self.run_dir / "lr_find.png")
             self.config = c.replace(lr=d.gather(found.suggestion if found else None)[0])
             self.plan = make_plan(self.config, len(self.groups))
             if d.main:
                 self._save_config()
-                self.report.info(f"[transferkit] lr auto: {found.suggestion:.2e} ({LR_RULE}; {len(found.lrs)} steps, "
-                                 f"plot {self.run_dir / 'lr_find.png'})")
+                self.report.info(
+                    f"[transferkit] lr auto: {found.suggestion:.2e} ({LR_RULE}; {len(found.lrs)} steps, "
+                    f"plot {self.run_dir / 'lr_find.png'})"
+                )
         c = self.config
-        self.meta = {"transferkit_version": __version__, "architecture": self.record, "classes": self.data.classes,
-                     "preprocessing": self.prep.to_dict(),
-                     "strategy": {"name": c.strategy, "plan": [p.to_dict() for p in self.plan]},
-                     "data": {"spec": c.data, "how": self.data.how}}
+        self.meta = {
+            "transferkit_version": __version__,
+            "architecture": self.record,
+            "classes": self.data.classes,
+            "preprocessing": self.prep.to_dict(),
+            "strategy": {"name": c.strategy, "plan": [p.to_dict() for p in self.plan]},
+            "data": {"spec": c.data, "how": self.data.how},
+        }
 
     def restore(self) -> None:
         """A new run starts at epoch 0; a resumed one takes the checkpoint's weights, position, scores and
@@ -317,10 +409,17 @@ class Recipe:
         try:
             self.model.load_state_dict(state["model"])  # after L2SP took its pretrained reference
         except RuntimeError as err:
-            raise UserError(f"'{run_dir / 'last.ckpt'}' does not fit this run's model: "
-                            f"{str(err).splitlines()[0]}") from None
-        self.progress = Progress(state["epoch"], EpochSums(**state["sums"]), state["best"], state["since_best"],
-                                 state["top"], state["nan_skipped"])
+            raise UserError(
+                f"'{run_dir / 'last.ckpt'}' does not fit this run's model: {str(err).splitlines()[0]}"
+            ) from None
+        self.progress = Progress(
+            state["epoch"],
+            EpochSums(**state["sums"]),
+            state["best"],
+            state["since_best"],
+            state["top"],
+            state["nan_skipped"],
+        )
         if d.main:
             rows = (run_dir / "metrics.jsonl").read_text().splitlines()
             write_text(run_dir / "metrics.jsonl", "".join(r + "\n" for r in rows[: self.progress.epoch]))
@@ -329,9 +428,11 @@ class Recipe:
             self.extra_loss.load_state_dict(state["extra"])
         ranks = state.get("rng_ranks") or []  # each rank's own streams when the world size is the same
         set_rng_state(ranks[d.rank] if len(ranks) == d.world else state["rng"])
-        self.report.info(f"[transferkit] resuming {run_dir} after epoch {self.progress.epoch}"
-                         + (f", step {self.progress.sums.step}" if self.progress.sums.step else "")
-                         + "".join(f"; {k} changed to {v!r}" for k, v in self.changes.items()))
+        self.report.info(
+            f"[transferkit] resuming {run_dir} after epoch {self.progress.epoch}"
+            + (f", step {self.progress.sums.step}" if self.progress.sums.step else "")
+            + "".join(f"; {k} changed to {v!r}" for k, v in self.changes.items())
+        )
 
     def train_phases(self) -> None:
         """Each phase of the plan in turn, epoch by epoch, from where the run stands (see `phases`)."""
@@ -347,16 +448,27 @@ class Recipe:
         self.test_metrics = self.test_logits = None
         scored = ["val", "test"] if self.score_test else ["val"]
         if "test" in scored and len(self.data.splits["test"]):
-            self.test_metrics = evaluate_loader(self.shipped, self.loaders["test"], self.eval_loss, rt,
-                                                self.data.classes, d, fold=True, move=self.move)
+            self.test_metrics = evaluate_loader(
+                self.shipped, self.loaders["test"], self.eval_loss, rt, self.data.classes, d, fold=True, move=self.move
+            )
             self.test_logits = self.test_metrics.pop("logits")
         known = {"val": p.best_val_logits, "test": self.test_logits}
-        self.checked = serving_check(self.shipped, [(self.loaders[s], known[s]) for s in scored], rt, d, self.report,
-                                     self.move)
-        self.metrics = {"test": self.test_metrics, "best": p.best, "select": self.select, "epochs_run": p.epoch,
-                        "trainable_params": count_trainable(self.model), "nan_skipped_steps": p.nan_skipped,
-                        "skipped_files": len(self.data.skipped), **self.cache_s, "runtime": self.setting,
-                        "precision_check": self.checked, "wall_time_s": time.perf_counter() - self.started}
+        self.checked = serving_check(
+            self.shipped, [(self.loaders[s], known[s]) for s in scored], rt, d, self.report, self.move
+        )
+        self.metrics = {
+            "test": self.test_metrics,
+            "best": p.best,
+            "select": self.select,
+            "epochs_run": p.epoch,
+            "trainable_params": count_trainable(self.model),
+            "nan_skipped_steps": p.nan_skipped,
+            "skipped_files": len(self.data.skipped),
+            **self.cache_s,
+            "runtime": self.setting,
+            "precision_check": self.checked,
+            "wall_time_s": time.perf_counter() - self.started,
+        }
 
     def save(self) -> Run:
         """metrics.json, predictions, the final bundle (with test metrics and the precision check), the
@@ -366,25 +478,40 @@ class Recipe:
         if d.main:
             write_text(run_dir / "metrics.json", json.dumps(self.metrics, indent=1))
             save_predictions(run_dir, {"test": self.test_logits, "val": self.progress.best_val_logits})
-            save_bundle(run_dir / "best", self.shipped,
-                        {**self.meta, "metrics": {"best": best, "test": _headline(test)}, "precision": self.checked})
+            save_bundle(
+                run_dir / "best",
+                self.shipped,
+                {**self.meta, "metrics": {"best": best, "test": _headline(test)}, "precision": self.checked},
+            )
             if self.board is not None and test is not None:
                 board = Board(run_dir / "tensorboard")
                 board.confusion(test, self.data.classes, self.progress.epoch)
                 board.close()
-            recall = ", ".join(f"{c} {m['recall']:.2f}" for c, m in list(test["per_class"].items())[:20]) \
-                + (f" (no test images for {', '.join(test['absent'])})" if test.get("absent") else "") if test else ""
-            self.report.info(f"[transferkit] best epoch {best['epoch']}; test "
-                             + (f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} "
-                                f"images; recall {recall}" if test else "not scored (asked not to)"
-                                if not self.score_test else "skipped (no test split)")
-                             + f"; saved {run_dir / 'best'}")
+            recall = (
+                ", ".join(f"{c} {m['recall']:.2f}" for c, m in list(test["per_class"].items())[:20])
+                + (f" (no test images for {', '.join(test['absent'])})" if test.get("absent") else "")
+                if test
+                else ""
+            )
+            self.report.info(
+                f"[transferkit] best epoch {best['epoch']}; test "
+                + (
+                    f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} "
+                    f"images; recall {recall}"
+                    if test
+                    else "not scored (asked not to)"
+                    if not self.score_test
+                    else "skipped (no test split)"
+                )
+                + f"; saved {run_dir / 'best'}"
+            )
             if self.config.html_report:  # the run is complete, saved and told: a failing report only warns
                 try:
                     self.report.info(f"[transferkit] report: {build_report(run_dir, str(self.device), self.data)}")
                 except (UserError, OSError) as err:
-                    self.report.info(f"[transferkit] warning: no report.html ({err}); retry with "
-                                     f"`transferkit report {run_dir}`")
+                    self.report.info(
+                        f"[transferkit] warning: no report.html ({err}); retry with `transferkit report {run_dir}`"
+                    )
         d.barrier()
         return Run(dir=run_dir, config=self.config, metrics=self.metrics)
 

@@ -20,8 +20,7 @@ class L2SP:
         self.reference = {name: p.detach().clone() for name, p in backbone.named_parameters()}
 
     def penalty(self, backbone: nn.Module) -> torch.Tensor:
-        terms = [((p - self.reference[name]) ** 2).sum() for name, p in backbone.named_parameters()
-                 if p.requires_grad]
+        terms = [((p - self.reference[name]) ** 2).sum() for name, p in backbone.named_parameters() if p.requires_grad]
         if not terms:
             return torch.zeros(())
         return 0.5 * self.alpha * torch.stack(terms).sum()

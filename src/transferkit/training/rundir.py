@@ -67,7 +67,8 @@ def make_run_dir(root: Path, name: str, auto: bool, overwrite: bool) -> Path:
                 n += 1
             run_dir = root / f"{name}-{n}"
         else:
-            raise UserError(f"Run directory '{run_dir}' already exists. Pick another --name, or pass "
-                            "--overwrite to replace it.")
+            raise UserError(
+                f"Run directory '{run_dir}' already exists. Pick another --name, or pass --overwrite to replace it."
+            )
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir

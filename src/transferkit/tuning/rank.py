@@ -39,8 +39,15 @@ real features score 0.30 above it on 10-shot digits, 0.31-0.44 on 5-shot faces, 
 faces and 1.56-1.63 on textures (fewer images: a lower evidence per image)."""
 
 
-def rank(data: str, models: list[str], *, img_sizes: list[int] | None = None, config: TrainConfig | None = None,
-         report: Reporter | None = None, out: Path | None = None) -> dict:
+def rank(
+    data: str,
+    models: list[str],
+    *,
+    img_sizes: list[int] | None = None,
+    config: TrainConfig | None = None,
+    report: Reporter | None = None,
+    out: Path | None = None,
+) -> dict:
     """Score every backbone in `models` (at every size in `img_sizes`) on the training split of `data` by
     LogME, best first, with a strategy recommendation; `out`: a folder to write rank.json to.
 
@@ -64,15 +71,25 @@ def rank(data: str, models: list[str], *, img_sizes: list[int] | None = None, co
     for i, (name, size) in enumerate(candidates, 1):
         row = score_candidate(base.replace(model=name, img_size=size), source, labels, report)
         rows.append(row)
-        report.info(f"[rank] {i}/{len(candidates)} {name} at {row['img_size']} px: LogME {row['logme']:.4f} "
-                    f"({row['seconds']:.1f} s, {row['n_train']} images, {row['feature_dim']} features)")
+        report.info(
+            f"[rank] {i}/{len(candidates)} {name} at {row['img_size']} px: LogME {row['logme']:.4f} "
+            f"({row['seconds']:.1f} s, {row['n_train']} images, {row['feature_dim']} features)"
+        )
     rows.sort(key=lambda r: r["logme"], reverse=True)
     for place, row in enumerate(rows, 1):
         row["rank"] = place
     chance = logme(np.ones((len(labels), 1)), np.array(labels))
-    result = {"data": data, "weights": base.weights, "shots": base.shots, "seed": base.seed,
-              "classes": len(source.classes), "n_train": len(labels), "chance_logme": chance, "rows": rows,
-              "recommendation": recommend(len(labels), len(source.classes), rows[0], chance)}
+    result = {
+        "data": data,
+        "weights": base.weights,
+        "shots": base.shots,
+        "seed": base.seed,
+        "classes": len(source.classes),
+        "n_train": len(labels),
+        "chance_logme": chance,
+        "rows": rows,
+        "recommendation": recommend(len(labels), len(source.classes), rows[0], chance),
+    }
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "rank.json").write_text(json.dumps(result, indent=1))
@@ -87,8 +104,11 @@ def score_candidate(config: TrainConfig, data: Data, labels: list[int], report: 
     seed_everything(config.seed)  # as train does before building: a weights=none backbone matches too
     task = task_for(data)
     model, _, prep = task.build(config, len(data.classes), data.default_img_size)
-    workers = config.workers if config.workers is not None \
+    workers = (
+        config.workers
+        if config.workers is not None
         else default_workers(data.arrays is not None, device.type == "cuda")
+    )
     config = config.replace(img_size=prep.img_size, workers=workers)
     plan = make_plan(config, len(layer_groups(model.backbone)))
     rt = runtime_for(config, model, prep, plan, device, workers, Dist(), report)
@@ -96,11 +116,27 @@ def score_candidate(config: TrainConfig, data: Data, labels: list[int], report: 
     # feature_loaders' train split without feature_views: eval transform, identified by the preprocessing
     transform = task.transform(prep, config, False, rt.normalizes_on_device)
     with rt.threads_applied():
-        features = cached_features(model.backbone, data, "train", transform, {"eval": prep.to_dict()}, config, rt,
-                                   report, min_side=prep.resize, reader=task.dataset)
+        features = cached_features(
+            model.backbone,
+            data,
+            "train",
+            transform,
+            {"eval": prep.to_dict()},
+            config,
+            rt,
+            report,
+            min_side=prep.resize,
+            reader=task.dataset,
+        )
     score = logme(features, np.asarray(labels))
-    return {"model": config.model, "img_size": prep.img_size, "logme": score,
-            "seconds": time.perf_counter() - tick, "n_train": len(labels), "feature_dim": int(features.shape[1])}
+    return {
+        "model": config.model,
+        "img_size": prep.img_size,
+        "logme": score,
+        "seconds": time.perf_counter() - tick,
+        "n_train": len(labels),
+        "feature_dim": int(features.shape[1]),
+    }
 
 
 def recommend(n_train: int, n_classes: int, top: dict, chance: float) -> dict:
@@ -119,18 +155,37 @@ def recommend(n_train: int, n_classes: int, top: dict, chance: float) -> dict:
     """
     per_class, gain = n_train / n_classes, top["logme"] - chance
     informative = gain >= INFORMATIVE_GAIN
-    fit = (f"{top['model']} at {top['img_size']} px scores LogME {top['logme']:.3f}, {gain:+.2f} over chance, "
-           + ("so its frozen features already carry the labels" if informative else "so its frozen features barely "
-              "carry the labels"))
+    fit = f"{top['model']} at {top['img_size']} px scores LogME {top['logme']:.3f}, {gain:+.2f} over chance, " + (
+        "so its frozen features already carry the labels"
+        if informative
+        else "so its frozen features barely carry the labels"
+    )
     if per_class < FEW_PER_CLASS:
         strategy = "linear-probe"
-        why = (f"With {per_class:.0f} training images per class (< {FEW_PER_CLASS}) fine-tuning would likely overfit, "
-               f"and {fit}: " + ("train a linear probe on them, then try lp-ft." if informative else
-                                "a linear probe is the safest start, but expect more from more labelled images."))
+        why = (
+            f"With {per_class:.0f} training images per class (< {FEW_PER_CLASS}) fine-tuning would likely overfit, "
+            f"and {fit}: "
+            + (
+                "train a linear probe on them, then try lp-ft."
+                if informative
+                else "a linear probe is the safest start, but expect more from more labelled images."
+            )
+        )
     else:
         strategy = "finetune"
-        why = (f"With {per_class:.0f} training images per class (>= {FEW_PER_CLASS}) there is enough data to adapt "
-               f"the backbone, and {fit}: " + ("a linear probe on them is a quick baseline to beat." if informative
-                                              else "fine-tuning should gain the most."))
-    return {"strategy": strategy, "why": why, "images_per_class": per_class, "gain_over_chance": gain,
-            "rule": f"heuristic: linear-probe below {FEW_PER_CLASS} training images per class, else finetune"}
+        why = (
+            f"With {per_class:.0f} training images per class (>= {FEW_PER_CLASS}) there is enough data to adapt "
+            f"the backbone, and {fit}: "
+            + (
+                "a linear probe on them is a quick baseline to beat."
+                if informative
+                else "fine-tuning should gain the most."
+            )
+        )
+    return {
+        "strategy": strategy,
+        "why": why,
+        "images_per_class": per_class,
+        "gain_over_chance": gain,
+        "rule": f"heuristic: linear-probe below {FEW_PER_CLASS} training images per class, else finetune",
+    }

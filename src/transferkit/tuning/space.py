@@ -29,8 +29,20 @@ from transferkit.core.errors import UserError, did_you_mean
 LAYER_DECAY = "layer-decay"
 """A strategy choice of the search only: `full` with `layer_decay` drawn."""
 
-NOT_SEARCHABLE = ("data", "split_file", "shots", "val_fraction", "test_fraction", "runs_dir", "name", "overwrite",
-                  "quiet", "cache_dir", "device", "plan")
+NOT_SEARCHABLE = (
+    "data",
+    "split_file",
+    "shots",
+    "val_fraction",
+    "test_fraction",
+    "runs_dir",
+    "name",
+    "overwrite",
+    "quiet",
+    "cache_dir",
+    "device",
+    "plan",
+)
 """Fields that fix what the study compares on (the data and its split) or where it writes."""
 
 _KEYS = ("low", "high", "log", "step")
@@ -61,8 +73,9 @@ class Dimension:
         if self.choices is not None:
             return f"{self.field} in {{{', '.join(map(str, self.choices))}}}"
         scale = " (log)" if self.log else f" (step {self.step:g})" if self.step else ""
-        return f"{self.field} in [{self.low:g}, {self.high:g}]{scale}" + (f" if {'/'.join(self.when)}" if self.when
-                                                                           else "")
+        return f"{self.field} in [{self.low:g}, {self.high:g}]{scale}" + (
+            f" if {'/'.join(self.when)}" if self.when else ""
+        )
 
 
 FINE_TUNING = ("finetune", LAYER_DECAY)
@@ -80,8 +93,10 @@ DEFAULT = (
 def parse_search(section: typing.Any, source: str) -> tuple[Dimension, ...]:
     """The dimensions of a `search:` section; any unknown field or malformed distribution is a UserError."""
     if not isinstance(section, dict) or not section:
-        raise UserError(f"'search' in {source} must map config fields to distributions, e.g. "
-                        "search: {lr: {low: 1.0e-4, high: 1.0e-2, log: true}, strategy: [linear-probe, finetune]}.")
+        raise UserError(
+            f"'search' in {source} must map config fields to distributions, e.g. "
+            "search: {lr: {low: 1.0e-4, high: 1.0e-2, log: true}, strategy: [linear-probe, finetune]}."
+        )
     hints = typing.get_type_hints(TrainConfig)
     fields = [f.name for f in dataclasses.fields(TrainConfig)]
     dims = []
@@ -90,16 +105,20 @@ def parse_search(section: typing.Any, source: str) -> tuple[Dimension, ...]:
         if name not in fields:
             raise UserError(f"Unknown {where}: no config field has that name.{did_you_mean(str(name), fields)}")
         if name in NOT_SEARCHABLE:
-            raise UserError(f"{where}: '{name}' fixes the data, its split or where the study writes, so every "
-                            "trial must share it; give it as a `tune` option instead.")
+            raise UserError(
+                f"{where}: '{name}' fixes the data, its split or where the study writes, so every "
+                "trial must share it; give it as a `tune` option instead."
+            )
         if isinstance(spec, list):
             if not spec:
                 raise UserError(f"{where}: the list of choices is empty.")
             dims.append(Dimension(name, choices=tuple(spec)))
             continue
         if not isinstance(spec, dict) or not {"low", "high"} <= set(spec) or set(spec) - set(_KEYS):
-            raise UserError(f"{where}: give a list of choices, or a mapping with low and high (and optionally "
-                            f"log: true or step: N); got {spec!r}.")
+            raise UserError(
+                f"{where}: give a list of choices, or a mapping with low and high (and optionally "
+                f"log: true or step: N); got {spec!r}."
+            )
         low, high, step = spec["low"], spec["high"], spec.get("step")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high, step or 1)):
             raise UserError(f"{where}: low, high and step must be numbers; got {spec!r}.")
@@ -110,15 +129,18 @@ def parse_search(section: typing.Any, source: str) -> tuple[Dimension, ...]:
     return tuple(dims)
 
 
-def space_for(search: tuple[Dimension, ...] | None, fixed: typing.Iterable[str], base: TrainConfig
-              ) -> tuple[Dimension, ...]:
+def space_for(
+    search: tuple[Dimension, ...] | None, fixed: typing.Iterable[str], base: TrainConfig
+) -> tuple[Dimension, ...]:
     """The study's dimensions: `search` (or DEFAULT) without the `fixed` fields; every choice and bound is
     checked against `base` first, so a value the config refuses fails before any trial runs."""
     fixed = set(fixed)
     dims = tuple(d for d in (search or DEFAULT) if d.field not in fixed)
     if not dims:
-        raise UserError("Nothing left to search: every field of the search space is fixed by an option. "
-                        "Drop an option, or add fields to the `search:` section.")
+        raise UserError(
+            "Nothing left to search: every field of the search space is fixed by an option. "
+            "Drop an option, or add fields to the `search:` section."
+        )
     for d in dims:
         values = d.choices if d.choices is not None else (d.low, d.high)
         for value in values:
@@ -152,7 +174,8 @@ def read_search(path: str | Path) -> tuple[tuple[Dimension, ...] | None, set[str
     values = yaml.safe_load(Path(path).read_text()) or {}  # TrainConfig.load has read it already
     search = values.pop("search", None)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k for v in values.values() if isinstance(v, dict) for k in v} \
-        | {k for k, v in values.items() if not isinstance(v, dict)}
+    given = {k for v in values.values() if isinstance(v, dict) for k in v} | {
+        k for k, v in values.items() if not isinstance(v, dict)
+    }
     dims = parse_search(search, f"'{path}'") if search is not None else None
     return dims, (given & fields) - {d.field for d in dims or ()}

@@ -66,11 +66,24 @@ class TrialFailed(Exception):
     """A trial's run failed for a reason of its own (recorded on the trial); the study goes on."""
 
 
-def tune(config: TrainConfig | None = None, trials: int = 16, *, fixed=None,
-         search: tuple[Dimension, ...] | None = None, timeout: float | None = None, storage: str | None = None,
-         study: str | None = None, seeds_per_trial: int = 1, pruner: str = "median", workers: int = 1,
-         heartbeat: int = 20, models: list[str] | None = None, top_k: int = 2, report: Reporter | None = None,
-         **overrides) -> dict:
+def tune(
+    config: TrainConfig | None = None,
+    trials: int = 16,
+    *,
+    fixed=None,
+    search: tuple[Dimension, ...] | None = None,
+    timeout: float | None = None,
+    storage: str | None = None,
+    study: str | None = None,
+    seeds_per_trial: int = 1,
+    pruner: str = "median",
+    workers: int = 1,
+    heartbeat: int = 20,
+    models: list[str] | None = None,
+    top_k: int = 2,
+    report: Reporter | None = None,
+    **overrides,
+) -> dict:
     """Run (or continue) the study runs/NAME until it has `trials` finished trials; return its summary
     (also in runs/NAME/study.json). `config` holds the data and every fixed option; `fixed` names the
     fields the user fixed (they leave the space); `search` replaces the default space (see `space`).
@@ -87,15 +100,35 @@ def tune(config: TrainConfig | None = None, trials: int = 16, *, fixed=None,
     folder.mkdir(parents=True, exist_ok=True)
     split = _fixed_split(config, folder / "split.json")
     threads = config.threads if config.threads is not None or workers == 1 else max(1, machine_cores() // workers)
-    base = config.replace(split_file=str(split), runs_dir=str(folder / "trials"), name=None, overwrite=True,
-                          quiet=True, html_report=False, threads=threads)
+    base = config.replace(
+        split_file=str(split),
+        runs_dir=str(folder / "trials"),
+        name=None,
+        overwrite=True,
+        quiet=True,
+        html_report=False,
+        threads=threads,
+    )
     kind = json.loads(split.read_text()).get("kind", "image")  # a text study searches no image settings
-    dims = space_for(search, fixed | set(TASKS[kind].unused), base) + _ranked(models, top_k, fixed, base, folder,
-                                                                             report)
-    plan = Plan(base, dims, trials, storage or f"sqlite:///{folder / 'study.db'}",
-                study or name, seeds_per_trial, pruner, heartbeat, timeout, shared=storage is not None)
-    report.info(f"[transferkit] study '{plan.study}' in {folder} ({_redact(plan.storage)}): {trials} trials, "
-                f"{workers} worker(s); searching " + "; ".join(d.describe() for d in plan.dims))
+    dims = space_for(search, fixed | set(TASKS[kind].unused), base) + _ranked(
+        models, top_k, fixed, base, folder, report
+    )
+    plan = Plan(
+        base,
+        dims,
+        trials,
+        storage or f"sqlite:///{folder / 'study.db'}",
+        study or name,
+        seeds_per_trial,
+        pruner,
+        heartbeat,
+        timeout,
+        shared=storage is not None,
+    )
+    report.info(
+        f"[transferkit] study '{plan.study}' in {folder} ({_redact(plan.storage)}): {trials} trials, "
+        f"{workers} worker(s); searching " + "; ".join(d.describe() for d in plan.dims)
+    )
     if workers > 1:
         spawn = multiprocessing.get_context("spawn")
         procs = [spawn.Process(target=work, args=(plan, i)) for i in range(1, workers)]
@@ -105,8 +138,10 @@ def tune(config: TrainConfig | None = None, trials: int = 16, *, fixed=None,
         for p in procs:
             p.join()
         if any(p.exitcode for p in procs):  # its own traceback or message came first
-            report.info(f"[transferkit] warning: {sum(bool(p.exitcode) for p in procs)} worker process(es) "
-                        "stopped with an error; the summary below covers what finished")
+            report.info(
+                f"[transferkit] warning: {sum(bool(p.exitcode) for p in procs)} worker process(es) "
+                "stopped with an error; the summary below covers what finished"
+            )
     else:
         work(plan, 0, report)
     from transferkit.tuning.summary import summarise
@@ -136,55 +171,76 @@ def work(plan: Plan, worker: int, report: Reporter | None = None) -> None:
         try:
             study.optimize(lambda t: objective(t, plan), n_trials=1, catch=(TrialFailed,))
         except Preempted:
-            report.info("[transferkit] study interrupted; the trial under way is marked failed. Run the same "
-                        "tune command again to continue the study.")
+            report.info(
+                "[transferkit] study interrupted; the trial under way is marked failed. Run the same "
+                "tune command again to continue the study."
+            )
             raise
-        last = max((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == _me()),
-                   key=lambda t: t.number)
+        last = max(
+            (t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("worker") == _me()), key=lambda t: t.number
+        )
         report.info(_line(last, study, plan.trials))
         failed = last.state == optuna.trial.TrialState.FAIL and not last.user_attrs.get("surplus")
         failures = failures + 1 if failed else 0
         if failures >= FAILURES_IN_A_ROW:
-            raise UserError(f"{failures} trials in a row failed; the last: {last.user_attrs.get('error')}. "
-                            "Fix that and run the same command again: the study continues.")
+            raise UserError(
+                f"{failures} trials in a row failed; the last: {last.user_attrs.get('error')}. "
+                "Fix that and run the same command again: the study continues."
+            )
 
 
 def open_study(plan: Plan, worker: int):
     """The study on its storage, with heartbeats and retries, created on first use."""
     import optuna
-
     import sqlalchemy
 
     engine = {"connect_args": {"timeout": 60}} if plan.storage.startswith("sqlite") else {}
     for attempt in range(10):  # workers starting together on a new database race to create its tables
         try:
             storage = optuna.storages.RDBStorage(
-                plan.storage, engine_kwargs=engine, heartbeat_interval=plan.heartbeat,
+                plan.storage,
+                engine_kwargs=engine,
+                heartbeat_interval=plan.heartbeat,
                 grace_period=3 * plan.heartbeat,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
             break
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):  # another worker created a
             if attempt == 9:  # table or type first: look again
                 raise
             time.sleep(0.2 + 0.3 * attempt)
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError, ModuleNotFoundError) as err:
-            raise UserError(f"Cannot open the study's storage {_redact(plan.storage)}: {str(err).splitlines()[0]}. "
-                            "Check the URL (e.g. postgresql://user:password@host/db) and that the server is up; "
-                            "PostgreSQL needs `pip install 'transferkit[postgres]'`.") from None
+            raise UserError(
+                f"Cannot open the study's storage {_redact(plan.storage)}: {str(err).splitlines()[0]}. "
+                "Check the URL (e.g. postgresql://user:password@host/db) and that the server is up; "
+                "PostgreSQL needs `pip install 'transferkit[postgres]'`."
+            ) from None
     try:
         existing = len(optuna.load_study(study_name=plan.study, storage=storage).trials)
     except KeyError:
         existing = 0
     # a continued study or another worker must not replay the same random start
-    seed = int(hashlib.sha256(json.dumps([plan.base.seed, existing, worker, _me() if plan.shared else ""])
-                              .encode()).hexdigest()[:8], 16)
+    seed = int(
+        hashlib.sha256(
+            json.dumps([plan.base.seed, existing, worker, _me() if plan.shared else ""]).encode()
+        ).hexdigest()[:8],
+        16,
+    )
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, plan.trials // 3)))
     warmup = min(plan.base.epochs, max(2, plan.base.epochs // 3))  # no trial judged on its warm-up epoch
-    pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup),
-              "hyperband": optuna.pruners.HyperbandPruner(min_resource=1, max_resource=plan.base.epochs),
-              "none": optuna.pruners.NopPruner()}[plan.pruner]
-    return optuna.create_study(storage=storage, study_name=plan.study, direction="maximize", sampler=sampler,
-                               pruner=pruner, load_if_exists=True)
+    pruner = {
+        "median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=warmup),
+        "hyperband": optuna.pruners.HyperbandPruner(min_resource=1, max_resource=plan.base.epochs),
+        "none": optuna.pruners.NopPruner(),
+    }[plan.pruner]
+    return optuna.create_study(
+        storage=storage,
+        study_name=plan.study,
+        direction="maximize",
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
+    )
 
 
 def objective(trial, plan: Plan) -> float:
@@ -192,9 +248,13 @@ def objective(trial, plan: Plan) -> float:
     import optuna
 
     trial.set_user_attr("worker", _me())
-    earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number
-               and t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
-                               optuna.trial.TrialState.RUNNING)]
+    earlier = [
+        t
+        for t in trial.study.get_trials(deepcopy=False)
+        if t.number < trial.number
+        and t.state
+        in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    ]
     if len(earlier) >= plan.trials:
         trial.set_user_attr("surplus", True)
         trial.set_user_attr("error", f"surplus: {plan.trials} trials were already finished or running")
@@ -212,8 +272,9 @@ def objective(trial, plan: Plan) -> float:
         run_name = f"{trial.number:04d}" + (f"-seed{seed}" if plan.seeds > 1 else "")
         try:
             config = plan.base.replace(**overrides, seed=plan.base.seed + seed, name=run_name)
-            run = train(config, report=Reporter(silent=True), on_epoch=on_epoch if seed == 0 else None,
-                        score_test=False)
+            run = train(
+                config, report=Reporter(silent=True), on_epoch=on_epoch if seed == 0 else None, score_test=False
+            )
         except Preempted:
             raise
         except Exception as err:  # the trial's own failure: recorded, and the study goes on
@@ -233,18 +294,24 @@ def objective(trial, plan: Plan) -> float:
 def _line(trial, study, total: int) -> str:
     import optuna
 
-    done = sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-               for t in study.get_trials(deepcopy=False))
+    done = sum(
+        t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        for t in study.get_trials(deepcopy=False)
+    )
     params = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in trial.params.items())
     state = trial.state.name.lower()
-    what = {"complete": f"val accuracy {trial.value:.4f}" if trial.value is not None else "",
-            "pruned": "pruned", "fail": f"failed: {trial.user_attrs.get('error', '?')}"}.get(state, state)
+    what = {
+        "complete": f"val accuracy {trial.value:.4f}" if trial.value is not None else "",
+        "pruned": "pruned",
+        "fail": f"failed: {trial.user_attrs.get('error', '?')}",
+    }.get(state, state)
     seconds = trial.duration.total_seconds() if trial.duration else 0.0
     return f"[transferkit] trial {trial.number} ({done}/{total} finished): {what} | {params} | {seconds:.0f} s"
 
 
-def _ranked(models: list[str] | None, top_k: int, fixed, base: TrainConfig, folder: Path, report: Reporter
-            ) -> tuple[Dimension, ...]:
+def _ranked(
+    models: list[str] | None, top_k: int, fixed, base: TrainConfig, folder: Path, report: Reporter
+) -> tuple[Dimension, ...]:
     """A `model` dimension of the `top_k` backbones by LogME on the study's training split, or none."""
     if not models:
         return ()
@@ -256,14 +323,20 @@ def _ranked(models: list[str] | None, top_k: int, fixed, base: TrainConfig, fold
 
     ranked = rank(base.data, models, config=base, report=report, out=folder)
     keep = list(dict.fromkeys(row["model"] for row in ranked["rows"]))[:top_k]
-    report.info(f"[transferkit] ranked {len(models)} backbones by LogME ({folder / 'rank.json'}); searching the "
-                f"top {len(keep)}: {', '.join(keep)}")
+    report.info(
+        f"[transferkit] ranked {len(models)} backbones by LogME ({folder / 'rank.json'}); searching the "
+        f"top {len(keep)}: {', '.join(keep)}"
+    )
     return (Dimension("model", choices=tuple(keep)),)
 
 
 def _check_counts(trials: int, seeds: int, workers: int, pruner: str, heartbeat: int) -> None:
-    for key, value in (("--trials", trials), ("--seeds-per-trial", seeds), ("--workers", workers),
-                       ("--heartbeat", heartbeat)):
+    for key, value in (
+        ("--trials", trials),
+        ("--seeds-per-trial", seeds),
+        ("--workers", workers),
+        ("--heartbeat", heartbeat),
+    ):
         if value < 1:
             raise UserError(f"{key} must be at least 1; got {value}.")
     if pruner not in PRUNERS:
@@ -277,8 +350,10 @@ def _fixed_split(config: TrainConfig, path: Path) -> Path:
         return path
     data = config_data(config)
     if not data.splits["val"]:
-        raise UserError(f"'{config.data}' has no validation images, and trials are scored on them: raise "
-                        "--val-fraction above 0, or add a val/ folder.")
+        raise UserError(
+            f"'{config.data}' has no validation images, and trials are scored on them: raise "
+            "--val-fraction above 0, or add a val/ folder."
+        )
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data.save_split(tmp)
     os.replace(tmp, path)
