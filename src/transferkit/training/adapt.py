@@ -37,6 +37,7 @@ from torch.nn import functional as F
 
 from transferkit.core.distributed import Dist, ddp_wrap
 from transferkit.core.errors import UserError
+from transferkit.core.files import write_text
 from transferkit.data.check import write_skipped
 from transferkit.data.loaders import make_loader
 from transferkit.data.target import labelled_set, load_target
@@ -260,7 +261,7 @@ class Watch:
             s2, t2 = pca_2d(source, target[: self.PLOTTED])
             saved = json.loads(self.points.read_text()) if self.points.is_file() else {}
             saved[when] = {"source": s2.round(4).tolist(), "target": t2.round(4).tolist(), **out}
-            self.points.write_text(json.dumps(saved))
+            write_text(self.points, json.dumps(saved))
         model.train(was_training)
         return out
 

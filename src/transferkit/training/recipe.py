@@ -217,11 +217,11 @@ class Recipe:
         if d.main and self.state is None:
             self._save_config()
             data.save_split(run_dir / "split.json")
-            (run_dir / "classes.json").write_text(json.dumps(data.classes))
+            write_text(run_dir / "classes.json", json.dumps(data.classes))
             if data.skipped:
                 write_skipped(run_dir / "skipped.txt", data.skipped)
         if d.main:  # this start's, on resume too
-            (run_dir / "runtime.json").write_text(json.dumps(self.setting, indent=1))
+            write_text(run_dir / "runtime.json", json.dumps(self.setting, indent=1))
         splits = "/".join(str(len(data.splits[s])) for s in ("train", "val", "test"))
         self.report.info(
             f"[transferkit] {run_dir}: {c.model} ({self.record['weights']}), {c.strategy}, {len(data.classes)} "
@@ -290,7 +290,7 @@ class Recipe:
 
     def _save_config(self) -> None:
         self.config.save(self.run_dir / "config.yaml")
-        (self.run_dir / "plan.json").write_text(json.dumps([p.to_dict() for p in self.plan], indent=1))
+        write_text(self.run_dir / "plan.json", json.dumps([p.to_dict() for p in self.plan], indent=1))
 
     def build_loaders(self) -> None:
         """Train, val and test loaders; phases that run the backbone read decoded images from a memory map
@@ -404,7 +404,7 @@ class Recipe:
         self.progress = Progress()
         if state is None:
             if d.main:
-                (run_dir / "metrics.jsonl").write_text("")
+                write_text(run_dir / "metrics.jsonl", "")
             return
         try:
             self.model.load_state_dict(state["model"])  # after L2SP took its pretrained reference
