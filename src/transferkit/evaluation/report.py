@@ -22,8 +22,8 @@ from transferkit.core.errors import UserError
 from transferkit.core.files import write_text
 from transferkit.core.machine import pick_device
 from transferkit.evaluation.calibration import (
+    choose_temperature,
     expected_calibration_error,
-    fit_temperature,
     reliability,
     softmax,
 )
@@ -243,9 +243,10 @@ def _sample(data, ref: str, in_chans: int | None) -> str:
 def _calibration(test_logits, test_labels, val_logits, val_labels) -> dict:
     out = {"ece_test": expected_calibration_error(softmax(test_logits), test_labels), "temperature": None}
     if len(val_labels):
-        t = fit_temperature(val_logits, val_labels)
+        choice = choose_temperature(val_logits, val_labels)
+        t = choice["temperature"]
         out.update(
-            temperature=t,
+            choice,
             ece_val=expected_calibration_error(softmax(val_logits), val_labels),
             ece_val_scaled=expected_calibration_error(softmax(val_logits, t), val_labels),
             ece_test_scaled=expected_calibration_error(softmax(test_logits, t), test_labels),
@@ -257,11 +258,13 @@ def _calibration_section(cal: dict, logits, labels) -> str:
     curves = {"as trained": reliability(softmax(logits), labels)}
     text = f"<p>Expected calibration error on test: {cal['ece_test']:.4f} (15 bins).</p>"
     if cal["temperature"] is not None:
-        curves[f"T = {cal['temperature']:.2f}"] = reliability(softmax(logits, cal["temperature"]), labels)
+        use = "applied" if cal["recommended"] else "not applied"
+        curves[f"T = {cal['temperature']:.2f} ({use})"] = reliability(softmax(logits, cal["temperature"]), labels)
         text += (
-            f"<p>Temperature scaling fitted on validation: T = {cal['temperature']:.3f}; validation ECE "
-            f"{cal['ece_val']:.4f} → {cal['ece_val_scaled']:.4f}, test ECE {cal['ece_test']:.4f} → "
-            f"{cal['ece_test_scaled']:.4f}. It never changes the predicted class.</p>"
+            f"<p>Temperature scaling fitted on validation: T = {cal['temperature']:.3f}, "
+            f"{html.escape(cal['why'])}. Applied to all of validation, ECE {cal['ece_val']:.4f} → "
+            f"{cal['ece_val_scaled']:.4f}; on test {cal['ece_test']:.4f} → {cal['ece_test_scaled']:.4f} "
+            "(shown, not used to choose). It never changes the predicted class.</p>"
         )
     else:
         text += "<p>No validation split: no temperature fitted.</p>"

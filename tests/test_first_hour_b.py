@@ -1,0 +1,46 @@
+"""Issue 37, a new user's first hour: the defects found, each fed the input that showed it (items 3, 7, 10,
+11, 12 and 15)."""
+
+import numpy as np
+
+from transferkit.evaluation.calibration import T_BOUNDS, choose_temperature, fit_temperature
+from transferkit.evaluation.report import _calibration, _calibration_section
+
+# --- 3: temperature scaling on a tiny or misleading validation split ------------------------------------
+
+
+def test_a_temperature_from_7_validation_images_is_bounded_and_not_recommended():
+    logits = np.zeros((7, 3))
+    logits[:, 0] = 9.0  # sure of class 0, and every one wrong: unbounded, T ran to 442,535
+    labels = np.ones(7, dtype=int)
+    assert fit_temperature(logits, labels) == T_BOUNDS[1] == 20.0
+    assert fit_temperature(logits, np.zeros(7, dtype=int)) == T_BOUNDS[0]  # every one right: towards 0
+    choice = choose_temperature(logits, labels)
+    assert choice["recommended"] is False
+    assert "7 validation images are too few" in choice["why"]
+
+
+def test_a_temperature_that_does_not_help_on_held_out_validation_images_is_not_recommended():
+    # a calibrated model: 70 % sure of class 0 and right 70 % of the time, ECE 0; a temperature fitted
+    # on part of the images only follows that part's share of right answers
+    labels = np.random.default_rng(0).permutation([0] * 35 + [1] * 15)
+    logits = np.zeros((50, 2))
+    logits[:, 0] = np.log(0.7 / 0.3)
+    choice = choose_temperature(logits, labels)
+    assert choice["ece_heldout"] < 1e-9 < choice["ece_heldout_scaled"]
+    assert choice["recommended"] is False and choice["why"].startswith("not recommended, it did not help")
+
+
+def test_the_report_says_whether_the_temperature_is_applied_and_why():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 400)
+    preds = np.where(rng.random(400) < 0.7, labels, (labels + rng.integers(1, 4, 400)) % 4)
+    logits = rng.normal(0, 1, (400, 4))
+    logits[np.arange(400), preds] += 8.0  # 70 % right but about 99 % sure: scaling helps anywhere
+    cal = _calibration(logits[:200], labels[:200], logits[200:], labels[200:])
+    assert cal["recommended"] is True and cal["ece_heldout_scaled"] < cal["ece_heldout"] / 2
+    assert T_BOUNDS[0] < cal["temperature"] < T_BOUNDS[1]
+    assert "(applied)" in _calibration_section(cal, logits[:200], labels[:200])
+    tiny = _calibration(logits[:200], labels[:200], logits[200:207], labels[200:207])
+    page = _calibration_section(tiny, logits[:200], labels[:200])
+    assert "(not applied)" in page and "too few to judge a temperature" in page
