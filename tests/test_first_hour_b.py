@@ -1,10 +1,18 @@
 """Issue 37, a new user's first hour: the defects found, each fed the input that showed it (items 3, 7, 10,
 11, 12 and 15)."""
 
-import numpy as np
+import subprocess
+import sys
 
+import numpy as np
+import pytest
+
+import transferkit
+from transferkit.core.errors import UserError
 from transferkit.evaluation.calibration import T_BOUNDS, choose_temperature, fit_temperature
 from transferkit.evaluation.report import _calibration, _calibration_section
+
+TINY = ["--img-size", "32", "--epochs", "2", "--precision", "fp32", "--quiet", "--pruner", "none"]
 
 # --- 3: temperature scaling on a tiny or misleading validation split ------------------------------------
 
@@ -44,3 +52,68 @@ def test_the_report_says_whether_the_temperature_is_applied_and_why():
     tiny = _calibration(logits[:200], labels[:200], logits[200:207], labels[200:207])
     page = _calibration_section(tiny, logits[:200], labels[:200])
     assert "(not applied)" in page and "too few to judge a temperature" in page
+
+
+# --- 7: the usual PostgreSQL URL, and a missing database driver -----------------------------------------
+
+try:
+    from test_tune_storage import postgres  # noqa: F401 (the fixture: a PostgreSQL server on loopback)
+except pytest.skip.Exception as why:  # no optuna or psycopg2 here: only the tests that need the server skip
+    reason = str(why)
+
+    @pytest.fixture(scope="module")
+    def postgres():
+        pytest.skip(reason)
+
+
+def test_tune_takes_the_plain_postgresql_url(postgres, tmp_path):
+    import optuna
+
+    plain = postgres.replace("postgresql+psycopg2://", "postgresql://")  # what everyone writes
+    assert plain.startswith("postgresql://postgres@127.0.0.1:")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "transferkit",
+            "tune",
+            "builtin:faces",
+            *TINY,
+            "--strategy",
+            "linear-probe",
+            "--trials",
+            "1",
+            "--runs-dir",
+            str(tmp_path),
+            "--name",
+            "plain",
+            "--storage",
+            plain,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    trials = optuna.load_study(study_name="plain", storage=plain).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.mark.parametrize(
+    "url,module",
+    [
+        ("postgresql://u:secret@127.0.0.1:1/db", "psycopg"),
+        ("postgresql+psycopg2://u:secret@127.0.0.1:1/db", "psycopg2"),
+    ],
+)
+def test_a_missing_database_driver_says_which_extra_to_install(tmp_path, monkeypatch, url, module):
+    monkeypatch.setitem(sys.modules, module, None)  # as where the driver is not installed: importing it fails
+    with pytest.raises(UserError) as err:
+        transferkit.tune(
+            data="builtin:faces", trials=1, storage=url, runs_dir=str(tmp_path), name="s", img_size=32, epochs=2
+        )
+    message = str(err.value)
+    assert f"needs the database driver '{module}'" in message and "pip install 'transferkit[postgres]'" in message
+    assert "secret" not in message
+    assert not (tmp_path / "s").exists()  # refused before the study's folder was made

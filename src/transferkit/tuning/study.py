@@ -95,6 +95,8 @@ def tune(
     fixed = set(overrides) if fixed is None else set(fixed)
     report = report or Reporter(quiet=True)
     _check_counts(trials, seeds_per_trial, workers, pruner, heartbeat)
+    if storage is not None:
+        _check_storage(storage)
     name = config.name or f"tune-{_stem(config.data)}"
     folder = Path(config.runs_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -209,12 +211,10 @@ def open_study(plan: Plan, worker: int):
             if attempt == 9:  # table or type first: look again
                 raise
             time.sleep(0.2 + 0.3 * attempt)
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError, ModuleNotFoundError) as err:
-            raise UserError(
-                f"Cannot open the study's storage {_redact(plan.storage)}: {str(err).splitlines()[0]}. "
-                "Check the URL (e.g. postgresql://user:password@host/db) and that the server is up; "
-                "PostgreSQL needs `pip install 'transferkit[postgres]'`."
-            ) from None
+        except ImportError as err:  # optuna's own, from SQLAlchemy's failed import of the URL's driver
+            raise UserError(_no_driver(plan.storage, err)) from None
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError) as err:
+            raise UserError(_cannot_open(plan.storage, err)) from None
     try:
         existing = len(optuna.load_study(study_name=plan.study, storage=storage).trials)
     except KeyError:
@@ -366,6 +366,41 @@ def _stem(data: str) -> str:
 
 def _me() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _check_storage(url: str) -> None:
+    """A --storage URL that SQLAlchemy cannot read, or whose driver is missing, fails before the study's
+    folder is made."""
+    import sqlalchemy
+
+    try:
+        sqlalchemy.engine.make_url(url).get_dialect().import_dbapi()
+    except ImportError as err:
+        raise UserError(_no_driver(url, err)) from None
+    except sqlalchemy.exc.ArgumentError as err:
+        raise UserError(_cannot_open(url, err)) from None
+
+
+def _cannot_open(url: str, err: Exception) -> str:
+    return (
+        f"Cannot open the study's storage {_redact(url)}: {str(err).splitlines()[0]}. Check the URL (e.g. "
+        "postgresql://user:password@host/db) and that the server is up."
+    )
+
+
+def _no_driver(url: str, err: ImportError) -> str:
+    """What to install when the storage URL's database driver is missing."""
+    cause = err.__cause__ if isinstance(err.__cause__, ImportError) else err
+    module = getattr(cause, "name", None) or str(cause)
+    fix = f"`pip install {module}`"
+    if module in ("psycopg", "psycopg2"):
+        fix = (
+            "`pip install 'transferkit[postgres]'` installs both PostgreSQL drivers (psycopg for "
+            "postgresql://, psycopg2 for postgresql+psycopg2://)"
+        )
+    elif url.startswith("postgres"):
+        fix += ", or write postgresql://, whose driver `pip install 'transferkit[postgres]'` installs"
+    return f"The study's storage {_redact(url)} needs the database driver '{module}', which is not installed: {fix}."
 
 
 def _redact(url: str) -> str:
