@@ -47,6 +47,24 @@ def needs(*modules: str) -> pytest.MarkDecorator:
     )
 
 
+def in_ci() -> bool:
+    """Whether this is a CI run (`CI=true`, as `.ci/run`'s callers and the common CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+
+def need(condition: bool, reason: str) -> None:
+    """Inside a test or fixture: go on only if `condition` holds. Where it does not, the test skips with `reason`
+    (shown by `make test`, which runs pytest with -rs), except in CI (`CI=true`): there the missing piece is
+    one `.ci/run` is meant to provide (PostgreSQL's initdb, the fortunes package, Chromium, root and
+    unshare), so its absence is a broken CI machine and fails the test instead of hiding it in a skip count."""
+    if condition:
+        return
+    if in_ci():
+        pytest.fail(f"CI=true, and this test cannot run: {reason}", pytrace=False)
+    # reported at the test's line (what pytest.mark.skipif does), not at this helper's
+    raise pytest.skip.Exception(reason, _use_item_location=True)
+
+
 def pytest_runtest_logreport(report):
     """TRANSFERKIT_TEST_FAILURES=FILE: each failure's traceback is appended to FILE when it happens, so a
     run cut off by a time limit (a lent GPU machine's call) still tells what failed and why."""
@@ -145,3 +163,94 @@ def tiny(tmp_path: Path) -> dict:
         "workers": 0,
         "html_report": False,
     }
+
+
+TOPICS = {
+    "cooking": (
+        "Stir the onions in butter until they turn golden.",
+        "Bake the bread for forty minutes in a hot oven.",
+        "Add a pinch of salt to the boiling pasta water.",
+        "Whisk the eggs with sugar until the batter is pale.",
+        "Simmer the tomato sauce with garlic and basil.",
+        "Roast the chicken with lemon, thyme and potatoes.",
+        "Knead the dough and let it rise for an hour.",
+        "Chop the carrots and celery for the soup.",
+        "Season the steak with pepper before grilling it.",
+        "Melt the chocolate slowly over a pot of warm water.",
+        "Fry the rice with soy sauce and spring onions.",
+        "Peel the apples and slice them for the pie.",
+        "Grate the cheese over the hot lasagna.",
+        "Marinate the fish in lime juice and chili.",
+        "Serve the stew with fresh bread and a green salad.",
+        "Boil the potatoes, then mash them with milk.",
+        "Toast the spices in a dry pan before the curry.",
+        "Cream the butter and flour for a cake.",
+        "The recipe needs two cups of flour and an egg.",
+        "Taste the soup and add more salt if it is bland.",
+    ),
+    "computers": (
+        "The compiler reports a syntax error on line ten.",
+        "Reboot the server after installing the kernel update.",
+        "The program crashed with a segmentation fault.",
+        "Save the file before the laptop battery runs out.",
+        "The database query returns too many rows.",
+        "Install the package with the command line tool.",
+        "The network card drops packets under heavy load.",
+        "Debug the function that leaks memory.",
+        "The keyboard and the mouse connect over USB.",
+        "Copy the source code into a new git branch.",
+        "The processor overheats when the fan stops.",
+        "Format the disk and reinstall the operating system.",
+        "The browser cache fills the hard drive.",
+        "Write a unit test for the sorting algorithm.",
+        "The password manager encrypts every login.",
+        "Update the graphics driver to fix the screen flicker.",
+        "The script parses the log files every night.",
+        "A software bug corrupted the backup archive.",
+        "Compile the kernel module against the new headers.",
+        "The router assigns an IP address to each computer.",
+    ),
+    "sports": (
+        "The striker scored twice in the second half.",
+        "The runner finished the marathon in record time.",
+        "Our team won the basketball game in overtime.",
+        "The goalkeeper saved a penalty in the final minute.",
+        "She swam four laps of the pool before breakfast.",
+        "The tennis match went to a fifth set.",
+        "The cyclists climbed the mountain stage in the rain.",
+        "The coach picked a new captain for the season.",
+        "He hit a home run in the ninth inning.",
+        "The referee showed the defender a red card.",
+        "The boxer won the title fight on points.",
+        "The relay team dropped the baton on the last leg.",
+        "Fans cheered as the skier crossed the finish line.",
+        "The rugby players trained on the muddy field.",
+        "The golfer sank a long putt on the final hole.",
+        "The league table shows the champions far ahead.",
+        "The sprinter false-started and was disqualified.",
+        "The volleyball team served an ace to win the set.",
+        "The hockey player scored on a fast breakaway.",
+        "The champion lifted the trophy after the match.",
+    ),
+}
+"""Three clearly different topics, 20 short sentences each: the first 12 of a topic train, 3 validate, 5 test."""
+TOPIC_SPLIT = {"train": range(12), "val": range(12, 15), "test": range(15, 20)}
+
+
+def write_topics(path: Path) -> Path:
+    """TOPICS as a text CSV (text,label,split) at `path`: a text dataset that needs no package beyond the suite's."""
+    import csv
+
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        table = csv.writer(fh)
+        table.writerow(["text", "label", "split"])
+        for label, texts in TOPICS.items():
+            for split, rows in TOPIC_SPLIT.items():
+                table.writerows([texts[i], label, split] for i in rows)
+    return path
+
+
+@pytest.fixture
+def topics_csv(tmp_path: Path) -> Path:
+    """The TOPICS text dataset (60 sentences of cooking, computers, sports; 36/9/15 train/val/test) as a CSV."""
+    return write_topics(tmp_path / "topics.csv")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import need
 from test_resume import assert_same_weights, weights
 
 
@@ -20,7 +21,11 @@ def _can_mount() -> str | None:
     return None if probe.returncode == 0 else f"unshare -m cannot mount a tmpfs here: {probe.stderr.decode()[:200]}"
 
 
-pytestmark = pytest.mark.skipif(_can_mount() is not None, reason=str(_can_mount()))
+@pytest.fixture(scope="module")
+def tmpfs():
+    """The real small filesystem's tests go on only where one can be mounted (in CI, always: see conftest.need)."""
+    why = _can_mount()
+    need(why is None, str(why))
 
 
 def _train(*args: str) -> str:
@@ -56,7 +61,7 @@ def _temporary(run: Path) -> list[str]:
     return [str(f) for f in run.rglob("*.tmp")]
 
 
-def test_disk_full_at_a_later_checkpoint_keeps_the_last_and_resume_finishes_the_same(shapes_dir, tmp_path):
+def test_disk_full_at_a_later_checkpoint_keeps_the_last_and_resume_finishes_the_same(tmpfs, shapes_dir, tmp_path):
     flags = [
         "--img-size",
         "32",
@@ -102,7 +107,7 @@ def test_disk_full_at_a_later_checkpoint_keeps_the_last_and_resume_finishes_the_
     assert_same_weights(weights(tmp_path / "runs" / "whole"), weights(left))
 
 
-def test_disk_full_at_the_first_bundle_or_at_the_feature_cache(shapes_dir, tmp_path):
+def test_disk_full_at_the_first_bundle_or_at_the_feature_cache(tmpfs, shapes_dir, tmp_path):
     """The first best/ finds the disk full: exit 74, nothing half-written, and the same command with --overwrite
     after space is freed trains the undisturbed run. The feature cache finds it full: kept in memory, same run."""
     flags = [

