@@ -1,16 +1,21 @@
 """Issue 37, a new user's first hour: the defects found, each fed the input that showed it (items 3, 7, 10,
 11, 12 and 15)."""
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 import transferkit
+from transferkit.cli import app
 from transferkit.core.errors import UserError
 from transferkit.evaluation.calibration import T_BOUNDS, choose_temperature, fit_temperature
 from transferkit.evaluation.report import _calibration, _calibration_section
+from transferkit.training.lrfind import MAX_STEPS, MIN_STEPS, sweep_steps
 
 TINY = ["--img-size", "32", "--epochs", "2", "--precision", "fp32", "--quiet", "--pruner", "none"]
 
@@ -117,3 +122,35 @@ def test_a_missing_database_driver_says_which_extra_to_install(tmp_path, monkeyp
     assert f"needs the database driver '{module}'" in message and "pip install 'transferkit[postgres]'" in message
     assert "secret" not in message
     assert not (tmp_path / "s").exists()  # refused before the study's folder was made
+
+
+# --- 10: lr-find showed nothing for minutes, swept 100 batches of a tiny set, wrote into the current folder
+
+
+def test_lr_find_sizes_its_sweep_to_the_data_shows_progress_and_writes_a_folder_under_runs(
+    shapes_dir, tmp_path, monkeypatch
+):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    out = CliRunner().invoke(app, ["lr-find", str(shapes_dir), "--img-size", "32", "--batch-size", "8"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    # 16 training images of 20 (val and test carved), 2 batches of 8: 3 passes are 6 steps, raised to 10
+    assert summary["steps"] == sweep_steps(2) == MIN_STEPS
+    folder = here / "runs" / "lr-find-shapes-finetune"
+    assert summary["dir"] == str(Path("runs") / "lr-find-shapes-finetune")
+    assert [p.name for p in here.iterdir()] == ["runs"]  # nothing else in the current folder
+    saved = json.loads((folder / "lr_find.json").read_text())
+    assert len(saved["lrs"]) == len(saved["losses"]) == len(saved["smoothed"]) == 10
+    best = min(range(10), key=saved["smoothed"].__getitem__)
+    assert saved["suggestion"] == pytest.approx(saved["lrs"][best] / 10) == pytest.approx(summary["suggested_lr"])
+    assert (folder / "lr_find.png").stat().st_size > 1000
+    assert "LR sweep 2/10: lr " in out.stderr and "LR sweep 8/10" in out.stderr  # progress while it runs
+    assert f"wrote {folder.relative_to(here) / 'lr_find.png'} and" in out.stderr  # where the files went
+    again = CliRunner().invoke(app, ["lr-find", str(shapes_dir), "--img-size", "32", "--steps", "12"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout.strip().splitlines()[-1])["dir"].endswith("lr-find-shapes-finetune-2")
+    bad = CliRunner().invoke(app, ["lr-find", str(shapes_dir), "--steps", "3"])
+    assert isinstance(bad.exception, UserError) and str(bad.exception).startswith("--steps must be at least 10 (")
+    assert sweep_steps(1000) == MAX_STEPS

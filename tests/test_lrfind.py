@@ -56,14 +56,15 @@ def test_cli_writes_plot_and_train_accepts_lr_auto(shapes_dir, tmp_path, tiny):
             "8",
             "--steps",
             "20",
-            "--plot",
-            str(tmp_path / "lr.png"),
+            "--runs-dir",
+            str(tmp_path / "runs"),
         ],
     )
     assert out.exit_code == 0, out.output
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert 1e-8 < summary["suggested_lr"] < 1.0 and "minimum" in summary["rule"]
-    assert Image.open(tmp_path / "lr.png").size[0] > 100
+    assert 1e-8 < summary["suggested_lr"] < 1.0 and "minimum" in summary["rule"] and summary["steps"] == 20
+    assert summary["plot"] == str(tmp_path / "runs" / "lr-find-shapes-finetune" / "lr_find.png")
+    assert Image.open(summary["plot"]).size[0] > 100
 
     run = transferkit.train(data=str(shapes_dir), lr="auto", **tiny)
     assert isinstance(run.config.lr, float)

@@ -108,15 +108,22 @@ def lr_find_command(
     img_size: Optional[int] = typer.Option(None, help="Resolution in pixels."),
     batch_size: Optional[int] = typer.Option(None, help="Batch size (default 32)."),
     shots: Optional[int] = typer.Option(None, help="Keep K training images per class."),
-    steps: int = typer.Option(100, help="Sweep length in batches."),
+    steps: Optional[int] = typer.Option(
+        None, help="Sweep length in batches (default 3 passes over the training batches, 10 to 100)."
+    ),
     start: float = typer.Option(1e-7, help="First LR of the sweep."),
     end: float = typer.Option(1.0, help="Last LR of the sweep."),
-    plot: Path = typer.Option(Path("lr_find.png"), help="Where to write the loss-vs-LR plot."),
+    runs_dir: Optional[str] = typer.Option(
+        None, help="Where the sweep's folder lr-find-DATA-STRATEGY goes (default runs)."
+    ),
 ) -> None:
-    """LR range test: sweep the LR exponentially, plot the smoothed loss, suggest an LR."""
+    """LR range test: sweep the LR exponentially, plot the smoothed loss, suggest an LR.
+
+    Writes lr_find.png and lr_find.json (LRs, losses, suggestion) to RUNS_DIR/lr-find-DATA-STRATEGY."""
     with loading(trains=True):
         from transferkit.core.config import TrainConfig
-        from transferkit.training.lrfind import RULE, find_lr
+        from transferkit.core.progress import Reporter
+        from transferkit.training.lrfind import RULE, lr_find_run
 
     flags = {
         k: v
@@ -128,15 +135,14 @@ def lr_find_command(
             "img_size": img_size,
             "batch_size": batch_size,
             "shots": shots,
+            "runs_dir": runs_dir,
         }.items()
         if v is not None
     }
     cfg = (TrainConfig.load(config) if config else TrainConfig()).replace(**flags)
-    result = find_lr(cfg, steps=steps, start=start, end=end)
-    result.plot(plot)
-    typer.echo(
-        json.dumps({"suggested_lr": result.suggestion, "rule": RULE, "steps": len(result.lrs), "plot": str(plot)})
-    )
+    result, folder = lr_find_run(cfg, steps=steps, start=start, end=end, report=Reporter())
+    summary = {"suggested_lr": result.suggestion, "rule": RULE, "steps": len(result.lrs), "dir": str(folder)}
+    typer.echo(json.dumps({**summary, "plot": str(folder / "lr_find.png")}))
 
 
 @app.command()
