@@ -327,9 +327,12 @@ class TrainConfig:
         return {section: {key: values[key] for key in keys} for section, keys in SECTIONS.items()}
 
     def save(self, path: Path) -> None:
+        """config.yaml through the atomic writer: a crash or a full disk leaves the previous file or none."""
         import yaml
 
-        Path(path).write_text(yaml.safe_dump(self.to_sections(), sort_keys=False))
+        from transferkit.core.files import write_text
+
+        write_text(Path(path), yaml.safe_dump(self.to_sections(), sort_keys=False))
 
     @classmethod
     def load(

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from transferkit.core.errors import UserError
-from transferkit.core.files import atomic_write
+from transferkit.core.files import atomic_write, write_text
 from transferkit.data.preprocessing import Preprocessing, TextPreprocessing, preprocessing_from_dict
 from transferkit.data.transforms import eval_transform
 from transferkit.deploy.bundle import bundle_dir, load_bundle, weights_digest
@@ -98,7 +98,7 @@ def export(
     atomic_write(path, lambda tmp: write(job, tmp))  # a fault (a full disk) leaves the previous export
     run = runner(path)
     for file, text in given.files.items():
-        (out / file).write_text(text)
+        write_text(out / file, text)
     if with_preprocessing:  # raw decoded images, one at a time (sizes differ), against `predict` on them
         from transferkit.deploy.predictor import Predictor
 
@@ -276,7 +276,7 @@ def _write_record(out: Path, record: dict) -> None:
         file: {k: v for k, v in own.items() if k not in SHARED} for file, own in kept.items() if (out / file).exists()
     }
     exports[record["file"]] = {k: v for k, v in record.items() if k not in SHARED}
-    (out / "model.json").write_text(json.dumps({**record, "exports": exports}, indent=1))
+    write_text(out / "model.json", json.dumps({**record, "exports": exports}, indent=1))
 
 
 FORMATS = {

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.core.errors import UserError
-from transferkit.core.files import write_text
+from transferkit.core.files import atomic_write, write_text
 from transferkit.core.machine import pick_device
 from transferkit.evaluation.calibration import (
     choose_temperature,
@@ -57,8 +57,13 @@ def save_predictions(run_dir: Path, logits: dict) -> None:
     """run_dir/predictions.npz with the arrays of `logits` that exist (a stale file is removed)."""
     arrays = {split: value for split, value in logits.items() if value is not None}
     (run_dir / PREDICTIONS).unlink(missing_ok=True)
-    if arrays:
-        np.savez(run_dir / PREDICTIONS, **arrays)
+    if arrays:  # to an open file: np.savez would add .npz to the writer's temp name
+        atomic_write(run_dir / PREDICTIONS, lambda tmp: _savez(tmp, arrays))
+
+
+def _savez(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
 
 
 def _saved_logits(run_dir: Path, split: str, n: int) -> np.ndarray | None:

@@ -13,6 +13,7 @@ from torch import nn
 from transferkit.core.checks import check_precision
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
+from transferkit.core.files import write_text
 from transferkit.core.machine import default_workers, pick_device
 from transferkit.data.loaders import make_loader
 from transferkit.data.preprocessing import preprocessing_from_dict
@@ -93,7 +94,7 @@ def evaluate(
     )
     if tta != "none":
         metrics["tta"] = _tta(Predictor(model, meta, str(rt.device), rt.precision["infer"]), data, split, tta)
-    (run / (f"eval_{split}.json" if spec is None else "eval_data.json")).write_text(json.dumps(metrics, indent=1))
+    write_text(run / (f"eval_{split}.json" if spec is None else "eval_data.json"), json.dumps(metrics, indent=1))
     return metrics
 
 

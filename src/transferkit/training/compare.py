@@ -8,6 +8,7 @@ when several shot counts are given, else validation learning curves).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from transferkit.core.config import STRATEGIES, TrainConfig
 from transferkit.core.errors import UserError, did_you_mean
+from transferkit.core.files import atomic_write, write_text
 from transferkit.core.progress import Reporter
 from transferkit.evaluation.report import build_compare_report
 from transferkit.training.recipe import train
@@ -100,11 +102,12 @@ def compare(
         "wall_s": time.perf_counter() - started,
         "dir": str(out),
     }
-    (out / "compare.json").write_text(json.dumps(result, indent=1))
-    with (out / "compare.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(summary[0]))
-        writer.writeheader()
-        writer.writerows(summary)
+    write_text(out / "compare.json", json.dumps(result, indent=1))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(summary[0]))
+    writer.writeheader()
+    writer.writerows(summary)
+    write_text(out / "compare.csv", table.getvalue())
     _plot(result, out / "compare.png")
     build_compare_report(result, out)
     return result
@@ -165,5 +168,5 @@ def _plot(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

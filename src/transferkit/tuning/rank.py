@@ -19,6 +19,7 @@ import numpy as np
 from transferkit.core.config import TrainConfig
 from transferkit.core.distributed import Dist
 from transferkit.core.errors import UserError
+from transferkit.core.files import write_text
 from transferkit.core.machine import default_workers, pick_device, seed_everything
 from transferkit.core.progress import Reporter
 from transferkit.data.sources import Data, config_data
@@ -92,7 +93,7 @@ def rank(
     }
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "rank.json").write_text(json.dumps(result, indent=1))
+        write_text(Path(out) / "rank.json", json.dumps(result, indent=1))
     return result
 
 

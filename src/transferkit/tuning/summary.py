@@ -5,6 +5,7 @@ config, re-runnable), best.json (its validation score and its test metrics, scor
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 import statistics
@@ -12,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from transferkit.core.config import TrainConfig
+from transferkit.core.files import atomic_write, write_text
 from transferkit.core.progress import Reporter
 from transferkit.evaluation.runs import evaluate
 
@@ -53,7 +55,7 @@ def summarise(plan, folder: Path, config: TrainConfig, report: Reporter) -> dict
         f"[transferkit] {len(finished)} trials finished ({summary['pruned']} pruned), {summary['failed']} "
         f"failed; feature cache: {hits} hits, {misses} misses"
     )
-    (folder / "study.json").write_text(json.dumps(summary, indent=1))
+    write_text(folder / "study.json", json.dumps(summary, indent=1))
     write_report(study, folder, summary)
     return summary
 
@@ -107,7 +109,7 @@ def _best(trial, folder: Path, config: TrainConfig) -> dict:
         "config": str(folder / "best.yaml"),
         "test": test,
     }
-    path.write_text(json.dumps(result, indent=1))
+    write_text(path, json.dumps(result, indent=1))
     return result
 
 
@@ -139,7 +141,7 @@ def write_report(study, folder: Path, summary: dict) -> None:
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
             figure.set_size_inches(max(6.0, figure.get_size_inches()[0]), 4.0)
             figure.tight_layout()
-            figure.savefig(folder / f"{name}.png", dpi=90)
+            atomic_write(folder / f"{name}.png", functools.partial(figure.savefig, dpi=90, format="png"))
         plt.close(figure)
         images.append((name, folder / f"{name}.png", None))
     rows = "".join(_table_row(r) for r in summary["trials"])
@@ -157,12 +159,13 @@ def write_report(study, folder: Path, summary: dict) -> None:
         if best
         else "<p>no trial completed</p>"
     )
-    (folder / "report.html").write_text(
+    write_text(
+        folder / "report.html",
         f"<!doctype html><meta charset='utf-8'><title>study {html.escape(summary['study'])}</title>"
         f"<h1>study {html.escape(summary['study'])}</h1>{head}<p>{summary['finished']} finished, {summary['pruned']} "
         f"pruned, {summary['failed']} failed; feature cache {summary['feature_cache']['hits']} hits, "
         f"{summary['feature_cache']['misses']} misses</p>{body}<h2>trials</h2><table border=1><tr><th>trial</th>"
-        f"<th>state</th><th>val accuracy</th><th>params</th><th>error</th></tr>{rows}</table>"
+        f"<th>state</th><th>val accuracy</th><th>params</th><th>error</th></tr>{rows}</table>",
     )
 
 
