@@ -154,3 +154,29 @@ def test_lr_find_sizes_its_sweep_to_the_data_shows_progress_and_writes_a_folder_
     bad = CliRunner().invoke(app, ["lr-find", str(shapes_dir), "--steps", "3"])
     assert isinstance(bad.exception, UserError) and str(bad.exception).startswith("--steps must be at least 10 (")
     assert sweep_steps(1000) == MAX_STEPS
+
+
+# --- 12: an argument error took seconds, torch being imported first ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "builtin:faces", "--batch-size", "0"], "error: --batch-size must be >= 1; got 0."),
+        (["train", "builtin:faces", "--strategy", "linear_probe"], "Did you mean 'linear-probe'?"),
+        (["train", "builtin:faces", "--lr", "fast"], "error: --lr must be a positive number or 'auto'; got 'fast'."),
+        (
+            ["train", "builtin:faces", "--label-smoothing", "1"],
+            "error: --label-smoothing must be >= 0 and < 1; got 1.0.",
+        ),
+        (["tune", "builtin:faces", "--trials", "2", "--epochs", "0"], "error: --epochs must be >= 1; got 0."),
+    ],
+)
+def test_a_bad_option_value_is_refused_before_torch_is_imported(args, message):
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "transferkit", *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2 and message in done.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert "transferkit.core.checks" in imported and "typer" in imported  # the listing is there...
+    assert not {"torch", "timm", "numpy"} & set(imported)  # ...without any heavy module

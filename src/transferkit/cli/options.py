@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from transferkit.core.checks import CHECKED_ALONE, check_value
+
 TRAIN = [
     (
         "data",
@@ -216,6 +218,22 @@ TRAIN = [
         typer.Option(None, help="Profile N training steps (torch.profiler): RUN/profile.txt and profile-trace.json."),
     ),
 ]
+
+
+def _checker(field: str):
+    """A typer callback that checks one flag's value as the command line is parsed: a wrong choice or a
+    number out of range is one message before the command imports torch (seconds), not after."""
+
+    def check(ctx, param, value):
+        check_value(field, value, param.opts[0] if param.opts else field)
+        return value
+
+    return check
+
+
+for _field, _, _info in TRAIN:
+    if _field in CHECKED_ALONE:
+        _info.callback = _checker(_field)
 
 
 def signature(rows: list) -> inspect.Signature:

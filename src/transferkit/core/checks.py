@@ -3,6 +3,8 @@ construction (each failing check is a UserError naming the key, the value and wh
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from transferkit.core.errors import UserError, did_you_mean
 
 STRATEGIES = ("linear-probe", "finetune", "gradual", "lp-ft", "full", "scratch")
@@ -40,11 +42,84 @@ CHOICES = {
 """Each option with a fixed set of values, and that set."""
 
 
+class Bound(NamedTuple):
+    """An option's range: above (`lo_open`) or from `lo`, up to `hi` (below it with `hi_open`), if any."""
+
+    lo: float
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+
+BOUNDS = {
+    "val_fraction": Bound(0.0, 0.9),
+    "test_fraction": Bound(0.0, 0.9),
+    "shots": Bound(1),
+    "head_hidden": Bound(1),
+    "head_dropout": Bound(0.0, 1.0, hi_open=True),
+    "img_size": Bound(16, 2048),
+    "max_length": Bound(8, 8192),
+    "unfreeze_groups": Bound(1),
+    "backbone_lr_mult": Bound(0.0),
+    "layer_decay": Bound(0.0, 1.0, lo_open=True),
+    "lr_min": Bound(0.0, lo_open=True),  # and at most lr: see `validate`
+    "gradual_every": Bound(1),
+    "ft_lr_scale": Bound(0.0, lo_open=True),
+    "epochs": Bound(1),
+    "patience": Bound(0),
+    "weight_decay": Bound(0.0),
+    "momentum": Bound(0.0, 1.0),
+    "warmup_epochs": Bound(0.0),
+    "batch_size": Bound(1),
+    "accumulate": Bound(1),
+    "lr_base_batch": Bound(1),
+    "grad_clip": Bound(0.0, lo_open=True),
+    "label_smoothing": Bound(0.0, 1.0, hi_open=True),
+    "l2sp": Bound(0.0),
+    "drop_path": Bound(0.0, 1.0, hi_open=True),
+    "mixup": Bound(0.0),
+    "cutmix": Bound(0.0),
+    "adapt_weight": Bound(0.0),
+    "workers": Bound(0, 64),
+    "threads": Bound(1),
+    "feature_views": Bound(0, 64),
+    "nan_skip_limit": Bound(0),
+    "save_every_steps": Bound(0),
+    "keep_top_k": Bound(0),
+    "profile_steps": Bound(0),
+}
+"""Each numeric option's range on its own (None, where a field allows it, is not checked)."""
+
+
+def check_value(key: str, value, name: str | None = None) -> None:
+    """One option's value on its own: its choices, its range, or lr's and in_chans' own rules. `name` is how
+    the message calls it (the CLI's flag, e.g. --batch-size; default the field's name). The CLI checks each
+    flag so as it parses it, before importing torch."""
+    name = name or key
+    if value is None:
+        return
+    if key in CHOICES:
+        _choice(name, value, CHOICES[key])
+    elif key in BOUNDS:
+        _range(name, value, *BOUNDS[key])
+    elif key == "lr" and value != "auto":
+        try:
+            number = float(value)  # the CLI's --lr is a string
+        except ValueError:
+            raise UserError(f"{name} must be a positive number or 'auto'; got '{value}'.") from None
+        _range(name, number, 0.0, lo_open=True)
+    elif key == "in_chans" and value not in (1, 3):
+        raise UserError(f"{name} must be 1 (grayscale) or 3 (RGB), got {value}.")
+
+
+CHECKED_ALONE = (*CHOICES, *BOUNDS, "lr", "in_chans")
+"""The fields `check_value` checks."""
+
+
 def validate(config) -> None:
     """Every range and choice of `config`, and the combinations that cannot run."""
-    for key, choices in CHOICES.items():
-        _choice(key, getattr(config, key), choices)
-    _range("adapt_weight", config.adapt_weight, 0.0)
+    for key in CHECKED_ALONE:
+        check_value(key, getattr(config, key))
     if config.adapt not in ("auto", "none") and config.target is None:
         raise UserError(f"adapt '{config.adapt}' needs unlabelled target images: add --target DIR.")
     if config.select == "target-entropy" and config.target is None:
@@ -59,67 +134,22 @@ def validate(config) -> None:
             f"crop_on 'device' crops the decoded-image cache's squares for augment basic; this run has "
             f"augment '{config.augment}' and image_cache {config.image_cache}: use --crop-on workers."
         )
-    _range("accumulate", config.accumulate, 1)
-    _range("lr_base_batch", config.lr_base_batch, 1)
-    if config.threads is not None:
-        _range("threads", config.threads, 1)
-    _range("save_every_steps", config.save_every_steps, 0)
-    _range("profile_steps", config.profile_steps, 0)
-    _range("keep_top_k", config.keep_top_k, 0)
-    _range("nan_skip_limit", config.nan_skip_limit, 0)
-    _range("feature_views", config.feature_views, 0, 64)
-    if config.grad_clip is not None:
-        _range("grad_clip", config.grad_clip, 0.0, lo_open=True)
-    _range("epochs", config.epochs, 1)
-    _range("batch_size", config.batch_size, 1)
-    _range("unfreeze_groups", config.unfreeze_groups, 1)
-    _range("head_hidden", config.head_hidden, 1)
-    _range("max_length", config.max_length, 8, 8192)
-    if config.lr != "auto":
-        if isinstance(config.lr, str):
-            raise UserError(f"lr must be a positive number or 'auto'; got '{config.lr}'.")
-        _range("lr", config.lr, 0.0, lo_open=True)
-    _range("backbone_lr_mult", config.backbone_lr_mult, 0.0)
-    _range("weight_decay", config.weight_decay, 0.0)
-    _range("momentum", config.momentum, 0.0, 1.0)
-    _range("warmup_epochs", config.warmup_epochs, 0.0)
-    _range("label_smoothing", config.label_smoothing, 0.0, 1.0, hi_open=True)
-    _range("head_dropout", config.head_dropout, 0.0, 1.0, hi_open=True)
-    _range("patience", config.patience, 0)
-    _range("gradual_every", config.gradual_every, 1)
-    _range("l2sp", config.l2sp, 0.0)
-    _range("drop_path", config.drop_path, 0.0, 1.0, hi_open=True)
-    _range("mixup", config.mixup, 0.0)
-    _range("cutmix", config.cutmix, 0.0)
     if (config.mixup or config.cutmix) and config.class_weights != "none":
         raise UserError(
             "class_weights cannot be combined with mixup/cutmix (soft targets); use "
             "--sampler balanced for imbalance instead."
         )
-    _range("ft_lr_scale", config.ft_lr_scale, 0.0, lo_open=True)
-    if config.layer_decay is not None:
-        _range("layer_decay", config.layer_decay, 0.0, 1.0, lo_open=True)
-    if config.lr_min is not None:
-        _range("lr_min", config.lr_min, 0.0, config.lr if config.lr != "auto" else None, lo_open=True)
+    if config.lr_min is not None and config.lr != "auto":
+        _range("lr_min", config.lr_min, 0.0, config.lr, lo_open=True)
     if config.strategy == "lp-ft":
         _range("epochs (lp-ft needs a probe and a fine-tune phase)", config.epochs, 2)
         if config.lp_epochs is not None:
             _range("lp_epochs", config.lp_epochs, 1, config.epochs - 1)
-    _range("val_fraction", config.val_fraction, 0.0, 0.9)
-    _range("test_fraction", config.test_fraction, 0.0, 0.9)
     if config.val_fraction + config.test_fraction >= 0.95:
         raise UserError(
             f"val_fraction + test_fraction = {config.val_fraction + config.test_fraction:g} leaves "
             "almost nothing to train on; keep their sum below 0.95."
         )
-    if config.in_chans not in (1, 3):
-        raise UserError(f"in_chans must be 1 (grayscale) or 3 (RGB), got {config.in_chans}.")
-    if config.img_size is not None:
-        _range("img_size", config.img_size, 16, 2048)
-    if config.shots is not None:
-        _range("shots", config.shots, 1)
-    if config.workers is not None:
-        _range("workers", config.workers, 0, 64)
     if config.strategy == "scratch" and config.weights not in ("auto", "none"):
         raise UserError(
             f"strategy 'scratch' trains from random initialisation, but weights='{config.weights}' "
