@@ -12,10 +12,13 @@ from typer.testing import CliRunner
 
 import transferkit
 from transferkit.cli import app
+from transferkit.core.checks import ignored_options
+from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
 from transferkit.evaluation.calibration import T_BOUNDS, choose_temperature, fit_temperature
 from transferkit.evaluation.report import _calibration, _calibration_section
 from transferkit.training.lrfind import MAX_STEPS, MIN_STEPS, sweep_steps
+from transferkit.tuning.space import parse_search
 
 TINY = ["--img-size", "32", "--epochs", "2", "--precision", "fp32", "--quiet", "--pruner", "none"]
 
@@ -180,3 +183,49 @@ def test_a_bad_option_value_is_refused_before_torch_is_imported(args, message):
     imported = [line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
     assert "transferkit.core.checks" in imported and "typer" in imported  # the listing is there...
     assert not {"torch", "timm", "numpy"} & set(imported)  # ...without any heavy module
+
+
+# --- 11: options that do nothing in the chosen strategy, search fields dropped, step: 0 ------------------
+
+
+@pytest.mark.parametrize(
+    "values,groups,warning",
+    [
+        (
+            {"strategy": "linear-probe", "layer_decay": 0.75},
+            None,
+            "--layer-decay 0.75 is ignored: strategy linear-probe",
+        ),
+        ({"strategy": "linear-probe", "unfreeze_groups": 5}, None, "--unfreeze-groups 5 is ignored: strategy linear-"),
+        ({"unfreeze_groups": 99}, 8, "--unfreeze-groups 99 is more than the backbone's 8 layer groups: all 8 train"),
+        ({"layer_decay": 0.75, "lr_min": 1e-5}, None, "--layer-decay 0.75 wins, --lr-min is ignored"),
+        ({"layer_decay": 0.75, "backbone_lr_mult": 0.3}, None, "--backbone-lr-mult is ignored: --layer-decay sets"),
+    ],
+)
+def test_an_option_the_strategy_ignores_gets_a_warning(values, groups, warning):
+    notes = ignored_options(TrainConfig(**values), n_groups=groups)
+    assert len(notes) == 1 and warning in notes[0], notes
+    assert ignored_options(TrainConfig(**values), given=set(), n_groups=None) == []  # none given
+    assert ignored_options(TrainConfig(unfreeze_groups=8, layer_decay=0.75), n_groups=8) == []  # all used
+
+
+def test_a_search_step_of_0_is_refused():
+    with pytest.raises(UserError, match=r"search field 'layer_decay' in 's.yaml': step must be above 0.*got step: 0"):
+        parse_search({"layer_decay": {"low": 0.6, "high": 0.9, "step": 0}}, "'s.yaml'")
+    with pytest.raises(UserError, match="step must be above 0 and a whole number"):
+        parse_search({"unfreeze_groups": {"low": 1, "high": 5, "step": 0.5}}, "'s.yaml'")
+
+
+def test_tune_warns_of_a_search_field_a_flag_fixes_and_of_an_option_the_strategy_ignores(tmp_path):
+    (tmp_path / "study.yaml").write_text(
+        "search:\n  lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n  head_dropout: [0.0, 0.3]\n"
+    )
+    args = [*TINY, "--strategy", "linear-probe", "--layer-decay", "0.8", "--lr", "0.01", "--trials", "1"]
+    out = CliRunner().invoke(
+        app,
+        ["tune", "builtin:faces", *args, "--config", str(tmp_path / "study.yaml"), "--runs-dir", str(tmp_path)],
+    )
+    assert out.exit_code == 0, out.output
+    assert "warning: search field 'lr' is left out: --lr 0.01 fixes it for every trial" in out.stderr
+    assert "warning: --layer-decay 0.8 is ignored: strategy linear-probe does not use it" in out.stderr
+    assert "searching head_dropout in {0.0, 0.3}" in out.stderr  # and what is searched

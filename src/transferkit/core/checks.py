@@ -3,6 +3,7 @@ construction (each failing check is a UserError naming the key, the value and wh
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 from transferkit.core.errors import UserError, did_you_mean
@@ -155,6 +156,64 @@ def validate(config) -> None:
             f"strategy 'scratch' trains from random initialisation, but weights='{config.weights}' "
             "was given. Drop --weights, or pick another strategy."
         )
+
+
+BACKBONE_LRS = ("finetune", "full", "gradual", "lp-ft")
+"""The strategies that train backbone groups at LRs of their own (layer decay, lr_min)."""
+USED_BY = {
+    "unfreeze_groups": ("finetune",),
+    "gradual_every": ("gradual",),
+    "lp_epochs": ("lp-ft",),
+    "ft_lr_scale": ("lp-ft",),
+    "backbone_lr_mult": ("finetune", "full", "gradual"),  # lp-ft fine-tunes at lr x ft_lr_scale throughout
+    "layer_decay": BACKBONE_LRS,
+    "lr_min": BACKBONE_LRS,
+}
+"""Options that only some strategies read, and those strategies (see training.strategy.make_plan)."""
+
+
+def ignored_options(config, given=None, n_groups: int | None = None) -> list[str]:
+    """A warning for each option of `config` that changes nothing in its run, or that another option
+    overrides (saying which wins). `given`: the fields the user set (default: those that differ from their
+    defaults); `n_groups`: the backbone's layer groups, where known (--unfreeze-groups beyond them)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    if given is None:
+        given = {name for name, default in defaults.items() if getattr(config, name) != default}
+    given = set(given)
+    if config.plan:
+        return [
+            f"{_flag(name)} is ignored: the config's plan says what trains in each phase, and at which LR."
+            for name in sorted(given & {"strategy", *USED_BY})
+        ]
+    notes = [
+        f"{_flag(name)} {_value(getattr(config, name))} is ignored: strategy {config.strategy} does not use it "
+        f"(it applies to {' and '.join(users) if len(users) < 3 else ', '.join(users)})."
+        for name, users in USED_BY.items()
+        if name in given and config.strategy not in users
+    ]
+    if config.strategy in BACKBONE_LRS and config.layer_decay is not None and "lr_min" in given:
+        notes.append(
+            f"--layer-decay and --lr-min both space the backbone's LRs: --layer-decay {config.layer_decay:g} "
+            "wins, --lr-min is ignored."
+        )
+    spaced = config.layer_decay is not None or config.lr_min is not None
+    if config.strategy in USED_BY["backbone_lr_mult"] and spaced and "backbone_lr_mult" in given:
+        which = "--layer-decay" if config.layer_decay is not None else "--lr-min"
+        notes.append(f"--backbone-lr-mult is ignored: {which} sets the LR of each backbone group.")
+    if config.strategy == "finetune" and n_groups is not None and config.unfreeze_groups > n_groups:
+        notes.append(
+            f"--unfreeze-groups {config.unfreeze_groups} is more than the backbone's {n_groups} layer groups: "
+            f"all {n_groups} train, as with --strategy full."
+        )
+    return notes
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _value(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def check_precision(precision: str) -> None:

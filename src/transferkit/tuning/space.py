@@ -125,6 +125,11 @@ def parse_search(section: typing.Any, source: str) -> tuple[Dimension, ...]:
         if not low < high or (spec.get("log") and low <= 0) or (spec.get("log") and step):
             raise UserError(f"{where}: needs low < high, low > 0 on a log scale, and no step with log; got {spec!r}.")
         integer = int in typing.get_args(hints[name]) or hints[name] is int
+        if step is not None and (step <= 0 or (integer and step != int(step))):
+            raise UserError(
+                f"{where}: step must be above 0{' and a whole number (an int field)' if integer else ''}, "
+                f"e.g. step: {1 if integer else (high - low) / 10:g}; got step: {step}."
+            )
         dims.append(Dimension(name, low=low, high=high, log=bool(spec.get("log")), step=step, integer=integer))
     return tuple(dims)
 

@@ -31,6 +31,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from transferkit.core.checks import ignored_options
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
 from transferkit.core.machine import machine_cores
@@ -115,6 +116,11 @@ def tune(
     dims = space_for(search, fixed | set(TASKS[kind].unused), base) + _ranked(
         models, top_k, fixed, base, folder, report
     )
+    for note in _unsearched(search, fixed, TASKS[kind].unused, kind, config):
+        report.info(f"[transferkit] warning: {note}")
+    if "strategy" not in {d.field for d in dims}:  # a searched strategy uses each option in some trials
+        for note in ignored_options(config, given=fixed):
+            report.info(f"[transferkit] warning: {note}")
     plan = Plan(
         base,
         dims,
@@ -328,6 +334,22 @@ def _ranked(
         f"top {len(keep)}: {', '.join(keep)}"
     )
     return (Dimension("model", choices=tuple(keep)),)
+
+
+def _unsearched(search, fixed: set[str], unused, kind: str, config: TrainConfig) -> list[str]:
+    """Why each field of the user's `search:` section leaves the search: an option fixes it, or the data
+    does not use it."""
+    notes = []
+    for d in search or ():
+        flag = "--" + d.field.replace("_", "-")
+        if d.field in fixed:
+            notes.append(
+                f"search field '{d.field}' is left out: {flag} {getattr(config, d.field)} fixes it for every "
+                f"trial (an option wins over the search: section; drop {flag} to search it)."
+            )
+        elif d.field in unused:
+            notes.append(f"search field '{d.field}' is left out: {kind} data does not use it.")
+    return notes
 
 
 def _check_counts(trials: int, seeds: int, workers: int, pruner: str, heartbeat: int) -> None:
