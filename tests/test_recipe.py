@@ -1,7 +1,6 @@
 """The loop's explicit parameters for what comes next: a per-epoch report that may stop the run (a tuner's
 pruner) and an extra loss term on batches of its own loader (domain adaptation)."""
 
-import itertools
 import json
 
 import torch
@@ -26,22 +25,24 @@ def test_on_epoch_sees_each_validated_row_and_may_stop_the_run(shapes_dir, tiny)
 
 
 class HeadPull:
-    """An extra term: pull the head's outputs on batches of its own (random images) toward zero."""
+    """A term: pull the model's outputs on batches of its own (random images, in a forward of their own)
+    toward zero."""
 
     def __init__(self, weight: float):
         self.weight, self.calls = weight, 0
+        self.generator = torch.Generator().manual_seed(0)
 
-    def batches(self):
-        generator = torch.Generator().manual_seed(0)
-        return (torch.rand(4, 3, 32, 32, generator=generator) for _ in itertools.count())
+    def start_epoch(self, steps_done):
+        pass
 
-    def join(self, inputs, batch):
-        return inputs  # its batches run in a forward of their own, below
+    def inputs(self):
+        return None  # its batches run in a forward of their own, below
 
-    def term(self, model, batch, rt, outputs):
-        assert len(outputs) == 0
+    def __call__(self, model, seen):
+        assert len(seen.logits) == seen.size  # no rows were appended to the batch's
         self.calls += 1
-        return self.weight * model(rt.batch(batch)).float().pow(2).mean()
+        images = torch.rand(4, 3, 32, 32, generator=self.generator)
+        return self.weight * model(images.sub(0.5).div(0.5)).float().pow(2).mean()
 
     def parameters(self):
         return []
@@ -56,17 +57,18 @@ class HeadPull:
         self.calls = state["calls"]
 
 
-def test_an_extra_loss_term_runs_on_every_micro_batch_and_changes_the_weights(shapes_dir, tiny):
+def test_a_term_runs_on_every_micro_batch_and_changes_the_weights(shapes_dir, tiny):
     common = {**tiny, "data": str(shapes_dir), "strategy": "full", "batch_size": 4, "epochs": 1}
     plain = transferkit.train(name="plain", **common)
     none = HeadPull(0.0)
-    zero = transferkit.train(name="zero", extra_loss=none, **common)
+    zero = transferkit.train(name="zero", terms=[none], **common)
     pulled = HeadPull(10.0)
-    pull = transferkit.train(name="pull", extra_loss=pulled, **common)
-    assert none.calls == pulled.calls == 4  # 16 training images, batches of 4: a term per micro-batch
+    pull = transferkit.train(name="pull", terms=[pulled], **common)
+    assert none.calls == 4  # 16 training images, batches of 4: a term per micro-batch
+    assert pulled.calls == 4
     row = json.loads((pull.dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["head_pull_calls"] == 4  # its epoch_metrics joined the epoch's row
-    assert torch.load(pull.dir / "last.ckpt", weights_only=False)["extra"] == {"calls": 4}
+    assert torch.load(pull.dir / "last.ckpt", weights_only=False)["terms"] == [{"calls": 4}]
     weights = {
         name: torch.load(run.dir / "last.ckpt", weights_only=True)["model"]["head.1.weight"]
         for name, run in (("plain", plain), ("zero", zero), ("pull", pull))

@@ -55,10 +55,12 @@ class Reporter:
         if self._progress is not None and batches:
             self._progress.update(self._batches, advance=batches)
 
-    def batch(self, loss: float, accuracy: float, images_per_s: float) -> None:
+    def batch(self, loss: float, means: dict[str, float], samples_per_s: float) -> None:
+        """One step done: the epoch's running loss, the means of the objective's counts (e.g. accuracy)."""
         if self._progress is not None:
+            shown = "".join(f" {name} {value:.3f}" for name, value in means.items())
             self._progress.update(
-                self._batches, advance=1, stats=f"loss {loss:.3f} acc {accuracy:.3f} {images_per_s:.0f} img/s"
+                self._batches, advance=1, stats=f"loss {loss:.3f}{shown} {samples_per_s:.0f} samples/s"
             )
 
     def end_epoch(self, summary: str) -> None:

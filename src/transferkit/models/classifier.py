@@ -28,6 +28,12 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The head on pooled features; `pre_logits`: stop at the input of its last linear layer (what
+        domain adaptation aligns)."""
+        features = self.head[:-1](features)
+        return features if pre_logits else self.head[-1](features)
+
 
 def make_head(features: int, num_classes: int, kind: str, hidden: int, dropout: float) -> nn.Module:
     """A linear head; an MLP with one hidden layer; or a bottleneck, the MLP with BatchNorm before its ReLU

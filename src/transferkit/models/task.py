@@ -15,12 +15,14 @@ import torch
 from torch import nn
 
 from transferkit.core.config import TrainConfig
+from transferkit.core.errors import UserError
 from transferkit.data.loaders import read_images
 from transferkit.data.preprocessing import Preprocessing, TextPreprocessing
 from transferkit.data.sources import Data, TextDataset
 from transferkit.data.texts import TokenIds
 from transferkit.data.transforms import DeviceCrop, eval_transform, train_transform
 from transferkit.models.classifier import build_classifier, rebuild_classifier
+from transferkit.models.objective import Classification, classification
 from transferkit.models.runtime import Runtime
 
 
@@ -48,6 +50,10 @@ class Task(Protocol):
 
     def rebuild(self, record: dict) -> nn.Module:
         """An untrained classifier with the structure of `record` (a bundle's architecture)."""
+
+    def objective(self, model: nn.Module, config: TrainConfig, data: Data, terms: list) -> nn.Module:
+        """What a training step computes on `model` (see `models.objective`): forward(inputs, targets)
+        returns a StepOutput; `terms` add to its loss."""
 
 
 class ImageTask:
@@ -88,6 +94,9 @@ class ImageTask:
     def rebuild(self, record: dict) -> nn.Module:
         return rebuild_classifier(record)
 
+    def objective(self, model: nn.Module, config: TrainConfig, data: Data, terms: list) -> nn.Module:
+        return classification_objective(model, config, data, terms)
+
 
 class TextTask:
     """Text: a transformers encoder (see `models.text`), the encoder's tokenizer as the transform (no
@@ -126,8 +135,25 @@ class TextTask:
 
         return rebuild_text_classifier(record)
 
+    def objective(self, model: nn.Module, config: TrainConfig, data: Data, terms: list) -> nn.Module:
+        if config.mixup or config.cutmix:
+            raise UserError("--mixup and --cutmix blend images; this data is text: leave them at 0.")
+        return classification_objective(model, config, data, terms)
+
 
 TASKS = {"image": ImageTask, "text": TextTask}
+
+
+def classification_objective(model: nn.Module, config: TrainConfig, data: Data, terms: list) -> Classification:
+    """Cross-entropy on the data's classes: `--class-weights auto` weighs them by inverse frequency in the
+    training split; label smoothing; mixup/cutmix."""
+    counts = None
+    if config.class_weights == "auto":
+        train_counts = data.counts("train")
+        counts = [train_counts[name] for name in data.classes]
+    return classification(
+        model, len(data.classes), counts, config.label_smoothing, config.mixup, config.cutmix, tuple(terms)
+    )
 
 
 def crops_on_device(config: TrainConfig, on_device: bool) -> bool:

@@ -1,10 +1,10 @@
 """Domain adaptation: a labelled source, an unlabelled target, and one more named loss in the loop.
 
-`Adaptation` is an `epoch.ExtraLoss`: each training micro-batch, `join` appends a batch of target images
-to the source images, so one forward runs both (BatchNorm normalises the mixed batch, and its running
-statistics stay the mixture that training saw); a hook on the head's last linear layer keeps its input
-(the pooled features, or a `--head bottleneck`'s output) and its logits; `term` splits them into source
-and target and returns the method's loss:
+`Adaptation` is a term of the objective (`models.objective.Term`): each training micro-batch it brings a
+batch of target images that runs in the same forward as the source images (BatchNorm normalises the
+mixed batch, and its running statistics stay the mixture that training saw); it gets every row's
+pre-logit features (the pooled features, or a `--head bottleneck`'s output: `forward_head(pre_logits=True)`)
+and logits, splits them into source and target and returns the method's loss:
 
 - dann (Ganin et al. 2016): a domain discriminator on the features through a gradient reversal layer
   whose coefficient rises as 2 / (1 + exp(-10 p)) - 1 over training progress p in [0, 1].
@@ -16,8 +16,9 @@ and target and returns the method's loss:
   paper reports it adding to DANN).
 - coral (Sun and Saenko 2016): the distance between source and target feature covariances.
 
-The discriminator trains with the model (its parameters join the optimizer at the head's LR; with several
-processes its gradients are averaged like the model's) and its state goes into last.ckpt. The target
+The discriminator is a submodule of the objective: it trains with the model (its parameters join the
+optimizer at the head's LR; with several processes DDP averages its gradients like the model's) and its
+state goes into last.ckpt. The target
 loader is sharded over the processes like the source's. `Watch` measures each epoch in eval mode what
 needs no target label (mean prediction entropy over every target image, proxy A-distance, a PCA of the
 features) and, with `--target-eval`, the target accuracy: those labels reach no loss and no checkpoint
@@ -35,14 +36,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from transferkit.core.distributed import Dist, ddp_wrap
-from transferkit.core.errors import UserError
 from transferkit.core.files import write_text
 from transferkit.data.check import write_skipped
 from transferkit.data.loaders import make_loader
 from transferkit.data.target import labelled_set, load_target
 from transferkit.evaluation.domain import POINTS, mean_entropy, pca_2d, proxy_a_distance
 from transferkit.evaluation.passes import evaluate_loader
+from transferkit.models.objective import Seen
 
 DEFAULT = "dann-mcc"
 """What `--adapt auto` runs."""
@@ -100,63 +100,56 @@ def coral(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (covariance(source) - covariance(target)).pow(2).sum() / (4 * d * d)
 
 
-class Adaptation:
-    """One method's adaptation loss on the run's target batches (see the module docstring)."""
+DOMAIN_METHODS = ("dann", "cdan", "dann-mcc")
+"""The methods with a domain discriminator."""
+
+
+class Adaptation(nn.Module):
+    """One method's term of the objective (`models.objective.Term`) on the run's target batches (see the
+    module docstring). Its discriminator is a submodule: it trains with the model and DDP averages it."""
 
     def __init__(
         self,
         method: str,
-        model: nn.Module,
+        features: int,
+        num_classes: int,
         target_loader,
         move,
         weight: float,
         total_steps: int,
-        num_classes: int,
-        device: torch.device,
         watch: Watch | None = None,
-        d: Dist = Dist(),
     ):
+        super().__init__()
         self.method, self.loader, self.move, self.weight, self.watch = method, target_loader, move, weight, watch
         self.total_steps, self.step = max(total_steps, 1), 0
-        self.layer = last_linear(model)
-        self.layer.register_forward_hook(self._keep)
-        inputs = self.layer.in_features * num_classes if method == "cdan" else self.layer.in_features
-        self.discriminator = discriminator(inputs).to(device) if method in ("dann", "cdan", "dann-mcc") else None
-        # with several processes its gradients are averaged over the ranks, as the model's are
-        self.judge = ddp_wrap(self.discriminator, d, device) if self.discriminator is not None else None
-        self.last = None  # that layer's input and output (the logits) in the latest training forward
+        width = features * num_classes if method == "cdan" else features
+        self.discriminator = discriminator(width) if method in DOMAIN_METHODS else None
         self.sums = _zero_sums()
-        if watch is not None and not watch.saw("before"):  # a resumed run keeps its first look
-            watch.look(model, "before")
+        self.start_epoch(0)
 
-    def _keep(self, module, args, out) -> None:
-        if module.training:
-            self.last = (args[0], out)
+    def start_epoch(self, steps_done: int) -> None:
+        """Target batches as an epoch from its start draws them, past the micro-batches of `steps_done` steps:
+        each epoch cycles the target loader from its first order again."""
+        self._batches = None if self.method == "none" else self._cycle(steps_done)
 
-    def parameters(self) -> list[nn.Parameter]:
-        return list(self.discriminator.parameters()) if self.discriminator is not None else []
-
-    def batches(self):
-        cycle = 0
+    def _cycle(self, steps_done: int):
+        sampler = self.loader.batch_sampler
+        cycle, skip = divmod(steps_done, len(sampler.step_sizes()))
         while True:
-            if self.method == "none":  # source only: no target batch is needed
-                yield None
-                continue
-            self.loader.batch_sampler.set_epoch(cycle)
+            sampler.set_epoch(cycle, skip_steps=skip)
             for images, _, _ in self.loader:  # the target's placeholder labels are never read
                 yield images
-            cycle += 1
+            cycle, skip = cycle + 1, 0
 
-    def join(self, inputs: torch.Tensor, batch) -> torch.Tensor:
-        return inputs if batch is None else torch.cat([inputs, self.move(batch)])
+    def inputs(self) -> torch.Tensor | None:
+        """The next target micro-batch on the device (none for source only)."""
+        return None if self._batches is None else self.move(next(self._batches))
 
-    def term(self, model: nn.Module, batch, rt, outputs: torch.Tensor) -> torch.Tensor:
-        seen, self.last = self.last, None
-        if batch is None or seen is None:  # source only, or no training forward to adapt
-            return torch.zeros((), device=rt.device)
-        features, logits = seen
-        n = len(features) - len(outputs)  # the source rows come first, the joined target rows after
-        loss = self._loss(features[:n].float(), logits[:n].float(), features[n:].float(), outputs.float())
+    def forward(self, model: nn.Module, seen: Seen) -> torch.Tensor:
+        if self.method == "none":  # source only
+            return torch.zeros((), device=seen.logits.device)
+        n, features, logits = seen.size, seen.features.float(), seen.logits.float()
+        loss = self._loss(features[:n], logits[:n], features[n:], logits[n:])
         self.step += 1
         self.sums["loss"] += float(loss.detach())
         self.sums["terms"] += 1
@@ -171,16 +164,14 @@ class Adaptation:
             return self._domain_loss(fs, ft) + class_confusion(lt)
         if self.method == "cdan":  # features x predictions, the predictions a fixed condition
             ps, pt = F.softmax(ls, 1).detach(), F.softmax(lt, 1).detach()
-            fs, ft = (
-                torch.bmm(ps.unsqueeze(2), fs.unsqueeze(1)).flatten(1),
-                torch.bmm(pt.unsqueeze(2), ft.unsqueeze(1)).flatten(1),
-            )
+            fs = torch.bmm(ps.unsqueeze(2), fs.unsqueeze(1)).flatten(1)
+            ft = torch.bmm(pt.unsqueeze(2), ft.unsqueeze(1)).flatten(1)
         return self._domain_loss(fs, ft)
 
     def _domain_loss(self, fs, ft) -> torch.Tensor:
         """The discriminator's loss on source and target rows, through the gradient reversal."""
         features = GradientReverse.apply(torch.cat([fs, ft]), reversal_coefficient(self.step / self.total_steps))
-        domain = self.judge(features).squeeze(1)
+        domain = self.discriminator(features).squeeze(1)
         truth = torch.cat([torch.ones(len(fs)), torch.zeros(len(ft))]).to(domain.device)
         self.sums["domain_hits"] += int(((domain > 0).float() == truth).sum())
         self.sums["domain_seen"] += len(truth)
@@ -190,31 +181,43 @@ class Adaptation:
         """The epoch's mean adaptation loss and discriminator accuracy over its training steps (the sums
         start again), and the watch's measures of `model` (eval mode)."""
         s = self.sums
-        out = {
-            "adapt_loss": s["loss"] / max(s["terms"], 1),
-            "domain_accuracy": s["domain_hits"] / s["domain_seen"] if s["domain_seen"] else None,
-        }
+        domain_accuracy = s["domain_hits"] / s["domain_seen"] if s["domain_seen"] else None
+        out = {"adapt_loss": s["loss"] / max(s["terms"], 1), "domain_accuracy": domain_accuracy}
         self.sums = _zero_sums()
         if self.watch is not None:
             out.update(self.watch.look(model, "after"))
         return out
 
-    def state_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "discriminator": self.discriminator.state_dict() if self.discriminator is not None else None,
-        }
+    def get_extra_state(self) -> dict:
+        """The step (the reversal's schedule) in the state_dict, beside the discriminator's weights."""
+        return {"step": self.step}
 
-    def load_state_dict(self, state: dict) -> None:
+    def set_extra_state(self, state: dict) -> None:
         self.step = state["step"]
-        if self.discriminator is not None:
-            self.discriminator.load_state_dict(state["discriminator"])
 
 
-def last_linear(model: nn.Module) -> nn.Linear:
-    """The head's last linear layer: its input is what adaptation aligns (the pooled features, or the
-    bottleneck's output), its output the logits."""
-    return [m for m in model.head.modules() if isinstance(m, nn.Linear)][-1]
+def saved_terms(state: dict, terms: list) -> list[dict]:
+    """The terms' states from a last.ckpt written before objectives: adaptation's was its "extra" entry
+    (the step and the discriminator's weights); L2-SP kept none."""
+    extra = state.get("extra")
+    if extra is None:
+        return []
+    weights = {f"discriminator.{key}": value for key, value in (extra.get("discriminator") or {}).items()}
+    adapted = {**weights, "_extra_state": {"step": extra["step"]}}
+    return [adapted if isinstance(term, Adaptation) else {} for term in terms]
+
+
+class _PreLogits(nn.Module):
+    """A classifier's logits, with each batch's pre-logit features kept aside (what `Watch` measures)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.kept = model, []
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_head(self.model.backbone(inputs), pre_logits=True)
+        self.kept.append(features.float().cpu())
+        return self.model.head[-1](features)
 
 
 class Watch:
@@ -227,8 +230,8 @@ class Watch:
     PLOTTED = 600
     """Target images kept in the PCA plot."""
 
-    def __init__(self, layer: nn.Linear, target, source, labelled, rt, d, move, points: Path | None):
-        self.layer, self.target, self.source, self.labelled = layer, target, source, labelled
+    def __init__(self, target, source, labelled, rt, d, move, points: Path | None):
+        self.target, self.source, self.labelled = target, source, labelled
         self.rt, self.d, self.move, self.points = rt, d, move, points
         self.loss = nn.CrossEntropyLoss()
 
@@ -237,13 +240,9 @@ class Watch:
 
     def _features(self, model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray]:
         """(logits of the whole split, gathered; this rank's features) of `loader` in eval mode."""
-        kept = []
-        handle = self.layer.register_forward_hook(lambda m, args, out: kept.append(args[0].float().cpu()))
-        try:
-            logits = evaluate_loader(model, loader, self.loss, self.rt, d=self.d, move=self.move)["logits"]
-        finally:
-            handle.remove()
-        return logits, torch.cat(kept).numpy() if kept else np.zeros((0, 0), np.float32)
+        probe = _PreLogits(model)
+        logits = evaluate_loader(probe, loader, self.loss, self.rt, d=self.d, move=self.move)["logits"]
+        return logits, torch.cat(probe.kept).numpy() if probe.kept else np.zeros((0, 0), np.float32)
 
     def look(self, model: nn.Module, when: str) -> dict:
         was_training = model.training
@@ -283,11 +282,6 @@ def adaptation_for(r) -> Adaptation | None:
     c = r.config
     if c.target is None:
         return None
-    if c.compile:
-        raise UserError(
-            "--target does not combine with --compile yet (the adaptation reads the head's input "
-            "through a hook): drop --compile."
-        )
     method = DEFAULT if c.adapt == "auto" else c.adapt
     target = load_target(c.target, r.data, say=r.report.info)
     if target.skipped and r.d.main:
@@ -312,9 +306,9 @@ def adaptation_for(r) -> Adaptation | None:
         for data, split in ((target, "train"), (labelled, "test"))
     ]
     source = r.loaders["val"] if r.data.splits["val"] else None
-    watch = Watch(
-        last_linear(r.model), scan[0], source, scan[1], r.rt, r.d, r.move, r.run_dir / POINTS if r.d.main else None
-    )
+    watch = Watch(scan[0], source, scan[1], r.rt, r.d, r.move, r.run_dir / POINTS if r.d.main else None)
+    if not watch.saw("before"):  # a resumed run keeps its first look
+        watch.look(r.model, "before")
     r.report.info(
         f"[transferkit] adapting to {c.target} ({len(target.splits['train'])} unlabelled images"
         + (f", {len(target.skipped)} skipped" if target.skipped else "")
@@ -327,4 +321,6 @@ def adaptation_for(r) -> Adaptation | None:
         )
     )
     total = sum(phase.epochs for phase in r.plan) * len(r.loaders["train"])
-    return Adaptation(method, r.model, loader, r.move, c.adapt_weight, total, len(r.data.classes), r.device, watch, r.d)
+    features = r.model.head[-1].in_features  # what the discriminator sees: the head's pre-logit features
+    adaptation = Adaptation(method, features, len(r.data.classes), loader, r.move, c.adapt_weight, total, watch)
+    return adaptation.to(r.device)

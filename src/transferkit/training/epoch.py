@@ -1,6 +1,6 @@
 """One epoch of training: micro-batches grouped into optimizer steps, the NaN/Inf guard, the data-wait
-clock, an extra loss term on batches of its own (the seam for domain adaptation), and the stop with a
-clear message when the GPU runs out of memory.
+clock, and the stop with a clear message when the GPU runs out of memory. What a micro-batch computes is
+the objective's (`models.objective`): the loop sees a loss, a sample count and named counts.
 """
 
 from __future__ import annotations
@@ -8,10 +8,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
@@ -22,8 +21,6 @@ from transferkit.core.errors import UserError
 from transferkit.core.progress import Reporter
 from transferkit.data.sources import Data
 from transferkit.models.runtime import Runtime
-from transferkit.training.regularize import L2SP
-from transferkit.training.strategy import Phase, set_train_mode
 
 
 @contextlib.contextmanager
@@ -61,13 +58,31 @@ class EpochSums:
     """Running totals of the epoch in progress; saved in mid-epoch checkpoints."""
 
     step: int = 0
-    """Batches done."""
+    """Optimizer steps done."""
     loss_sum: float = 0.0
-    correct: int = 0
     seen: int = 0
+    """Samples done."""
+    counts: dict[str, float] = field(default_factory=dict)
+    """The objective's counts summed (e.g. accuracy: correct predictions); see `models.objective`."""
     seconds: float = 0.0
     data_s: float = 0.0
     """Of `seconds`, the time spent waiting for the loader's next batch (every step waits for its loss)."""
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> EpochSums:
+        """From last.ckpt; one written before objectives kept classification's hits as `correct`."""
+        saved = dict(saved)
+        if "correct" in saved:
+            saved["counts"] = {"accuracy": float(saved.pop("correct"))}
+        return cls(**saved)
+
+    def add(self, loss_sum: float, seen: float, counts: dict[str, float]) -> EpochSums:
+        added = {name: self.counts.get(name, 0.0) + value for name, value in counts.items()}
+        return replace(self, loss_sum=self.loss_sum + loss_sum, seen=self.seen + int(seen), counts=added)
+
+    def means(self) -> dict[str, float]:
+        """Each count per sample (accuracy for classification's hits)."""
+        return {name: value / max(self.seen, 1) for name, value in self.counts.items()}
 
 
 class Guard:
@@ -99,140 +114,70 @@ class Guard:
         )
 
 
-class StepModel(nn.Module):
-    """What a training step runs, as one module for DDP to wrap: the head on cached features
-    ("features"), the head on a frozen backbone's features without a backward graph below it
-    ("frozen"), or the whole model ("full")."""
+@dataclass
+class Update:
+    """How a phase's optimizer steps: the optimizer, its LR schedule, the gradient-norm clip."""
 
-    def __init__(self, model: nn.Module, mode: str):
-        super().__init__()
-        self.model, self.mode = model, mode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "full":
-            return self.model(x)
-        if self.mode == "frozen":
-            with torch.no_grad():
-                x = self.model.backbone(x)
-        return self.model.head(x)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    grad_clip: float | None = None
 
 
-class ExtraLoss(Protocol):
-    """A term added to every micro-batch's loss, computed on batches of its own loader: domain adaptation's
-    unlabelled target images, for one."""
+@dataclass
+class EpochContext:
+    """What an epoch runs under and reports to: the runtime (autocast), the process group, the NaN
+    guard, the progress display, and `after_step(sums, step_loss)`, called after every step."""
 
-    def batches(self) -> Iterator:
-        """As many batches as asked for (cycle a loader)."""
-
-    def join(self, inputs: torch.Tensor, batch) -> torch.Tensor:
-        """The micro-batch's inputs as the model should see them: `inputs` itself, or with its own batch's
-        inputs appended (one forward for both, so BatchNorm sees one mixed batch, as in training with both)."""
-
-    def term(self, model: nn.Module, batch, rt: Runtime, outputs: torch.Tensor) -> torch.Tensor:
-        """The term for one batch, under the step's autocast; `outputs`: the model's outputs on the rows that
-        `join` appended (empty when it appended none)."""
-
-    def parameters(self) -> list[nn.Parameter]:
-        """Its own trainable parameters (they join the optimizer at the head's LR), or []."""
-
-    def epoch_metrics(self, model: nn.Module) -> dict:
-        """Values for the epoch's metrics row (after validation)."""
-
-    def state_dict(self) -> dict:
-        """What last.ckpt keeps of it, for an exact resume."""
-
-    def load_state_dict(self, state: dict) -> None:
-        """Take back what state_dict gave."""
+    rt: Runtime
+    d: Dist
+    guard: Guard
+    report: Reporter
+    after_step: Callable[[EpochSums, float], None] | None = None
 
 
-def train_one_epoch(
-    net: nn.Module,
-    model: nn.Module,
-    loader,
-    optimizer,
-    scheduler,
-    loss_fn,
-    phase: Phase,
-    rt: Runtime,
-    report: Reporter,
-    description: str,
-    sums: EpochSums,
-    guard: Guard,
-    mixer=None,
-    l2sp: L2SP | None = None,
-    after_step=None,
-    d: Dist = Dist(),
-    extra: ExtraLoss | None = None,
-    move=None,
-) -> tuple[EpochSums, int]:
+def train_one_epoch(objective: nn.Module, loader, update: Update, sums: EpochSums, context: EpochContext) -> EpochSums:
     """One pass over the training data (from optimizer step `sums.step` on); returns the epoch's totals
-    (over all ranks) and the run's count of skipped non-finite steps. `net` is the StepModel (DDP-wrapped
-    with several processes); `loader.batch_sampler` is the StepBatches that groups its micro-batches into
-    steps. `after_step(sums, step_loss)` runs after every step; `extra` adds its term to every loss;
-    `move` takes a batch's inputs to the device (default `rt.batch`, for image tensors)."""
-    set_train_mode(model, phase)
-    move = move or rt.batch
-    extra_batches = extra.batches() if extra is not None else None
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    over all ranks. `objective(inputs, targets)` gives each micro-batch's `StepOutput` (DDP-wrapped with
+    several processes); `loader.batch_sampler` is the StepBatches that groups micro-batches into steps."""
+    rt, d, guard = context.rt, context.d, context.guard
+    params = [p for group in update.optimizer.param_groups for p in group["params"]]
     sizes, accumulate = loader.batch_sampler.step_sizes(), loader.batch_sampler.accumulate
     tick = time.perf_counter() - sums.seconds
-    report.start_epoch(description, len(sizes))
-    report.advance(sums.step)
     micro, step_ok, waited = 0, True, [sums.data_s]
-    for inputs, labels, indices in timed(loader, waited):
-        inputs, labels = move(inputs), labels.to(rt.device, non_blocking=True)
-        targets = labels
-        if mixer is not None and len(labels) % 2 == 0:  # timm's Mixup pairs images: needs an even batch
-            inputs, targets = mixer(inputs, labels)
-        elif mixer is not None:
-            targets = torch.nn.functional.one_hot(labels, mixer.num_classes).float()
+    for inputs, targets, indices in timed(loader, waited):
         if micro == 0:
-            optimizer.zero_grad(set_to_none=True)
+            update.optimizer.zero_grad(set_to_none=True)
             step_ok, start = True, (sums.loss_sum, sums.seen)
         last = micro == accumulate - 1
         step = sums.step + 1
         # DDP averages gradients at the step's last micro-batch only
-        extra_batch = next(extra_batches) if extra is not None else None
-        with contextlib.nullcontext() if last or not d.on else net.no_sync():
+        with contextlib.nullcontext() if last or not d.on else objective.no_sync():
             with rt.autocast():
-                logits = net(extra.join(inputs, extra_batch) if extra is not None else inputs)
-                logits, extra_outputs = logits[: len(labels)], logits[len(labels) :]
-                loss = loss_fn(logits.float(), targets)
-                if l2sp is not None:
-                    loss = loss + l2sp.penalty(model.backbone)
-                if extra is not None:
-                    loss = loss + extra.term(model, extra_batch, rt, extra_outputs)
-            value = loss.item()
+                out = objective(inputs, targets)
+            value = out.loss.item()
             finite = math.isfinite(value)
-            # one all-reduce: the micro-batch's loss, images, hits and non-finite count over the ranks
-            loss_sum, seen, correct, bad = d.sum(
-                [
-                    value * len(labels) if finite else 0.0,
-                    len(labels),
-                    (logits.argmax(1) == labels).sum().item(),
-                    0 if finite else 1,
-                ]
-            )
+            names = sorted(out.counts)
+            counts = torch.stack([out.counts[name] for name in names]).tolist() if names else []
+            # one all-reduce: the micro-batch's loss, samples, non-finite count and counts over the ranks
+            loss_sum, seen, bad, *counts = d.sum([value * out.size if finite else 0.0, out.size, 1 - finite, *counts])
             step_ok = step_ok and guard.check("loss", math.nan if bad else loss_sum / seen, step, indices)
             if step_ok:
-                (loss * loss_scale(len(labels), sizes[sums.step], d)).backward()
+                (out.loss * loss_scale(out.size, sizes[sums.step], d)).backward()
         micro += 1
-        sums = replace(
-            sums, loss_sum=sums.loss_sum + loss_sum, correct=sums.correct + int(correct), seen=sums.seen + int(seen)
-        )
+        sums = sums.add(loss_sum, seen, dict(zip(names, counts)))
         if not last:
             continue
         if step_ok:
-            norm = torch.nn.utils.clip_grad_norm_(params, guard.config.grad_clip or math.inf)
+            norm = torch.nn.utils.clip_grad_norm_(params, update.grad_clip or math.inf)
             if guard.check("gradient norm", norm.item(), step, indices):
-                optimizer.step()
-        scheduler.step()
+                update.optimizer.step()
+        update.scheduler.step()
         micro = 0
         sums = replace(sums, step=step, seconds=time.perf_counter() - tick, data_s=waited[0])
-        report.batch(sums.loss_sum / sums.seen, sums.correct / sums.seen, sums.seen / sums.seconds)
-        if after_step is not None:
-            after_step(sums, (sums.loss_sum - start[0]) / max(sums.seen - start[1], 1))
-    return sums, guard.skipped
+        context.report.batch(sums.loss_sum / sums.seen, sums.means(), sums.seen / sums.seconds)
+        if context.after_step is not None:
+            context.after_step(sums, (sums.loss_sum - start[0]) / max(sums.seen - start[1], 1))
+    return sums
 
 
 def timed(loader, waited: list[float]):

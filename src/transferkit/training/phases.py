@@ -23,12 +23,19 @@ from transferkit.evaluation.passes import evaluate_loader
 from transferkit.models.features import feature_loaders
 from transferkit.training.board import Board
 from transferkit.training.checkpoint import get_rng_state, save_checkpoint
-from transferkit.training.epoch import EpochSums, Guard, StepModel, out_of_memory_stops, train_one_epoch
+from transferkit.training.epoch import (
+    EpochContext,
+    EpochSums,
+    Guard,
+    Update,
+    out_of_memory_stops,
+    train_one_epoch,
+)
 from transferkit.training.optim import make_optimizer, warmup_cosine
 from transferkit.training.preempt import Preempted, StopSignals
 from transferkit.training.profile import StepProfiler
 from transferkit.training.rundir import all_finite, keep_top, score_key
-from transferkit.training.strategy import Phase, apply_phase, count_trainable, trainable_groups
+from transferkit.training.strategy import Phase, apply_phase, count_trainable, set_train_mode, trainable_groups
 
 
 @dataclass
@@ -52,12 +59,13 @@ class PhaseState:
 
     index: int
     phase: Phase
-    optimizer: torch.optim.Optimizer
-    scheduler: object
+    update: Update
     train_loader: object
     val_loader: object
     head_only: bool
-    net: nn.Module
+    objective: nn.Module
+    """The run's objective set for this phase (what runs below the head, how batches move), DDP-wrapped
+    with several processes."""
     move: object
     """A batch's inputs to the device: cached features as they are, else the task's inputs (`Task.move`)."""
 
@@ -105,27 +113,15 @@ class EpochLoop:
             tick = time.perf_counter() - progress.sums.seconds
             self.done = progress.sums
             r, ps = self.r, self.ps
-            with out_of_memory_stops(r.config, r.run_dir, r.d, lambda: self.done, self.save_last, ps.optimizer):
-                progress.sums, progress.nan_skipped = train_one_epoch(
-                    ps.net,
-                    r.model,
-                    ps.train_loader,
-                    ps.optimizer,
-                    ps.scheduler,
-                    r.loss_fn,
-                    phase,
-                    r.rt,
-                    r.report,
-                    f"epoch {progress.epoch + 1}/{self.total_epochs}",
-                    progress.sums,
-                    Guard(r.config, r.data, progress.epoch, progress.nan_skipped),
-                    r.mixer,
-                    r.l2sp,
-                    self.after_step,
-                    r.d,
-                    r.extra_loss,
-                    ps.move,
-                )
+            set_train_mode(r.model, phase)
+            r.objective.start_epoch(progress.sums.step)
+            r.report.start_epoch(f"epoch {progress.epoch + 1}/{self.total_epochs}", self.steps_per_epoch)
+            r.report.advance(progress.sums.step)
+            guard = Guard(r.config, r.data, progress.epoch, progress.nan_skipped)
+            context = EpochContext(r.rt, r.d, guard, r.report, self.after_step)
+            with out_of_memory_stops(r.config, r.run_dir, r.d, lambda: self.done, self.save_last, ps.update.optimizer):
+                progress.sums = train_one_epoch(ps.objective, ps.train_loader, ps.update, progress.sums, context)
+            progress.nan_skipped = guard.skipped
             progress.epoch += 1
             if self.end_epoch(time.perf_counter() - tick):
                 return True
@@ -136,7 +132,7 @@ class EpochLoop:
         loaders (a head-only phase on a fixed backbone trains on cached features, see `features`)."""
         c, model, state, progress = self.r.config, self.r.model, self.r.state, self.r.progress
         apply_phase(model, self.r.groups, phase)
-        extra = self.r.extra_loss.parameters() if self.r.extra_loss is not None else []
+        extra = [p for term in self.r.terms for p in term.parameters()]
         optimizer = make_optimizer(model, self.r.groups, phase, c, extra=extra)
         # each phase warms up (at most half its length) and decays on its own
         warmup = round(min(c.warmup_epochs, phase.epochs / 2) * self.steps_per_epoch)
@@ -148,9 +144,9 @@ class EpochLoop:
             c.feature_cache
             and not phase.groups
             and not c.drop_path
-            and self.r.mixer is None
-            and self.r.extra_loss is None
-        )  # an extra loss runs the whole model on its own batches
+            and self.r.objective.mixer is None
+            and not self.r.terms
+        )  # a term may run the whole model on rows of its own
         train_loader, val_loader = self.r.loaders["train"], self.r.loaders["val"]
         if head_only:
             tick = time.perf_counter()
@@ -176,19 +172,12 @@ class EpochLoop:
             f"{len(self.r.groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters"
             + (", on cached features" if head_only else "")
         )
-        mode = "features" if head_only else "full" if phase.groups else "frozen"
-        net = distributed.ddp_wrap(StepModel(model, mode), self.r.d, self.r.device)  # what trains in this phase
-        return PhaseState(
-            index,
-            phase,
-            optimizer,
-            scheduler,
-            train_loader,
-            val_loader,
-            head_only,
-            net,
-            self.r.rt.batch if head_only else self.r.move,
-        )
+        objective = self.r.objective
+        objective.encode = "features" if head_only else "full" if phase.groups else "frozen"
+        objective.move = self.r.rt.batch if head_only else self.r.move
+        wrapped = distributed.ddp_wrap(objective, self.r.d, self.r.device)  # what trains in this phase
+        update = Update(optimizer, scheduler, c.grad_clip)
+        return PhaseState(index, phase, update, train_loader, val_loader, head_only, wrapped, objective.move)
 
     def save_last(self, where: EpochSums) -> None:
         """last.ckpt at the current position (rank 0 writes it, with every rank's random streams); `where`
@@ -200,8 +189,8 @@ class EpochLoop:
                 self.r.run_dir / "last.ckpt",
                 {
                     "model": self.r.model.state_dict(),
-                    "optimizer": ps.optimizer.state_dict(),
-                    "scheduler": ps.scheduler.state_dict(),
+                    "optimizer": ps.update.optimizer.state_dict(),
+                    "scheduler": ps.update.scheduler.state_dict(),
                     "config": self.r.config.to_dict(),
                     "plan": [phase.to_dict() for phase in self.r.plan],
                     "phase": ps.index,
@@ -214,7 +203,7 @@ class EpochLoop:
                     "nan_skipped": p.nan_skipped,
                     "rng": rngs[0],
                     "rng_ranks": rngs if d.on else [],
-                    "extra": self.r.extra_loss.state_dict() if self.r.extra_loss is not None else None,
+                    "terms": [term.state_dict() for term in self.r.terms],
                 },
             )
         d.barrier()  # no rank leaves (or is stopped by torchrun) before the file is whole
@@ -226,7 +215,7 @@ class EpochLoop:
         if self.profiler is not None:
             self.profiler.step()
         if self.r.board is not None:
-            self.r.board.step(epoch * steps + where.step, step_loss, self.ps.optimizer.param_groups[-1]["lr"])
+            self.r.board.step(epoch * steps + where.step, step_loss, self.ps.update.optimizer.param_groups[-1]["lr"])
         if where.step == steps:
             return  # the epoch's end saves and checks for signals
         if self.r.d.sum([self.signals.signum is not None])[0]:
@@ -267,10 +256,12 @@ class EpochLoop:
             p.since_best += 1
         if c.keep_top_k and scored and finite:
             p.top = keep_top(self.r.run_dir, p.top, score, c.keep_top_k, model, self.r.meta, d.main)
+        train_means = p.sums.means()
         p.sums = EpochSums()
         self.save_last(p.sums)
         self.r.report.end_epoch(
-            f"epoch {p.epoch:>3} {ps.phase.name}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f}"
+            f"epoch {p.epoch:>3} {ps.phase.name}: train loss {row['train_loss']:.4f}"
+            + "".join(f" {name} {mean:.3f}" for name, mean in train_means.items())
             + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}" if val else " | no val split")
             + f" | {row['images_per_s']:.1f} img/s{' *' if improved else ''}"
         )
@@ -293,17 +284,17 @@ class EpochLoop:
             "phase": self.ps.phase.name,
             "groups": trainable_groups(self.r.model, self.r.groups),
             "train_loss": sums.loss_sum / max(sums.seen, 1),
-            "train_accuracy": sums.correct / max(sums.seen, 1),
+            **{f"train_{name}": mean for name, mean in sums.means().items()},  # the objective's (train_accuracy)
             "val_loss": val["loss"] if val else None,
             "val_accuracy": val["accuracy"] if val else None,
-            "lr": self.ps.optimizer.param_groups[0]["lr"],
+            "lr": self.ps.update.optimizer.param_groups[0]["lr"],
             "images_per_s": sums.seen / seconds,
             "epoch_s": seconds,
             "val_s": val_seconds,
             "data_wait": sums.data_s / max(sums.seconds, 1e-9),
         }
-        if self.r.extra_loss is not None:  # its own measures (adaptation: domain accuracy, target accuracy)
-            row.update(self.r.extra_loss.epoch_metrics(self.r.model))
+        for term in self.r.terms:  # their own measures (adaptation: domain accuracy, target accuracy)
+            row.update(term.epoch_metrics(self.r.model))
         if self.r.device.type == "cuda":  # the epoch's peak, training and validation
             row["gpu_peak_gb"] = torch.cuda.max_memory_allocated(self.r.device) / 2**30
             torch.cuda.reset_peak_memory_stats(self.r.device)

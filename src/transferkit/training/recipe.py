@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from transferkit.core import distributed
@@ -37,12 +36,13 @@ from transferkit.deploy.bundle import load_bundle, save_bundle
 from transferkit.evaluation.passes import evaluate_loader
 from transferkit.evaluation.report import build_report, save_predictions
 from transferkit.models.classifier import layer_groups
+from transferkit.models.objective import Term
 from transferkit.models.task import Task, task_for
 from transferkit.training import budget
-from transferkit.training.adapt import adaptation_for, select_rule
+from transferkit.training.adapt import adaptation_for, saved_terms, select_rule
 from transferkit.training.board import Board
 from transferkit.training.checkpoint import load_resume, resumed_plan, set_rng_state
-from transferkit.training.epoch import EpochSums, ExtraLoss
+from transferkit.training.epoch import EpochSums
 from transferkit.training.lrfind import RULE as LR_RULE
 from transferkit.training.lrfind import lr_find
 from transferkit.training.phases import EpochLoop, Progress
@@ -72,7 +72,7 @@ def train(
     report: Reporter | None = None,
     resume: str | Path | None = None,
     on_epoch: Callable[[dict], bool] | None = None,
-    extra_loss: ExtraLoss | None = None,
+    terms: tuple[Term, ...] = (),
     task: Task | None = None,
     score_test: bool = True,
     **overrides,
@@ -84,12 +84,12 @@ def train(
     `resume="runs/NAME"` continues that run from its last.ckpt with its own config, split and plan;
     `overrides` may then change only what `checkpoint.RESUMABLE_CHANGES` allows (e.g. epochs).
     `on_epoch(row)` sees each epoch's metrics row (validation included) and may stop the run by
-    returning True (a tuner's pruner); `extra_loss` adds a term on batches of its own loader to every
-    training loss (see `epoch.ExtraLoss`); `task` replaces the config's (see `models.task`).
+    returning True (a tuner's pruner); `terms` add to every micro-batch's loss
+    (see `models.objective.Term`); `task` replaces the config's (see `models.task`).
     `score_test` False leaves the test split unscored (a tuner's trials: only validation may steer them).
     Raises `Preempted` after saving last.ckpt when SIGTERM or SIGINT arrives.
     """
-    recipe = Recipe(config, report, resume, overrides, on_epoch, extra_loss, task, score_test)
+    recipe = Recipe(config, report, resume, overrides, on_epoch, terms, task, score_test)
     for step in STEPS:  # each step's seconds go to metrics.json's "steps_s": where a run's time went
         tick = time.perf_counter()
         getattr(recipe, step)()
@@ -106,7 +106,7 @@ STEPS = (
     "check_budget",
     "write_run_files",
     "build_loaders",
-    "build_losses",
+    "build_objective",
     "find_lr",
     "restore",
     "train_phases",
@@ -119,13 +119,13 @@ class Recipe:
     """One training run as its steps, in the order `train` calls them; each reads and sets the run's
     state on `self` (config, data, model, plan, loaders, progress)."""
 
-    def __init__(self, config, report, resume, overrides, on_epoch=None, extra_loss=None, task=None, score_test=True):
+    def __init__(self, config, report, resume, overrides, on_epoch=None, terms=(), task=None, score_test=True):
         self.state, self.changes, self.resume = None, {}, resume
         if resume is not None:
             config, self.state, self.changes = load_resume(Path(resume), overrides)
         else:
             config = config.replace(**overrides) if config is not None else TrainConfig.from_dict(overrides)
-        self.config, self.report, self.on_epoch, self.extra_loss = config, report, on_epoch, extra_loss
+        self.config, self.report, self.on_epoch, self.extra_terms = config, report, on_epoch, tuple(terms)
         self.task, self.score_test = task, score_test
         self.started, self.steps_s = time.perf_counter(), {}
         # time to build or open caches, and the feature cache's hits and misses (splits read or extracted)
@@ -200,8 +200,8 @@ class Recipe:
 
             self.model = convert_sync_batchnorm(self.model)
         self.rt.prepare(self.model)
-        if self.rt.compile:  # the whole model's forward; the state_dict keeps its keys
-            self.model.compile()
+        if self.rt.compile:  # the backbone's forward, which the objective and the passes call; same state_dict keys
+            self.model.backbone.compile()
         self.setting = {
             **self.rt.to_dict(),
             "processes": d.world,
@@ -333,33 +333,17 @@ class Recipe:
         }
         self.move = functools.partial(task.move, rt=self.rt)  # a batch's inputs to the device
 
-    def build_losses(self) -> None:
-        """The training loss (class weights, label smoothing, or mixup's soft targets), L2-SP, and the
-        val/test loss (plain cross-entropy, comparable across configs)."""
-        c, data = self.config, self.data
-        weight = None
-        if c.class_weights == "auto":  # inverse frequency, mean weight 1 over the training images
-            counts = data.counts("train")
-            n = torch.tensor([counts[name] for name in data.classes], dtype=torch.float32)
-            weight = (n.sum() / (len(n) * n)).to(self.device)
-        self.loss_fn = self.hard_loss = nn.CrossEntropyLoss(weight=weight, label_smoothing=c.label_smoothing)
-        self.mixer = None
-        if (c.mixup or c.cutmix) and "mixup" in self.task.unused:
-            raise UserError(f"--mixup and --cutmix blend images; this data is {self.task.name}: leave them at 0.")
-        if c.mixup or c.cutmix:  # soft targets; timm's Mixup applies the label smoothing itself
-            from timm.data import Mixup
-
-            self.mixer = Mixup(
-                mixup_alpha=c.mixup,
-                cutmix_alpha=c.cutmix,
-                label_smoothing=c.label_smoothing,
-                num_classes=len(data.classes),
-            )
-            self.loss_fn = _soft_target_cross_entropy
-        self.l2sp = L2SP(self.model.backbone, c.l2sp) if c.l2sp else None
+    def build_objective(self) -> None:
+        """The task's objective on the model (classification: cross-entropy with class weights, label smoothing
+        or mixup's soft targets) with the run's terms: L2-SP, domain adaptation (`--target`) and the caller's;
+        the val/test loss (plain cross-entropy, comparable across configs); which epoch is best."""
+        c = self.config
+        l2sp = L2SP(self.model.backbone, c.l2sp) if c.l2sp else None
+        adaptation = adaptation_for(self)  # --target: domain adaptation's term
+        self.terms = [term for term in (l2sp, adaptation, *self.extra_terms) if term is not None]
+        self.objective = self.task.objective(self.model, c, self.data, self.terms)
         self.eval_loss = nn.CrossEntropyLoss()
-        self.extra_loss = self.extra_loss or adaptation_for(self)  # --target: domain adaptation's loss
-        self.select = select_rule(c)  # which epoch is best
+        self.select = select_rule(c)
 
     def find_lr(self) -> None:
         """lr auto: rank 0 runs the range test on its batches, every rank takes its suggestion."""
@@ -373,7 +357,7 @@ class Recipe:
                     self.groups,
                     probe,
                     self.loaders["train"],
-                    self.hard_loss,
+                    self.objective.criterion,
                     c.replace(lr=1e-3),
                     self.rt,
                     move=self.move,
@@ -414,7 +398,7 @@ class Recipe:
             ) from None
         self.progress = Progress(
             state["epoch"],
-            EpochSums(**state["sums"]),
+            EpochSums.from_dict(state["sums"]),
             state["best"],
             state["since_best"],
             state["top"],
@@ -424,8 +408,8 @@ class Recipe:
             rows = (run_dir / "metrics.jsonl").read_text().splitlines()
             write_text(run_dir / "metrics.jsonl", "".join(r + "\n" for r in rows[: self.progress.epoch]))
             prune_top(run_dir, self.progress.top)
-        if self.extra_loss is not None and state.get("extra") is not None:
-            self.extra_loss.load_state_dict(state["extra"])
+        for term, saved in zip(self.terms, state.get("terms") or saved_terms(state, self.terms)):
+            term.load_state_dict(saved)
         ranks = state.get("rng_ranks") or []  # each rank's own streams when the world size is the same
         set_rng_state(ranks[d.rank] if len(ranks) == d.world else state["rng"])
         self.report.info(
@@ -514,10 +498,6 @@ class Recipe:
                     )
         d.barrier()
         return Run(dir=run_dir, config=self.config, metrics=self.metrics)
-
-
-def _soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return torch.sum(-targets * torch.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
 def _headline(test: dict | None) -> dict | None:

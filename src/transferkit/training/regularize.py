@@ -13,7 +13,8 @@ from torch import nn
 
 
 class L2SP:
-    """alpha/2 x sum ||w - w_pretrained||^2 over the backbone parameters that train."""
+    """alpha/2 x sum ||w - w_pretrained||^2 over the backbone parameters that train; a term of the
+    objective (`models.objective.Term`) with no rows, parameters or state of its own."""
 
     def __init__(self, backbone: nn.Module, alpha: float):
         self.alpha = alpha
@@ -24,3 +25,24 @@ class L2SP:
         if not terms:
             return torch.zeros(())
         return 0.5 * self.alpha * torch.stack(terms).sum()
+
+    def start_epoch(self, steps_done: int) -> None:
+        pass
+
+    def inputs(self) -> None:
+        return None
+
+    def __call__(self, model: nn.Module, seen) -> torch.Tensor:
+        return self.penalty(model.backbone)
+
+    def parameters(self) -> list:
+        return []
+
+    def epoch_metrics(self, model: nn.Module) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}  # the reference is the pretrained weights, taken again before a resume loads the model
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
