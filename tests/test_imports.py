@@ -15,6 +15,9 @@ def test_models_build_and_run_without_dynamo_and_compile_still_works():
     out = _run("""
         import sys
         import torch
+        from transferkit.core.imports import defer_dynamo
+
+        defer_dynamo()  # as the CLI's main() does
         import transferkit.training.recipe  # timm and torchvision, through the hook
         import timm, torchvision
         from torchvision.ops import roi_align
@@ -72,6 +75,18 @@ def test_the_hook_stands_aside_where_dynamo_came_first():
         assert not any(isinstance(f, imports._Finder) for f in sys.meta_path)
         import timm
         assert not isinstance(sys.modules["torch._dynamo"], imports._Placeholder)
+        print("ok")
+    """)
+    assert out.strip() == "ok"
+
+
+def test_importing_the_library_changes_nothing_global():
+    out = _run("""
+        import sys
+        before = list(sys.meta_path)
+        import transferkit
+        from transferkit.training import recipe  # noqa: F401
+        assert sys.meta_path == before  # no import hook left behind by the library
         print("ok")
     """)
     assert out.strip() == "ok"

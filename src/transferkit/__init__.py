@@ -6,15 +6,14 @@
     study = transferkit.tune(data="path/to/images", trials=16)   # runs/tune-images/best.yaml
 
 Heavy modules (torch, timm) load on first use, so `import transferkit` and the CLI's
-`--help` stay fast; timm and torchvision load without TorchDynamo, which only `--compile` needs.
+`--help` stay fast. Importing the library changes nothing global: the CLI alone installs the import
+hook that loads timm and torchvision without TorchDynamo (`core.imports.defer_dynamo`); a program
+may call it too.
 """
 
 from __future__ import annotations
 
-from transferkit.core.imports import defer_dynamo
 from transferkit.core.version import __version__
-
-defer_dynamo()  # timm and torchvision load without TorchDynamo, which only --compile uses (see core.imports)
 
 __all__ = ["Preempted", "TrainConfig", "UserError", "evaluate", "load", "rank", "train", "tune", "__version__"]
 

@@ -11,6 +11,7 @@ import typer
 
 from transferkit.cli import deploy, options, tuning
 from transferkit.cli.startup import keep_heap, loading
+from transferkit.core.imports import defer_dynamo
 
 app = typer.Typer(
     add_completion=False,
@@ -348,6 +349,7 @@ def main() -> None:
     from transferkit.core.files import disk_full, is_disk_full
     from transferkit.training.preempt import Preempted
 
+    defer_dynamo()  # timm and torchvision load without TorchDynamo, which only --compile uses (core.imports)
     keep_heap()
     try:
         app()
