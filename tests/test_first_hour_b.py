@@ -2,8 +2,11 @@
 11, 12 and 15)."""
 
 import json
+import logging
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +15,7 @@ from typer.testing import CliRunner
 
 import transferkit
 from transferkit.cli import app
+from transferkit.cli.startup import quiet_third_party
 from transferkit.core.checks import ignored_options
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
@@ -229,3 +233,38 @@ def test_tune_warns_of_a_search_field_a_flag_fixes_and_of_an_option_the_strategy
     assert "warning: search field 'lr' is left out: --lr 0.01 fixes it for every trial" in out.stderr
     assert "warning: --layer-decay 0.8 is ignored: strategy linear-probe does not use it" in out.stderr
     assert "searching head_dropout in {0.0, 0.3}" in out.stderr  # and what is searched
+
+
+# --- 15: third-party warnings reached the user ------------------------------------------------------------
+
+
+def test_the_cli_keeps_torch_s_deprecation_and_pytree_lines_from_the_user(tmp_path, topics_csv):
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "transferkit", *args], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    runs = ["--runs-dir", str(tmp_path / "runs"), "--quiet", "--no-report", "--epochs", "1"]
+    said = cli("train", str(topics_csv), *runs, "--name", "text")  # imports transformers, which brings torchao
+    said += cli("train", "builtin:faces", *runs, "--name", "img", "--strategy", "linear-probe", "--img-size", "32")
+    said += cli("export", str(tmp_path / "runs" / "img"), "--format", "torchscript")  # torch.jit.trace and load
+    assert "[transferkit] best epoch 1" in said and "parity on 30 inputs" in said  # what transferkit says stays
+    for noise in ("FutureWarning", "torch.jit", "_pytree", "Enum subclass", "warnings.warn"):
+        assert noise not in said, said
+
+
+def test_the_filters_name_the_message_and_the_module(monkeypatch):
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        quiet_third_party()  # twice: no second logging filter
+        for module in ("torch.jit._trace", "mine"):
+            warnings.warn_explicit("`torch.jit.trace` is deprecated.", FutureWarning, "x.py", 1, module=module)
+        warnings.warn_explicit("something else", FutureWarning, "x.py", 1, module="torch.jit._trace")
+    assert [(str(w.message), w.filename) for w in seen] == [
+        ("`torch.jit.trace` is deprecated.", "x.py"),  # from another module: shown
+        ("something else", "x.py"),  # another message of torch.jit: shown
+    ]
+    assert len(logging.getLogger("torch.utils._pytree").filters) == 1
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"
