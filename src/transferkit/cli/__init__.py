@@ -41,7 +41,10 @@ def train(**flags) -> None:
     if resume is not None:
         run = run_training(resume=resume, **flags)
     else:
-        cfg = (TrainConfig.load(config) if config else TrainConfig()).replace(**flags)
+        base = TrainConfig.load(config) if config else TrainConfig()
+        if config and "name" not in flags and base.name == config.resolve().parent.name:
+            base = base.replace(name=None)  # a run's own config.yaml: the new run gets a name of its own
+        cfg = base.replace(**flags)
         if not cfg.data:
             raise UserError("No data given: `transferkit train DATA` (a folder, a .csv, builtin:faces, ...).")
         run = run_training(cfg)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,10 +91,14 @@ def train(
     Raises `Preempted` after saving last.ckpt when SIGTERM or SIGINT arrives.
     """
     recipe = Recipe(config, report, resume, overrides, on_epoch, terms, task, score_test)
-    for step in STEPS:  # each step's seconds go to metrics.json's "steps_s": where a run's time went
-        tick = time.perf_counter()
-        getattr(recipe, step)()
-        recipe.steps_s[step] = round(time.perf_counter() - tick, 3)
+    try:
+        for step in STEPS:  # each step's seconds go to metrics.json's "steps_s": where a run's time went
+            tick = time.perf_counter()
+            getattr(recipe, step)()
+            recipe.steps_s[step] = round(time.perf_counter() - tick, 3)
+    except BaseException:
+        recipe.discard_unstarted()
+        raise
     return recipe.save()
 
 
@@ -136,6 +141,13 @@ class Recipe:
             "feature_cache_misses": 0,
         }
 
+    def discard_unstarted(self) -> None:
+        """A new run that failed before its first checkpoint leaves no folder behind: its name stays free and
+        nothing half-made asks to be resumed. A run with a last.ckpt keeps everything (it can resume)."""
+        run_dir = getattr(self, "run_dir", None)
+        if self.state is None and run_dir is not None and self.d.main and not (run_dir / "last.ckpt").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+
     def setup(self) -> None:
         """Join torchrun's group if there is one; seeds, determinism, device, progress display."""
         self.d, rank_device = distributed.setup(self.config.device)  # one process, or a rank of torchrun's
@@ -169,6 +181,13 @@ class Recipe:
         if self.state is not None:
             self.run_dir = Path(self.resume)
             self.plan = resumed_plan(self.state, c, len(self.groups))
+            planned = sum(phase.epochs for phase in self.plan)
+            if self.state["epoch"] >= planned and (self.run_dir / "metrics.json").is_file():
+                raise UserError(
+                    f"'{self.run_dir}' is complete: it trained all {planned} epochs and was tested. To train it "
+                    f"longer: `transferkit train --resume {self.run_dir} --epochs {planned + 5}`; to re-test it: "
+                    f"`transferkit evaluate {self.run_dir}`."
+                )
             if self.changes and d.main:
                 self._save_config()
         else:
