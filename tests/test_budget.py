@@ -15,7 +15,8 @@ def test_layer_outputs_count_every_layer_at_batch_1_and_change_nothing():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
     assert budget.layer_outputs(model, torch.ones(1, 3, 16, 16)) == 4 * (8 * 16 * 16 * 4)  # 4 layers' outputs
-    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert model.training
+    assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN statistics untouched
 
 
@@ -24,10 +25,12 @@ def test_a_step_too_large_for_the_memory_is_named_before_training(shapes_dir, ti
     run = transferkit.train(data=str(shapes_dir), strategy="finetune", name="big", **tiny)
     said = capsys.readouterr().err
     assert "warning: a training step at micro-batch 8 needs about" in said, said
-    assert "and 1.0 MB (1,048,576 bytes) of memory are available" in said and "--accumulate 2" in said
+    assert "and 1.0 MB (1,048,576 bytes) of memory are available" in said
+    assert "--accumulate 2" in said
     estimates = json.loads((run.dir / "runtime.json").read_text())["estimates"]
     step = estimates["step_memory"]
-    assert step["activations"] > 0 and step["weights"] > 4 * 3_000_000  # lite0: 3.4 M parameters
+    assert step["activations"] > 0
+    assert step["weights"] > 4 * 3_000_000  # lite0: 3.4 M parameters
     assert estimates["memory_available"] == 2**20
     assert estimates["disk"]["run"]["best/ x2 while replaced"] >= 2 * step["weights"]
 

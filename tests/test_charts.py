@@ -69,4 +69,5 @@ def test_a_scatter_draws_one_dot_per_point_and_no_line():
     root = ElementTree.fromstring(
         chart([Series("source", [0.1, 0.5, 0.9], [1.0, -1.0, 0.0], "points")], "PC 1", "PC 2")
     )
-    assert len(root.findall(f"{SVG}g/{SVG}circle")) == 3 and not root.findall(f"{SVG}g/{SVG}polyline")
+    assert len(root.findall(f"{SVG}g/{SVG}circle")) == 3
+    assert not root.findall(f"{SVG}g/{SVG}polyline")

@@ -102,7 +102,8 @@ def test_exif_rotation_is_applied(messy_dir):
 
 def test_16_bit_images_are_scaled_not_clipped(messy_dir):
     pixels = np.asarray(open_image(messy_dir / "square" / "deep.png"), dtype=np.int16)[..., 0]
-    assert pixels.min() == 0 and pixels.max() == 255  # the full range survives
+    assert pixels.min() == 0
+    assert pixels.max() == 255  # the full range survives
     assert len(np.unique(pixels)) > 200  # a ramp, not a saturated block
     expected = np.round(np.linspace(0, 65535, 48 * 32).reshape(32, 48) / 65535 * 255)
     assert np.abs(pixels - expected).max() <= 1
@@ -111,7 +112,8 @@ def test_16_bit_images_are_scaled_not_clipped(messy_dir):
 def test_cmyk_and_alpha_become_plain_rgb(messy_dir):
     reference = np.asarray(_gradient(48, 32), dtype=np.int16)
     cmyk = open_image(messy_dir / "circle" / "cmyk.jpg")
-    assert cmyk.mode == "RGB" and np.abs(np.asarray(cmyk, dtype=np.int16) - reference).mean() < 6
+    assert cmyk.mode == "RGB"
+    assert np.abs(np.asarray(cmyk, dtype=np.int16) - reference).mean() < 6
     alpha = open_image(messy_dir / "square" / "alpha.png")
     # half-transparent on white: halfway between the colour and 255
     assert alpha.mode == "RGB"
@@ -135,17 +137,21 @@ def test_duplicate_content_across_splits_is_leakage_and_leaves_val_test(tmp_path
     data = load_data(str(root))
     assert str((root / "test" / "circle" / "copy.png").resolve()) not in {r for r, _ in data.splits["test"]}
     ((path, reason),) = data.skipped
-    assert path.endswith("test/circle/copy.png") and "leakage into test" in reason and "train/circle/0.png" in reason
+    assert path.endswith("test/circle/copy.png")
+    assert "leakage into test" in reason
+    assert "train/circle/0.png" in reason
 
 
 def test_check_command_lists_problems_and_exits_1(messy_dir, tmp_path):
     out = CliRunner().invoke(app, ["check", str(messy_dir)])
     assert out.exit_code == 1, out.output
-    assert "truncated.jpg" in out.output and "usable:" in out.output
+    assert "truncated.jpg" in out.output
+    assert "usable:" in out.output
     clean = make_folder(tmp_path / "clean", per_class=10)
     out = CliRunner().invoke(app, ["check", str(clean)])
     assert out.exit_code == 0, out.output
-    assert "0 file(s) left out" not in out.output and "usable: train 16, val 2, test 2" in out.output
+    assert "0 file(s) left out" not in out.output
+    assert "usable: train 16, val 2, test 2" in out.output
 
 
 def test_a_one_image_class_is_named_and_macro_f1_covers_the_classes_present(tmp_path, tiny, capsys):
@@ -159,7 +165,8 @@ def test_a_one_image_class_is_named_and_macro_f1_covers_the_classes_present(tmp_
         "(not validated and not scored)" in said
     ), said
     test = run.metrics["test"]
-    assert test["absent"] == ["triangle"] and set(test["per_class"]) == {"circle", "square"}
+    assert test["absent"] == ["triangle"]
+    assert set(test["per_class"]) == {"circle", "square"}
     assert test["macro_f1"] == pytest.approx(np.mean([m["f1"] for m in test["per_class"].values()]))
     assert "(no test images for triangle)" in said
 
@@ -174,7 +181,8 @@ def test_links_are_named_by_their_own_path_and_links_out_of_the_folder_are_liste
     link = str(root / "circle" / "link.png")
     assert followed.outside_links == [(link, str(outside))]
     refs = {ref for split in followed.splits.values() for ref, _ in split}
-    assert link in refs and str(outside) not in refs
+    assert link in refs
+    assert str(outside) not in refs
     out = CliRunner().invoke(app, ["check", str(root)])
     assert (
         f"link outside the folder (followed; --outside-links refuse leaves it out): {link} -> {outside}" in out.output

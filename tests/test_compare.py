@@ -58,9 +58,11 @@ def test_compare_runs_every_arm_on_the_same_split_and_writes_its_files(shapes_di
         assert abs(float(r["test_accuracy_mean"]) - sum(accs) / len(accs)) < 1e-9
     assert Image.open(study / "compare.png").size[0] > 100
     page = (study / "report.html").read_text()  # the study's report: every arm's accuracy, the plot embedded
-    assert page.count('class="arm-accuracy"') == len(result["arms"]) and "data:image/png;base64," in page
+    assert page.count('class="arm-accuracy"') == len(result["arms"])
+    assert "data:image/png;base64," in page
     assert not (study / "linear-probe-2shot-seed0" / "report.html").exists()  # arms skip their own
-    assert "linear-probe" in out.stdout and "±" in out.stdout
+    assert "linear-probe" in out.stdout
+    assert "±" in out.stdout
 
 
 def test_a_second_study_never_replaces_the_first(shapes_dir, tmp_path):
@@ -82,4 +84,5 @@ def test_compare_rejects_unknown_strategy(shapes_dir, tmp_path):
     out = CliRunner().invoke(
         app, ["compare", str(shapes_dir), "--strategies", "linear-probe,lpft", "--runs-dir", str(tmp_path)]
     )
-    assert out.exit_code != 0 and "Did you mean 'lp-ft'" in str(out.exception)
+    assert out.exit_code != 0
+    assert "Did you mean 'lp-ft'" in str(out.exception)

@@ -15,7 +15,8 @@ def test_flat_folders_get_a_stratified_seeded_split(tmp_path):
     a = load_data(str(root), seed=3)
     b = load_data(str(root), seed=3)
     c = load_data(str(root), seed=4)
-    assert a.splits == b.splits and a.splits != c.splits
+    assert a.splits == b.splits
+    assert a.splits != c.splits
     assert a.classes == ["circle", "square"]
     for split, n in (("train", 16), ("val", 2), ("test", 2)):
         assert a.counts(split) == {"circle": n, "square": n}
@@ -33,7 +34,9 @@ def test_train_val_test_folders_are_used_as_given(tmp_path):
 def test_missing_val_is_carved_from_train(tmp_path):
     root = make_folder(tmp_path / "d", per_class=10, splits=("train", "test"))
     data = load_data(str(root), val_fraction=0.2)
-    assert len(data.splits["val"]) == 4 and len(data.splits["train"]) == 16 and len(data.splits["test"]) == 20
+    assert len(data.splits["val"]) == 4
+    assert len(data.splits["train"]) == 16
+    assert len(data.splits["test"]) == 20
     assert "val carved from train" in data.how
 
 
@@ -91,7 +94,8 @@ def test_builtin_splits_are_fixed_and_documented():
 def test_texture_train_and_test_patches_come_from_disjoint_rows():
     arrays, splits = builtin.load("textures")
     rows = {s: {int(ref.split("/")[-1].split("-")[0]) for ref, _ in v} for s, v in splits.items()}
-    assert rows["train"] == {0, 1, 2, 3} and rows["test"] == {5, 6, 7, 8}
+    assert rows["train"] == {0, 1, 2, 3}
+    assert rows["test"] == {5, 6, 7, 8}
     assert all(a.shape == (56, 56) for a in arrays.values())
 
 
@@ -109,7 +113,8 @@ def test_cifar10_python_batches(tmp_path):
         )
     data = load_data(f"cifar10:{tmp_path}", val_fraction=0.1)
     assert data.classes == ["cat", "dog"]
-    assert len(data.splits["test"]) == 4 and len(data.splits["train"]) + len(data.splits["val"]) == 20
+    assert len(data.splits["test"]) == 4
+    assert len(data.splits["train"]) + len(data.splits["val"]) == 20
     assert data.read(data.splits["test"][0][0]).size == (32, 32)
 
 
@@ -163,4 +168,5 @@ def test_seeded_draws_what_manual_seed_draws_and_gives_the_callers_streams_back(
         got = (torch.rand(4), torch.randint(0, 100, (3,)))
     assert all(torch.equal(a, b) for a, b in zip(got, want))  # the CPU stream torch.manual_seed(7) gives
     after = (torch.rand(2), random.random(), np.random.rand())
-    assert torch.equal(after[0], callers[0]) and after[1:] == callers[1:]  # the block left the callers' alone
+    assert torch.equal(after[0], callers[0])
+    assert after[1:] == callers[1:]  # the block left the callers' alone

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_resume import assert_same_weights, weights
+from helpers import assert_same_weights, weights
 
 import transferkit
 import transferkit.models.task as task_module
@@ -171,7 +171,8 @@ def test_nan_loss_stops_naming_the_step_and_files_and_best_stays_finite(shapes_d
 def test_nan_policy_skip_skips_the_step_and_finishes(shapes_dir, tiny, monkeypatch):
     _head_returns_nan_at(monkeypatch, call=6)
     run = transferkit.train(data=str(shapes_dir), nan_policy="skip", **{**tiny, "epochs": 3, "batch_size": 4})
-    assert run.metrics["nan_skipped_steps"] == 1 and run.metrics["epochs_run"] == 3
+    assert run.metrics["nan_skipped_steps"] == 1
+    assert run.metrics["epochs_run"] == 3
     assert all(
         math.isfinite(v)
         for v in torch.load(run.dir / "last.ckpt", weights_only=True)["model"]["head.1.weight"].flatten().tolist()
@@ -194,7 +195,8 @@ def test_out_of_memory_saves_the_last_whole_step_and_says_how_to_go_on(shapes_di
     assert (state["epoch"], state["step"]) == (1, 1)
     monkeypatch.undo()
     resumed = transferkit.train(resume=run_dir, accumulate=2)
-    assert resumed.metrics["epochs_run"] == 3 and resumed.config.accumulate == 2
+    assert resumed.metrics["epochs_run"] == 3
+    assert resumed.config.accumulate == 2
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 3
 
 
@@ -289,4 +291,5 @@ def test_a_full_disk_while_rewriting_metrics_keeps_the_old_file_and_no_temp(tmp_
     with pytest.raises(DiskFull, match="metrics.json"):
         files.write_text(path, '{"epoch": 2, "best": 0.5}')
     monkeypatch.undo()
-    assert path.read_text() == '{"epoch": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+    assert path.read_text() == '{"epoch": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]

@@ -36,7 +36,8 @@ def test_cached_features_train_the_same_head_as_the_backbone_on_the_same_batches
     direct = transferkit.train(name="direct", feature_cache=False, **common)
     cached = transferkit.train(name="cached", feature_cache=True, **common)
     a, b = _head(direct), _head(cached)
-    assert a.keys() == b.keys() and a
+    assert a.keys() == b.keys()
+    assert a
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     assert cached.metrics["test"]["accuracy"] == direct.metrics["test"]["accuracy"]
@@ -83,7 +84,8 @@ def test_the_cache_holds_what_the_backbone_computes_at_the_run_precision(
     got = torch.from_numpy(np.load(path))
     distance = torch.cdist(got, want) / want.norm(dim=1).mean()  # cached x direct
     mean, worst = MAX_REL_L2[precision]
-    assert distance.diagonal().mean().item() <= mean and distance.diagonal().max().item() <= worst, distance.diagonal()
+    assert distance.diagonal().mean().item() <= mean, distance.diagonal()
+    assert distance.diagonal().max().item() <= worst, distance.diagonal()
     assert torch.equal(distance.argmin(1), torch.arange(len(got)))  # each row is its own image, in order
 
 
@@ -116,7 +118,8 @@ def test_feature_views_cache_distinct_augmented_views(shapes_dir, tiny, tmp_path
     transferkit.train(data=str(shapes_dir), strategy="linear-probe", feature_views=3, cache_dir=str(cache), **tiny)
     arrays = [np.load(cache / "features" / name) for name in _cached(cache)]
     views = next(a for a in arrays if a.ndim == 3)
-    assert views.shape[0] == 3 and views.shape[1] == 16
+    assert views.shape[0] == 3
+    assert views.shape[1] == 16
     assert not np.allclose(views[0], views[1])  # different augmentations
 
 
@@ -143,7 +146,8 @@ def test_image_cache_gives_the_pixels_of_direct_decoding(tmp_path):
     )
     config = TrainConfig(cache_dir=str(tmp_path / "cache"), workers=0)
     images = cached_images(data, "train", prep, config, Reporter(silent=True))
-    assert images.shape == (12, cache_size(prep), cache_size(prep), 3) and images.dtype == np.uint8
+    assert images.shape == (12, cache_size(prep), cache_size(prep), 3)
+    assert images.dtype == np.uint8
     direct = ImageDataset(data, "train", eval_transform(prep), min_side=prep.resize)  # as every reader does
     cached = ImageDataset(data, "train", eval_transform(prep, resized=True), images=images)
     for i in range(len(direct)):
@@ -188,8 +192,10 @@ def test_cache_hit_miss_and_rebuild_of_damaged_caches_train_identically(shapes_d
     listed = CliRunner().invoke(app, ["cache", "--cache-dir", str(cache)])
     assert f"{cache / 'features'}: 4 file(s)" in listed.output, listed.output  # train and val: .npy and .json
     cleared = CliRunner().invoke(app, ["cache", "--cache-dir", str(cache), "--clear"])
-    assert cleared.exit_code == 0 and "freed" in cleared.output
-    assert not (cache / "features").exists() and not (cache / "images").exists()
+    assert cleared.exit_code == 0
+    assert "freed" in cleared.output
+    assert not (cache / "features").exists()
+    assert not (cache / "images").exists()
 
 
 @pytest.mark.parametrize("fails", ["record", "rename"])
@@ -213,5 +219,7 @@ def test_a_cache_filled_but_not_sealed_is_kept_in_memory(tmp_path, monkeypatch, 
 
     kept = cachefiles.build_cache(Dist(), path, (4, 3), np.float32, fill, {"key": 1}, said.append)
     assert np.array_equal(kept, np.arange(12, dtype=np.float32).reshape(4, 3))
-    assert len(said) == 1 and "cannot write the cache file" in said[0] and "the disk is full" in said[0]
+    assert len(said) == 1
+    assert "cannot write the cache file" in said[0]
+    assert "the disk is full" in said[0]
     assert sorted(p.name for p in path.parent.iterdir() if p.suffix == ".npy" or p.name.endswith(".tmp")) == []

@@ -32,4 +32,5 @@ def test_metrics_equal_scikit_learns(seed):
 
 def test_no_labels_give_nan_accuracy():
     got = classification_metrics(np.array([], np.int64), np.array([], np.int64), ["a", "b"])
-    assert np.isnan(got["accuracy"]) and got["n"] == 0
+    assert np.isnan(got["accuracy"])
+    assert got["n"] == 0

@@ -40,15 +40,21 @@ def _images(run) -> list[str]:
 def test_saved_model_agrees_with_pytorch_on_any_batch_and_predict_runs_it(run):
     result = export(run.dir, "saved_model")
     folder = Path(result["path"])
-    assert folder.name == "saved_model" and (folder / "saved_model.pb").is_file() and not list(folder.glob("*.tflite"))
-    assert result["max_abs_logit_diff"] <= 1e-3 and result["top1_agreement"] == 1.0
+    assert folder.name == "saved_model"
+    assert (folder / "saved_model.pb").is_file()
+    assert not list(folder.glob("*.tflite"))
+    assert result["max_abs_logit_diff"] <= 1e-3
+    assert result["top1_agreement"] == 1.0
     record = json.loads((run.dir / "export" / "model.json").read_text())
-    assert record["format"] == "saved_model" and record["input"]["shape"] == ["batch", 32, 32, 3]  # NHWC
+    assert record["format"] == "saved_model"
+    assert record["input"]["shape"] == ["batch", 32, 32, 3]  # NHWC
     files = _images(run)
     served, torch_clf = transferkit.load(run.dir, backend="saved_model"), transferkit.load(run.dir, precision="fp32")
     want = torch_clf.predict_proba(files)
     got = served.predict_proba(files)  # one batch of 20
-    assert len(files) == 20 and (got.argmax(1) == want.argmax(1)).all() and np.abs(got - want).max() < 1e-3
+    assert len(files) == 20
+    assert (got.argmax(1) == want.argmax(1)).all()
+    assert np.abs(got - want).max() < 1e-3
     one = np.concatenate([served.predict_proba([file]) for file in files[:3]])  # a batch of one image each
     assert np.abs(one - want[:3]).max() < 1e-3  # no row depends on another (onnx2tf once averaged over the batch)
     flip = served.predict_proba(files[:4], tta="flip")
@@ -59,7 +65,8 @@ def test_saved_model_with_preprocessing_takes_raw_images_of_any_size(run, tmp_pa
     from scipy.special import softmax
 
     result = export(run.dir, "saved_model", with_preprocessing=True)
-    assert result["top1_agreement"] == 1.0 and result["max_abs_logit_diff"] <= 5e-2
+    assert result["top1_agreement"] == 1.0
+    assert result["max_abs_logit_diff"] <= 5e-2
     files = []
     for i, path in enumerate(_images(run)[:3]):  # other sizes than the 40x40 training images
         out = tmp_path / f"odd{i}.png"

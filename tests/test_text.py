@@ -43,7 +43,8 @@ def test_a_csv_with_bad_rows_keeps_the_good_ones_and_lists_the_rest(tmp_path):
         ],
     )
     data = load_data(str(table))
-    assert data.kind == "text" and data.classes == ["food", "tech"]
+    assert data.kind == "text"
+    assert data.classes == ["food", "tech"]
     assert {s: len(v) for s, v in data.splits.items()} == {"train": 4, "val": 1, "test": 1}
     assert data.read(data.splits["train"][3][0]) == "the disk, full again"  # quoted comma kept
     reasons = {ref.rsplit(":", 1)[1]: why for ref, why in data.skipped}
@@ -88,7 +89,8 @@ def test_folders_of_txt_files_are_text_and_bad_files_are_listed(tmp_path):
             (tmp_path / "d" / label / f"{i}.txt").write_text(text)
     (tmp_path / "d" / "neg" / "latin.txt").write_bytes(b"mauvais caf\xe9")
     data = load_data(str(tmp_path / "d"), val_fraction=0.0, test_fraction=0.0)
-    assert data.kind == "text" and sorted(data.read(r) for r, _ in data.splits["train"]) == [
+    assert data.kind == "text"
+    assert sorted(data.read(r) for r, _ in data.splits["train"]) == [
         "awful",
         "bad",
         "fine",
@@ -104,7 +106,8 @@ def test_builtin_fortunes_is_a_fixed_real_split():
         "builtin:fortunes needs Debian's fortunes package (`make` and .ci/run install it)",
     )
     data = load_data("builtin:fortunes")
-    assert data.kind == "text" and data.classes == list(builtin.FORTUNE_TOPICS)
+    assert data.kind == "text"
+    assert data.classes == list(builtin.FORTUNE_TOPICS)
     assert {s: len(v) for s, v in data.splits.items()} == {"train": 472, "val": 67, "test": 135}
     assert data.splits == load_data("builtin:fortunes", seed=5).splits  # the seed never moves it
     assert all(data.read(ref).strip() for ref, _ in data.splits["test"])
@@ -208,7 +211,8 @@ def test_finetune_trains_the_top_blocks_and_the_bundle_reloads_it(topics_csv):
     run = _text_run(topics_csv, "ft", strategy="finetune", epochs=1, lr=1e-4)
     model, _ = load_bundle(run.best)
     groups = layer_groups(model.backbone)
-    assert len(groups) == 7 and groups[0][0].startswith("encoder.embeddings")  # embeddings + 6 blocks
+    assert len(groups) == 7
+    assert groups[0][0].startswith("encoder.embeddings")  # embeddings + 6 blocks
     fresh = build_text_classifier("all-minilm-l6-v2", "auto", len(TOPICS), 48, "linear", 8, 0.0)[0]
     after, before = model.backbone.state_dict(), fresh.backbone.state_dict()
     changed = {
@@ -286,7 +290,8 @@ def test_two_processes_fine_tune_a_text_model(topics_csv, tmp_path):
         "backbone.encoder.encoder.layer.5.output.dense.weight",
         "backbone.encoder.embeddings.word_embeddings.weight",
     )
-    assert not torch.equal(trained[top], fresh[top]) and torch.equal(trained[bottom], fresh[bottom])
+    assert not torch.equal(trained[top], fresh[top])
+    assert torch.equal(trained[bottom], fresh[bottom])
 
 
 @needs_minilm
@@ -312,7 +317,8 @@ def test_a_text_study_leaves_image_settings_out_and_training_refuses_mixup(tmp_p
     from transferkit.tuning.space import space_for
 
     fields = {d.field for d in space_for(None, set(TASKS["text"].unused), TrainConfig())}
-    assert "mixup" not in fields and {"strategy", "lr"} <= fields
+    assert "mixup" not in fields
+    assert {"strategy", "lr"} <= fields
     assert "mixup" in {d.field for d in space_for(None, set(TASKS["image"].unused), TrainConfig())}
     table = _write_table(tmp_path / "t.csv", [b"text,label"] + [f"text {i},{'ab'[i % 2]}".encode() for i in range(8)])
     with pytest.raises(UserError, match="--mixup and --cutmix blend images; this data is text"):

@@ -43,12 +43,17 @@ def _test_images(run, n: int | None = None) -> list:
 
 def test_fp32_tflite_agrees_with_pytorch_and_predict_runs_it(run):
     result = export(run.dir, "tflite")
-    assert Path(result["path"]).name == "model.tflite" and result["precision"] == "fp32"
-    assert result["max_abs_logit_diff"] <= 1e-3 and result["top1_agreement"] == 1.0 and result["images"] == 32
+    assert Path(result["path"]).name == "model.tflite"
+    assert result["precision"] == "fp32"
+    assert result["max_abs_logit_diff"] <= 1e-3
+    assert result["top1_agreement"] == 1.0
+    assert result["images"] == 32
     images = _test_images(run)  # the whole test split: top-1 the same on >= 99 % of it
     lite, torch_clf = transferkit.load(run.dir, backend="tflite"), transferkit.load(run.dir, precision="fp32")
     got, want = lite.predict_proba(images), torch_clf.predict_proba(images)
-    assert len(images) > 300 and (got.argmax(1) == want.argmax(1)).mean() >= 0.99 and np.abs(got - want).max() < 1e-3
+    assert len(images) > 300
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.99
+    assert np.abs(got - want).max() < 1e-3
     flip = lite.predict_proba(images[:8], tta="flip")  # TTA as the other backends
     assert np.abs(flip - torch_clf.predict_proba(images[:8], tta="flip")).max() < 1e-3
 
@@ -59,12 +64,15 @@ def test_int8_reports_its_test_accuracy_change_and_is_a_quarter_of_the_size(run)
     assert "(int8), change" in result.output
     record = json.loads((run.dir / "export" / "model.json").read_text())
     accuracy = record["parity"]["test_accuracy"]
-    assert record["file"] == "model_int8.tflite" and accuracy["images"] > 300
-    assert accuracy["change"] >= -0.02 and accuracy["pytorch"] > 0.8  # within 2 points of the PyTorch model
+    assert record["file"] == "model_int8.tflite"
+    assert accuracy["images"] > 300
+    assert accuracy["change"] >= -0.02
+    assert accuracy["pytorch"] > 0.8  # within 2 points of the PyTorch model
     int8 = run.dir / "export" / "model_int8.tflite"
     assert int8.stat().st_size < 0.4 * (run.dir / "export" / "model.tflite").stat().st_size
     proba = transferkit.load(run.dir, backend="tflite-int8").predict_proba(_test_images(run, 8))
-    assert proba.shape == (8, 10) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    assert proba.shape == (8, 10)
+    assert np.allclose(proba.sum(1), 1, atol=1e-5)
 
 
 def test_tflite_mistakes_are_named(run, tmp_path, monkeypatch):
@@ -73,7 +81,8 @@ def test_tflite_mistakes_are_named(run, tmp_path, monkeypatch):
     with pytest.raises(transferkit.UserError, match="transferkit export .* --format tflite --fp16"):
         transferkit.load(tmp_path, backend="tflite-fp16")
     result = CliRunner().invoke(app, ["export", str(run.dir), "--format", "tflite", "--fp16", "--int8"])
-    assert result.exit_code != 0 and "exclude each other" in str(result.exception)
+    assert result.exit_code != 0
+    assert "exclude each other" in str(result.exception)
     import importlib.util
 
     real = importlib.util.find_spec

@@ -76,7 +76,8 @@ def test_hub_cache_weights_give_torchvision_features(hub, name):
     reference = _features_of(reference)
     model, record, prep = build_classifier(name, "auto", 10)
     version = torchvision_weights(name)[-1][0]
-    assert record["weights"] == f"torch hub cache {file}" and record["arch"] == tagged(CLASSICS[name].arch, version)
+    assert record["weights"] == f"torch hub cache {file}"
+    assert record["arch"] == tagged(CLASSICS[name].arch, version)
     transforms = torchvision.models.get_model_weights(name)[version].transforms()
     assert (prep.img_size, prep.resize, prep.interpolation) == (
         transforms.crop_size[0],
@@ -91,9 +92,11 @@ def test_hub_cache_weights_give_torchvision_features(hub, name):
     with torch.no_grad():
         want = reference(normalised(transforms.mean, transforms.std))
         got = model.backbone.eval()(normalised(prep.mean, prep.std))
-    assert got.shape == want.shape and (got - want).abs().max().item() <= 1e-4
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 1e-4
     groups = layer_groups(model.backbone)  # timm's group_matcher: partial freezing and layer-wise LR work on it
-    assert len(groups) >= 4 and sum(map(len, groups)) == len(list(model.backbone.parameters()))
+    assert len(groups) >= 4
+    assert sum(map(len, groups)) == len(list(model.backbone.parameters()))
 
 
 @pytest.mark.parametrize(
@@ -109,7 +112,7 @@ def test_train_finds_torchvision_weights_and_says_where_they_are_missing(hub, sh
     assert meta["architecture"]["weights"] == f"torch hub cache {file}"
     assert f"{name} (torch hub cache {file})" in capsys.readouterr().err
     assert meta["architecture"]["arch"] == tagged(CLASSICS[name].arch, torchvision_weights(name)[-1][0])
-    assert run.metrics["test"]["accuracy"] is not None
+    assert run.metrics["test"]["accuracy"] == pytest.approx(transferkit.evaluate(run.dir)["accuracy"])
     assert not any("AuxLogits" in key for key in load_file(str(run.best / "model.safetensors")))
 
 
@@ -118,7 +121,8 @@ def test_inception_exports_to_onnx_without_its_auxiliary_head(hub, shapes_dir, t
     _torchvision_in_cache("inception_v3", hub)
     run = transferkit.train(data=str(shapes_dir), model="inception_v3", **{**tiny, "img_size": 80})
     exported = export(run.dir, "onnx")  # raises if ONNX Runtime disagrees with PyTorch beyond 1e-4 (~15 s)
-    assert exported["max_abs_logit_diff"] <= 1e-4 and exported["top1_agreement"] == 1.0
+    assert exported["max_abs_logit_diff"] <= 1e-4
+    assert exported["top1_agreement"] == 1.0
 
 
 def test_the_newest_torchvision_weights_win_and_bring_their_transforms(hub):
@@ -130,10 +134,11 @@ def test_the_newest_torchvision_weights_win_and_bring_their_transforms(hub):
     assert torchvision_file("resnet50.tv_in1k") == (hub / "resnet50-0676ba61.pth", "IMAGENET1K_V1")
     v2 = torchvision_preprocessing("resnet50", "IMAGENET1K_V2")
     assert (v2["img_size"], round(224 / v2["crop_pct"])) == (224, 232)  # V2: resize 232, crop 224
-    assert torchvision_file("resnet50.a1_in1k") is None and torchvision_file("tv_mobilenet_v2") is None
+    assert torchvision_file("resnet50.a1_in1k") is None
+    assert torchvision_file("tv_mobilenet_v2") is None
+    assert tagged("resnet50", "IMAGENET1K_V2") == "resnet50.tv2_in1k"
     assert (
-        tagged("resnet50", "IMAGENET1K_V2") == "resnet50.tv2_in1k"
-        and tagged("efficientnet_b0", "IMAGENET1K_V1") == "efficientnet_b0"
+        tagged("efficientnet_b0", "IMAGENET1K_V1") == "efficientnet_b0"
     )  # timm's efficientnet_b0 has no tag for torchvision's weights: the same architecture
 
 
@@ -149,7 +154,8 @@ def test_imagenet_downloads_torchvision_weights_into_the_hub_cache(hub, tmp_path
     served = saved.rename(tmp_path / f"mobilenet_v3_small-{digest}.pth")
     monkeypatch.setattr(tvmodels, "torchvision_weights", lambda name: [("IMAGENET1K_V1", served.as_uri())])
     _, record, _ = build_classifier("mobilenet_v3_small", "imagenet", 3)
-    assert record["weights"] == f"torch hub cache {hub / served.name}" and (hub / served.name).is_file()
+    assert record["weights"] == f"torch hub cache {hub / served.name}"
+    assert (hub / served.name).is_file()
     bad = tmp_path / "mobilenet_v3_small-00000000.pth"
     bad.write_bytes(served.read_bytes())
     monkeypatch.setattr(tvmodels, "torchvision_weights", lambda name: [("IMAGENET1K_V1", bad.as_uri())])
@@ -179,8 +185,11 @@ def test_torchvision_files_given_by_path_with_one_channel_sorted_keys_or_other_c
 
     reference, file = _torchvision_in_cache("mobilenet_v2", tmp_path)
     model, record, prep = build_classifier("mobilenet_v2", str(file), 3, in_chans=1)
-    assert record["weights"] == f"file {file}" and record["arch"] == "tv_mobilenet_v2.tv2_in1k"
-    assert model.backbone.conv_stem.weight.shape[1] == 1 and len(prep.mean) == 1 and prep.resize == 232
+    assert record["weights"] == f"file {file}"
+    assert record["arch"] == "tv_mobilenet_v2.tv2_in1k"
+    assert model.backbone.conv_stem.weight.shape[1] == 1
+    assert len(prep.mean) == 1
+    assert prep.resize == 232
     want = build_classifier("mobilenet_v2", str(file), 3)[0].backbone.state_dict()
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "sorted.safetensors")
     reference.classifier[1] = torch.nn.Linear(1280, 7)

@@ -48,14 +48,17 @@ def test_a_study_finishes_continues_and_its_best_config_trains_to_the_same_score
     assert summary["feature_cache"]["hits"] > 0  # probe phases shared the features extracted once
 
     best = json.loads((folder / "best.json").read_text())
-    assert best["test"]["n"] == 80 and 0.0 <= best["test"]["accuracy"] <= 1.0  # scored once, at the end
+    assert best["test"]["n"] == 80
+    assert 0.0 <= best["test"]["accuracy"] <= 1.0  # scored once, at the end
     assert json.loads(out.stdout.strip().splitlines()[-1])["best_trial"] == best["trial"]
     config = TrainConfig.load(folder / "best.yaml")
-    assert config.runs_dir == str(tmp_path) and config.split_file == str(folder / "split.json")
+    assert config.runs_dir == str(tmp_path)
+    assert config.split_file == str(folder / "split.json")
     run = transferkit.train(config.replace(name="again", quiet=True, html_report=False))
     assert run.metrics["best"]["val_accuracy"] == pytest.approx(best["val_accuracy"], abs=1e-12)
     page = (folder / "report.html").read_text()
-    assert "data:image/png;base64," in page and page.count("<tr>") == len(summary["trials"]) + 1
+    assert "data:image/png;base64," in page
+    assert page.count("<tr>") == len(summary["trials"]) + 1
 
 
 def test_fixed_options_leave_the_space_and_refused_combinations_fail_alone(tmp_path):
@@ -68,7 +71,8 @@ def test_fixed_options_leave_the_space_and_refused_combinations_fail_alone(tmp_p
     assert all("lr" not in t["params"] for t in summary["trials"])  # --lr fixed it
     for t in summary["trials"]:
         if t["params"] == {"strategy": "lp-ft", "epochs": 1}:  # lp-ft needs 2 epochs: failed, with the reason
-            assert t["state"] == "fail" and "lp-ft needs a probe and a fine-tune phase" in t["error"]
+            assert t["state"] == "fail"
+            assert "lp-ft needs a probe and a fine-tune phase" in t["error"]
         else:
             assert t["state"] == "complete"
     assert summary["finished"] == 3
@@ -113,12 +117,17 @@ def test_bad_input_is_refused_before_any_trial_runs(tmp_path):
 
     (tmp_path / "bad.yaml").write_text("search:\n  strategy: [finetune, lpft]\n")
     out = cli("--trials", "2", "--config", str(tmp_path / "bad.yaml"))
-    assert out.returncode == 2 and "'lpft' is refused" in out.stderr and "Did you mean 'lp-ft'" in out.stderr
-    assert not (tmp_path / "s" / "trials").exists() and "Traceback" not in out.stderr
+    assert out.returncode == 2
+    assert "'lpft' is refused" in out.stderr
+    assert "Did you mean 'lp-ft'" in out.stderr
+    assert not (tmp_path / "s" / "trials").exists()
+    assert "Traceback" not in out.stderr
     out = cli("--trials", "0")
-    assert out.returncode == 2 and "--trials must be at least 1; got 0" in out.stderr
+    assert out.returncode == 2
+    assert "--trials must be at least 1; got 0" in out.stderr
     out = cli("--trials", "2", "--pruner", "asha")
-    assert out.returncode == 2 and "--pruner must be one of median, hyperband, none" in out.stderr
+    assert out.returncode == 2
+    assert "--pruner must be one of median, hyperband, none" in out.stderr
 
 
 def test_models_are_ranked_first_and_the_top_k_searched(tmp_path):
@@ -142,7 +151,8 @@ def test_models_are_ranked_first_and_the_top_k_searched(tmp_path):
         assert t["feature_cache"][0] >= 1
     assert "strategy" not in summary["trials"][0]["params"]
     out = tune(tmp_path, "--trials", "2", "--model", "efficientnet_lite0", "--models", "auto")
-    assert isinstance(out.exception, UserError) and "give one of them" in str(out.exception)
+    assert isinstance(out.exception, UserError)
+    assert "give one of them" in str(out.exception)
 
 
 def test_seeds_per_trial_average_their_runs(tmp_path):
@@ -162,4 +172,5 @@ def test_seeds_per_trial_average_their_runs(tmp_path):
 def test_a_storage_that_cannot_be_opened_is_one_clear_error(tmp_path):
     out = tune(tmp_path, "--trials", "1", "--storage", "postgresql+psycopg2://u:secret@127.0.0.1:1/none")
     assert isinstance(out.exception, UserError), out.output
-    assert "Cannot open the study's storage" in str(out.exception) and "secret" not in str(out.exception)
+    assert "Cannot open the study's storage" in str(out.exception)
+    assert "secret" not in str(out.exception)

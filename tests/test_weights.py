@@ -24,9 +24,11 @@ def test_bundled_lite0_is_imagenet_trained(size):
     from skimage.data import chelsea
 
     model, arch, found = create_backbone("efficientnet_lite0", "auto", 3, None)
-    assert arch == "tf_efficientnet_lite0" and str(found).startswith("bundled")
+    assert arch == "tf_efficientnet_lite0"
+    assert str(found).startswith("bundled")
     prep = preprocessing_for(model, 3, size)
-    assert prep.mean == (0.5, 0.5, 0.5) and prep.std == (0.5, 0.5, 0.5)  # TF-style, from timm's config
+    assert prep.mean == (0.5, 0.5, 0.5)
+    assert prep.std == (0.5, 0.5, 0.5)  # TF-style, from timm's config
     x = eval_transform(prep)(Image.fromarray(chelsea())).unsqueeze(0)
     with torch.no_grad():
         top1 = model.eval()(x).argmax(1).item()
