@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_folder
-from test_resume import SignalAt, assert_same_weights, weights
+from helpers import SignalAt, assert_same_weights, weights
 
 import transferkit
 from transferkit.core.errors import UserError

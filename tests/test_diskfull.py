@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_folder, need
-from test_resume import assert_same_weights, weights
+from helpers import assert_same_weights, weights
 
 
 def _can_mount() -> str | None:

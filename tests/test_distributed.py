@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 from conftest import make_folder
-from test_resume import assert_same_weights, weights
+from helpers import assert_same_weights, weights
 
 import transferkit
 from transferkit.core.distributed import Dist, check_batch, scaled_lr

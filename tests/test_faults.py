@@ -138,7 +138,9 @@ def _head_returns_nan_at(monkeypatch, call: int):
 
 
 def _head_fault_at(monkeypatch, call: int, fault):
-    """The head's `call`-th training forward pass returns `fault(output)` (which may raise)."""
+    """The head's `call`-th training forward pass returns `fault(output)` (which may raise): a hook on its
+    last linear layer, whose output is the logits (the objective runs the head in two parts, to keep the
+    pre-logit features for its terms)."""
     real = task_module.build_classifier
     calls = [0]
 
@@ -147,13 +149,13 @@ def _head_fault_at(monkeypatch, call: int, fault):
 
         def hook(module, inputs, output):
             # the model's own head: precision auto's timing probe trains a deep copy, hooks and all
-            if module is model.head and module.training:
+            if module is model.head[-1] and module.training:
                 calls[0] += 1
                 if calls[0] == call:
                     return fault(output)
             return output
 
-        model.head.register_forward_hook(hook)
+        model.head[-1].register_forward_hook(hook)
         return model, record, prep
 
     monkeypatch.setattr(task_module, "build_classifier", build)

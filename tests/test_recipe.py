@@ -4,7 +4,7 @@ pruner) and an extra loss term on batches of its own loader (domain adaptation).
 import json
 
 import torch
-from test_resume import assert_same_weights, weights
+from helpers import assert_same_weights, weights
 
 import transferkit
 from transferkit.data.sources import load_data

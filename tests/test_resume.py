@@ -1,16 +1,15 @@
 """Exact resume: at phase boundaries, inside phases, in the middle of an epoch, with 0 or 2 workers."""
 
 import json
-import os
 import signal
 
 import pytest
 import torch
+from helpers import SignalAt, assert_same_weights, weights
 
 import transferkit
-import transferkit.training.phases as phases
+import transferkit.training.recipe as recipe_module
 from transferkit.core.errors import UserError
-from transferkit.core.progress import Reporter
 from transferkit.training.preempt import Preempted
 
 
@@ -20,43 +19,14 @@ class _Died(Exception):
 
 def _die_after_checkpoint(monkeypatch, epoch: int, step: int = 0):
     """Make the run die right after it writes the checkpoint at (epoch epochs done, step batches)."""
-    real = phases.save_checkpoint
+    real = recipe_module.save_checkpoint
 
     def save_then_maybe_die(path, state):
         real(path, state)
         if (state["epoch"], state["step"]) == (epoch, step):
             raise _Died
 
-    monkeypatch.setattr(phases, "save_checkpoint", save_then_maybe_die)
-
-
-class SignalAt(Reporter):
-    """A silent display that sends this process `signum` during training batch number `at`."""
-
-    def __init__(self, at: int, signum: int = signal.SIGTERM):
-        super().__init__(silent=True)
-        self.at, self.signum, self.count = at, signum, 0
-
-    def batch(self, *args) -> None:
-        self.count += 1
-        if self.count == self.at:
-            os.kill(os.getpid(), self.signum)
-
-
-def weights(run_dir):
-    return torch.load(run_dir / "last.ckpt", weights_only=True)["model"]
-
-
-def assert_same_weights(a, b, atol: float = 0.0):
-    """Bit-identical tensors, or within `atol` (floating point ones)."""
-    assert a.keys() == b.keys()
-
-    def same(x, y):
-        return torch.equal(x, y) if not atol or not x.is_floating_point() else torch.allclose(x, y, rtol=0, atol=atol)
-
-    assert all(same(a[k], b[k]) for k in a), [(k, float((a[k] - b[k]).abs().max())) for k in a if not same(a[k], b[k])][
-        :5
-    ]
+    monkeypatch.setattr(recipe_module, "save_checkpoint", save_then_maybe_die)
 
 
 @pytest.mark.parametrize("stop_after", [1, 2])  # 1: a phase boundary of gradual; 2: inside the last phase

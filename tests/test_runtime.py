@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_weights, weights
 from PIL import Image
-from test_resume import assert_same_weights, weights
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 

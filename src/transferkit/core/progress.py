@@ -51,7 +51,8 @@ class Reporter:
         self._batches = self._progress.add_task(description, total=n_batches, stats="")
 
     def advance(self, batches: int) -> None:
-        """Count batches done before this process started (a mid-epoch resume)."""
+        """Count batches done without stats: before this process started (a mid-epoch resume), or a pass
+        that trains nothing (a cache being built)."""
         if self._progress is not None and batches:
             self._progress.update(self._batches, advance=batches)
 

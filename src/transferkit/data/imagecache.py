@@ -68,6 +68,6 @@ def cached_images(data: Data, split: str, prep: Preprocessing, config, report, d
         report.start_epoch(f"decode {split}", len(loader))
         for images, _, index in loader:
             array[index.numpy()] = images.permute(0, 2, 3, 1).numpy()
-            report.batch(0.0, 0.0, 0.0)
+            report.advance(1)
 
     return build_cache(d, path, (len(dataset), size, size, config.in_chans), np.uint8, fill, key_fields, report.info)

@@ -137,7 +137,7 @@ def extract(
             net = fold_batchnorm(backbone, images[:2])
         with rt.autocast("infer"):
             out.append(net(images).float().cpu())
-        report.batch(0.0, 0.0, 0.0)
+        report.advance(1)
     backbone.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 

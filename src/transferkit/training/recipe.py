@@ -1,25 +1,31 @@
 """`transferkit.train`: a run as its steps, in order — set up, build data, build the model, plan the
-phases, prepare the runtime, write the run files, build loaders and losses, find the LR (auto), restore
-a checkpoint, train the phases (see `phases`; one epoch: `epoch`), test, save.
+phases, prepare the runtime, write the run files, build loaders and the objective, find the LR (auto),
+restore a checkpoint, train the phases (each epoch: `epoch.train_one_epoch` over the task's objective,
+then validate, keep the best, checkpoint), test, save.
 
-No callbacks and no trainer hierarchy: `Recipe`'s methods are the steps, each short, sharing the run's
-state on the recipe. The run directory holds config.yaml, split.json, classes.json, plan.json,
+No callbacks and no trainer hierarchy: `Recipe` owns the run's state and its methods are the steps, in
+the order they run, each short. The run directory holds config.yaml, split.json, classes.json, plan.json,
 metrics.jsonl (one row per epoch), metrics.json (final), last.ckpt (state to continue from, see
 `checkpoint`), best/ (the bundle), top/ (with keep_top_k) and skipped.txt (files left out, see `check`).
 
-Long module: a run's steps read in one place, in the order they run.
+Long module: one owner of a run's state, read top to bottom as setup, the loop, checkpoint and save (the
+shape of torchtune's single-device recipes); split, it was a loop object reaching into the recipe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import math
 import shutil
+import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from transferkit.core import distributed
@@ -37,20 +43,62 @@ from transferkit.deploy.bundle import load_bundle, save_bundle
 from transferkit.evaluation.passes import evaluate_loader
 from transferkit.evaluation.report import build_report, save_predictions
 from transferkit.models.classifier import layer_groups
+from transferkit.models.features import feature_loaders
 from transferkit.models.objective import Term
 from transferkit.models.task import Task, task_for
 from transferkit.training import budget
 from transferkit.training.adapt import adaptation_for, saved_terms, select_rule
 from transferkit.training.board import Board
-from transferkit.training.checkpoint import load_resume, resumed_plan, set_rng_state
-from transferkit.training.epoch import EpochSums
+from transferkit.training.checkpoint import get_rng_state, load_resume, resumed_plan, save_checkpoint, set_rng_state
+from transferkit.training.epoch import EpochContext, EpochSums, Guard, Update, out_of_memory_stops, train_one_epoch
 from transferkit.training.lrfind import RULE as LR_RULE
 from transferkit.training.lrfind import lr_find
-from transferkit.training.phases import EpochLoop, Progress
+from transferkit.training.optim import make_optimizer, warmup_cosine
 from transferkit.training.precision import runtime_for, serving_check
+from transferkit.training.preempt import Preempted, StopSignals
+from transferkit.training.profile import StepProfiler
 from transferkit.training.regularize import L2SP
-from transferkit.training.rundir import default_name, make_run_dir, prune_top
-from transferkit.training.strategy import count_trainable, make_plan
+from transferkit.training.rundir import all_finite, default_name, keep_top, make_run_dir, prune_top, score_key
+from transferkit.training.strategy import (
+    Phase,
+    apply_phase,
+    count_trainable,
+    make_plan,
+    set_train_mode,
+    trainable_groups,
+)
+
+
+@dataclass
+class Progress:
+    """Where the run is: `epoch` epochs done plus `sums.step` steps of the next (a mid-epoch checkpoint),
+    the best score so far and what goes with it. Saved in last.ckpt."""
+
+    epoch: int = 0
+    sums: EpochSums = field(default_factory=EpochSums)
+    best: dict = field(default_factory=lambda: {"epoch": None, "val_accuracy": -1.0, "val_loss": math.inf})
+    since_best: int = 0
+    top: list = field(default_factory=list)
+    nan_skipped: int = 0
+    best_val_logits: object = None
+    """The best epoch's validation logits (the report's calibration reuses them; not saved)."""
+
+
+@dataclass
+class PhaseState:
+    """What trains in the phase under way: its index, optimizer, schedule, loaders and wrapped model."""
+
+    index: int
+    phase: Phase
+    update: Update
+    train_loader: object
+    val_loader: object
+    head_only: bool
+    objective: nn.Module
+    """The run's objective set for this phase (what runs below the head, how batches move), DDP-wrapped
+    with several processes."""
+    move: object
+    """A batch's inputs to the device: cached features as they are, else the task's inputs (`Task.move`)."""
 
 
 @dataclass
@@ -438,8 +486,231 @@ class Recipe:
         )
 
     def train_phases(self) -> None:
-        """Each phase of the plan in turn, epoch by epoch, from where the run stands (see `phases`)."""
-        EpochLoop(self).run()
+        """Each phase of the plan in turn, epoch by epoch, from where the run stands; stops early on patience,
+        on `on_epoch`, or on a signal (raising Preempted after saving last.ckpt)."""
+        self.total_epochs = sum(p.epochs for p in self.plan)
+        self.steps_per_epoch = len(self.loaders["train"].batch_sampler.step_sizes())  # optimizer steps
+        self.board = Board(self.run_dir / "tensorboard") if self.config.tensorboard and self.d.main else None
+        self.profiler = (
+            StepProfiler(self.run_dir, self.config.profile_steps, self.device, self.report.info)
+            if self.config.profile_steps and self.d.main
+            else None
+        )
+        self.report.start(self.total_epochs)
+        with StopSignals() as self.signals, self.rt.threads_applied(), self.profiler or contextlib.nullcontext():
+            try:
+                for index, phase in enumerate(self.plan):
+                    before = sum(p.epochs for p in self.plan[:index])  # epochs of the earlier phases
+                    if self.progress.epoch >= before + phase.epochs:
+                        continue  # finished before the checkpoint
+                    if self.run_phase(index, phase, before):
+                        break
+            finally:
+                self.report.close()
+                if self.board is not None:
+                    self.board.close()
+        if self.progress.best["epoch"] is None:
+            raise UserError(
+                f"No epoch of '{self.run_dir}' produced a finite model to keep; lower the LR or set --grad-clip."
+            )
+
+    def run_phase(self, index: int, phase: Phase, before: int) -> bool:
+        """The phase's epochs: train one, then validate and checkpoint it. True: stop the run."""
+        self.ps = ps = self.start_phase(index, phase, before)
+        progress = self.progress
+        for _ in range(progress.epoch - before, phase.epochs):
+            ps.train_loader.batch_sampler.set_epoch(progress.epoch, skip_steps=progress.sums.step)
+            tick = time.perf_counter() - progress.sums.seconds
+            self.done = progress.sums  # the position to save if memory runs out mid-epoch
+            set_train_mode(self.model, phase)
+            self.objective.start_epoch(progress.sums.step)
+            self.report.start_epoch(f"epoch {progress.epoch + 1}/{self.total_epochs}", self.steps_per_epoch)
+            self.report.advance(progress.sums.step)
+            guard = Guard(self.config, self.data, progress.epoch, progress.nan_skipped)
+            context = EpochContext(self.rt, self.d, guard, self.report, self.after_step)
+            with out_of_memory_stops(
+                self.config, self.run_dir, self.d, lambda: self.done, self.save_last, ps.update.optimizer
+            ):
+                progress.sums = train_one_epoch(ps.objective, ps.train_loader, ps.update, progress.sums, context)
+            progress.nan_skipped = guard.skipped
+            progress.epoch += 1
+            if self.end_epoch(time.perf_counter() - tick):
+                return True
+        return False
+
+    def start_phase(self, index: int, phase: Phase, before: int) -> PhaseState:
+        """Unfreeze the phase's groups; its optimizer and schedule (restored inside a resumed phase); its
+        loaders (a head-only phase on a fixed backbone trains on cached features, see `features`)."""
+        c, model, state, progress = self.config, self.model, self.state, self.progress
+        apply_phase(model, self.groups, phase)
+        extra = [p for term in self.terms for p in term.parameters()]
+        optimizer = make_optimizer(model, self.groups, phase, c, extra=extra)
+        # each phase warms up (at most half its length) and decays on its own
+        warmup = round(min(c.warmup_epochs, phase.epochs / 2) * self.steps_per_epoch)
+        scheduler = warmup_cosine(optimizer, warmup, phase.epochs * self.steps_per_epoch)
+        if state is not None and index == state["phase"] and (progress.epoch, progress.sums.step) != (before, 0):
+            optimizer.load_state_dict(state["optimizer"])  # resuming inside this phase
+            scheduler.load_state_dict(state["scheduler"])
+        head_only = (
+            c.feature_cache and not phase.groups and not c.drop_path and self.objective.mixer is None and not self.terms
+        )  # a term may run the whole model on rows of its own
+        train_loader, val_loader = self.loaders["train"], self.loaders["val"]
+        if head_only:
+            tick = time.perf_counter()
+            train_loader, val_loader = feature_loaders(
+                model,
+                self.data,
+                self.prep,
+                c,
+                self.rt,
+                self.report,
+                self.loaders["train"],
+                self.task,
+                self.d,
+                self.cache_s,
+            )
+            self.cache_s["feature_cache_s"] += time.perf_counter() - tick
+            self.report.info(
+                f"[transferkit] backbone features ready in {time.perf_counter() - tick:.1f} s "
+                f"(cache {cache_root(c) / 'features'})"
+            )
+        self.report.info(
+            f"[transferkit] phase '{phase.name}': groups {phase.groups or 'none'} of "
+            f"{len(self.groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters"
+            + (", on cached features" if head_only else "")
+        )
+        objective = self.objective
+        objective.encode = "features" if head_only else "full" if phase.groups else "frozen"
+        objective.move = self.rt.batch if head_only else self.move
+        wrapped = distributed.ddp_wrap(objective, self.d, self.device)  # what trains in this phase
+        update = Update(optimizer, scheduler, c.grad_clip)
+        return PhaseState(index, phase, update, train_loader, val_loader, head_only, wrapped, objective.move)
+
+    def save_last(self, where: EpochSums) -> None:
+        """last.ckpt at the current position (rank 0 writes it, with every rank's random streams); `where`
+        holds the steps done in this epoch."""
+        d, p, ps = self.d, self.progress, self.ps
+        rngs = d.gather(get_rng_state())
+        if d.main:
+            save_checkpoint(
+                self.run_dir / "last.ckpt",
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": ps.update.optimizer.state_dict(),
+                    "scheduler": ps.update.scheduler.state_dict(),
+                    "config": self.config.to_dict(),
+                    "plan": [phase.to_dict() for phase in self.plan],
+                    "phase": ps.index,
+                    "epoch": p.epoch,
+                    "step": where.step,
+                    "sums": asdict(where),
+                    "best": p.best,
+                    "since_best": p.since_best,
+                    "top": p.top,
+                    "nan_skipped": p.nan_skipped,
+                    "rng": rngs[0],
+                    "rng_ranks": rngs if d.on else [],
+                    "terms": [term.state_dict() for term in self.terms],
+                },
+            )
+        d.barrier()  # no rank leaves (or is stopped by torchrun) before the file is whole
+
+    def after_step(self, where: EpochSums, step_loss: float) -> None:
+        """After each step: log it; inside an epoch, stop on a signal (any rank's) or write a step
+        checkpoint when one is due. `self.done` keeps the position (if memory runs out next step)."""
+        self.done, epoch, steps = where, self.progress.epoch, self.steps_per_epoch
+        if self.profiler is not None:
+            self.profiler.step()
+        if self.board is not None:
+            self.board.step(epoch * steps + where.step, step_loss, self.ps.update.optimizer.param_groups[-1]["lr"])
+        if where.step == steps:
+            return  # the epoch's end saves and checks for signals
+        if self.d.sum([self.signals.signum is not None])[0]:
+            self.save_last(where)
+            raise Preempted(
+                self.signals.signum or signal.SIGTERM, self.run_dir, f"epoch {epoch + 1}, step {where.step}"
+            )
+        if self.config.save_every_steps and (epoch * steps + where.step) % self.config.save_every_steps == 0:
+            self.save_last(where)
+
+    def end_epoch(self, seconds: float) -> bool:
+        """Validate, log the epoch's row, keep the best (and top-k) bundles, checkpoint; True: stop (a signal
+        stops by raising Preempted)."""
+        c, d, p, ps, model = self.config, self.d, self.progress, self.ps, self.model
+        tick = time.perf_counter()
+        val = (
+            evaluate_loader(
+                model.head if ps.head_only else model, ps.val_loader, self.eval_loss, self.rt, d=d, move=ps.move
+            )
+            if len(self.data.splits["val"])
+            else None
+        )
+        val_logits = val.pop("logits") if val else None
+        row = self.epoch_row(val, seconds, time.perf_counter() - tick)
+        # best by val accuracy, ties broken by lower val loss (or by target entropy: --select); without a
+        # score, the latest. A model with non-finite weights or val loss is never kept.
+        score = {"epoch": p.epoch, "val_accuracy": row["val_accuracy"], "val_loss": row["val_loss"]}
+        if self.select == "target-entropy":
+            score["target_entropy"] = row["target_entropy"]
+        scored = val is not None or "target_entropy" in score
+        finite = all_finite(model) and (val is None or math.isfinite(val["loss"]))
+        improved = finite and (not scored or p.best["epoch"] is None or score_key(score) > score_key(p.best))
+        if improved:
+            p.best, p.best_val_logits, p.since_best = score, val_logits, 0
+            if d.main:
+                save_bundle(self.run_dir / "best", model, {**self.meta, "metrics": {"best": p.best}})
+        else:
+            p.since_best += 1
+        if c.keep_top_k and scored and finite:
+            p.top = keep_top(self.run_dir, p.top, score, c.keep_top_k, model, self.meta, d.main)
+        train_means = p.sums.means()
+        p.sums = EpochSums()
+        self.save_last(p.sums)
+        self.report.end_epoch(
+            f"epoch {p.epoch:>3} {ps.phase.name}: train loss {row['train_loss']:.4f}"
+            + "".join(f" {name} {mean:.3f}" for name, mean in train_means.items())
+            + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}" if val else " | no val split")
+            + f" | {row['images_per_s']:.1f} img/s{' *' if improved else ''}"
+        )
+        if d.sum([self.signals.signum is not None])[0]:  # any rank's signal stops all of them
+            raise Preempted(self.signals.signum or signal.SIGTERM, self.run_dir, f"after epoch {p.epoch}")
+        if c.patience and p.since_best >= c.patience:
+            self.report.info(f"[transferkit] early stop: no better {self.select} score for {c.patience} epochs")
+            return True
+        if self.on_epoch is not None and d.sum([bool(self.on_epoch(row))])[0]:
+            self.report.info(f"[transferkit] stopped after epoch {p.epoch}: on_epoch asked to")
+            return True
+        return False
+
+    def epoch_row(self, val: dict | None, seconds: float, val_seconds: float) -> dict:
+        """The epoch's metrics.jsonl row (rank 0 writes it; TensorBoard gets it too): `seconds` training,
+        `val_seconds` validating."""
+        p, sums = self.progress, self.progress.sums
+        row = {
+            "epoch": p.epoch,
+            "phase": self.ps.phase.name,
+            "groups": trainable_groups(self.model, self.groups),
+            "train_loss": sums.loss_sum / max(sums.seen, 1),
+            **{f"train_{name}": mean for name, mean in sums.means().items()},  # the objective's (train_accuracy)
+            "val_loss": val["loss"] if val else None,
+            "val_accuracy": val["accuracy"] if val else None,
+            "lr": self.ps.update.optimizer.param_groups[0]["lr"],
+            "images_per_s": sums.seen / seconds,
+            "epoch_s": seconds,
+            "val_s": val_seconds,
+            "data_wait": sums.data_s / max(sums.seconds, 1e-9),
+        }
+        for term in self.terms:  # their own measures (adaptation: domain accuracy, target accuracy)
+            row.update(term.epoch_metrics(self.model))
+        if self.device.type == "cuda":  # the epoch's peak, training and validation
+            row["gpu_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.d.main:
+            with (self.run_dir / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            self.board.epoch(row)
+        return row
 
     def test(self) -> None:
         """The best checkpoint on the test split, exactly as shipped (loaded back from best/), and the check
