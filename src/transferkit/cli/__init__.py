@@ -76,13 +76,13 @@ def check(
 ) -> None:
     """Scan a dataset as `train` would: unreadable, truncated, bomb, hidden, unsupported and leaked files.
 
-    Exits 0 when every file is usable (hidden files aside), 1 otherwise."""
+    Exits 0 when every file is usable (hidden files aside) and there are two classes or more, 1 otherwise."""
     from rich.console import Console
     from rich.table import Table
 
     with loading():
         from transferkit.data.check import HIDDEN
-        from transferkit.data.sources import load_data
+        from transferkit.data.sources import load_data, too_few_classes
 
     found = load_data(data, seed=seed, bad_files="skip")
     table = Table(title=f"{data}: {len(found.skipped)} file(s) left out")
@@ -98,7 +98,10 @@ def check(
         typer.echo(f"link outside the folder (followed; --outside-links refuse leaves it out): {link} -> {target}")
     for name, splits in found.missing().items():
         typer.echo(f"class '{name}' has no images in {' and '.join(splits)}")
-    if any(reason != HIDDEN for _, reason in found.skipped):
+    problem = too_few_classes(found)
+    if problem:
+        typer.echo(problem)
+    if problem or any(reason != HIDDEN for _, reason in found.skipped):
         raise typer.Exit(1)
 
 

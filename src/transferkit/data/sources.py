@@ -56,6 +56,9 @@ class Data:
     """(path, target) for every image file reached through a link that leaves the data folder."""
     kind: str = "image"
     """image | text: which task reads it (see `models.task`)."""
+    evaluated: tuple[str, ...] = ()
+    """The evaluation splits (val, test) meant to hold images: given by the source, or carved with a fraction
+    above 0. One carved empty (every class too small for it) still counts in `missing`."""
 
     def read(self, ref: str, in_chans: int = 3, min_side: int | None = None):
         """The sample `ref`: a text, or a PIL image in the model's mode (see open_image for min_side)."""
@@ -72,8 +75,10 @@ class Data:
         return out
 
     def missing(self) -> dict[str, list[str]]:
-        """{class: the non-empty evaluation splits (val, test) that have none of its images}."""
-        have = {s: {label for _, label in self.splits[s]} for s in ("val", "test") if self.splits[s]}
+        """{class: the evaluation splits (val, test) that have none of its images}: those with images, and
+        those meant to have some (`evaluated`) that came out empty, as when every class has one image."""
+        scored = [s for s in ("val", "test") if self.splits[s] or s in self.evaluated]
+        have = {s: {label for _, label in self.splits[s]} for s in scored}
         out = {c: [s for s in have if c not in have[s]] for c in self.classes}
         return {c: splits for c, splits in out.items() if splits}
 
@@ -119,8 +124,10 @@ def load_data(
     if kind == "text":
         texts.check_classes(splits, spec)
         check.enforce(skipped, bad_files, spec)
+    evaluated = tuple(s for s in ("val", "test") if splits.get(s))  # given by the source
     if split_file:
         splits, how = _read_split_file(split_file, spec), f"reused from {split_file}"
+        evaluated = tuple(s for s in ("val", "test") if splits.get(s))
     else:
         if arrays is None:
             splits = check.drop_unreadable(splits, skipped)
@@ -131,6 +138,7 @@ def load_data(
                 "test": test_fraction if "test" in missing else 0.0,
             }
             carved = stratified_split(splits["train"], fractions["val"], fractions["test"], seed)
+            evaluated += tuple(s for s in missing if fractions[s] > 0)
             splits = {**splits, **{s: carved[s] for s in missing}, "train": carved["train"]}
             how += (
                 f"; {' and '.join(missing)} carved from train (seed {seed}, "
@@ -167,6 +175,7 @@ def load_data(
         skipped=skipped,
         kind=kind,
         outside_links=outside,
+        evaluated=tuple(s for s in ("val", "test") if s in evaluated),
     )
 
 
@@ -176,7 +185,7 @@ def config_data(config, run_split: str | Path | None = None) -> Data:
     columns = {"text_column": config.text_column, "label_column": config.label_column}
     if run_split is not None:
         return load_data(config.data, split_file=str(run_split), **columns)
-    return load_data(
+    data = load_data(
         config.data,
         seed=config.seed,
         val_fraction=config.val_fraction,
@@ -186,6 +195,33 @@ def config_data(config, run_split: str | Path | None = None) -> Data:
         bad_files=config.bad_files,
         outside_links=config.outside_links,
         **columns,
+    )
+    problem = too_few_classes(data)
+    if problem:
+        raise UserError(problem)
+    return data
+
+
+def too_few_classes(data: Data) -> str | None:
+    """Why `data` cannot train a classifier when its training split has fewer than 2 classes, else None."""
+    if len(data.classes) >= 2:
+        return None
+    spec, found = data.spec, ", ".join(map(repr, data.classes))
+    path = Path(spec).expanduser()
+    if data.kind == "text":
+        fix = "Give the texts of two classes or more (label column), or class folders of .txt files."
+    elif path.suffix.lower() == ".csv":
+        fix = "Give rows of two classes or more in its label column."
+    elif path.is_dir():
+        fix = (
+            f"Put each class's images in a folder of its own, e.g. {path / data.classes[0]}/ and {path / 'OTHER'}/ "
+            "(under train/ when the data has val/ and test/ folders)."
+        )
+    else:
+        fix = "Give data with images of two classes or more."
+    return (
+        f"Data '{spec}' has a single class ({found}) in its training split; a classifier needs two or more "
+        f"to tell apart. {fix}"
     )
 
 
@@ -309,24 +345,65 @@ def _folder(root: Path, skipped: list) -> tuple[Splits, None, None, str]:
     return splits, None, None, how
 
 
+CSV_COLUMNS = ("path", "label", "split")
+"""The columns of an image CSV, in this order when it has no header row."""
+
+
 def _csv(path: Path) -> Splits:
+    """The samples of an image CSV: `path,label[,split]` rows, with or without a header row (one naming its
+    columns, in any order). Errors name the row as `file.csv:LINE`, its line in the file."""
     splits: Splits = {"train": [], "val": [], "test": []}
-    with path.open(newline="") as fh:
-        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
-    if rows and [c.strip().lower() for c in rows[0][:2]] == ["path", "label"]:
-        rows = rows[1:]
-    for n, row in enumerate(rows, start=1):
-        if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            raise UserError(f"Row {n} of '{path}' must be path,label[,split]; got {row}.")
-        file = Path(row[0].strip())
+    with path.open(newline="", encoding="utf-8-sig", errors="replace") as fh:  # -sig: Excel's BOM
+        reader = csv.reader(fh)
+        rows = [(reader.line_num, r) for r in reader if r and any(c.strip() for c in r)]
+    columns = {name: i for i, name in enumerate(CSV_COLUMNS)}
+    if rows and _is_header(rows, path.parent):
+        line, header = rows.pop(0)
+        names = [c.strip() for c in header]
+        lowered = [c.lower() for c in names]
+        absent = [name for name in ("path", "label") if name not in lowered]
+        if absent:
+            what = {"path": "the image files", "label": "the class names"}
+            raise UserError(
+                f"{path}:{line}: no column {' or '.join(map(repr, absent))}; columns found: {', '.join(names)}. "
+                "An image CSV has the columns path,label[,split] (named by a header row, or in that order "
+                f"without one): rename the column{'s' if len(absent) > 1 else ''} holding "
+                + " and ".join(what[n] for n in absent)
+                + f" to {' and '.join(absent)}."
+            )
+        columns = {name: lowered.index(name) for name in CSV_COLUMNS if name in lowered}
+        if len(names) == 2:  # a header path,label over path,label,split rows: the third cell is the split
+            columns.setdefault("split", 2)
+    for line, row in rows:
+        cells = {name: row[i].strip() if i < len(row) else "" for name, i in columns.items()}
+        if not cells["path"] or not cells["label"]:
+            raise UserError(
+                f"{path}:{line}: expected path,label[,split]; got '{','.join(row)}'. "
+                "Give each image's file and class on that line, or remove it."
+            )
+        file = Path(cells["path"])
         file = file if file.is_absolute() else (path.parent / file)
-        split = row[2].strip().lower() if len(row) > 2 and row[2].strip() else "train"
-        if split not in SPLIT_ALIASES:
-            raise UserError(f"Row {n} of '{path}' has split '{row[2]}'; use train, val or test.")
-        splits[SPLIT_ALIASES[split]].append((file_ref(file), row[1].strip()))
+        split = cells.get("split") or "train"
+        if split.lower() not in SPLIT_ALIASES:
+            raise UserError(f"{path}:{line}: split '{split}' is not train, val or test; use one of those.")
+        splits[SPLIT_ALIASES[split.lower()]].append((file_ref(file), cells["label"]))
     if not splits["train"]:
         raise UserError(f"CSV file '{path}' has no training rows (path,label[,split]).")
     return splits
+
+
+def _is_header(rows: list[tuple[int, list[str]]], folder: Path) -> bool:
+    """Whether the first row names columns rather than an image: it holds a column name (path, label,
+    split), or its first cell is neither an existing file nor an image file name while the next row's is."""
+    first = [c.strip() for c in rows[0][1]]
+    if any(c.lower() in CSV_COLUMNS for c in first):
+        return True
+
+    def names_an_image(cell: str) -> bool:
+        file = Path(cell) if Path(cell).is_absolute() else folder / cell
+        return bool(cell) and (is_image_file(Path(cell)) or file.is_file())
+
+    return not names_an_image(first[0]) and len(rows) > 1 and names_an_image(rows[1][1][0].strip())
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
