@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import os
 import random
+import shutil
+import socket
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -254,3 +259,42 @@ def write_topics(path: Path) -> Path:
 def topics_csv(tmp_path: Path) -> Path:
     """The TOPICS text dataset (60 sentences of cooking, computers, sports; 36/9/15 train/val/test) as a CSV."""
     return write_topics(tmp_path / "topics.csv")
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server of this test module: its SQLAlchemy URL."""
+    initdb = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+    need(initdb is not None, "PostgreSQL is not installed here (`.ci/run` installs it from Debian's packages)")
+    bin_dir = Path(initdb).resolve().parent  # the server's own tools, not a distribution wrapper
+    root = Path(tempfile.mkdtemp(prefix="tk-pg-"))
+    as_user = []
+    if os.geteuid() == 0:  # initdb refuses root: run the server as the packages' postgres user
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def pg(*args):
+        done = subprocess.run([*as_user, *map(str, args)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"{args[0]}: {done.stderr}"
+
+    pg(bin_dir / "initdb", "-D", root / "data", "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    pg(
+        bin_dir / "pg_ctl",
+        "-D",
+        root / "data",
+        "-l",
+        root / "log",
+        "-w",
+        "-o",
+        f"-p {port} -k {root} -h 127.0.0.1",
+        "start",
+    )
+    try:
+        pg(bin_dir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "tune")
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/tune"
+    finally:
+        pg(bin_dir / "pg_ctl", "-D", root / "data", "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 
 import torch
 
@@ -34,4 +35,20 @@ def assert_same_weights(a, b, atol: float = 0.0):
 
     assert all(same(a[k], b[k]) for k in a), [(k, float((a[k] - b[k]).abs().max())) for k in a if not same(a[k], b[k])][
         :5
+    ]
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "transferkit",
+        "train",
+        "--device",
+        "cpu",
+        *args,
     ]

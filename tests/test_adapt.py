@@ -266,8 +266,7 @@ def test_two_processes_adapt_what_one_adapts(tmp_path, domains):
     loss independent of how the batch is split, so 1 and 2 processes must agree, discriminator included."""
     import subprocess
 
-    from test_distributed import _torchrun
-    from test_resume import assert_same_weights
+    from helpers import assert_same_weights, torchrun
 
     source, target, _ = domains
     flags = [
@@ -310,7 +309,7 @@ def test_two_processes_adapt_what_one_adapts(tmp_path, domains):
         feature_cache=False,
         device="cpu",
     )
-    out = subprocess.run(_torchrun(str(source), "--name", "two", *flags), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(torchrun(str(source), "--name", "two", *flags), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     states = [torch.load(folder / "last.ckpt", weights_only=False) for folder in (one.dir, tmp_path / "runs" / "two")]
     assert_same_weights(states[0]["model"], states[1]["model"], atol=1e-5)

@@ -12,28 +12,12 @@ import time
 import pytest
 import torch
 from conftest import make_folder
-from helpers import assert_same_weights, weights
+from helpers import assert_same_weights, torchrun, weights
 
 import transferkit
 from transferkit.core.distributed import Dist, check_batch, scaled_lr
 from transferkit.core.errors import UserError
 from transferkit.data.sampling import EpochSampler, StepBatches
-
-
-def _torchrun(*args: str, nproc: int = 2) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "transferkit",
-        "train",
-        "--device",
-        "cpu",
-        *args,
-    ]
 
 
 def _keys(batches) -> list:
@@ -140,7 +124,7 @@ def test_two_processes_train_what_one_trains(tmp_path, tiny):
         "--runs-dir",
         flags["runs_dir"],
     ]
-    out = subprocess.run(_torchrun(*cli), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(torchrun(*cli), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     two = tmp_path / "runs" / "two"
     assert out.stdout.count('"run"') == 1  # rank 0 alone reports
@@ -182,7 +166,7 @@ def test_gradual_under_ddp_needs_no_find_unused_parameters(tmp_path, shapes_dir,
         "--runs-dir",
         flags["runs_dir"],
     ]
-    out = subprocess.run(_torchrun(*cli), capture_output=True, text=True, timeout=600)
+    out = subprocess.run(torchrun(*cli), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(r) for r in (tmp_path / "runs" / "two" / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(r) for r in (one.dir / "metrics.jsonl").read_text().splitlines()]

@@ -68,15 +68,6 @@ def test_the_report_says_whether_the_temperature_is_applied_and_why():
 
 # --- 7: the usual PostgreSQL URL, and a missing database driver -----------------------------------------
 
-try:
-    from test_tune_storage import postgres  # noqa: F401 (the fixture: a PostgreSQL server on loopback)
-except pytest.skip.Exception as why:  # no optuna or psycopg2 here: only the tests that need the server skip
-    reason = str(why)
-
-    @pytest.fixture(scope="module")
-    def postgres():
-        pytest.skip(reason)
-
 
 def test_tune_takes_the_plain_postgresql_url(postgres, tmp_path):
     import optuna

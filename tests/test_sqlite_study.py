@@ -2,7 +2,7 @@
 as test_tune_storage.py's on PostgreSQL (K workers finish exactly N trials; a SIGKILLed worker's trial is
 failed and retried with its parameters), with no server to start, so they run on every machine."""
 
-from test_tune_storage import k_workers_finish_exactly_n, killed_mid_trial_is_retried
+from studies import k_workers_finish_exactly_n, killed_mid_trial_is_retried
 
 
 def test_worker_processes_share_the_sqlite_study_and_finish_exactly_n(tmp_path):

@@ -237,7 +237,7 @@ def test_an_image_backbone_or_a_weights_file_on_text_is_refused(tmp_path):
 def test_gradual_unfreezes_a_block_an_epoch_and_sigterm_then_resume_is_bit_identical(topics_csv, tmp_path):
     """18 training texts (6 shots of 3 topics), batch 8: 3 steps an epoch; the signal lands in epoch 2. The
     encoder's dropout draws from the random streams the checkpoint restores."""
-    from test_resume import SignalAt, assert_same_weights, weights
+    from helpers import SignalAt, assert_same_weights, weights
 
     from transferkit.training.preempt import Preempted
 
@@ -255,7 +255,7 @@ def test_gradual_unfreezes_a_block_an_epoch_and_sigterm_then_resume_is_bit_ident
 def test_two_processes_fine_tune_a_text_model(topics_csv, tmp_path):
     import subprocess
 
-    from test_distributed import _torchrun
+    from helpers import torchrun
 
     from transferkit.models.text import build_text_classifier
 
@@ -278,7 +278,7 @@ def test_two_processes_fine_tune_a_text_model(topics_csv, tmp_path):
         str(tmp_path / "runs"),
     ]
     out = subprocess.run(
-        _torchrun(str(topics_csv), "--name", "two", *flags), capture_output=True, text=True, timeout=600
+        torchrun(str(topics_csv), "--name", "two", *flags), capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs" / "two" / "metrics.json").read_text())
