@@ -42,3 +42,11 @@ def test_resuming_a_finished_run_says_it_is_complete_and_how_to_train_longer(sha
     assert (run.dir / "metrics.json").read_text() == report  # not tested again
     longer = transferkit.train(resume=run.dir, epochs=2)
     assert longer.metrics["epochs_run"] == 2
+
+
+def test_train_names_the_options_its_strategy_ignores(shapes_dir, tiny, capsys):
+    transferkit.train(data=str(shapes_dir), name="lp", strategy="linear-probe", layer_decay=0.75, **tiny)
+    said = capsys.readouterr().err
+    assert "warning: --layer-decay 0.75 is ignored: strategy linear-probe" in said
+    transferkit.train(resume=tiny["runs_dir"] + "/lp", epochs=2)
+    assert "is ignored" not in capsys.readouterr().err  # said once, when the run started

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from transferkit.core import distributed
+from transferkit.core.checks import ignored_options
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
 from transferkit.core.files import write_text
@@ -307,8 +308,11 @@ class Recipe:
 
     def _warn(self) -> None:
         """What the user should know before training: files left out, links out of the folder, imbalance, the
-        budget's shortfalls, classes missing from a split."""
+        budget's shortfalls, classes missing from a split; options that change nothing in this run."""
         c, data, run_dir = self.config, self.data, self.run_dir
+        if self.state is None:  # a resumed run was told when it started
+            for note in ignored_options(c, n_groups=len(self.groups)):
+                self.report.info(f"[transferkit] warning: {note}")
         if data.skipped:
             self.report.info(
                 f"[transferkit] warning: skipped {len(data.skipped)} file(s), e.g. {data.skipped[0][0]}"
@@ -428,8 +432,9 @@ class Recipe:
                     c.replace(lr=1e-3),
                     self.rt,
                     move=self.move,
+                    report=self.report,
                 )
-                found.plot(self.run_dir / "lr_find.png")
+                found.save(self.run_dir)
             self.config = c.replace(lr=d.gather(found.suggestion if found else None)[0])
             self.plan = make_plan(self.config, len(self.groups))
             if d.main:
