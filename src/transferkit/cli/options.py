@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from transferkit.core.checks import CHECKED_ALONE, check_value
+from transferkit.core.registry import ADAPTATIONS, STRATEGIES
 
 TRAIN = [
     (
@@ -36,7 +37,9 @@ TRAIN = [
     (
         "strategy",
         Optional[str],
-        typer.Option(None, help="linear-probe | finetune | gradual | lp-ft | full | scratch (default finetune)."),
+        typer.Option(
+            None, help=f"{STRATEGIES.names()} (default finetune; `transferkit inspect MODEL` shows what each trains)."
+        ),
     ),
     (
         "unfreeze_groups",
@@ -87,7 +90,7 @@ TRAIN = [
     (
         "adapt",
         Optional[str],
-        typer.Option(None, help="With --target: dann | cdan | mcc | dann-mcc | coral | none (default auto: dann-mcc)."),
+        typer.Option(None, help=f"With --target: {ADAPTATIONS.names()} (default auto: dann-mcc)."),
     ),
     ("adapt_weight", Optional[float], typer.Option(None, help="Weight of the adaptation loss (default 1).")),
     (

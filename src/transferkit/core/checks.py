@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 from typing import NamedTuple
 
+from transferkit.core import registry
 from transferkit.core.errors import UserError, did_you_mean
 
-STRATEGIES = ("linear-probe", "finetune", "gradual", "lp-ft", "full", "scratch")
+STRATEGIES = registry.STRATEGIES  # the registry itself: a strategy registered later is a choice too
 OPTIMIZERS = ("adamw", "sgd")
 HEADS = ("linear", "mlp", "bottleneck")
 AUGMENTS = ("none", "basic", "strong")
@@ -20,7 +21,7 @@ BAD_FILES = ("skip", "error")
 OUTSIDE_LINKS = ("follow", "refuse")
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCALINGS = ("none", "linear", "sqrt")
-ADAPTS = ("auto", "dann", "cdan", "mcc", "dann-mcc", "coral", "none")
+ADAPTS = ("auto", *registry.ADAPTATIONS)
 SELECTS = ("auto", "val", "target-entropy")
 CROP_ON = ("auto", "workers", "device")
 CHOICES = {

@@ -169,7 +169,7 @@ class TrainConfig:
     """Allow --weights/--resume files that need full unpickling (can run code: only files you trust)."""
     # --- strategy: what trains, when, for how long ---
     strategy: str = "finetune"
-    """linear-probe | finetune (top groups) | gradual | lp-ft | full | scratch (random init baseline)."""
+    """What trains, when, at which LR: a name in core.registry.STRATEGIES (linear-probe, finetune, ...)."""
     unfreeze_groups: int = 3
     """finetune: how many layer groups, counted from the top, train."""
     backbone_lr_mult: float = 0.1
@@ -236,7 +236,7 @@ class TrainConfig:
     """Labelled target images for measuring only (class folders): their labels never reach a loss or the
     checkpoint choice."""
     adapt: str = "auto"
-    """With a target: dann | cdan | mcc | dann-mcc | coral | none (source only); auto picks the measured default."""
+    """With a target: a method in core.registry.ADAPTATIONS, or auto (the measured default)."""
     adapt_weight: float = 1.0
     """Weight of the adaptation loss against the classification loss."""
     # --- runtime: how it runs on this machine ---

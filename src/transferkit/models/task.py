@@ -16,6 +16,7 @@ from torch import nn
 
 from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
+from transferkit.core.registry import TASKS
 from transferkit.data.loaders import read_images
 from transferkit.data.preprocessing import Preprocessing, TextPreprocessing
 from transferkit.data.sources import Data, TextDataset
@@ -141,9 +142,6 @@ class TextTask:
         return classification_objective(model, config, data, terms)
 
 
-TASKS = {"image": ImageTask, "text": TextTask}
-
-
 def classification_objective(model: nn.Module, config: TrainConfig, data: Data, terms: list) -> Classification:
     """Cross-entropy on the data's classes: `--class-weights auto` weighs them by inverse frequency in the
     training split; label smoothing; mixup/cutmix."""
@@ -169,9 +167,9 @@ def crops_on_device(config: TrainConfig, on_device: bool) -> bool:
 
 def task_for(data: Data) -> Task:
     """The task that reads `data`: text or images."""
-    return TASKS[data.kind]()
+    return TASKS.load(data.kind)()
 
 
 def rebuild(record: dict) -> nn.Module:
     """An untrained classifier for a bundle's architecture record, by the task that made it."""
-    return TASKS[record.get("task", "image")]().rebuild(record)
+    return TASKS.load(record.get("task", "image"))().rebuild(record)

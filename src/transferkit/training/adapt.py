@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from transferkit.core.files import write_text
+from transferkit.core.registry import ADAPTATIONS
 from transferkit.data.check import write_skipped
 from transferkit.data.loaders import make_loader
 from transferkit.data.target import labelled_set, load_target
@@ -100,8 +103,47 @@ def coral(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (covariance(source) - covariance(target)).pow(2).sum() / (4 * d * d)
 
 
-DOMAIN_METHODS = ("dann", "cdan", "dann-mcc")
-"""The methods with a domain discriminator."""
+@dataclass(frozen=True)
+class Method:
+    """An adaptation method: its loss on the source and target rows (pre-logit features and logits), given
+    the `Adaptation` it runs in (for its discriminator), and which discriminator that needs, if any:
+    "features" sees the features, "conditioned" their outer product with the predictions."""
+
+    loss: Callable[..., torch.Tensor]
+    discriminator: str | None = None
+
+
+def _dann(adaptation, fs, ls, ft, lt) -> torch.Tensor:
+    return adaptation.domain_loss(fs, ft)
+
+
+def _cdan(adaptation, fs, ls, ft, lt) -> torch.Tensor:
+    """The features x the predictions, the predictions a fixed condition (detached)."""
+    ps, pt = F.softmax(ls, 1).detach(), F.softmax(lt, 1).detach()
+    conditioned_s = torch.bmm(ps.unsqueeze(2), fs.unsqueeze(1)).flatten(1)
+    conditioned_t = torch.bmm(pt.unsqueeze(2), ft.unsqueeze(1)).flatten(1)
+    return adaptation.domain_loss(conditioned_s, conditioned_t)
+
+
+def _mcc(adaptation, fs, ls, ft, lt) -> torch.Tensor:
+    return class_confusion(lt)
+
+
+def _dann_mcc(adaptation, fs, ls, ft, lt) -> torch.Tensor:
+    return adaptation.domain_loss(fs, ft) + class_confusion(lt)
+
+
+def _coral(adaptation, fs, ls, ft, lt) -> torch.Tensor:
+    return coral(fs, ft)
+
+
+DANN = Method(_dann, "features")
+CDAN = Method(_cdan, "conditioned")
+MCC = Method(_mcc)
+DANN_MCC = Method(_dann_mcc, "features")
+CORAL = Method(_coral)
+NONE = None
+"""Source only: no term, no target batches (measured exactly as the adapted runs are)."""
 
 
 class Adaptation(nn.Module):
@@ -122,15 +164,17 @@ class Adaptation(nn.Module):
         super().__init__()
         self.method, self.loader, self.move, self.weight, self.watch = method, target_loader, move, weight, watch
         self.total_steps, self.step = max(total_steps, 1), 0
-        width = features * num_classes if method == "cdan" else features
-        self.discriminator = discriminator(width) if method in DOMAIN_METHODS else None
+        self.rule = ADAPTATIONS.load(method)  # a Method; None for source only
+        kind = self.rule.discriminator if self.rule is not None else None
+        width = features * num_classes if kind == "conditioned" else features
+        self.discriminator = discriminator(width) if kind is not None else None
         self.sums = _zero_sums()
         self.start_epoch(0)
 
     def start_epoch(self, steps_done: int) -> None:
         """Target batches as an epoch from its start draws them, past the micro-batches of `steps_done` steps:
         each epoch cycles the target loader from its first order again."""
-        self._batches = None if self.method == "none" else self._cycle(steps_done)
+        self._batches = None if self.rule is None else self._cycle(steps_done)
 
     def _cycle(self, steps_done: int):
         sampler = self.loader.batch_sampler
@@ -146,29 +190,16 @@ class Adaptation(nn.Module):
         return None if self._batches is None else self.move(next(self._batches))
 
     def forward(self, model: nn.Module, seen: Seen) -> torch.Tensor:
-        if self.method == "none":  # source only
+        if self.rule is None:  # source only
             return torch.zeros((), device=seen.logits.device)
         n, features, logits = seen.size, seen.features.float(), seen.logits.float()
-        loss = self._loss(features[:n], logits[:n], features[n:], logits[n:])
+        loss = self.rule.loss(self, features[:n], logits[:n], features[n:], logits[n:])
         self.step += 1
         self.sums["loss"] += float(loss.detach())
         self.sums["terms"] += 1
         return self.weight * loss
 
-    def _loss(self, fs, ls, ft, lt) -> torch.Tensor:
-        if self.method == "mcc":
-            return class_confusion(lt)
-        if self.method == "coral":
-            return coral(fs, ft)
-        if self.method == "dann-mcc":
-            return self._domain_loss(fs, ft) + class_confusion(lt)
-        if self.method == "cdan":  # features x predictions, the predictions a fixed condition
-            ps, pt = F.softmax(ls, 1).detach(), F.softmax(lt, 1).detach()
-            fs = torch.bmm(ps.unsqueeze(2), fs.unsqueeze(1)).flatten(1)
-            ft = torch.bmm(pt.unsqueeze(2), ft.unsqueeze(1)).flatten(1)
-        return self._domain_loss(fs, ft)
-
-    def _domain_loss(self, fs, ft) -> torch.Tensor:
+    def domain_loss(self, fs, ft) -> torch.Tensor:
         """The discriminator's loss on source and target rows, through the gradient reversal."""
         features = GradientReverse.apply(torch.cat([fs, ft]), reversal_coefficient(self.step / self.total_steps))
         domain = self.discriminator(features).squeeze(1)

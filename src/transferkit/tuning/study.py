@@ -36,8 +36,8 @@ from transferkit.core.config import TrainConfig
 from transferkit.core.errors import UserError
 from transferkit.core.machine import machine_cores
 from transferkit.core.progress import Reporter
+from transferkit.core.registry import TASKS
 from transferkit.data.sources import config_data
-from transferkit.models.task import TASKS
 from transferkit.training.preempt import Preempted
 from transferkit.training.recipe import train
 from transferkit.tuning.space import Dimension, draw, space_for
@@ -113,10 +113,10 @@ def tune(
         threads=threads,
     )
     kind = json.loads(split.read_text()).get("kind", "image")  # a text study searches no image settings
-    dims = space_for(search, fixed | set(TASKS[kind].unused), base) + _ranked(
+    dims = space_for(search, fixed | set(TASKS.load(kind).unused), base) + _ranked(
         models, top_k, fixed, base, folder, report
     )
-    for note in _unsearched(search, fixed, TASKS[kind].unused, kind, config):
+    for note in _unsearched(search, fixed, TASKS.load(kind).unused, kind, config):
         report.info(f"[transferkit] warning: {note}")
     if "strategy" not in {d.field for d in dims}:  # a searched strategy uses each option in some trials
         for note in ignored_options(config, given=fixed):
