@@ -108,8 +108,8 @@ def test_user_errors_are_one_message_and_exit_2(args, message):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["predict", "run", "x.jpg", "--top-k", "0"], "--top-k and --limit must be 1 or more"),
-        (["predict", "run", "x.jpg", "--limit", "-1"], "--top-k and --limit must be 1 or more"),
+        (["predict", "run", "x.jpg", "--top-k", "0"], "--top-k must be 1 or more; got 0."),
+        (["predict", "run", "x.jpg", "--limit", "-1"], "--limit must be 1 or more; got -1."),
         (["predict", "run", "x.jpg", "--split", "test"], "Give inputs or --split, not both"),
         (["predict", "run", "--split", "TEST"], "--split must be train, val or test; got 'TEST'"),
         (["predict", "run", "x.jpg", "--device", "gpu"], "device must be auto, cpu, cuda or cuda:N; got 'gpu'"),

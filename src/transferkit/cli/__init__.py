@@ -21,6 +21,23 @@ app = typer.Typer(
 )
 
 
+def _print_version(given: bool) -> None:
+    if given:
+        from transferkit.core.version import __version__
+
+        typer.echo(f"transferkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    pass
+
+
 def train(**flags) -> None:
     """Fine-tune a pretrained backbone; writes runs/NAME with the best model in runs/NAME/best.
 
@@ -91,7 +108,7 @@ def check(
     for path, reason in found.skipped:
         table.add_row(path, reason)
     if found.skipped:
-        Console(width=160).print(table)
+        Console(width=160, markup=False).print(table)
     sizes = ", ".join(f"{s} {len(found.splits[s])}" for s in ("train", "val", "test"))
     typer.echo(f"usable: {sizes} images in {len(found.classes)} classes ({found.how})")
     for link, target in found.outside_links:
@@ -205,7 +222,7 @@ def compare(
             f"{r['trainable_params']:,}",
             f"{r['wall_s_mean']:.1f} s",
         )
-    Console(width=110).print(table)
+    Console(width=110, markup=False).print(table)
     typer.echo(f"wrote {result['dir']}/compare.json, compare.csv, compare.png")
 
 
@@ -233,18 +250,24 @@ def evaluate(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(
-        title=f"{run} [{metrics['split']}] accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-        f"n={metrics['n']}, {metrics['precision']}"
+    where = f"its {split} split" if data is None else f"'{data}'"
+    samples = "texts" if metrics["kind"] == "text" else "images"
+    typer.echo(
+        f"{run} on {where} ({metrics['n']} {samples}): accuracy {metrics['accuracy']:.4f}, macro-F1 "
+        f"{metrics['macro_f1']:.4f}; inference in {metrics['precision']}"
     )
+    console = Console(markup=False)  # class names as they are
+    table = Table()
     for col in ("class", "precision", "recall", "f1", "support"):
         table.add_column(col, justify="left" if col == "class" else "right")
     for cls, m in metrics["per_class"].items():
         table.add_row(cls, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
-    Console().print(table)
+    console.print(table)
     if metrics.get("absent"):
-        typer.echo(f"no images in this split for {', '.join(metrics['absent'])}: not scored, not in macro-F1")
-    typer.echo(f"confusion matrix (rows true, cols predicted): {metrics['confusion_matrix']}")
+        typer.echo(f"no {samples} in this split for {', '.join(metrics['absent'])}: not scored, not in macro-F1")
+    typer.echo("confusion matrix (rows true, columns predicted):")
+    saved = run / (f"eval_{split}.json" if data is None else "eval_data.json")  # as `evaluate` names it
+    console.print(_confusion_table(metrics["confusion_matrix"], metrics["classes"], saved))
     if "tta" in metrics:
         t = metrics["tta"]
         val = (
@@ -254,6 +277,25 @@ def evaluate(
             else "no validation split to judge it on"
         )
         typer.echo(f"TTA {t['mode']}: {split} accuracy {t[f'{split}_accuracy']:.4f}; {val}")
+
+
+CONFUSION_TABLE_CLASSES = 20
+"""Up to this many classes, evaluate prints the confusion matrix as a table; beyond, it is too wide to read."""
+
+
+def _confusion_table(matrix: list[list[int]], classes: list[str], saved: Path):
+    """The confusion matrix as a table (rows true, columns predicted), or a line saying where it is."""
+    from rich.table import Table
+
+    if len(matrix) > CONFUSION_TABLE_CLASSES:
+        return f"  {len(matrix)} classes, too many to show here: see {saved}"
+    table = Table()
+    table.add_column("true \\ predicted")
+    for name in classes:
+        table.add_column(name, justify="right")
+    for name, row in zip(classes, matrix):
+        table.add_row(name, *(str(n) for n in row))
+    return table
 
 
 @app.command()
@@ -273,14 +315,14 @@ def models(
         table.add_column(col)
     for r in rows:
         table.add_row(r["name"], r["arch"], r["offline"] or "-", "yes" if r["pretrained"] else "no")
-    Console(width=120).print(table)
+    Console(width=120, markup=False).print(table)
     if not pattern:
         classics = Table(title="torchvision's names (weights from the torch hub cache, as torchvision saves them)")
         for col in ("model", "timm architecture", "weights here", "--weights imagenet fetches"):
             classics.add_column(col)
         for r in classic_models():
             classics.add_row(r["name"], r["arch"], str(r["file"]) if r["file"] else "-", r["download"])
-        Console(width=160).print(classics)
+        Console(width=160, markup=False).print(classics)
         typer.echo("Any timm model trains with --weights none; `transferkit models PATTERN` searches all of them.")
 
 

@@ -41,16 +41,18 @@ def predict(
 
     if format not in ("table", "json", "csv"):
         raise UserError(f"--format must be table, json or csv; got '{format}'.")
-    if top_k < 1 or (limit is not None and limit < 1):
-        raise UserError(f"--top-k and --limit must be 1 or more; got --top-k {top_k}, --limit {limit}.")
+    if top_k < 1:
+        raise UserError(f"--top-k must be 1 or more; got {top_k}.")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be 1 or more; got {limit}.")
     if split and inputs:
         raise UserError("Give inputs or --split, not both: --split predicts the run's own saved split.")
     if split and split not in ("train", "val", "test"):
         raise UserError(f"--split must be train, val or test; got '{split}'.")
     clf = load(model, device=device, backend=backend, precision=precision)
-    truth: list[str | None] = []
+    truth: dict[str, str] = {}
     if split:
-        items, truth = _split_inputs(model, split, clf.preprocessing)
+        items, truth = _split_inputs(model, split)
     elif inputs:
         items = clf.named_inputs(inputs)
     else:
@@ -59,16 +61,25 @@ def predict(
             "model), or --split test."
         )
     items = items[:limit] if limit else items
-    names = [it[0] for it in items]
-    results = clf.predict([it[1] for it in items], top_k=top_k, tta=tta)
-    for r, name, true in zip(results, names, truth or [None] * len(results)):
-        r["input"] = name
-        if true is not None:
-            r["true"] = true
+    skipped: list[tuple[str, str]] = []
+    results = clf.predict_named(items, top_k=top_k, tta=tta, skipped=skipped)
+    for r in results:
+        if r["input"] in truth:
+            r["true"] = truth[r["input"]]
+    if skipped:
+        listing = "".join(f"\n  {name}: {reason}" for name, reason in skipped[:20])
+        more = f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        typer.echo(
+            f"[transferkit] warning: skipped {len(skipped)} input(s) that cannot be read; predicted the other "
+            f"{len(results)}:{listing}{more}",
+            err=True,
+        )
     _print_predictions(results, format)
 
 
-def _split_inputs(model: Path, split: str, prep):
+def _split_inputs(model: Path, split: str) -> tuple[list[tuple[str, object]], dict[str, str]]:
+    """(name, input) of every sample of the run's saved `split`, the classes interleaved, and the true class
+    by name. Files are named relative to the current folder where they lie below it."""
     from transferkit.core.config import TrainConfig
     from transferkit.core.errors import UserError
     from transferkit.data.sources import config_data
@@ -85,7 +96,18 @@ def _split_inputs(model: Path, split: str, prep):
         by_class.setdefault(sample[1], []).append(sample)
     # interleave the classes so that --limit shows a few of each
     samples = [s for group in itertools.zip_longest(*by_class.values()) for s in group if s is not None]
-    return [(ref, data.read(ref, prep.in_chans, prep.resize)) for ref, _ in samples], [label for _, label in samples]
+    # image files go by path (the predictor reads them, and skips one that no longer opens); in-memory images
+    # and texts by their array or text
+    named = [(_shown(ref), ref if data.arrays is None else data.arrays[ref]) for ref, _ in samples]
+    return named, {name: label for (name, _), (_, label) in zip(named, samples)}
+
+
+def _shown(ref: str) -> str:
+    """A file's path relative to the current folder when it lies below it (as file arguments show), else as is."""
+    try:
+        return str(Path(ref).relative_to(Path.cwd()))
+    except ValueError:
+        return ref
 
 
 def _print_predictions(results: list[dict], format: str) -> None:
@@ -93,7 +115,7 @@ def _print_predictions(results: list[dict], format: str) -> None:
         typer.echo(json.dumps(results, indent=1))
     elif format == "csv":
         writer = csv.writer(sys.stdout)
-        writer.writerow(["input", "label", "score", *(["true"] if "true" in results[0] else []), "top_k"])
+        writer.writerow(["input", "label", "score", *(["true"] if results and "true" in results[0] else []), "top_k"])
         for r in results:
             writer.writerow(
                 [
@@ -108,7 +130,7 @@ def _print_predictions(results: list[dict], format: str) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table()
+        table = Table()  # the console prints names as they are: no rich markup in file or class names
         for col in ("input", "prediction", "score", *(["true"] if results and "true" in results[0] else []), "top-k"):
             table.add_column(col)
         for r in results:
@@ -117,9 +139,9 @@ def _print_predictions(results: list[dict], format: str) -> None:
                 r["label"],
                 f"{r['score']:.3f}",
                 *([r["true"]] if "true" in r else []),
-                ", ".join(f"{t['label']} {t['score']:.2f}" for t in r["top_k"][1:]),
+                ", ".join(f"{t['label']} {t['score']:.2f}" for t in r["top_k"]),
             )
-        Console(width=160).print(table)
+        Console(width=160, markup=False).print(table)
 
 
 def export(

@@ -24,7 +24,7 @@ class Reporter:
         if self.quiet:
             print(message, file=sys.stderr, flush=True)
         else:
-            self.console.print(message, highlight=False)
+            self.console.print(message, highlight=False, markup=False)  # '[transferkit]' and file names as they are
 
     def start(self, total_epochs: int) -> None:
         if self.quiet:
@@ -32,11 +32,11 @@ class Reporter:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._progress = Progress(
-            TextColumn("{task.description:>12}"),
+            TextColumn("{task.description:>12}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[stats]}"),
+            TextColumn("{task.fields[stats]}", markup=False),
             console=self.console,
             transient=True,
         )

@@ -59,7 +59,8 @@ def open_image(path: str | Path, in_chans: int = 3, min_side: int | None = None)
     except FileNotFoundError:
         raise UserError(f"Image '{path}' does not exist.") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise UserError(f"Cannot read image '{path}': {err}. Remove or replace the file.") from None
+        reason = str(err).rstrip(".")  # Pillow's own messages end in a period or not
+        raise UserError(f"Cannot read image '{path}': {reason}. Remove or replace the file.") from None
 
 
 def from_array(array: np.ndarray, in_chans: int = 3) -> Image.Image:

@@ -13,6 +13,7 @@ from PIL import Image
 from transferkit.core.checks import check_precision
 from transferkit.core.errors import UserError
 from transferkit.core.machine import pick_device
+from transferkit.data.check import inspect_file
 from transferkit.data.images import from_array, is_image_file, open_image, to_mode
 from transferkit.data.preprocessing import Preprocessing, preprocessing_from_dict
 from transferkit.data.transforms import eval_transform
@@ -112,17 +113,46 @@ class Predictor:
             out.append(torch.stack(probs).mean(0).cpu())
         return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)), np.float32)
 
-    def predict(self, inputs, top_k: int = 5, batch_size: int = 32, tta: str = "none") -> list[dict]:
-        """Top-k predictions per input: {'input', 'label', 'score', 'top_k': [{'label', 'score'}]}."""
-        named = self.named_inputs(inputs)
-        probs = self.predict_proba([item for _, item in named], batch_size, tta)
+    def predict(self, inputs, top_k: int = 5, batch_size: int = 32, tta: str = "none", skipped=None) -> list[dict]:
+        """Top-k predictions per input: {'input', 'label', 'score', 'top_k': [{'label', 'score'}]}. With a list
+        `skipped`, a file that cannot be read is left out and recorded there as (name, reason) instead of
+        stopping the batch; when none can be read, a UserError says so."""
+        return self.predict_named(self.named_inputs(inputs), top_k, batch_size, tta, skipped)
+
+    def predict_named(self, named: list, top_k: int = 5, batch_size: int = 32, tta: str = "none", skipped=None):
+        """`predict` over (name, input) pairs: each result's 'input' is its name."""
         k = min(top_k, len(self.classes))
         results = []
-        for (name, _), p in zip(named, probs):
-            order = np.argsort(-p)[:k]
-            top = [{"label": self.classes[i], "score": float(p[i])} for i in order]
-            results.append({"input": name, "label": top[0]["label"], "score": top[0]["score"], "top_k": top})
+        for start in range(0, len(named), batch_size):
+            chunk = named[start : start + batch_size]
+            if skipped is not None:
+                chunk = self._readable(chunk, skipped)
+            probs = self.predict_proba([item for _, item in chunk], batch_size, tta)
+            for (name, _), p in zip(chunk, probs):
+                order = np.argsort(-p)[:k]
+                top = [{"label": self.classes[i], "score": float(p[i])} for i in order]
+                results.append({"input": name, "label": top[0]["label"], "score": top[0]["score"], "top_k": top})
+        if named and not results:
+            first, reason = skipped[0]
+            if len(named) == 1:
+                raise UserError(f"Cannot read image '{first}': {reason}. Give an image file that opens.")
+            raise UserError(
+                f"None of the {len(named)} inputs can be read as an image, e.g. {first}: {reason}. "
+                "Give image files (.jpg, .png, ...) that open."
+            )
         return results
+
+    def _readable(self, named: list, skipped: list) -> list:
+        """The (name, image) pairs of `named` whose files decode; the others go to `skipped` with the reason
+        `train`'s scan gives (see `check.inspect_file`)."""
+        out = []
+        for name, item in named:
+            try:
+                out.append((name, self._image(item)))
+            except UserError as err:
+                reason = inspect_file(item) if isinstance(item, (str, Path)) else None
+                skipped.append((name, reason or str(err)))
+        return out
 
     def named_inputs(self, inputs) -> list[tuple[str, object]]:
         """(name, input) of each input after expanding folders."""
@@ -154,6 +184,9 @@ class TextPredictor(Predictor):
 
     def named_inputs(self, inputs) -> list[tuple[str, str]]:
         return expand_texts(inputs)
+
+    def _readable(self, named: list, skipped: list) -> list:
+        return named  # texts: read whole by `expand_texts`, nothing left to fail
 
 
 def expand_texts(inputs, text_column: str = "text") -> list[tuple[str, str]]:

@@ -90,7 +90,11 @@ def evaluate(
         )
     metrics.pop("logits")
     metrics.update(
-        split=split if spec is None else spec, precision=rt.precision["infer"], precision_reason=rt.reasons["infer"]
+        split=split if spec is None else spec,
+        classes=data.classes,  # the confusion matrix's rows and columns, in order
+        kind=data.kind,  # image | text
+        precision=rt.precision["infer"],
+        precision_reason=rt.reasons["infer"],
     )
     if tta != "none":
         metrics["tta"] = _tta(Predictor(model, meta, str(rt.device), rt.precision["infer"]), data, split, tta)
