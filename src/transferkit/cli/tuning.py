@@ -126,7 +126,7 @@ def rank(
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in result["rows"]:
         table.add_row(str(r["rank"]), r["model"], str(r["img_size"]), f"{r['logme']:.4f}", f"{r['seconds']:.1f}")
-    Console(width=110).print(table)
+    Console(width=110, markup=False).print(table)
     advice = result["recommendation"]
     typer.echo(f"recommended strategy: {advice['strategy']}. {advice['why']}")
     typer.echo(f"wrote {out / 'rank.json'}")

@@ -103,7 +103,7 @@ def torch_load(path: Path, what: str, trust: bool = False):
     except pickle.UnpicklingError as err:
         if "weights_only" not in str(err) and "Unsupported global" not in str(err):
             raise UserError(
-                f"Cannot read {what} '{path}': {str(err).splitlines()[0]}. The file is "
+                f"Cannot read {what} '{path}': {str(err).splitlines()[0].rstrip('.')}. The file is "
                 "truncated or not a torch checkpoint."
             ) from None
         if not trust:
@@ -114,7 +114,7 @@ def torch_load(path: Path, what: str, trust: bool = False):
             ) from None
     except Exception as err:  # truncated or foreign files raise EOFError, RuntimeError, ...
         raise UserError(
-            f"Cannot read {what} '{path}': {type(err).__name__}: {str(err).splitlines()[0]}. "
+            f"Cannot read {what} '{path}': {type(err).__name__}: {str(err).splitlines()[0].rstrip('.')}. "
             "The file is truncated or not a torch checkpoint."
         ) from None
     try:
