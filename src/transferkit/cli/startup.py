@@ -2,21 +2,22 @@
 third-party messages it keeps from the user.
 
 `keep_heap()`: glibc's malloc hands blocks over 128 KB to the kernel (mmap) and back (munmap) on every
-free, and trims the heap's top; a CPU forward pass allocates its activations anew on each batch (29 MB
-for one of lite0's layers at 96 px, batch 32), so each batch page-faults them in again. With the mmap
-threshold at its maximum (32 MB) and no trimming, they stay in the heap: the BN-folded fp32 forward of
-the bundled lite0 at 96 px went from 603 to 930 img/s with AVX2 kernels on a 2-core EPYC (either
-setting alone made it slower: 291 and 380). The heap then keeps its peak size until the process ends,
-as a command's process does anyway.
+free, and trims the heap's top; a CPU forward pass allocates its activations anew on each batch (many
+of lite0's layers' outputs are above the threshold), so each batch page-faults them in again. With the
+mmap threshold at its maximum (`MMAP_MAX`) and no trimming, they stay in the heap and the BN-folded fp32
+forward runs much faster with AVX2 kernels, though either setting alone made it slower
+(benchmarks/bench-epyc-zen5-2026-11-27.md; README, Speed: fixed costs). The heap then keeps its peak
+size until the process ends, as a command's process does anyway.
 
 `loading()`: imports with Python's garbage collector paused, then frozen.
 
-Those imports create 400,000 to 600,000 objects that live as long as the process. While they pile up,
-each full collection walks all of them again: 7 full collections, 0.8 s of a 9 s linear probe on a
-2-core EPYC, and every later full collection of the run walks them once more. With the collector
-paused during the imports and their objects frozen after (`gc.freeze`: moved out of the collector's
-sight, still freed by reference counting), the collector only ever looks at what the command itself
-makes. Cycles among the imported objects are never collected; module objects live until exit anyway.
+Those imports create hundreds of thousands of objects that live as long as the process. While they
+pile up, each full collection walks all of them again, a measurable share of a linear probe
+(benchmarks/bench-epyc-zen5-2026-11-27.md; README, Speed: fixed costs), and every later full
+collection of the run walks them once more. With the collector paused during the imports and their
+objects frozen after (`gc.freeze`: moved out of the collector's sight, still freed by reference
+counting), the collector only ever looks at what the command itself makes. Cycles among the imported
+objects are never collected; module objects live until exit anyway.
 
 `quiet_third_party()` (called by `loading`): each filter names the message and the module that sends it, so
 nothing else is hidden: torch's FutureWarning that TorchScript is deprecated (our `--format torchscript`

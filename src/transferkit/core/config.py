@@ -246,10 +246,10 @@ class TrainConfig:
     """auto: per kind of work (training, inference), bf16 on CUDA and where a CPU with native bf16 measured it
     >= 1.15x faster for this model (timed once, cached); else fp32. The choice and why: runs/NAME/runtime.json."""
     channels_last: bool = True
-    """NHWC memory format for model and images: measured 1.3x (training) to 1.5x (inference) faster for
-    efficientnet_lite0 at 96 px on a 2-core AVX2 CPU; convnets on CUDA with bf16 gain too."""
+    """NHWC memory format for model and images: measured faster for training and inference on a CPU
+    (README, Speed); convnets on CUDA with bf16 gain too (README, On a GPU)."""
     compile: bool = False
-    """torch.compile the model (slow to warm up; measured no faster on a 2-core CPU)."""
+    """torch.compile the model (slow to warm up; measured no faster on a CPU: README, Speed)."""
     workers: int | None = None
     """DataLoader worker processes; None picks by core count and data source."""
     threads: int | None = None
@@ -269,8 +269,8 @@ class TrainConfig:
     crop_on: str = "auto"
     """Where augment basic's random resized crop and flip of cached images are made: workers (the loader
     processes) | device (drawn in the workers, cut and resized in one batched op on the run's device; see
-    transforms.DeviceCrop) | auto: device on CUDA with augment basic, unless deterministic (H200, lite0:
-    2370 -> 2991 img/s, data wait 36% -> 20%), else workers (see models.task.crops_on_device)."""
+    transforms.DeviceCrop) | auto: device on CUDA with augment basic, unless deterministic (measured
+    faster: README, On a GPU), else workers (see models.task.crops_on_device)."""
     cache_dir: str | None = None
     """Where cached features and decoded images go; default $TRANSFERKIT_CACHE or ~/.cache/transferkit."""
     nan_policy: str = "stop"

@@ -41,8 +41,8 @@ def cores_per_process() -> int:
 
 def default_workers(in_memory: bool, cuda: bool = False) -> int:
     """In-memory data decodes nothing: 0 workers. Files on CPU: half of this process's cores (at most 8),
-    so torch keeps the rest; with 2 cores or fewer none (measured: extracting features from 2,100 JPEGs
-    took 9.8 s with 0 workers, 10.9 s with 1, 9.5 s with 2 that then fight torch's threads). Files on CUDA:
+    so torch keeps the rest; with 2 cores or fewer none (measured: workers there extract features no
+    faster and fight torch's threads; README, Speed: workers and threads). Files on CUDA:
     every core but one (at most 16): the GPU computes, the cores decode."""
     cores = cores_per_process()
     if in_memory or (cores <= 2 and not cuda):

@@ -58,7 +58,7 @@ class DeviceCrop:
     once on the device. Resizing is bilinear, averaging ceil(crop / size)^2 samples per output pixel
     where the crop shrinks (roi_align), not the backbone's interpolation with its antialias filter.
     It reads the cache's (H, W, C) arrays as they are (`takes_arrays`): no PIL image made and read
-    back, 76 of its 108 us per image."""
+    back, which was most of its time per image (README, Speed)."""
 
     takes_arrays = True
 

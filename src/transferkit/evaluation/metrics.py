@@ -1,8 +1,9 @@
 """Classification metrics from predictions: accuracy, macro-F1, per-class P/R, confusion matrix.
 
 Counted with numpy from the confusion matrix rather than by scikit-learn: importing
-sklearn.metrics took 1.4 s of a 25 s linear-probe run here (torchmetrics 2.4 s), and every `train`
-and `evaluate` pays it. tests/test_metrics.py checks every value against scikit-learn's.
+sklearn.metrics (or torchmetrics, slower still) was a measurable share of a linear-probe run
+(README, Speed: fixed costs), and every `train` and `evaluate` pays it. tests/test_metrics.py
+checks every value against scikit-learn's.
 """
 
 from __future__ import annotations

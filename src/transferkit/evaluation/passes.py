@@ -27,7 +27,7 @@ def evaluate_loader(
     """Loss and accuracy on a loader; with `classes`, the full metrics (F1, per class, confusion); "logits":
     (n, classes) in the split's order (for the report; pop it before writing JSON). With several processes
     each evaluates its shard and the results are gathered: the same on every rank. `fold`: run a copy with
-    BatchNorm folded into the convolutions (measured 1.4-1.8x faster; for a model in eval mode for good).
+    BatchNorm folded into the convolutions (measured faster: README, Speed; for a model in eval mode for good).
     `move` takes a batch's inputs to the device (default `rt.batch`)."""
     model.eval()
     net, loss_sum, parts = None, 0.0, []

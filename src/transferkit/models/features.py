@@ -133,7 +133,7 @@ def extract(
     report.start_epoch(f"features {split}" + (f" view {view + 1}" if view is not None else ""), len(loader))
     for images, _, _ in loader:
         images = rt.batch(images)
-        if net is None:  # BN folded into the convs: measured 1.4-1.8x faster (lite0, 96 px, CPU)
+        if net is None:  # BN folded into the convs: measured faster (README, Speed)
             net = fold_batchnorm(backbone, images[:2])
         with rt.autocast("infer"):
             out.append(net(images).float().cpu())

@@ -1,15 +1,15 @@
 """How a run uses the machine: device, precision, memory format, threads, loader workers, compile.
 
-Each default is a rule measured on the machines we have (figures in the docstrings); the
-resolved settings are written to runs/NAME/runtime.json and metrics.json, so a run says how it
-ran. The rules:
+Each default is a rule measured on the machines we have (the figures: README, Speed and On a GPU,
+and benchmarks/); the resolved settings are written to runs/NAME/runtime.json and metrics.json, so
+a run says how it ran. The rules:
 - precision: per kind of work (training steps; inference: validation, test, feature
   extraction, predict), see `precision` for what auto picks and why.
-- channels_last: on by default (TrainConfig.channels_last has the figures).
+- channels_last: on by default (measured faster: README, Speed).
 - loader workers: see `core.machine.default_workers`; torch threads = cores - workers on CPU (cores per
   process under torchrun), so decoding workers, compute threads and ranks do not oversubscribe.
-- compile: off by default. On the 2-core CPU torch.compile took 105 s to warm up and then
-  trained at 70 img/s against 73 eager; on CUDA it is worth trying for long runs.
+- compile: off by default. On a CPU torch.compile was slow to warm up and then trained no faster
+  than eager (README, Speed); on CUDA it is worth trying for long runs (README, On a GPU).
 - CUDA: cuDNN picks its fastest kernels per shape (benchmark mode, off under --deterministic) and
   fp32 matrix products use TF32, as timm's train.py does; the loader gets more workers, since the
   main process only feeds the GPU (see `core.machine.default_workers`).
@@ -56,8 +56,9 @@ class Runtime:
     @property
     def normalizes_on_device(self) -> bool:
         """Loaders hand over uint8 pixels for `batch` to normalise: on CUDA, where the GPU does it at no
-        cost to the workers (2-core EPYC: they supplied 1.3-1.4x the images/s). On a CPU the main process
-        would do the workers' share (487 -> 400 img/s measured), so there they normalise."""
+        cost to the workers, which then supply more images per second (benchmarks/loader.md). On a CPU the
+        main process would do the workers' share and the run is slower (measured: README, Speed), so there
+        they normalise."""
         return self.device.type == "cuda" and self.normalize is not None
 
     def batch(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -128,7 +129,7 @@ class Runtime:
 def _on_device(mean_std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """255, mean and std as tensors on `device`, made once (a copy per batch would wait for the GPU). The 255
     is a device tensor because CUDA divides by a Python number as a multiply by its reciprocal, 1 ulp off
-    ToTensor's true division (measured on the H200); by a device tensor it divides."""
+    ToTensor's true division (seen on a GPU); by a device tensor it divides."""
     return (torch.tensor(255.0, device=device), *(torch.tensor(v, device=device).view(-1, 1, 1) for v in mean_std))
 
 

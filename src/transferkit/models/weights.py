@@ -332,15 +332,7 @@ def available_models(pattern: str | None = None) -> list[dict]:
     rows = []
     for name in names:
         arch = ALIASES.get(name, name)
-        offline = (
-            "bundled"
-            if bundled_file(arch)
-            else "torch hub"
-            if torchvision_file(arch)
-            else "cached"
-            if cached_file(arch)
-            else ""
-        )
+        offline = _offline_source(arch)
         rows.append(
             {
                 "name": name,
@@ -350,6 +342,17 @@ def available_models(pattern: str | None = None) -> list[dict]:
             }
         )
     return rows
+
+
+def _offline_source(arch: str) -> str:
+    """Where `arch`'s weights are found without a network: bundled, torch hub, cached, or "" (none)."""
+    if bundled_file(arch):
+        return "bundled"
+    if torchvision_file(arch):
+        return "torch hub"
+    if cached_file(arch):
+        return "cached"
+    return ""
 
 
 def classic_models() -> list[dict]:

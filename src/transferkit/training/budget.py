@@ -25,10 +25,9 @@ from transferkit.core.machine import cache_root
 from transferkit.data.imagecache import cache_size
 
 ACTIVATIONS = 1.0
-"""A training step's peak memory growth over the sum of its layers' outputs at that batch. Measured (2-core AMD
-EPYC, fp32, channels_last, AdamW; peak RSS growth over two steps against the sum): lite0 224 px batch 32 2.57 GB
-against 3.06 GB summed; lite0 96 px batch 64 1.03 against 1.12; resnet50 128 px batch 32 1.33 against 1.39. The
-sum counts in-place activations twice and backward frees as it goes: it stays on the safe side."""
+"""A training step's peak memory growth over the sum of its layers' outputs at that batch. Measured against
+the peak RSS growth of real steps, the sum came out a little above it (README, Reliability: the memory
+estimate): it counts in-place activations twice and backward frees as it goes, so it stays on the safe side."""
 REPORT_BYTES = 2 * 2**20
 """report.html (its PNGs inline), metrics and the other small files of a run, generously."""
 

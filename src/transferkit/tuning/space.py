@@ -72,7 +72,12 @@ class Dimension:
     def describe(self) -> str:
         if self.choices is not None:
             return f"{self.field} in {{{', '.join(map(str, self.choices))}}}"
-        scale = " (log)" if self.log else f" (step {self.step:g})" if self.step else ""
+        if self.log:
+            scale = " (log)"
+        elif self.step:
+            scale = f" (step {self.step:g})"
+        else:
+            scale = ""
         return f"{self.field} in [{self.low:g}, {self.high:g}]{scale}" + (
             f" if {'/'.join(self.when)}" if self.when else ""
         )
