@@ -28,7 +28,7 @@ class Lines:
     def start_epoch(self, description: str, n_batches: int) -> None:
         pass
 
-    def batch(self, loss: float, accuracy: float, images_per_s: float) -> None:
+    def advance(self, batches: int) -> None:
         pass
 
 

@@ -313,13 +313,13 @@ def test_layer_decay_steps_down_the_transformer_blocks():
 @needs_minilm
 def test_a_text_study_leaves_image_settings_out_and_training_refuses_mixup(tmp_path):
     from transferkit.core.config import TrainConfig
-    from transferkit.models.task import TASKS
+    from transferkit.core.registry import TASKS
     from transferkit.tuning.space import space_for
 
-    fields = {d.field for d in space_for(None, set(TASKS["text"].unused), TrainConfig())}
+    fields = {d.field for d in space_for(None, set(TASKS.load("text").unused), TrainConfig())}
     assert "mixup" not in fields
     assert {"strategy", "lr"} <= fields
-    assert "mixup" in {d.field for d in space_for(None, set(TASKS["image"].unused), TrainConfig())}
+    assert "mixup" in {d.field for d in space_for(None, set(TASKS.load("image").unused), TrainConfig())}
     table = _write_table(tmp_path / "t.csv", [b"text,label"] + [f"text {i},{'ab'[i % 2]}".encode() for i in range(8)])
     with pytest.raises(UserError, match="--mixup and --cutmix blend images; this data is text"):
         transferkit.train(data=str(table), strategy="finetune", mixup=0.2, runs_dir=str(tmp_path / "runs"), quiet=True)
