@@ -585,7 +585,9 @@ class Recipe:
             + (", on cached features" if head_only else "")
         )
         objective = self.objective
-        objective.encode = "features" if head_only else "full" if phase.groups else "frozen"
+        objective.encode = "full" if phase.groups else "frozen"  # below the head: the backbone, training or not
+        if head_only:
+            objective.encode = "features"
         objective.move = self.rt.batch if head_only else self.move
         wrapped = distributed.ddp_wrap(objective, self.d, self.device)  # what trains in this phase
         update = Update(optimizer, scheduler, c.grad_clip)
@@ -643,13 +645,10 @@ class Recipe:
         stops by raising Preempted)."""
         c, d, p, ps, model = self.config, self.d, self.progress, self.ps, self.model
         tick = time.perf_counter()
-        val = (
-            evaluate_loader(
-                model.head if ps.head_only else model, ps.val_loader, self.eval_loss, self.rt, d=d, move=ps.move
-            )
-            if len(self.data.splits["val"])
-            else None
-        )
+        val = None
+        if len(self.data.splits["val"]):
+            scored = model.head if ps.head_only else model  # on cached features, the head alone
+            val = evaluate_loader(scored, ps.val_loader, self.eval_loss, self.rt, d=d, move=ps.move)
         val_logits = val.pop("logits") if val else None
         row = self.epoch_row(val, seconds, time.perf_counter() - tick)
         # best by val accuracy, ties broken by lower val loss (or by target entropy: --select); without a
