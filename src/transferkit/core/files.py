@@ -83,7 +83,9 @@ def disk_full(path: Path, needed: int, free: int | None = None, at_least: bool =
     if free is None:
         folder = next((p for p in (Path(path).parent, *Path(path).parents) if p.exists()), Path("."))
         free = shutil.disk_usage(folder).free
-    need = f"needed {'more than ' if at_least else ''}{bytes_text(needed)}" if needed else "could not finish"
+    need = "could not finish"
+    if needed:
+        need = f"needed {'more than ' if at_least else ''}{bytes_text(needed)}"
     return DiskFull(
         f"The disk is full: writing '{path}' {need} and {bytes_text(free)} were free there. The previous "
         f"{Path(path).name}, if any, is intact and no temporary file is left. Free some space (old runs; "

@@ -134,7 +134,9 @@ def _textures():
     for cls in ("brick", "grass", "gravel"):
         photo = getattr(data, cls)()
         for row in range(grid):
-            split = "train" if row < 4 else "val" if row == 4 else "test"
+            split = "train" if row < 4 else "test"  # the photo's top rows train, its bottom rows test
+            if row == 4:
+                split = "val"
             for col in range(grid):
                 ref = f"textures/{cls}/{row}-{col}"
                 arrays[ref] = np.ascontiguousarray(

@@ -176,7 +176,9 @@ def cache_usage(root: Path) -> dict[str, tuple[int, int]]:
     out = {}
     for kind in KINDS:
         path = root / kind
-        files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path] if path.is_file() else []
+        files = [path] if path.is_file() else []
+        if path.is_dir():
+            files = [f for f in path.rglob("*") if f.is_file()]
         if files:
             out[kind] = (len(files), sum(f.stat().st_size for f in files))
     return out
