@@ -63,24 +63,41 @@ def test_compiled_training_saves_plain_keys_and_learns(tmp_path, gpu):
     transferkit.load(compiled.dir, device="cuda")  # the bundle loads into a plain model
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_the_demo_job_cropping_on_the_gpu_learns(faces_dir, tmp_path, monkeypatch, deterministic):
-    # deterministic: torchvision.ops.roi_align would swap in a Python version sampling every pixel per pixel
+def test_the_demo_job_cropping_on_the_gpu_learns(faces_dir, tmp_path, monkeypatch):
     real, seen = Runtime.batch, []
     monkeypatch.setattr(Runtime, "batch", lambda self, images: seen.append(type(images)) or real(self, images))
-    crop_on = "device" if deterministic else "auto"  # auto crops on the GPU where it is not deterministic
     run = transferkit.train(
         data=str(faces_dir),
         device="cuda",
-        deterministic=deterministic,
-        crop_on=crop_on,
+        crop_on="auto",  # auto crops on the GPU where the run is not deterministic
         img_size=96,
         runs_dir=str(tmp_path / "runs"),
         quiet=True,
         html_report=False,
     )
     assert list in seen  # training batches came as squares and crop rows
-    assert run.metrics["test"]["n"] == 80 and run.metrics["test"]["accuracy"] >= 0.95  # as the demo job
+    assert run.metrics["test"]["n"] == 80
+    assert run.metrics["test"]["accuracy"] >= 0.95  # as the demo job
+
+
+DETERMINISTIC_LIMIT_S = 300
+"""What the deterministic device-crop run is given: it once did not finish in the 110 s left of a device
+call (a hang or slowness, not known; torchvision.ops.roi_align would swap in a Python version sampling every
+input pixel per output pixel, so the op is called directly)."""
+
+
+def test_the_demo_job_cropping_on_the_gpu_deterministically_finishes_and_learns(faces_dir, tmp_path):
+    """In a process of its own with a time limit, so a hang fails this test with its reason instead of
+    stalling the suite."""
+    cli = [sys.executable, "-m", "transferkit", "train", str(faces_dir), "--device", "cuda", "--deterministic"]
+    cli += ["--crop-on", "device", "--img-size", "96", "--runs-dir", str(tmp_path / "runs"), "--quiet", "--no-report"]
+    try:
+        out = subprocess.run(cli, capture_output=True, text=True, timeout=DETERMINISTIC_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"--deterministic with --crop-on device did not finish in {DETERMINISTIC_LIMIT_S} s")
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["test_accuracy"] >= 0.95  # as the demo job
 
 
 def test_sigterm_then_resume_is_bit_identical_on_the_gpu(shapes_dir, gpu):
