@@ -1,5 +1,6 @@
-"""The training configuration: one typed dataclass in sections (data, model, strategy, optim,
-regularise, runtime, output), validated on construction.
+"""The training configuration: a dataclass of options per section (data, model, strategy, optim,
+regularise, adapt, runtime, output), each field with its default and its help beside it; `TrainConfig`
+is all of them, validated on construction (core.checks: choices and ranges, by field name).
 
 YAML is only its serialised form: every run saves the fully resolved config as
 `config.yaml`, and `--config` reads it back. Unknown keys fail with a close-match
@@ -31,100 +32,11 @@ from transferkit.core.checks import (  # noqa: F401 (the choices, importable fro
 )
 from transferkit.core.errors import UserError, did_you_mean
 
-SECTIONS = {
-    "data": (
-        "data",
-        "val_fraction",
-        "test_fraction",
-        "shots",
-        "split_file",
-        "bad_files",
-        "outside_links",
-        "augment",
-        "sampler",
-        "text_column",
-        "label_column",
-    ),
-    "model": (
-        "model",
-        "weights",
-        "head",
-        "head_hidden",
-        "head_dropout",
-        "in_chans",
-        "img_size",
-        "max_length",
-        "trust_checkpoint",
-    ),
-    "strategy": (
-        "strategy",
-        "unfreeze_groups",
-        "backbone_lr_mult",
-        "layer_decay",
-        "lr_min",
-        "gradual_every",
-        "lp_epochs",
-        "ft_lr_scale",
-        "plan",
-        "epochs",
-        "patience",
-        "select",
-    ),
-    "optim": (
-        "optimizer",
-        "lr",
-        "weight_decay",
-        "momentum",
-        "warmup_epochs",
-        "batch_size",
-        "accumulate",
-        "lr_scaling",
-        "lr_base_batch",
-        "grad_clip",
-    ),
-    "regularise": ("label_smoothing", "l2sp", "drop_path", "mixup", "cutmix", "class_weights"),
-    "adapt": ("target", "target_eval", "adapt", "adapt_weight"),
-    "runtime": (
-        "device",
-        "precision",
-        "channels_last",
-        "compile",
-        "workers",
-        "threads",
-        "sync_bn",
-        "seed",
-        "deterministic",
-        "feature_cache",
-        "feature_views",
-        "image_cache",
-        "crop_on",
-        "cache_dir",
-        "nan_policy",
-        "nan_skip_limit",
-    ),
-    "output": (
-        "runs_dir",
-        "name",
-        "overwrite",
-        "quiet",
-        "save_every_steps",
-        "keep_top_k",
-        "html_report",
-        "tensorboard",
-        "profile_steps",
-    ),
-}
-"""How config.yaml groups the fields: what the data is, which model, what trains when, how it is optimised
-and regularised, how it runs on the machine, and what the run writes. CLI flags and `config.lr`-style
-access keep the plain field names."""
-
 
 @dataclass
-class TrainConfig:
-    """Everything a training run needs, field by field in the sections of SECTIONS (the order below);
-    saved as `config.yaml` in the run directory, in those sections."""
+class DataOptions:
+    """What the data is and how it is split and augmented (config.yaml's `data` section)."""
 
-    # --- data: what the data is and how it is split and augmented ---
     data: str = ""
     """Data spec: an image folder, a CSV file (path,label[,split]), builtin:NAME or cifar10:DIR."""
     val_fraction: float = 0.1
@@ -148,7 +60,12 @@ class TrainConfig:
     """Text data (.csv/.tsv/.jsonl): the column holding each text."""
     label_column: str = "label"
     """Text data: the column holding each text's class (a `split` column, if any, says train/val/test)."""
-    # --- model: the model and its input ---
+
+
+@dataclass
+class ModelOptions:
+    """The model and its input (config.yaml's `model` section)."""
+
     model: str = "efficientnet_lite0"
     """Any timm model name; efficientnet_lite0/1/2 have ImageNet weights that work offline."""
     weights: str = "auto"
@@ -167,7 +84,12 @@ class TrainConfig:
     """Text: tokens per text at most (longer texts are cut); batches are padded to their longest text."""
     trust_checkpoint: bool = False
     """Allow --weights/--resume files that need full unpickling (can run code: only files you trust)."""
-    # --- strategy: what trains, when, for how long ---
+
+
+@dataclass
+class StrategyOptions:
+    """What trains, when, for how long (config.yaml's `strategy` section)."""
+
     strategy: str = "finetune"
     """What trains, when, at which LR: a name in core.registry.STRATEGIES (linear-probe, finetune, ...)."""
     unfreeze_groups: int = 3
@@ -195,7 +117,12 @@ class TrainConfig:
     """Which epoch is best: val (source validation accuracy) | target-entropy (lowest mean prediction entropy
     on the unlabelled --target images: no target label needed) | auto (val; with --target, the rule measured
     best in benchmarks/adapt.md)."""
-    # --- optim: how it is optimised ---
+
+
+@dataclass
+class OptimOptions:
+    """How it is optimised (config.yaml's `optim` section)."""
+
     optimizer: str = "adamw"
     """adamw | sgd (with momentum)."""
     lr: float | str = 1e-3
@@ -216,7 +143,12 @@ class TrainConfig:
     """The batch size the given lr is meant for, when lr_scaling is linear or sqrt."""
     grad_clip: float | None = None
     """Clip the global gradient norm to this value; None does not clip."""
-    # --- regularise: regularisers ---
+
+
+@dataclass
+class RegulariseOptions:
+    """Regularisers (config.yaml's `regularise` section)."""
+
     label_smoothing: float = 0.1
     """Cross-entropy label smoothing; 0 turns it off."""
     l2sp: float = 0.0
@@ -229,7 +161,12 @@ class TrainConfig:
     """CutMix alpha (timm Mixup); 0 turns it off, 1.0 is typical."""
     class_weights: str = "none"
     """none | auto: weight the loss by inverse class frequency in the training split."""
-    # --- adapt: domain adaptation to an unlabelled target ---
+
+
+@dataclass
+class AdaptOptions:
+    """Domain adaptation to an unlabelled target (config.yaml's `adapt` section)."""
+
     target: str | None = None
     """Unlabelled target images to adapt to: a folder (subfolder names ignored) or e.g. builtin:digits."""
     target_eval: str | None = None
@@ -239,7 +176,12 @@ class TrainConfig:
     """With a target: a method in core.registry.ADAPTATIONS, or auto (the measured default)."""
     adapt_weight: float = 1.0
     """Weight of the adaptation loss against the classification loss."""
-    # --- runtime: how it runs on this machine ---
+
+
+@dataclass
+class RuntimeOptions:
+    """How it runs on this machine (config.yaml's `runtime` section)."""
+
     device: str = "auto"
     """auto (CUDA when present) | cpu | cuda."""
     precision: str = "auto"
@@ -277,7 +219,12 @@ class TrainConfig:
     """stop: a NaN/Inf loss or gradient ends the run, naming the step and the batch's files; skip: skip the step."""
     nan_skip_limit: int = 10
     """nan_policy skip: stop after this many skipped steps in a run."""
-    # --- output: what the run writes ---
+
+
+@dataclass
+class OutputOptions:
+    """What the run writes (config.yaml's `output` section)."""
+
     runs_dir: str = "runs"
     """Folder that holds run directories."""
     name: str | None = None
@@ -297,6 +244,41 @@ class TrainConfig:
     profile_steps: int = 0
     """torch.profiler over this many training steps (after 2 warm-up steps): runs/NAME/profile.txt and
     profile-trace.json (see training.profile); 0 = off."""
+
+
+SECTION_OPTIONS = {
+    "data": DataOptions,
+    "model": ModelOptions,
+    "strategy": StrategyOptions,
+    "optim": OptimOptions,
+    "regularise": RegulariseOptions,
+    "adapt": AdaptOptions,
+    "runtime": RuntimeOptions,
+    "output": OutputOptions,
+}
+"""config.yaml's sections, each the dataclass of its options: what the data is, which model, what trains
+when, how it is optimised and regularised, adaptation, how it runs on the machine, and what the run writes.
+CLI flags and `config.lr`-style access keep the plain field names."""
+
+SECTIONS = {name: tuple(f.name for f in dataclasses.fields(options)) for name, options in SECTION_OPTIONS.items()}
+"""Each section's field names, in order."""
+
+
+@dataclass
+class TrainConfig(
+    OutputOptions,
+    RuntimeOptions,
+    AdaptOptions,
+    RegulariseOptions,
+    OptimOptions,
+    StrategyOptions,
+    ModelOptions,
+    DataOptions,
+):
+    """Everything a training run needs: the options of every section (dataclasses inherit fields in reverse
+    order of their bases, so the data's come first); saved as `config.yaml` in the run directory, in those
+    sections. A function that needs one section may take that section's type: a TrainConfig is each.
+    """
 
     def __post_init__(self) -> None:
         _coerce_types(self)
