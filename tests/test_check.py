@@ -161,7 +161,7 @@ def test_a_one_image_class_is_named_and_macro_f1_covers_the_classes_present(tmp_
     run = transferkit.train(data=str(root), strategy="linear-probe", name="odd", **tiny)
     said = capsys.readouterr().err
     assert (
-        "warning: class 'triangle' has 1 image(s), too few for every split: none in val and test "
+        "warning: class 'triangle' has 1 image, too few for every split: none in val and test "
         "(not validated and not scored)" in said
     ), said
     test = run.metrics["test"]

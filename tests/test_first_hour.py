@@ -124,7 +124,7 @@ def test_every_class_with_one_image_is_named_as_missing_from_val_and_test(tmp_pa
     )
     said = capsys.readouterr().err
     for name in ("circle", "square"):
-        assert f"warning: class '{name}' has 1 image(s), too few for every split: none in val and test" in said
+        assert f"warning: class '{name}' has 1 image, too few for every split: none in val and test" in said
 
 
 # --- a small trained run for the predict and evaluate items --------------------------------------------
@@ -225,7 +225,8 @@ def test_the_log_prefix_shows_in_a_terminal():
 # --- 16: the predict table, --split paths, evaluate's output, --version ---------------------------------
 
 
-def test_the_predict_table_top_k_starts_with_the_top_1_as_json_does(run_dir, tmp_path):
+def test_the_predict_table_top_k_starts_with_the_top_1_as_json_does(run_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")  # the table fits the terminal: this one's rows fit on one line
     make_folder(tmp_path / "new", per_class=1, size=32)
     image = str(tmp_path / "new" / "circle" / "0.png")
     pred = json.loads(runner.invoke(app, ["predict", str(run_dir), image, "--format", "json"]).stdout)[0]

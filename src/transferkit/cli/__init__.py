@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -14,11 +15,13 @@ from transferkit.cli.startup import keep_heap, loading
 from transferkit.core.imports import defer_dynamo
 
 app = typer.Typer(
+    cls=options.Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Fine-tune pretrained image models on your own data, offline-first.",
+    help="Fine-tune pretrained image and text models on your own data, offline-first.",
 )
+command = partial(app.command, cls=options.Command)
 
 
 def _print_version(given: bool) -> None:
@@ -79,14 +82,14 @@ def train(**flags) -> None:
 
 
 train.__signature__ = options.signature(options.TRAIN)  # the options, one row each (see `options`)
-app.command()(train)
-app.command()(tuning.tune)
-app.command()(tuning.rank)
-app.command()(deploy.predict)
-app.command()(deploy.export)
+command()(train)
+command()(tuning.tune)
+command()(tuning.rank)
+command()(deploy.predict)
+command()(deploy.export)
 
 
-@app.command()
+@command()
 def check(
     data: str = typer.Argument(..., help="Same data specs as `train`."),
     seed: int = typer.Option(0, help="Seed of the split carved when the data has no val/test folders."),
@@ -110,11 +113,12 @@ def check(
     if found.skipped:
         Console(width=160, markup=False).print(table)
     sizes = ", ".join(f"{s} {len(found.splits[s])}" for s in ("train", "val", "test"))
-    typer.echo(f"usable: {sizes} images in {len(found.classes)} classes ({found.how})")
+    classes = f"{len(found.classes)} class{'' if len(found.classes) == 1 else 'es'}"
+    typer.echo(f"usable: {sizes} {found.kind}s in {classes} ({found.how})")
     for link, target in found.outside_links:
         typer.echo(f"link outside the folder (followed; --outside-links refuse leaves it out): {link} -> {target}")
     for name, splits in found.missing().items():
-        typer.echo(f"class '{name}' has no images in {' and '.join(splits)}")
+        typer.echo(f"class '{name}' has no {found.kind}s in {' and '.join(splits)}")
     problem = too_few_classes(found)
     if problem:
         typer.echo(problem)
@@ -122,7 +126,7 @@ def check(
         raise typer.Exit(1)
 
 
-@app.command("lr-find")
+@command("lr-find")
 def lr_find_command(
     data: str = typer.Argument(..., help="Same data specs as `train`."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config; flags override it."),
@@ -169,7 +173,7 @@ def lr_find_command(
     typer.echo(json.dumps({**summary, "plot": str(folder / "lr_find.png")}))
 
 
-@app.command()
+@command()
 def compare(
     data: str = typer.Argument(..., help="Same data specs as `train`."),
     strategies: str = typer.Option("linear-probe,finetune,lp-ft,scratch", help="Comma-separated strategies."),
@@ -210,7 +214,9 @@ def compare(
         quiet=quiet,
         **base,
     )
-    table = Table(title=f"compare {data} ({seeds} seed{'s' if seeds > 1 else ''}, {result['wall_s']:.0f} s)")
+    # the title is a line of its own: as a table title it wrapped mid-phrase to the table's width
+    typer.echo(f"compare {data} ({seeds} seed{'s' if seeds > 1 else ''}, {result['wall_s']:.0f} s)")
+    table = Table()
     for col in ("strategy", "shots", "test accuracy", "best epoch", "trainable params", "wall time / arm"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for r in result["summary"]:
@@ -218,15 +224,15 @@ def compare(
             r["strategy"],
             str(r["shots"]),
             f"{r['test_accuracy_mean']:.3f} ± {r['test_accuracy_std']:.3f}",
-            f"{r['best_epoch_mean']:.1f}",
+            f"{round(r['best_epoch_mean'], 1):g}",  # a mean over seeds: 2, or 2.5
             f"{r['trainable_params']:,}",
             f"{r['wall_s_mean']:.1f} s",
         )
-    Console(width=110, markup=False).print(table)
+    Console(markup=False).print(table)
     typer.echo(f"wrote {result['dir']}/compare.json, compare.csv, compare.png")
 
 
-@app.command()
+@command()
 def evaluate(
     run: Path = typer.Argument(..., help="A run directory written by `transferkit train`."),
     split: str = typer.Option("test", help="train | val | test."),
@@ -298,7 +304,7 @@ def _confusion_table(matrix: list[list[int]], classes: list[str], saved: Path):
     return table
 
 
-@app.command()
+@command()
 def models(
     pattern: Optional[str] = typer.Argument(None, help="Substring or glob of timm names (e.g. resnet, 'vit_*')."),
 ) -> None:
@@ -326,7 +332,7 @@ def models(
         typer.echo("Any timm model trains with --weights none; `transferkit models PATTERN` searches all of them.")
 
 
-@app.command()
+@command()
 def report(
     run: Path = typer.Argument(..., help="A run directory written by `transferkit train`."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
@@ -338,7 +344,7 @@ def report(
     typer.echo(str(build_report(run, device)))
 
 
-@app.command()
+@command()
 def cache(
     cache_dir: Optional[str] = typer.Option(None, help="Cache folder (default ~/.cache/transferkit)."),
     clear: bool = typer.Option(False, "--clear", help="Remove the cached features, decoded images and timings."),
@@ -367,7 +373,7 @@ def cache(
         typer.echo(f"cleared: {bytes_text(sum(size for _, size in usage.values()))} freed")
 
 
-@app.command()
+@command()
 def inspect(
     model: str = typer.Argument(..., help="A timm model name, e.g. efficientnet_lite0 or resnet50."),
     img_size: Optional[int] = typer.Option(None, help="Resolution (default: the model's pretrained one)."),

@@ -90,7 +90,7 @@ def _split_inputs(model: Path, split: str) -> tuple[list[tuple[str, object]], di
     config = TrainConfig.load(run / "config.yaml")
     data = config_data(config, run / "split.json")
     if not data.splits.get(split):
-        raise UserError(f"The run '{run}' has no images in its {split} split.")
+        raise UserError(f"The run '{run}' has no {data.kind}s in its {split} split.")
     by_class: dict[str, list] = {}
     for sample in data.splits[split]:
         by_class.setdefault(sample[1], []).append(sample)
@@ -130,8 +130,13 @@ def _print_predictions(results: list[dict], format: str) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table()  # the console prints names as they are: no rich markup in file or class names
-        for col in ("input", "prediction", "score", *(["true"] if results and "true" in results[0] else []), "top-k"):
+        console = Console(markup=False)  # as wide as the terminal; names as they are, no rich markup
+        # an input's name stays on one line while it takes at most half the width, the others wrap; a longer
+        # one folds, whole, onto more lines
+        longest = max((len(r["input"]) for r in results), default=0)
+        table = Table()
+        table.add_column("input", overflow="fold", min_width=min(longest, console.width // 2))
+        for col in ("prediction", "score", *(["true"] if results and "true" in results[0] else []), "top-k"):
             table.add_column(col)
         for r in results:
             table.add_row(
@@ -141,7 +146,7 @@ def _print_predictions(results: list[dict], format: str) -> None:
                 *([r["true"]] if "true" in r else []),
                 ", ".join(f"{t['label']} {t['score']:.2f}" for t in r["top_k"]),
             )
-        Console(width=160, markup=False).print(table)
+        console.print(table)
 
 
 def export(

@@ -8,9 +8,40 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from transferkit.core.checks import CHECKED_ALONE, check_value
+from transferkit.core.checks import CHECKED_ALONE, HEADS, check_value
 from transferkit.core.registry import ADAPTATIONS, STRATEGIES
+
+SWITCHES = "On/off switches"
+"""The help panel of the --X/--no-X pairs (see `switch`)."""
+
+
+def switch(flag: str, help: str):
+    """An on/off pair --FLAG/--no-FLAG whose None means "not given". It gets a help panel of its own: in
+    the Options panel, the column of the --no-FLAG names would narrow every description to about 22
+    characters at 80 columns."""
+    return typer.Option(None, f"--{flag}/--no-{flag}", help=help, rich_help_panel=SWITCHES)
+
+
+class _FlagsShowNoType:
+    """typer shows `<bool>` beside a flag (--help too), which takes no value: show nothing there."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+        return params
+
+
+class Command(_FlagsShowNoType, TyperCommand):
+    """Every `transferkit` command's class (`app.command(cls=Command)`)."""
+
+
+class Group(_FlagsShowNoType, TyperGroup):
+    """The `transferkit` command group's class."""
+
 
 TRAIN = [
     (
@@ -52,8 +83,18 @@ TRAIN = [
     ("gradual_every", Optional[int], typer.Option(None, help="gradual: epochs per unfrozen group (default 1).")),
     ("lp_epochs", Optional[int], typer.Option(None, help="lp-ft: linear-probe epochs (default half).")),
     ("ft_lr_scale", Optional[float], typer.Option(None, help="lp-ft: fine-tune LR = lr x this (default 0.1).")),
-    ("head", Optional[str], typer.Option(None, help="linear | mlp (default linear).")),
-    ("head_hidden", Optional[int], typer.Option(None, help="Hidden width of the mlp head (default 512).")),
+    (
+        "head",
+        Optional[str],
+        typer.Option(
+            None, help=f"{' | '.join(HEADS)}: bottleneck is mlp with BatchNorm, for --target (default linear)."
+        ),
+    ),
+    (
+        "head_hidden",
+        Optional[int],
+        typer.Option(None, help="Hidden width of the mlp and bottleneck heads (default 512)."),
+    ),
     ("head_dropout", Optional[float], typer.Option(None, help="Dropout before the last head layer (default 0).")),
     ("in_chans", Optional[int], typer.Option(None, help="3 = RGB; 1 = grayscale with an adapted stem (default 3).")),
     (
@@ -154,24 +195,18 @@ TRAIN = [
     (
         "feature_cache",
         Optional[bool],
-        typer.Option(
-            None, "--feature-cache/--no-feature-cache", help="Head-only phases train on cached features (default on)."
-        ),
+        switch("feature-cache", "Head-only phases train on cached features (default on)."),
     ),
     ("feature_views", Optional[int], typer.Option(None, help="Augmented views cached per image (default 0 = none).")),
     (
         "channels_last",
         Optional[bool],
-        typer.Option(
-            None, "--channels-last/--no-channels-last", help="NHWC memory format (default on; measured faster)."
-        ),
+        switch("channels-last", "NHWC memory format (default on; measured faster)."),
     ),
     (
         "image_cache",
         Optional[bool],
-        typer.Option(
-            None, "--image-cache/--no-image-cache", help="Decode each image once into a memory map (default on)."
-        ),
+        switch("image-cache", "Decode each image once into a memory map (default on)."),
     ),
     (
         "crop_on",
@@ -194,7 +229,7 @@ TRAIN = [
     (
         "compile",
         Optional[bool],
-        typer.Option(None, "--compile/--no-compile", help="torch.compile the model (default off)."),
+        switch("compile", "torch.compile the model (default off)."),
     ),
     ("accumulate", Optional[int], typer.Option(None, help="Micro-batches per step: batch = micro x processes x this.")),
     ("sync_bn", bool, typer.Option(False, "--sync-bn", help="Several processes: SyncBatchNorm over the global batch.")),
@@ -208,7 +243,7 @@ TRAIN = [
     (
         "html_report",
         Optional[bool],
-        typer.Option(None, "--report/--no-report", help="Write report.html at the end (default on)."),
+        switch("report", "Write report.html at the end (default on)."),
     ),
     (
         "tensorboard",

@@ -118,15 +118,21 @@ def rank(
     cfg = TrainConfig.load(config) if config else TrainConfig()
     cfg = cfg.replace(**({"shots": shots} if shots is not None else {}))
     result = run_rank(data, model_list(models), img_sizes=sizes, config=cfg, report=Reporter(quiet=True), out=out)
-    table = Table(
-        title=f"LogME on {data}: {result['n_train']} training images, {result['classes']} classes "
+    texts = result["rows"][0]["img_size"] is None  # texts have no size in pixels
+    samples = "texts" if texts else "images"
+    # the title is a line of its own: as a table title it wrapped mid-phrase to the table's width
+    typer.echo(
+        f"LogME on {data}: {result['n_train']} training {samples}, {result['classes']} classes "
         f"(chance {result['chance_logme']:.3f})"
     )
-    for col in ("rank", "model", "px", "LogME", "seconds"):
+    columns = ("rank", "model", "LogME", "seconds") if texts else ("rank", "model", "px", "LogME", "seconds")
+    table = Table()
+    for col in columns:
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in result["rows"]:
-        table.add_row(str(r["rank"]), r["model"], str(r["img_size"]), f"{r['logme']:.4f}", f"{r['seconds']:.1f}")
-    Console(width=110, markup=False).print(table)
+        size = [] if texts else [str(r["img_size"])]
+        table.add_row(str(r["rank"]), r["model"], *size, f"{r['logme']:.4f}", f"{r['seconds']:.1f}")
+    Console(markup=False).print(table)
     advice = result["recommendation"]
     typer.echo(f"recommended strategy: {advice['strategy']}. {advice['why']}")
     typer.echo(f"wrote {out / 'rank.json'}")

@@ -55,7 +55,7 @@ def evaluate(
     spec, split = data, split if data is None else "test"
     data = config_data(config, run / "split.json") if spec is None else labelled_set(spec, meta["classes"], "--data")
     if split not in data.splits or not data.splits[split]:
-        raise UserError(f"Run '{run}' has no images in split '{split}'.")
+        raise UserError(f"Run '{run}' has no {data.kind}s in split '{split}'.")
     if data.classes != meta["classes"]:
         raise UserError(f"The classes in '{run}/split.json' differ from those of the model in '{run}/best'.")
     device = pick_device(device)  # this machine's workers, not the run's

@@ -102,6 +102,17 @@ class PhaseState:
     """A batch's inputs to the device: cached features as they are, else the task's inputs (`Task.move`)."""
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 image', '15 texts', '1 class', '3 classes': `n` and `noun`, plural unless n is 1. A run's
+    samples are its data's kind (`Data.kind`: image or text)."""
+    plural = f"{noun}es" if noun.endswith("s") else f"{noun}s"
+    return f"{n} {noun if n == 1 else plural}"
+
+
+RATE = {"image": "img/s", "text": "texts/s"}
+"""The epoch line's training speed, by the data's kind."""
+
+
 @dataclass
 class Run:
     """What `train` returns: where the run lives and how it scored."""
@@ -292,9 +303,9 @@ class Recipe:
             write_text(run_dir / "runtime.json", json.dumps(self.setting, indent=1))
         splits = "/".join(str(len(data.splits[s])) for s in ("train", "val", "test"))
         self.report.info(
-            f"[transferkit] {run_dir}: {c.model} ({self.record['weights']}), {c.strategy}, {len(data.classes)} "
-            f"classes, train/val/test = {splits} ({data.how}), {self.prep.describe()}, {len(self.groups)} layer "
-            f"groups, {self.device} {self.rt.describe_precision()}"
+            f"[transferkit] {run_dir}: {c.model} ({self.record['weights']}), {c.strategy}, "
+            f"{counted(len(data.classes), 'class')}, train/val/test = {splits} ({data.how}), "
+            f"{self.prep.describe()}, {len(self.groups)} layer groups, {self.device} {self.rt.describe_precision()}"
             + (f", {self.workers} loader workers" if self.workers else "")
             + (", compiled" if self.rt.compile else "")
             + (
@@ -328,7 +339,7 @@ class Recipe:
         if max(counts.values()) >= 10 * min(counts.values()) and c.class_weights == "none" and c.sampler == "shuffle":
             self.report.info(
                 f"[transferkit] warning: classes are imbalanced (largest {max(counts.values())}, "
-                f"smallest {min(counts.values())} training images); consider --class-weights auto or "
+                f"smallest {min(counts.values())} training {data.kind}s); consider --class-weights auto or "
                 "--sampler balanced"
             )
         for warning in self.budget_warnings:
@@ -337,9 +348,9 @@ class Recipe:
             total = sum(data.counts(s)[name] for s in SPLITS)
             what = " and ".join({"val": "not validated", "test": "not scored"}[s] for s in splits)
             self.report.info(
-                f"[transferkit] warning: class '{name}' has {total} image(s), too few for every split: "
-                f"none in {' and '.join(splits)} ({what}); add images to it, or give val/ and test/ "
-                "folders"
+                f"[transferkit] warning: class '{name}' has {counted(total, data.kind)}, too few for every "
+                f"split: none in {' and '.join(splits)} ({what}); add {data.kind}s to it, or give val/ and "
+                "test/ folders"
             )
 
     def check_budget(self) -> None:
@@ -579,9 +590,10 @@ class Recipe:
                 f"[transferkit] backbone features ready in {time.perf_counter() - tick:.1f} s "
                 f"(cache {cache_root(c) / 'features'})"
             )
+        bn = f", BN {phase.bn}" if self.data.kind == "image" else ""  # a text encoder has no BatchNorm
         self.report.info(
             f"[transferkit] phase '{phase.name}': groups {phase.groups or 'none'} of "
-            f"{len(self.groups)} train, BN {phase.bn}, {count_trainable(model):,} trainable parameters"
+            f"{len(self.groups)} train{bn}, {count_trainable(model):,} trainable parameters"
             + (", on cached features" if head_only else "")
         )
         objective = self.objective
@@ -674,7 +686,8 @@ class Recipe:
             f"epoch {p.epoch:>3} {ps.phase.name}: train loss {row['train_loss']:.4f}"
             + "".join(f" {name} {mean:.3f}" for name, mean in train_means.items())
             + (f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}" if val else " | no val split")
-            + f" | {row['images_per_s']:.1f} img/s{' *' if improved else ''}"
+            + (f" | target entropy {row['target_entropy']:.4f}" if "target_entropy" in row else "")
+            + f" | {row['images_per_s']:.1f} {RATE[self.data.kind]}{' *' if improved else ''}"
         )
         if d.sum([self.signals.signum is not None])[0]:  # any rank's signal stops all of them
             raise Preempted(self.signals.signum or signal.SIGTERM, self.run_dir, f"after epoch {p.epoch}")
@@ -774,8 +787,8 @@ class Recipe:
             self.report.info(
                 f"[transferkit] best epoch {best['epoch']}; test "
                 + (
-                    f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on {test['n']} "
-                    f"images; recall {recall}"
+                    f"accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f} on "
+                    f"{counted(test['n'], self.data.kind)}; recall {recall}"
                     if test
                     else "not scored (asked not to)"
                     if not self.score_test

@@ -11,6 +11,7 @@ them instead of extracting them again. Writes `rank.json` when given a folder.
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -68,13 +69,13 @@ def rank(
     source = config_data(base)
     labels = [source.classes.index(label) for _, label in source.splits["train"]]
     candidates = [(name, size) for name in models for size in (img_sizes or [base.img_size])]
-    rows = []
+    rows, once = [], SaidOnce(report)
     for i, (name, size) in enumerate(candidates, 1):
-        row = score_candidate(base.replace(model=name, img_size=size), source, labels, report)
+        row = score_candidate(base.replace(model=name, img_size=size), source, labels, report, once)
         rows.append(row)
         report.info(
-            f"[rank] {i}/{len(candidates)} {name} at {row['img_size']} px: LogME {row['logme']:.4f} "
-            f"({row['seconds']:.1f} s, {row['n_train']} images, {row['feature_dim']} features)"
+            f"[rank] {i}/{len(candidates)} {name}{_at(row)}: LogME {row['logme']:.4f} "
+            f"({row['seconds']:.1f} s, {row['n_train']} {_samples(row)}, {row['feature_dim']} features)"
         )
     rows.sort(key=lambda r: r["logme"], reverse=True)
     for place, row in enumerate(rows, 1):
@@ -97,9 +98,12 @@ def rank(
     return result
 
 
-def score_candidate(config: TrainConfig, data: Data, labels: list[int], report: Reporter) -> dict:
+def score_candidate(
+    config: TrainConfig, data: Data, labels: list[int], report: Reporter, said: Reporter | None = None
+) -> dict:
     """One backbone at one size, built and run as a linear probe's training builds and runs it (same
-    seed, weights, preprocessing, precision and eval transform: the same feature cache key)."""
+    seed, weights, preprocessing, precision and eval transform: the same feature cache key). `said`
+    reports the precision choice (default `report`)."""
     tick = time.perf_counter()
     device = pick_device(config.device)
     seed_everything(config.seed)  # as train does before building: a weights=none backbone matches too
@@ -112,7 +116,7 @@ def score_candidate(config: TrainConfig, data: Data, labels: list[int], report: 
     )
     config = config.replace(img_size=prep.img_size, workers=workers)
     plan = make_plan(config, len(layer_groups(model.backbone)))
-    rt = runtime_for(config, model, prep, plan, device, workers, Dist(), report)
+    rt = runtime_for(config, model, prep, plan, device, workers, Dist(), said or report)
     rt.prepare(model)
     # feature_loaders' train split without feature_views: eval transform, identified by the preprocessing
     transform = task.transform(prep, config, False, rt.normalizes_on_device)
@@ -156,7 +160,7 @@ def recommend(n_train: int, n_classes: int, top: dict, chance: float) -> dict:
     """
     per_class, gain = n_train / n_classes, top["logme"] - chance
     informative = gain >= INFORMATIVE_GAIN
-    fit = f"{top['model']} at {top['img_size']} px scores LogME {top['logme']:.3f}, {gain:+.2f} over chance, " + (
+    fit = f"{top['model']}{_at(top)} scores LogME {top['logme']:.3f}, {gain:+.2f} over chance, " + (
         "so its frozen features already carry the labels"
         if informative
         else "so its frozen features barely carry the labels"
@@ -164,8 +168,8 @@ def recommend(n_train: int, n_classes: int, top: dict, chance: float) -> dict:
     if per_class < FEW_PER_CLASS:
         strategy = "linear-probe"
         why = (
-            f"With {per_class:.0f} training images per class (< {FEW_PER_CLASS}) fine-tuning would likely overfit, "
-            f"and {fit}: "
+            f"With {per_class:.0f} training {_samples(top)} per class (< {FEW_PER_CLASS}) fine-tuning would "
+            f"likely overfit, and {fit}: "
             + (
                 "train a linear probe on them, then try lp-ft."
                 if informative
@@ -175,8 +179,8 @@ def recommend(n_train: int, n_classes: int, top: dict, chance: float) -> dict:
     else:
         strategy = "finetune"
         why = (
-            f"With {per_class:.0f} training images per class (>= {FEW_PER_CLASS}) there is enough data to adapt "
-            f"the backbone, and {fit}: "
+            f"With {per_class:.0f} training {_samples(top)} per class (>= {FEW_PER_CLASS}) there is enough "
+            f"data to adapt the backbone, and {fit}: "
             + (
                 "a linear probe on them is a quick baseline to beat."
                 if informative
@@ -190,3 +194,27 @@ def recommend(n_train: int, n_classes: int, top: dict, chance: float) -> dict:
         "gain_over_chance": gain,
         "rule": f"heuristic: linear-probe below {FEW_PER_CLASS} training images per class, else finetune",
     }
+
+
+def _at(row: dict) -> str:
+    """' at 64 px' for images; nothing for texts, which have no size (their img_size is None)."""
+    return f" at {row['img_size']} px" if row["img_size"] else ""
+
+
+def _samples(row: dict) -> str:
+    """What the scored data is made of: images, or texts (no img_size)."""
+    return "images" if row["img_size"] else "texts"
+
+
+class SaidOnce:
+    """`report`, less a message said before but for its figures: each candidate's precision line, the
+    same choice for every backbone but for its measured speeds, is said once; a different choice is said."""
+
+    def __init__(self, report: Reporter):
+        self.report, self.said = report, set()
+
+    def info(self, message: str) -> None:
+        shape = re.sub(r"\d[\d.,]*", "#", message)
+        if shape not in self.said:
+            self.said.add(shape)
+            self.report.info(message)

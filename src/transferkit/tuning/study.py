@@ -297,6 +297,11 @@ def objective(trial, plan: Plan) -> float:
     return statistics.fmean(values)
 
 
+def params_text(params: dict) -> str:
+    """A trial's parameters as a log line shows them: 'lr 0.00123, strategy lp-ft' (3 significant digits)."""
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+
+
 def _line(trial, study, total: int) -> str:
     import optuna
 
@@ -304,7 +309,7 @@ def _line(trial, study, total: int) -> str:
         t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         for t in study.get_trials(deepcopy=False)
     )
-    params = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in trial.params.items())
+    params = params_text(trial.params)
     state = trial.state.name.lower()
     what = {
         "complete": f"val accuracy {trial.value:.4f}" if trial.value is not None else "",

@@ -16,6 +16,7 @@ from transferkit.core.config import TrainConfig
 from transferkit.core.files import atomic_write, write_text
 from transferkit.core.progress import Reporter
 from transferkit.evaluation.runs import evaluate
+from transferkit.tuning.study import params_text
 
 
 def summarise(plan, folder: Path, config: TrainConfig, report: Reporter) -> dict:
@@ -45,7 +46,7 @@ def summarise(plan, folder: Path, config: TrainConfig, report: Reporter) -> dict
         report.info(
             f"[transferkit] best trial {b['trial']}: val accuracy {b['val_accuracy']:.4f}, test accuracy "
             + (f"{b['test']['accuracy']:.4f}" if b["test"] else "- (no test split)")
-            + f" | {', '.join(f'{k} {v}' for k, v in b['params'].items())}"
+            + f" | {params_text(b['params'])}"
         )
         report.info(
             f"[transferkit] best config: {folder / 'best.yaml'} (`transferkit train --config "
