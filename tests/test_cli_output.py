@@ -196,7 +196,7 @@ def test_compare_prints_a_whole_best_epoch_and_its_title_on_one_line(shapes_dir,
 
 
 def test_tune_params_print_three_significant_digits():
-    from transferkit.tuning.study import params_text
+    from transferkit.tuning.summary import params_text
 
     assert params_text({"lr": 0.0012345678901234567, "strategy": "lp-ft", "epochs": 3}) == (
         "lr 0.00123, strategy lp-ft, epochs 3"

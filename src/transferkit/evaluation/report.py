@@ -160,11 +160,13 @@ def _summary(run_dir: Path, config, data, how: str) -> str:
         f"({html.escape(str((runtime.get('precision_reason') or {}).get(kind, '')))})"
         for kind, value in (runtime.get("precision") or {}).items()
     )
+    size = f", {config.img_size} px" if config.img_size else ""  # text runs have no image size
+    scored = f" (val accuracy {_fmt(best['val_accuracy'])})" if best.get("val_accuracy") is not None else ""
     return _section(
         "Run",
         f"""
-<p><b>{html.escape(config.model)}</b>, strategy <b>{html.escape(config.strategy)}</b>, {config.img_size} px,
-best epoch {best.get("epoch")} (val accuracy {_fmt(best.get("val_accuracy"))}).
+<p><b>{html.escape(config.model)}</b>, strategy <b>{html.escape(config.strategy)}</b>{size},
+best epoch {best.get("epoch")}{scored}.
 Data: {html.escape(str(config.data))} ({html.escape(how)}).</p>
 <p class="precision">Precision: {precision or "not recorded"}.</p>
 <table class="counts"><tr><th>class</th><th>train</th><th>val</th><th>test</th></tr>{counts}</table>

@@ -41,6 +41,7 @@ from transferkit.data.sources import config_data
 from transferkit.training.preempt import Preempted
 from transferkit.training.recipe import train
 from transferkit.tuning.space import Dimension, draw, space_for
+from transferkit.tuning.summary import params_text
 
 PRUNERS = ("median", "hyperband", "none")
 FAILURES_IN_A_ROW = 5
@@ -295,11 +296,6 @@ def objective(trial, plan: Plan) -> float:
         if pruned:
             raise optuna.TrialPruned(f"pruned after epoch {pruned[0]}")
     return statistics.fmean(values)
-
-
-def params_text(params: dict) -> str:
-    """A trial's parameters as a log line shows them: 'lr 0.00123, strategy lp-ft' (3 significant digits)."""
-    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
 
 
 def _line(trial, study, total: int) -> str:

@@ -16,7 +16,6 @@ from transferkit.core.config import TrainConfig
 from transferkit.core.files import atomic_write, write_text
 from transferkit.core.progress import Reporter
 from transferkit.evaluation.runs import evaluate
-from transferkit.tuning.study import params_text
 
 
 def summarise(plan, folder: Path, config: TrainConfig, report: Reporter) -> dict:
@@ -180,3 +179,8 @@ def _table_row(r: dict) -> str:
 
 def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
+
+
+def params_text(params: dict) -> str:
+    """A trial's parameters as a log line shows them: 'lr 0.00123, strategy lp-ft' (3 significant digits)."""
+    return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
