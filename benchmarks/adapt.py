@@ -1,22 +1,23 @@
 """Domain adaptation on the builtin shift: printed digits (builtin:fontdigits, labelled) to handwritten
 ones (builtin:digits, unlabelled; their labels score the result only).
 
-`python benchmarks/adapt.py [--methods none,dann,cdan,mcc,coral] [--seeds 3] [--epochs 8]` writes
-benchmarks/adapt.json and adapt.md: per method, the target accuracy (mean ± std over seeds) of the
-checkpoint each label-free rule picks (source validation accuracy; lowest target prediction entropy;
-lowest proxy A-distance) against the oracle (the best target accuracy over the epochs, which needs target labels).
+`python benchmarks/adapt.py [--methods none,dann,cdan,mcc,coral] [--seeds 3] [--epochs 8] [--name adapt]`
+writes NAME.json and NAME.md into --out (default benchmarks/results/): per method, the target accuracy (mean ±
+std over seeds) of the checkpoint each label-free rule picks (source validation accuracy; lowest target
+prediction entropy; lowest proxy A-distance) against the oracle (the best target accuracy over the epochs, which
+needs target labels).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from harness import cpu_name, parser, write_results
+
 KEYS = ("by_source_val", "by_entropy", "by_pad", "oracle", "last")
 """Per run: the target accuracy of the epoch each rule picks (source val accuracy; lowest target prediction
 entropy; lowest proxy A-distance), of the best epoch (the oracle: needs target labels), of the last."""
@@ -79,8 +80,7 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write(result: dict, out: Path) -> None:
-    (out / "adapt.json").write_text(json.dumps(result, indent=1))
+def markdown(result: dict) -> str:
     lines = [
         f"# Domain adaptation: builtin:fontdigits -> builtin:digits ({result['cpu']}, {result['date']})",
         "",
@@ -94,29 +94,26 @@ def write(result: dict, out: Path) -> None:
     for s in result["summary"]:
         cell = [f"{s[k][0]:.3f} ± {s[k][1]:.3f}" if k in s else "-" for k in KEYS]
         lines.append(f"| {s['method']} | " + " | ".join(cell) + " |")
-    (out / "adapt.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="none,dann,cdan,mcc,coral")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--img-size", type=int, default=32)
-    parser.add_argument("--out", type=Path, default=HERE)
-    parser.add_argument(
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--methods", default="none,dann,cdan,mcc,coral")
+    args_parser.add_argument("--seeds", type=int, default=3)
+    args_parser.add_argument("--epochs", type=int, default=8)
+    args_parser.add_argument("--img-size", type=int, default=32)
+    args_parser.add_argument("--name", default="adapt", help="results name, e.g. adapt-24epochs (default adapt)")
+    args_parser.add_argument(
         "--set",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="a config field for every run, e.g. --set adapt_weight=0.3 (repeatable)",
     )
-    args = parser.parse_args()
-    from tune import cpu_name
-
+    args = args_parser.parse_args()
     overrides = dict(item.split("=", 1) for item in args.set)
     work = Path(tempfile.mkdtemp(prefix="tk-adapt-bench-"))
-    args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "cpu": cpu_name(),
         "date": time.strftime("%Y-%m-%d"),
@@ -130,13 +127,13 @@ def main() -> None:
             row = one(method, seed, args.epochs, args.img_size, work, **overrides)
             result["runs"].append(row)
             result["summary"] = summary(result["runs"])
-            write(result, args.out)
+            write_results(args.name, result, markdown(result), args.out)
             print(
                 f"[adapt-bench] {method} seed {seed}: target {row['by_source_val']:.3f} (source val pick), "
                 f"oracle {row['oracle']:.3f}, {row['seconds']:.0f} s",
                 flush=True,
             )
-    print((args.out / "adapt.md").read_text())
+    print(markdown(result))
 
 
 if __name__ == "__main__":

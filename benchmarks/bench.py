@@ -1,7 +1,7 @@
 """transferkit against the seed tutorials' plain loop: same data, model, resolution and epochs.
 
-`make bench` (or `python benchmarks/bench.py [--cases B1,B3] [--quick]`) writes
-benchmarks/bench.json and benchmarks/bench.md. Every case runs both sides in this one
+`make bench` (or `python benchmarks/bench.py [--cases B1,B3] [--quick] [--out DIR]`) writes
+bench.json and bench.md into DIR (default benchmarks/results/). Every case runs both sides in this one
 process, one after the other, and reports the ratio. Never run two benchmarks at once on a
 small machine: they would share its cores and both figures would be wrong.
 
@@ -12,9 +12,7 @@ torch defaults. It uses the same pretrained weights as transferkit (built the sa
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
@@ -24,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import machine, machine_line, read_results, write_results
+from harness import parser as harness_parser
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
@@ -89,13 +89,19 @@ def _accuracy(model, loader) -> float:
     return correct / total
 
 
-def b1(work: Path, quick: bool) -> dict:
-    """Linear-probe time to test accuracy on >= 2,000 JPEGs, 10 epochs, cold caches. Each side is a whole
-    process, as a user runs it: interpreter start, imports, data, training, test (and our report) counted."""
+B1_IMG_SIZE, B1_EPOCHS = 96, 10
+
+
+def b1_folder(work: Path, quick: bool) -> tuple[Path, dict[str, int]]:
+    """B1's JPEG folder (the same images every time: the crops are seeded) and its images per class and split."""
     n = {"train": 700, "val": 50, "test": 100} if not quick else {"train": 60, "val": 10, "test": 20}
-    folder = texture_folder(work / "b1", n, size=128)
-    img_size, epochs = 96, 10
-    ours_cmd = [
+    return texture_folder(work / "b1", n, size=128), n
+
+
+def b1_command(folder: Path, work: Path, name: str = "b1") -> list[str]:
+    """transferkit's side of B1 as a user types it; its run and cache go under `work` (cold caches: a new
+    `name` per run)."""
+    return [
         sys.executable,
         "-m",
         "transferkit",
@@ -104,17 +110,25 @@ def b1(work: Path, quick: bool) -> dict:
         "--strategy",
         "linear-probe",
         "--epochs",
-        str(epochs),
+        str(B1_EPOCHS),
         "--img-size",
-        str(img_size),
+        str(B1_IMG_SIZE),
         "--runs-dir",
         str(work / "runs"),
         "--name",
-        "b1",
+        name,
         "--quiet",
         "--cache-dir",
-        str(work / "cache-b1"),
+        str(work / f"cache-{name}"),
     ]
+
+
+def b1(work: Path, quick: bool) -> dict:
+    """Linear-probe time to test accuracy on >= 2,000 JPEGs, 10 epochs, cold caches. Each side is a whole
+    process, as a user runs it: interpreter start, imports, data, training, test (and our report) counted."""
+    folder, n = b1_folder(work, quick)
+    img_size, epochs = B1_IMG_SIZE, B1_EPOCHS
+    ours_cmd = b1_command(folder, work)
     ref_cmd = [sys.executable, str(Path(__file__).resolve()), "--reference-b1", str(folder), str(img_size), str(epochs)]
     sides = {}
     for side, command in (("transferkit", ours_cmd), ("reference", ref_cmd)):
@@ -232,19 +246,54 @@ def reference_finetune(folder: Path, img_size: int, epochs: int, batch_size: int
     return rates
 
 
+B2_IMG_SIZE, B2_EPOCHS, B2_LR = 96, 2, 1e-4
+
+
+def b2_folder(work: Path, quick: bool) -> tuple[Path, dict[str, int]]:
+    """B2's JPEG folder (seeded crops, the same every time) and its images per class and split."""
+    n = {"train": 200, "val": 20, "test": 20} if not quick else {"train": 20, "val": 4, "test": 4}
+    return texture_folder(work / "b2", n, size=128), n
+
+
+def b2_command(folder: Path, work: Path, name: str = "b2") -> list[str]:
+    """B2's transferkit run as a command (B2 itself calls `transferkit.train` with these settings): the
+    images_per_s of its last epoch in runs/NAME/metrics.jsonl is B2's figure."""
+    return [
+        sys.executable,
+        "-m",
+        "transferkit",
+        "train",
+        str(folder),
+        "--strategy",
+        "full",
+        "--epochs",
+        str(B2_EPOCHS),
+        "--img-size",
+        str(B2_IMG_SIZE),
+        "--lr",
+        str(B2_LR),
+        "--runs-dir",
+        str(work / "runs"),
+        "--name",
+        name,
+        "--quiet",
+        "--cache-dir",
+        str(work / f"cache-{name}"),
+    ]
+
+
 def b2(work: Path, quick: bool) -> dict:
     """Full fine-tune training throughput, and the FLOP rate it reaches against the machine's GEMM rate."""
     import transferkit
 
-    n = {"train": 200, "val": 20, "test": 20} if not quick else {"train": 20, "val": 4, "test": 4}
-    folder = texture_folder(work / "b2", n, size=128)
-    img_size, epochs = 96, 2
+    folder, n = b2_folder(work, quick)
+    img_size, epochs = B2_IMG_SIZE, B2_EPOCHS
     run = transferkit.train(
         data=str(folder),
         strategy="full",
         epochs=epochs,
         img_size=img_size,
-        lr=1e-4,
+        lr=B2_LR,
         runs_dir=str(work / "runs"),
         name="b2",
         quiet=True,
@@ -444,25 +493,6 @@ def b6(work: Path, quick: bool) -> dict:
 CASES = {"B1": b1, "B2": b2, "B3": b3, "B4": b4, "B5": b5, "B6": b6}
 
 
-def machine() -> str:
-    import os
-
-    cpu = (
-        next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else ""
-    )
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
-
-
 def markdown(results: list[dict], where: str) -> str:
     lines = [
         f"Machine: {where}",
@@ -477,11 +507,19 @@ def markdown(results: list[dict], where: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(results: list[dict], where: str, out: Path) -> list[dict]:
+    """A subset of cases replaces just those rows of OUT/bench.json, where that file is a full run on this
+    machine; otherwise the cases run here are the whole result."""
+    earlier = read_results("bench", out)
+    if earlier is None or earlier["quick"] or earlier.get("machine_line") != where:
+        return results
+    ran = {r["case"] for r in results}
+    return sorted([r for r in earlier["results"] if r["case"] not in ran] + results, key=lambda r: r["case"])
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness_parser(__doc__, quick=True)
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated, e.g. B1,B3")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, not the speed")
-    parser.add_argument("--out", default=str(HERE), help="folder for bench.json and bench.md")
     parser.add_argument(
         "--reference-b1",
         nargs=3,
@@ -509,16 +547,12 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     where = machine()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "bench.json").is_file() and not args.quick:  # a subset of cases replaces just those rows
-        earlier = json.loads((out / "bench.json").read_text())
-        if earlier["machine"] == where and not earlier["quick"]:
-            ran = {r["case"] for r in results}
-            results = sorted([r for r in earlier["results"] if r["case"] not in ran] + results, key=lambda r: r["case"])
-    (out / "bench.json").write_text(json.dumps({"machine": where, "quick": args.quick, "results": results}, indent=1))
-    (out / "bench.md").write_text(markdown(results, where))
-    print(markdown(results, where))
+    line = machine_line(where)
+    if not args.quick:
+        results = merged(results, line, args.out)
+    result = {"machine": where, "machine_line": line, "quick": args.quick, "results": results}
+    write_results("bench", result, markdown(results, line), args.out)
+    print(markdown(results, line))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Deployment formats side by side: one trained lite0, exported to every format transferkit writes.
 
-`python benchmarks/deploy.py [--size 96] [--epochs 3]` trains tf_efficientnet_lite0 (bundled weights) on
-builtin:digits at SIZE px, exports it (ONNX, TorchScript, TFLite fp32/fp16/int8, TensorFlow SavedModel), and
-writes benchmarks/deploy.json and deploy.md with, per format: file size (the SavedModel: its folder);
-latency at batch 1 (median of 50 calls after 5
-warm-up calls); img/s at batch 32 (TFLite takes one image a call: 32 calls); top-1 agreement with PyTorch eager
-fp32 and test accuracy, both on the whole test split. Every runner gets the same preprocessed tensors, so the
+`python benchmarks/deploy.py [--size 96] [--epochs 3] [--out DIR]` trains tf_efficientnet_lite0 (bundled
+weights) on builtin:digits at SIZE px, exports it (ONNX, TorchScript, TFLite fp32/fp16/int8, TensorFlow
+SavedModel), and writes deploy.json and deploy.md into DIR (default benchmarks/results/) with, per format:
+file size (the SavedModel: its folder); latency at batch 1 (median of 50 calls after 5 warm-up calls);
+img/s at batch 32 (TFLite takes one image a call: 32 calls); top-1 agreement with PyTorch eager fp32 and
+test accuracy, both on the whole test split. Every runner gets the same preprocessed tensors, so the
 figures are the model's alone (no decoding; the SavedModel's include the pipe to its TensorFlow child process,
 the way transferkit runs it); PyTorch eager runs the bundle's model as `predict` does not (no
 BatchNorm folding, fp32), the reference the exports are checked against.
@@ -13,10 +13,7 @@ BatchNorm folding, fp32), the reference the exports are checked against.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -24,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-HERE = Path(__file__).resolve().parent
+from harness import machine, parser, write_results
 
 
 def _timed(run, x: np.ndarray, calls: int) -> float:
@@ -44,10 +40,10 @@ def _size(path: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=96)
-    parser.add_argument("--epochs", type=int, default=3)
-    args = parser.parse_args()
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--size", type=int, default=96)
+    args_parser.add_argument("--epochs", type=int, default=3)
+    args = args_parser.parse_args()
 
     import transferkit
     from transferkit.core.config import TrainConfig
@@ -58,7 +54,6 @@ def main() -> None:
     from transferkit.deploy.runners import onnx_runner, torchscript_runner
     from transferkit.deploy.savedmodel import saved_model_runner
     from transferkit.deploy.tflite import tflite_runner
-    from transferkit.models.precision import cpu_name
 
     work = Path(tempfile.mkdtemp(prefix="deploy-"))
     run = transferkit.train(
@@ -112,16 +107,16 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-1]), flush=True)
+    where = machine()
     meta_out = {
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"Python {platform.python_version()}",
+        "machine": f"{where['cpu']}, {where['cores']} cores, torch {where['torch']}, Python {where['python']}",
+        "host": where,
         "model": "tf_efficientnet_lite0",
         "data": "builtin:digits",
         "img_size": args.size,
         "epochs": args.epochs,
         "test_images": len(test),
     }
-    (HERE / "deploy.json").write_text(json.dumps({"meta": meta_out, "rows": rows}, indent=1))
     lines = [
         f"# Deployment formats ({meta_out['machine']})",
         "",
@@ -138,7 +133,7 @@ def main() -> None:
         f"{r['latency_ms_b1']} | {r['img_s_b32']} | {r['top1_agreement']:.4f} | {r['test_accuracy']:.4f} |"
         for r in rows
     ]
-    (HERE / "deploy.md").write_text("\n".join(lines) + "\n")
+    write_results("deploy", {"meta": meta_out, "rows": rows}, "\n".join(lines), args.out)
     print("\n".join(lines))
 
 

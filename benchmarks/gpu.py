@@ -1,6 +1,7 @@
 """Fine-tuning speed and memory on a CUDA GPU, against timm's train.py on the same GPU in the same run.
 
-`python benchmarks/gpu.py --timm-train PATH/TO/timm/train.py --out DIR` writes DIR/gpu.json and gpu.md:
+`python benchmarks/gpu.py --timm-train PATH/TO/timm/train.py --out DIR` writes DIR/gpu.json and gpu.md
+(default DIR: benchmarks/results/):
 
 1. ladder: training img/s of the model alone (batches already on the GPU; transferkit's classifier,
    Runtime and AdamW step) for efficientnet_lite0 and resnet50 at 224 px, weights none: fp32 (TF32
@@ -16,7 +17,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import cpu_name, parser, write_results
 
 MODELS = ("efficientnet_lite0", "resnet50")
 LADDER = (("fp32", False, False), ("bf16", False, False), ("bf16", True, False), ("bf16", True, True))
@@ -301,8 +302,7 @@ def timm_run(train_py: Path, data: Path, work: Path, model: str, batch: int, wor
     }
 
 
-def write(out: Path, result: dict) -> None:
-    (out / "gpu.json").write_text(json.dumps(result, indent=1))
+def markdown(result: dict) -> str:
     lines = [
         f"# GPU benchmark: {result['gpu']}",
         "",
@@ -363,7 +363,11 @@ def write(out: Path, result: dict) -> None:
         f"- failed: {r['tool']} {r['model']} (crops {r['crop_on']}): {r['error'][-300:]}"
         for r in result.get("failed", [])
     ]
-    (out / "gpu.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, result: dict) -> None:
+    write_results("gpu", result, markdown(result), out)
 
 
 def add_ladder(result: dict, device, batch: int, compiled: bool) -> None:
@@ -421,33 +425,33 @@ def pipeline(result: dict, args, workers: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timm-train", type=Path, help="timm's train.py (from a clone of pytorch-image-models)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/transferkit-gpu-bench"))
-    parser.add_argument("--parts", default="pipeline,ladder,memory,compile")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--per-class", type=int, default=512, help="training JPEGs per class (10 classes)")
-    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: transferkit's own)")
-    parser.add_argument("--models", default=",".join(MODELS), help="the pipeline's models, comma-separated")
-    parser.add_argument(
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--timm-train", type=Path, help="timm's train.py (from a clone of pytorch-image-models)")
+    args_parser.add_argument("--work", type=Path, default=Path("/tmp/transferkit-gpu-bench"))
+    args_parser.add_argument("--parts", default="pipeline,ladder,memory,compile")
+    args_parser.add_argument("--batch", type=int, default=256)
+    args_parser.add_argument("--per-class", type=int, default=512, help="training JPEGs per class (10 classes)")
+    args_parser.add_argument("--workers", type=int, default=None, help="loader workers (default: transferkit's own)")
+    args_parser.add_argument("--models", default=",".join(MODELS), help="the pipeline's models, comma-separated")
+    args_parser.add_argument(
         "--no-files", dest="files", action="store_false", help="pipeline: skip transferkit without its image cache"
     )
-    parser.add_argument("--compile-pipeline", action="store_true", help="whole runs with torch.compile")
-    parser.add_argument(
+    args_parser.add_argument("--compile-pipeline", action="store_true", help="whole runs with torch.compile")
+    args_parser.add_argument(
         "--profile-steps",
         type=int,
         default=0,
         help="pipeline: transferkit's runs profile this many steps (--profile-steps); OUT/profile-RUN.txt",
     )
-    args = parser.parse_args()
+    args = args_parser.parse_args()
     from transferkit.core.machine import default_workers
 
     device = torch.device("cuda")
     workers = args.workers if args.workers is not None else default_workers(False, cuda=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)  # profile-RUN.txt files land there before the first results
     result = {
         "gpu": torch.cuda.get_device_name(device),
+        "cpu": cpu_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cpu_cores": len(os.sched_getaffinity(0)),
@@ -464,7 +468,7 @@ def main() -> None:
     for part in args.parts.split(","):  # in the order given; each writes what it measured
         parts[part]()
         write(args.out, result)
-    print((args.out / "gpu.md").read_text())
+    print(markdown(result))
 
 
 if __name__ == "__main__":

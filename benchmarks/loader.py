@@ -2,26 +2,22 @@
 workers (the first way), uint8 batches normalised by `Runtime.batch` (`--crop-on workers`), and uint8 squares
 with crop rows that `Runtime.batch` crops (`--crop-on device`, the default on CUDA: the workers only draw the crops).
 
-`python benchmarks/loader.py [--workers N] [--out DIR]` writes DIR/loader.json and loader.md. The data
-are benchmarks/gpu.py's JPEGs (10 classes, ~500x375 px); the loader is the one `transferkit train`
-makes for efficientnet_lite0 at 224 px (random resized crop + flip) over the decoded-image cache; the
-images reach the GPU as the model's input with --device cuda; on a CPU the batches are only drawn, which
-measures what the workers supply (where the GPU normalises at no cost to them). On the lent H200
-(benchmarks/gpu-h200-2026-11-26.md) the old loader left the GPU waiting for data half of every step.
+`python benchmarks/loader.py [--workers N] [--out DIR]` writes DIR/loader.json and loader.md (default DIR:
+benchmarks/results/). The data are benchmarks/gpu.py's JPEGs (10 classes, ~500x375 px); the loader is the one
+`transferkit train` makes for efficientnet_lite0 at 224 px (random resized crop + flip) over the decoded-image
+cache; the images reach the GPU as the model's input with --device cuda; on a CPU the batches are only drawn,
+which measures what the workers supply (where the GPU normalises at no cost to them). On the lent H200
+(benchmarks/results/gpu-h200-2026-11-26.md) the old loader left the GPU waiting for data half of every step.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from harness import cpu_name, machine, parser, write_results
 
 
 def feed(loader, rt, batches: int) -> float:
@@ -50,17 +46,15 @@ def main() -> None:
     from transferkit.data.sources import load_data
     from transferkit.data.transforms import DeviceCrop, train_transform
     from transferkit.models.classifier import build_classifier
-    from transferkit.models.precision import cpu_name
     from transferkit.models.runtime import Runtime
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=24)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/transferkit-loader-bench"))
-    parser.add_argument("--out", type=Path, default=HERE)
-    args = parser.parse_args()
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--workers", type=int, default=None)
+    args_parser.add_argument("--device", default="cpu")
+    args_parser.add_argument("--batch", type=int, default=64)
+    args_parser.add_argument("--batches", type=int, default=24)
+    args_parser.add_argument("--work", type=Path, default=Path("/tmp/transferkit-loader-bench"))
+    args = args_parser.parse_args()
     device = pick_device(args.device)
     workers = args.workers if args.workers is not None else default_workers(False, device.type == "cuda")
     folder = args.work / "data"
@@ -82,17 +76,25 @@ def main() -> None:
         rows.append({"batches": name, "images_per_s": feed(loader, rt, args.batches)})
         print(f"[loader] {rows[-1]['batches']}: {rows[-1]['images_per_s']:.0f} img/s", file=sys.stderr, flush=True)
         del loader
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    result = {"machine": machine, "device": str(device), "workers": workers, "batch": args.batch, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "loader.json").write_text(json.dumps(result, indent=1))
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = cpu_name()
+    result = {
+        "machine": where,
+        "host": machine(),
+        "device": str(device),
+        "workers": workers,
+        "batch": args.batch,
+        "rows": rows,
+    }
     lines = [
-        f"# Training loader throughput: {machine}, {workers} workers, batch {args.batch}, lite0 224 px",
+        f"# Training loader throughput: {where}, {workers} workers, batch {args.batch}, lite0 224 px",
         "",
         "| batches | img/s |",
         "|---|---|",
     ] + [f"| {r['batches']} | {r['images_per_s']:.0f} |" for r in rows]
-    (args.out / "loader.md").write_text("\n".join(lines) + "\n")
+    write_results("loader", result, "\n".join(lines), args.out)
     print("\n".join(lines))
 
 

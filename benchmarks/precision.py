@@ -1,10 +1,10 @@
 """fp32 against bf16 autocast on this CPU: speed per kind of work, equal results, and what auto chose.
 
-`make bench-precision` (or `python benchmarks/precision.py [--quick]`) writes benchmarks/precision.json
-and precision.md. Speed comes from the same probe `precision auto` uses (`transferkit.models.precision.measure`:
-a copy of the model, one warm-up batch per precision, then the best of alternating timed batches), for
-efficientnet_lite0 at 96 px and a ResNet-50 at 128 px. "train" is one forward + backward of the whole
-model; "infer" is the BN-folded eval forward that feature extraction and predict run.
+`make bench-precision` (or `python benchmarks/precision.py [--quick] [--out DIR]`) writes precision.json
+and precision.md into DIR (default benchmarks/results/). Speed comes from the same probe `precision auto` uses
+(`transferkit.models.precision.measure`: a copy of the model, one warm-up batch per precision, then the best of
+alternating timed batches), for efficientnet_lite0 at 96 px and a ResNet-50 at 128 px. "train" is one forward +
+backward of the whole model; "infer" is the BN-folded eval forward that feature extraction and predict run.
 
 Equal results (lite0, ImageNet weights; ResNet-50 has no weights offline, so speed only): each builtin
 dataset is fine-tuned in fp32 and in bf16 (same seed), and the fp32 model's test split is predicted in
@@ -13,16 +13,14 @@ both precisions: test accuracy of each, and the share of test images whose top-1
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from harness import cpu_flags, machine, machine_line, parser, write_results
 
-HERE = Path(__file__).resolve().parent
 MODELS = {"efficientnet_lite0": (96, 32, "auto"), "resnet50": (128, 16, "none")}  # size, batch, weights
 
 
@@ -125,31 +123,21 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE))
-    from bench import machine
-
     from transferkit.models.precision import cpu_has_native_bf16
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, not the figures")
-    parser.add_argument("--out", default=str(HERE), help="folder for precision.json and precision.md")
-    args = parser.parse_args()
-    flags = sorted({f for f in Path("/proc/cpuinfo").read_text().split() if f.startswith(("avx", "amx"))})
+    args = parser(__doc__, quick=True).parse_args()
     tick = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="transferkit-precision-") as work:
         report = {
-            "machine": machine(),
-            "flags": " ".join(flags),
+            "machine": machine_line(machine()),
+            "flags": " ".join(cpu_flags()),
             "native_bf16": cpu_has_native_bf16(),
             "quick": args.quick,
             "speed": speeds(args.quick),
             "results": results(args.quick, Path(work)),
         }
     report["seconds"] = time.perf_counter() - tick
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "precision.json").write_text(json.dumps(report, indent=1))
-    (out / "precision.md").write_text(markdown(report))
+    write_results("precision", report, markdown(report), args.out)
     print(markdown(report))
 
 

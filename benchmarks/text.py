@@ -2,7 +2,8 @@
 baselines against transferkit's strategies on the bundled MiniLM-L6 encoder.
 
 `python benchmarks/text.py [--arms tfidf,embed-lr,linear-probe,lp-ft,finetune] [--seeds 3] [--epochs 6]`
-writes benchmarks/text.json and text.md. Each arm runs in its own process (its peak RSS is its own):
+writes text.json and text.md into --out (default benchmarks/results/). Each arm runs in its own process (its
+peak RSS is its own):
 - tfidf: TF-IDF (word 1-2 grams, sublinear tf) + logistic regression (scikit-learn), C picked on val;
 - embed-lr: the frozen encoder's mean-pooled embeddings + logistic regression, C picked on val;
 - linear-probe, lp-ft, finetune: `transferkit.train` with its defaults (best epoch by val accuracy).
@@ -13,16 +14,17 @@ after one warm-up batch), peak RSS.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from argparse import SUPPRESS
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from harness import machine, parser, read_results, write_results
+
 TRAINED = ("linear-probe", "lp-ft", "finetune")
 ARMS = ("tfidf", "embed-lr") + TRAINED
 
@@ -161,21 +163,16 @@ def markdown(lines: list[dict], meta: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=6)
-    parser.add_argument("--out", default=str(HERE))
-    parser.add_argument("--keep", action="store_true", help="keep the other arms' rows of OUT/text.json")
-    parser.add_argument("--child", nargs=4, metavar=("ARM", "SEED", "EPOCHS", "WORK"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--arms", default=",".join(ARMS))
+    args_parser.add_argument("--seeds", type=int, default=3)
+    args_parser.add_argument("--epochs", type=int, default=6)
+    args_parser.add_argument("--keep", action="store_true", help="keep the other arms' rows of OUT/text.json")
+    args_parser.add_argument("--child", nargs=4, metavar=("ARM", "SEED", "EPOCHS", "WORK"), help=SUPPRESS)
+    args = args_parser.parse_args()
     if args.child:
         arm, seed, epochs, work = args.child
         return child(arm, int(seed), int(epochs), work)
-    import platform
-
-    from transferkit.models.precision import cpu_name
-
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for arm in args.arms.split(","):
@@ -188,22 +185,20 @@ def main() -> None:
                 )
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(f"[text-bench] {arm} seed {seed}: accuracy {rows[-1]['accuracy']:.3f}", flush=True)
-    import os
-
+    where = machine()
     meta = {
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "machine": f"{where['cpu']}, {where['cores']} cores, {where['python']}",
+        "host": where,
         "seeds": args.seeds,
         "epochs": args.epochs,
-        "date": time.strftime("%Y-%m-%d"),
+        "date": where["date"],
     }
-    out = Path(args.out)
-    if args.keep and (out / "text.json").is_file():
-        kept = json.loads((out / "text.json").read_text())["rows"]
-        rows = [r for r in kept if r["arm"] not in args.arms.split(",")] + rows
+    kept = read_results("text", args.out)
+    if args.keep and kept is not None:
+        rows = [r for r in kept["rows"] if r["arm"] not in args.arms.split(",")] + rows
         rows.sort(key=lambda r: ARMS.index(r["arm"]))
     lines = summary(rows)
-    (out / "text.json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": lines}, indent=1))
-    (out / "text.md").write_text(markdown(lines, meta))
+    write_results("text", {"meta": meta, "rows": rows, "summary": lines}, markdown(lines, meta), args.out)
     print(markdown(lines, meta))
 
 

@@ -2,7 +2,7 @@
 and does LogME order backbones as fine-tuning does?
 
 `python benchmarks/tune.py [--parts tuned,cache,rank] [--trials 16] [--seeds 3]` writes
-benchmarks/tune.json and benchmarks/tune.md. Run it alone: it times things on a small machine.
+tune.json and tune.md into --out (default benchmarks/results/). Run it alone: it times things on a small machine.
 
 1. tuned: builtin:textures, 5 training images per class (seeds 0-2: each seed picks other images),
    `transferkit train` with the defaults against the best config of a `tune` study of N trials on the
@@ -17,23 +17,15 @@ benchmarks/tune.json and benchmarks/tune.md. Run it alone: it times things on a 
 
 from __future__ import annotations
 
-import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from harness import cpu_name, parser, write_results
+
 QUIET = {"quiet": True, "html_report": False, "precision": "fp32"}
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def tuned(work: Path, trials: int, seeds: int) -> dict:
@@ -150,8 +142,7 @@ def rank_vs_finetune(work: Path) -> dict:
     return {"shots": 20, "datasets": out, "mean_tau": statistics.fmean(d["kendall_tau"] for d in out)}
 
 
-def write(result: dict, out: Path) -> None:
-    (out / "tune.json").write_text(json.dumps(result, indent=1))
+def markdown(result: dict) -> str:
     lines = [f"# Tuning and ranking: {result['cpu']}, {result['date']}", ""]
     if "tuned" in result:
         t = result["tuned"]
@@ -204,18 +195,16 @@ def write(result: dict, out: Path) -> None:
                 ),
                 "",
             ]
-    (out / "tune.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="tuned,cache,rank")
-    parser.add_argument("--trials", type=int, default=16)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=HERE)
-    args = parser.parse_args()
+    args_parser = parser(__doc__)
+    args_parser.add_argument("--parts", default="tuned,cache,rank")
+    args_parser.add_argument("--trials", type=int, default=16)
+    args_parser.add_argument("--seeds", type=int, default=3)
+    args = args_parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tk-tune-bench-"))
-    args.out.mkdir(parents=True, exist_ok=True)
     result = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "work": str(work)}
     parts = {
         "tuned": lambda: tuned(work, args.trials, args.seeds),
@@ -224,8 +213,8 @@ def main() -> None:
     }
     for part in args.parts.split(","):
         result[part] = parts[part]()
-        write(result, args.out)
-    print((args.out / "tune.md").read_text())
+        write_results("tune", result, markdown(result), args.out)
+    print(markdown(result))
 
 
 if __name__ == "__main__":
