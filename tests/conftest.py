@@ -298,3 +298,26 @@ def postgres():
     finally:
         pg(bin_dir / "pg_ctl", "-D", root / "data", "-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A linear probe at 32 px on 4 circles and 4 squares (train/ and test/ folders), one per test module, under a
+    short path."""
+    import transferkit
+
+    root = tmp_path_factory.mktemp("probe")
+    data = make_folder(root / "shapes", per_class=4, size=32, splits=("train", "test"))
+    run = transferkit.train(
+        data=str(data),
+        strategy="linear-probe",
+        img_size=32,
+        epochs=1,
+        precision="fp32",
+        runs_dir=str(root / "runs"),
+        name="probe",
+        quiet=True,
+        workers=0,
+        html_report=False,
+    )
+    return Path(run.dir)

@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from conftest import make_folder, needs
@@ -79,26 +78,6 @@ def test_the_top_level_help_says_images_and_text():
 
 
 # --- evaluate and predict on a small trained run ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A linear probe at 32 px on 4 circles and 4 squares (train/ and test/ folders), under a short path."""
-    root = tmp_path_factory.mktemp("out")
-    data = make_folder(root / "shapes", per_class=4, size=32, splits=("train", "test"))
-    run = transferkit.train(
-        data=str(data),
-        strategy="linear-probe",
-        img_size=32,
-        epochs=1,
-        precision="fp32",
-        runs_dir=str(root / "runs"),
-        name="probe",
-        quiet=True,
-        workers=0,
-        html_report=False,
-    )
-    return Path(run.dir)
 
 
 def _at(columns: int, args: list[str], monkeypatch) -> str:

@@ -130,26 +130,6 @@ def test_every_class_with_one_image_is_named_as_missing_from_val_and_test(tmp_pa
 # --- a small trained run for the predict and evaluate items --------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A linear probe at 32 px on 4 circles and 4 squares (train/ and test/ folders)."""
-    root = tmp_path_factory.mktemp("first_hour")
-    data = make_folder(root / "shapes", per_class=4, size=32, splits=("train", "test"))
-    run = transferkit.train(
-        data=str(data),
-        strategy="linear-probe",
-        img_size=32,
-        epochs=1,
-        precision="fp32",
-        runs_dir=str(root / "runs"),
-        name="probe",
-        quiet=True,
-        workers=0,
-        html_report=False,
-    )
-    return Path(run.dir)
-
-
 def _folder_with_a_bad_file(root: Path) -> Path:
     make_folder(root, per_class=2, size=32)
     (root / "circle" / "broken.png").write_bytes(b"not a png")

@@ -91,3 +91,21 @@ def test_tflite_mistakes_are_named(run, tmp_path, monkeypatch):
     )
     with pytest.raises(transferkit.UserError, match=r"pip install 'transferkit\[tf\]'"):
         export(run.dir, "tflite")
+
+
+def test_the_converters_native_log_lines_do_not_reach_the_user(run, tmp_path):
+    """absl's notice, oneDNN's and the XNNPACK delegate's INFO line are written by C++ to file descriptor 2
+    (a fresh process: absl says its notice once per process); they are kept unless the export fails."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "transferkit", "export", str(run.dir), "--format", "tflite", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "model.tflite").is_file()
+    for line in ("absl::InitializeLog", "XNNPACK delegate", "oneDNN custom operations"):
+        assert line not in out.stderr, out.stderr[-3000:]

@@ -174,3 +174,26 @@ def test_a_storage_that_cannot_be_opened_is_one_clear_error(tmp_path):
     assert isinstance(out.exception, UserError), out.output
     assert "Cannot open the study's storage" in str(out.exception)
     assert "secret" not in str(out.exception)
+
+
+def test_a_worker_that_finds_the_tables_being_created_looks_again(tmp_path, monkeypatch):
+    """Workers starting together on a new SQLite study race to create its tables: the loser's
+    'table ... already exists' (an OperationalError on SQLite) is a reason to look again, not an error."""
+    import optuna
+    import sqlalchemy
+
+    calls = []
+
+    class Racing(optuna.storages.RDBStorage):
+        def __init__(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                message = "table alembic_version already exists"
+                raise sqlalchemy.exc.OperationalError("CREATE TABLE alembic_version", {}, message)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", Racing)
+    out = tune(tmp_path, "--trials", "1", "--strategy", "linear-probe")
+    assert out.exit_code == 0, out.output
+    assert len(calls) > 1  # the first raised; tune opened the storage again and went on
+    assert json.loads((tmp_path / "s" / "study.json").read_text())["trials"][0]["state"] == "complete"

@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from transferkit.core.errors import UserError
+from transferkit.core.files import write_text
 
 Skipped = tuple[str, str]  # (path, reason)
 SPLIT_ORDER = ("train", "val", "test")
@@ -117,7 +118,7 @@ def enforce(skipped: list[Skipped], policy: str, spec: str) -> None:
 
 def write_skipped(path: Path, skipped: list[Skipped]) -> None:
     """skipped.txt: one 'path<TAB>reason' line per file left out."""
-    Path(path).write_text("".join(f"{p}\t{r}\n" for p, r in skipped))
+    write_text(Path(path), "".join(f"{p}\t{r}\n" for p, r in skipped))
 
 
 def _digest(path: str) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from transferkit.core.errors import UserError
+from transferkit.core.files import write_text
 from transferkit.data import builtin, check, texts
 from transferkit.data.imagecsv import SPLIT_ALIASES, read_image_csv
 from transferkit.data.images import EXTENSIONS, file_ref, from_array, is_image_file, open_image
@@ -81,7 +82,7 @@ class Data:
             "classes": self.classes,
             "splits": {k: [list(s) for s in v] for k, v in self.splits.items()},
         }
-        Path(path).write_text(json.dumps(payload, indent=1))
+        write_text(Path(path), json.dumps(payload, indent=1))
 
 
 def load_data(

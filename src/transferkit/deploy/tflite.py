@@ -10,6 +10,10 @@ them). The interpreter is ai-edge-litert's.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +38,28 @@ def require() -> None:
         )
 
 
+@contextlib.contextmanager
+def native_log_kept():
+    """What C++ libraries write to file descriptor 2 inside the block (absl's notice, oneDNN's, the XNNPACK
+    delegate's INFO line: Python's warning filters cannot reach them) goes to a temporary file, shown only
+    when the block fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def write_tflite(
     model: torch.nn.Module,
     example: torch.Tensor,
@@ -50,11 +76,11 @@ def write_tflite(
     quiet, progress.console.quiet = progress.console.quiet, True  # its step-by-step log says nothing to a user
     flat = path.with_name(".fp32-" + path.name)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), native_log_kept():
             converted = litert_torch.convert(model.eval(), (example[:1],))
-        converted.export(str(path if quantize == "none" else flat))
-        if quantize != "none":
-            path.write_bytes(_quantized(flat, quantize, calibration))
+            converted.export(str(path if quantize == "none" else flat))
+            if quantize != "none":
+                path.write_bytes(_quantized(flat, quantize, calibration))
     finally:
         progress.console.quiet = quiet
         flat.unlink(missing_ok=True)
@@ -97,9 +123,10 @@ def tflite_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     require()
     from ai_edge_litert.interpreter import Interpreter
 
-    interpreter = Interpreter(model_path=str(path))
-    signature, name = _signature(path)
-    runner = interpreter.get_signature_runner(signature)
+    with native_log_kept():
+        interpreter = Interpreter(model_path=str(path))
+        signature, name = _signature(path)
+        runner = interpreter.get_signature_runner(signature)
     given, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
 
     def one(x: np.ndarray) -> np.ndarray:

@@ -214,13 +214,17 @@ def open_study(plan: Plan, worker: int):
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
             )
             break
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):  # another worker created a
-            if attempt == 9:  # table or type first: look again
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as err:
+            # another worker created a table or type first (SQLite says so as an OperationalError): look again
+            created = not isinstance(err, sqlalchemy.exc.OperationalError) or "already exists" in str(err)
+            if not created:
+                raise UserError(_cannot_open(plan.storage, err)) from None
+            if attempt == 9:
                 raise
             time.sleep(0.2 + 0.3 * attempt)
         except ImportError as err:  # optuna's own, from SQLAlchemy's failed import of the URL's driver
             raise UserError(_no_driver(plan.storage, err)) from None
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ArgumentError) as err:
+        except sqlalchemy.exc.ArgumentError as err:
             raise UserError(_cannot_open(plan.storage, err)) from None
     try:
         existing = len(optuna.load_study(study_name=plan.study, storage=storage).trials)
