@@ -70,8 +70,9 @@ def write_tflite(
     """Convert `model` (traced on one image shaped like `example`'s) and write `path`; fp16 and int8 are made from
     the fp32 flatbuffer, int8 calibrated on the images in `calibration`."""
     require()
-    import litert_torch
-    from litert_torch import progress
+    with native_log_kept():  # importing it loads TensorFlow's kernels, which announce oneDNN
+        import litert_torch
+        from litert_torch import progress
 
     quiet, progress.console.quiet = progress.console.quiet, True  # its step-by-step log says nothing to a user
     flat = path.with_name(".fp32-" + path.name)
@@ -121,13 +122,14 @@ def tflite_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     """(batch, C, H, W) float32 -> (batch, classes) float32 logits, one image at a time; an int8 model's input is
     quantized and its output dequantized with the scales stored in the file."""
     require()
-    from ai_edge_litert.interpreter import Interpreter
+    with native_log_kept():  # the XNNPACK delegate announces itself at the first call: made here
+        from ai_edge_litert.interpreter import Interpreter
 
-    with native_log_kept():
         interpreter = Interpreter(model_path=str(path))
         signature, name = _signature(path)
         runner = interpreter.get_signature_runner(signature)
-    given, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        given, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        runner(**{name: np.zeros(given["shape"], given["dtype"])})
 
     def one(x: np.ndarray) -> np.ndarray:
         if given["dtype"] != np.float32:
