@@ -6,14 +6,14 @@ free, and trims the heap's top; a CPU forward pass allocates its activations ane
 of lite0's layers' outputs are above the threshold), so each batch page-faults them in again. With the
 mmap threshold at its maximum (`MMAP_MAX`) and no trimming, they stay in the heap and the BN-folded fp32
 forward runs much faster with AVX2 kernels, though either setting alone made it slower
-(benchmarks/bench-epyc-zen5-2026-11-27.md; README, Speed: fixed costs). The heap then keeps its peak
+(benchmarks/results/bench-epyc-zen5-2026-11-27.md; README, Speed: fixed costs). The heap then keeps its peak
 size until the process ends, as a command's process does anyway.
 
 `loading()`: imports with Python's garbage collector paused, then frozen.
 
 Those imports create hundreds of thousands of objects that live as long as the process. While they
 pile up, each full collection walks all of them again, a measurable share of a linear probe
-(benchmarks/bench-epyc-zen5-2026-11-27.md; README, Speed: fixed costs), and every later full
+(benchmarks/results/bench-epyc-zen5-2026-11-27.md; README, Speed: fixed costs), and every later full
 collection of the run walks them once more. With the collector paused during the imports and their
 objects frozen after (`gc.freeze`: moved out of the collector's sight, still freed by reference
 counting), the collector only ever looks at what the command itself makes. Cycles among the imported

@@ -116,7 +116,7 @@ class StrategyOptions:
     select: str = "auto"
     """Which epoch is best: val (source validation accuracy) | target-entropy (lowest mean prediction entropy
     on the unlabelled --target images: no target label needed) | auto (val; with --target, the rule measured
-    best in benchmarks/adapt.md)."""
+    best in benchmarks/results/adapt.md)."""
 
 
 @dataclass

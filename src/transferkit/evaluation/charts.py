@@ -1,7 +1,7 @@
 """The run report's charts as inline SVG: lines and points on two linear axes, nothing more.
 
 report.html drew them with matplotlib as PNGs; importing pyplot and rendering three figures took
-longer than training the head of a linear probe (benchmarks/bench-epyc-zen5-2026-11-27.md).
+longer than training the head of a linear probe (benchmarks/results/bench-epyc-zen5-2026-11-27.md).
 These few shapes need no plotting library: the page builds in milliseconds, stays one file, and the
 charts scale without blur. matplotlib still draws the LR finder's, compare's and tune's plots.
 """

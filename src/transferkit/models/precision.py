@@ -7,20 +7,20 @@ Two kinds of work, chosen separately because bf16 pays off differently for each:
 `precision auto` resolves per kind:
 - CUDA: bf16 where the GPU supports it.
 - A CPU without native bf16 (no avx512_bf16, no AMX): fp32. bf16 autocast still runs there,
-  emulated, and is far slower (benchmarks/precision.md; README, Precision).
+  emulated, and is far slower (benchmarks/results/precision.md; README, Precision).
 - A CPU with native bf16: a timing probe on first use. A copy of the model runs a few batches of
   that kind of work in both precisions (interleaved, best of 3 after a warm-up) and bf16 is
   chosen only if at least `FASTER_BY` times faster. The result is cached per CPU, torch version,
   model, input shape and kind in <cache>/precision.json, so a machine always makes the same
   choice for the same work. Why a probe and not a table: on one CPU bf16 made lite0's inference
   and ResNet-50's training faster but lite0's training step slower (README, Precision;
-  benchmarks/precision-epyc-zen5-2026-11-26.md), so the answer depends on the model and the size,
+  benchmarks/results/precision-epyc-zen5-2026-11-26.md), so the answer depends on the model and the size,
   not only on the CPU.
 
 Equal results. Inside a run (training steps, feature extraction, validation, test) the test is
-test accuracy within noise, measured in benchmarks/precision.md. Serving a finished model
+test accuracy within noise, measured in benchmarks/results/precision.md. Serving a finished model
 (`predict`, `evaluate`) must agree with fp32: bf16 moves lite0's logits and flipped the top-1 of
-some test images of small, under-confident models (benchmarks/precision.md). So where bf16 would be
+some test images of small, under-confident models (benchmarks/results/precision.md). So where bf16 would be
 faster for inference, `train` checks at its end that the best model's top-1 in bf16 agrees with
 fp32 on at least `AGREEMENT` of its own validation and test images, and records the share in the
 bundle; auto serves in bf16 only from a bundle that passed (`for_serving`).

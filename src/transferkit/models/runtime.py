@@ -56,7 +56,7 @@ class Runtime:
     @property
     def normalizes_on_device(self) -> bool:
         """Loaders hand over uint8 pixels for `batch` to normalise: on CUDA, where the GPU does it at no
-        cost to the workers, which then supply more images per second (benchmarks/loader.md). On a CPU the
+        cost to the workers, which then supply more images per second (benchmarks/results/loader.md). On a CPU the
         main process would do the workers' share and the run is slower (measured: README, Speed), so there
         they normalise."""
         return self.device.type == "cuda" and self.normalize is not None

@@ -158,7 +158,7 @@ def crops_on_device(config: TrainConfig, on_device: bool) -> bool:
     """Whether training crops of cached images are cut on the device (`crop_on`): where asked, or by
     default (auto) where the device normalises batches (CUDA), augment is basic and the run is not
     --deterministic. On a GPU the loader workers then keep up better: less of each step waits for data and
-    training runs faster (benchmarks/gpu-h200-2026-11-27.md; README, On a GPU). On a CPU the main process
+    training runs faster (benchmarks/results/gpu-h200-2026-11-27.md; README, On a GPU). On a CPU the main process
     would do the workers' share. A deterministic run on the GPU cropping there has not yet been seen to finish."""
     return config.crop_on == "device" or (
         config.crop_on == "auto" and on_device and config.augment == "basic" and not config.deterministic

@@ -50,7 +50,8 @@ from transferkit.models.objective import Seen
 DEFAULT = "dann-mcc"
 """What `--adapt auto` runs."""
 SELECT = "target-entropy"
-"""What `--select auto` uses with a target: the label-free checkpoint rule measured best (benchmarks/adapt.md)."""
+"""What `--select auto` uses with a target: the label-free checkpoint rule measured best
+(benchmarks/results/adapt.md)."""
 
 
 class GradientReverse(torch.autograd.Function):
