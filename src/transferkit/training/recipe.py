@@ -590,7 +590,8 @@ class Recipe:
                 f"[transferkit] backbone features ready in {time.perf_counter() - tick:.1f} s "
                 f"(cache {cache_root(c) / 'features'})"
             )
-        bn = f", BN {phase.bn}" if self.data.kind == "image" else ""  # a text encoder has no BatchNorm
+        norms = any(isinstance(m, nn.modules.batchnorm._NormBase) for m in self.model.backbone.modules())
+        bn = f", BN {phase.bn}" if norms else ""  # a transformers encoder has none
         self.report.info(
             f"[transferkit] phase '{phase.name}': groups {phase.groups or 'none'} of "
             f"{len(self.groups)} train{bn}, {count_trainable(model):,} trainable parameters"
